@@ -1,0 +1,176 @@
+// segtransfer._core: the pybind11 face of the C++ core. Array checks, GIL handling and exception
+// translation only; every number is computed in cpp/src.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+
+#include "segtransfer/device.hpp"
+#include "segtransfer/errors.hpp"
+#include "segtransfer/otce.hpp"
+#include "segtransfer/sampling.hpp"
+
+namespace py = pybind11;
+using namespace segtransfer;
+
+namespace {
+
+template <typename T>
+py::array_t<T> to_numpy(const std::vector<T>& v, std::vector<py::ssize_t> shape) {
+  py::array_t<T> out(shape);
+  std::copy(v.begin(), v.end(), out.mutable_data());
+  return out;
+}
+
+// Ctrl-C: the solver polls this from its own (GIL-free) thread; a pending signal leaves the
+// KeyboardInterrupt set in Python's error indicator, which the translator below re-raises.
+SinkhornOptions with_interrupt(SinkhornOptions opt) {
+  opt.interrupt = []() {
+    py::gil_scoped_acquire gil;
+    return PyErr_CheckSignals() != 0;
+  };
+  return opt;
+}
+
+// A (B, P, D) float array, any strides (no copy), as the core's strided view.
+template <typename T>
+PixelView<T> view3(const py::array& arr, const char* name) {
+  if (arr.ndim() != 3) throw InvalidArgument(name, "internal: expected a (B, P, D) view");
+  PixelView<T> v;
+  v.data = static_cast<const T*>(arr.data());
+  v.images = arr.shape(0);
+  v.pixels = arr.shape(1);
+  v.dim = arr.shape(2);
+  const py::ssize_t* s = arr.strides();
+  for (int k = 0; k < 3; ++k)
+    if (s[k] % static_cast<py::ssize_t>(sizeof(T)) != 0)
+      throw InvalidArgument(name, "has strides that are not a multiple of its item size");
+  v.stride_image = s[0] / static_cast<py::ssize_t>(sizeof(T));
+  v.stride_pixel = s[1] / static_cast<py::ssize_t>(sizeof(T));
+  v.stride_dim = s[2] / static_cast<py::ssize_t>(sizeof(T));
+  return v;
+}
+
+template <typename T>
+py::dict otce_impl(const py::array& src, const py::array_t<int32_t, py::array::c_style>& src_code,
+                   int cs, const py::array_t<int64_t, py::array::c_style>& src_idx, const py::array& tgt,
+                   const py::array_t<int32_t, py::array::c_style>& tgt_code, int ct,
+                   const py::array_t<int64_t, py::array::c_style>& tgt_idx, const SinkhornOptions& opt,
+                   double memory_budget) {
+  const PixelView<T> vs = view3<T>(src, "source_features"), vt = view3<T>(tgt, "target_features");
+  if (src_code.size() != vs.size() || tgt_code.size() != vt.size())
+    throw InvalidArgument("labels", "internal: one class code per pixel expected");
+  if (src_idx.ndim() != 2 || tgt_idx.ndim() != 2 || src_idx.shape(0) != tgt_idx.shape(0))
+    throw InvalidArgument("indices", "internal: (repeats, n) index arrays expected");
+  const int64_t repeats = src_idx.shape(0), ns = src_idx.shape(1), nt = tgt_idx.shape(1);
+  OTCEResult r;
+  {
+    const SinkhornOptions o = with_interrupt(opt);
+    py::gil_scoped_release nogil;
+    r = otce<T>(vs, src_code.data(), cs, src_idx.data(), ns, vt, tgt_code.data(), ct, tgt_idx.data(), nt,
+                repeats, o, memory_budget);
+  }
+  py::dict d;
+  const auto K = static_cast<py::ssize_t>(repeats);
+  d["conditional_entropy"] = to_numpy(r.conditional_entropy, {K});
+  d["transport_cost"] = to_numpy(r.transport_cost, {K});
+  d["marginal_error"] = to_numpy(r.marginal_error, {K});
+  d["joint"] = to_numpy(r.joint, {K, cs, ct});
+  d["iterations"] = to_numpy(r.iterations, {K});
+  d["converged"] = to_numpy(r.converged, {K}).attr("astype")("bool");
+  d["timed_out"] = to_numpy(r.timed_out, {K}).attr("astype")("bool");
+  return d;
+}
+
+template <typename T>
+py::dict sinkhorn_impl(const py::array_t<T, py::array::c_style>& x, const py::array_t<T, py::array::c_style>& y,
+                       const py::object& a, const py::object& b, const SinkhornOptions& opt,
+                       double memory_budget) {
+  const int64_t n = x.shape(0), m = y.shape(0), d = x.shape(1);
+  py::array_t<double, py::array::c_style> wa, wb;
+  const double* pa = nullptr;
+  const double* pb = nullptr;
+  if (!a.is_none()) { wa = a.cast<py::array_t<double, py::array::c_style>>(); pa = wa.data(); }
+  if (!b.is_none()) { wb = b.cast<py::array_t<double, py::array::c_style>>(); pb = wb.data(); }
+  TransportResult r;
+  {
+    const SinkhornOptions o = with_interrupt(opt);
+    py::gil_scoped_release nogil;
+    r = transport_points<T>(x.data(), n, y.data(), m, d, pa, pb, o, memory_budget);
+  }
+  py::dict out;
+  out["f"] = to_numpy(r.f, {static_cast<py::ssize_t>(n)});
+  out["g"] = to_numpy(r.g, {static_cast<py::ssize_t>(m)});
+  out["transport_cost"] = r.transport_cost;
+  out["iterations"] = r.report.iterations;
+  out["converged"] = r.report.converged;
+  out["timed_out"] = r.report.timed_out;
+  out["marginal_error"] = r.report.marginal_error;
+  out["stages"] = r.report.stages;
+  out["dense_stages"] = r.report.dense_stages;
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "segtransfer C++ core (internal; use the segtransfer package)";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const Interrupted&) {
+      if (PyErr_Occurred()) throw py::error_already_set();
+      PyErr_SetString(PyExc_KeyboardInterrupt, "interrupted");
+    } catch (const InvalidType& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    } catch (const InvalidArgument& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const OutOfMemory& e) {
+      PyErr_SetString(PyExc_MemoryError, e.what());
+    } catch (const DeviceError& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what());
+    }
+  });
+
+  py::class_<SinkhornOptions>(m, "SinkhornOptions")
+      .def(py::init<>())
+      .def_readwrite("epsilon", &SinkhornOptions::epsilon)
+      .def_readwrite("tol", &SinkhornOptions::tol)
+      .def_readwrite("max_iter", &SinkhornOptions::max_iter)
+      .def_readwrite("timeout", &SinkhornOptions::timeout)
+      .def_readwrite("eps_scaling", &SinkhornOptions::eps_scaling)
+      .def_readwrite("scaling_factor", &SinkhornOptions::scaling_factor)
+      .def_readwrite("stage_tol", &SinkhornOptions::stage_tol)
+      .def_readwrite("truncation", &SinkhornOptions::truncation)
+      .def_readwrite("max_density", &SinkhornOptions::max_density)
+      .def_readwrite("overrelaxation", &SinkhornOptions::overrelaxation)
+      .def_readwrite("num_threads", &SinkhornOptions::num_threads);
+
+  m.def("sample_pixels",
+        [](const py::array_t<int32_t, py::array::c_style>& code, int64_t n, int64_t repeats, uint64_t seed,
+           const std::string& arg) {
+          std::vector<int64_t> idx;
+          {
+            py::gil_scoped_release nogil;
+            idx = sample_pixels(code.data(), code.size(), n, repeats, seed, arg.c_str());
+          }
+          return to_numpy(idx, {static_cast<py::ssize_t>(repeats), static_cast<py::ssize_t>(n)});
+        },
+        py::arg("code"), py::arg("n"), py::arg("repeats"), py::arg("seed"), py::arg("arg_name"));
+  m.def("count_valid", [](const py::array_t<int32_t, py::array::c_style>& code) {
+    return count_valid(code.data(), code.size());
+  });
+  m.def("otce_f32", &otce_impl<float>);
+  m.def("otce_f64", &otce_impl<double>);
+  m.def("sinkhorn_f32", &sinkhorn_impl<float>);
+  m.def("sinkhorn_f64", &sinkhorn_impl<double>);
+  m.def("conditional_entropy", [](const py::array_t<double, py::array::c_style>& joint) {
+    if (joint.ndim() != 2) throw InvalidArgument("joint", "must be 2-D");
+    return conditional_entropy(joint.data(), static_cast<int>(joint.shape(0)), static_cast<int>(joint.shape(1)));
+  });
+  m.def("built_with_cuda", &built_with_cuda);
+  m.def("cuda_device_count", &cuda_device_count);
+  m.def("cuda_status", &cuda_status);
+}

@@ -1,0 +1,73 @@
+// Entropic optimal transport between two point clouds, solved by log-domain Sinkhorn with
+// epsilon-scaling and a truncated (sparse) kernel at small epsilon.
+//
+// Convention (the one users see): pi_ij = a_i b_j exp((f_i + g_j - C_ij) / eps), C_ij = |x_i - y_j|^2.
+#pragma once
+#include <Eigen/Core>
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+namespace segtransfer {
+
+template <typename T>
+using RowMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+struct SinkhornOptions {
+  double epsilon = 0.1;
+  double tol = 1e-6;          // stop when ||pi 1 - a||_1 + ||pi^T 1 - b||_1 <= tol
+  int64_t max_iter = 20000;   // Sinkhorn iterations (two half-steps each), all stages together
+  double timeout = 0.0;       // seconds; <= 0 means none. Reached: stop, report not converged
+  bool eps_scaling = true;    // anneal epsilon geometrically from the cost's scale
+  double scaling_factor = 0.5;  // epsilon ratio between two stages
+  double stage_tol = 1e-2;    // marginal error at which an intermediate stage hands over
+  double truncation = 30.0;   // keep kernel entries with C - f - g < truncation * eps; <= 0: dense
+  double max_density = 0.25;  // above this kernel density the dense loop is faster
+  // Upper bound on the adaptive over-relaxation factor omega in f <- f + omega (f_new - f);
+  // 1 gives plain Sinkhorn.
+  double overrelaxation = 1.9;
+  int num_threads = 0;        // 0: OpenMP's default
+  // Polled about every 50 ms from the calling thread; returning true stops the solve with
+  // Interrupted. The core never learns what is behind it (the bindings check for Ctrl-C).
+  std::function<bool()> interrupt;
+};
+
+struct SinkhornReport {
+  int64_t iterations = 0;
+  bool converged = false;
+  bool timed_out = false;
+  double marginal_error = 0.0;  // measured on the dense plan, both marginals
+  int stages = 0;
+  int dense_stages = 0;
+};
+
+// Dense plan statistics computed in one streaming pass from the potentials (the plan is never stored).
+struct PlanSummary {
+  double transport_cost = 0.0;  // <pi, C>
+  double marginal_error = 0.0;  // ||pi 1 - a||_1 + ||pi^T 1 - b||_1
+  std::vector<double> joint;    // (row_classes x col_classes), row-major: mass between label pairs
+};
+
+// C = |x|^2 + |y|^2 - 2 x y^T, clamped at 0. x: (n, d), y: (m, d), both row-major. The points are
+// centred on their joint mean first: distances do not change and the GEMM loses less to cancellation.
+template <typename T>
+void squared_euclidean(const T* x, int64_t n, const T* y, int64_t m, int64_t d, RowMatrix<T>& cost);
+
+// Solves the entropic problem on a cost matrix C (n x m) and its transpose. a, b: weights (sum 1).
+// f (n) and g (m) are outputs (and are overwritten). Throws InvalidArgument / Interrupted.
+template <typename T>
+SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const RowMatrix<T>& cost_t, const double* a,
+                            const double* b, const SinkhornOptions& opt, double* f, double* g);
+
+// One pass over the dense plan defined by (f, g, eps). row_class[i] in [0, row_classes); the columns
+// are grouped by class: class c owns columns [col_class_start[c], col_class_start[c + 1]).
+template <typename T>
+PlanSummary summarize_plan(const RowMatrix<T>& cost, const double* a, const double* b, const double* f,
+                           const double* g, double eps, const int32_t* row_class, int row_classes,
+                           const int64_t* col_class_start, int col_classes, int num_threads = 0);
+
+// Bytes the dense solver allocates for an n x m problem in precision T (cost, its transpose, work).
+template <typename T>
+double dense_bytes(int64_t n, int64_t m);
+
+}  // namespace segtransfer

@@ -1,0 +1,163 @@
+#include "segtransfer/otce.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <sstream>
+#include <string>
+
+#include "segtransfer/errors.hpp"
+
+namespace segtransfer {
+namespace {
+
+void check_budget(double bytes, double budget) {
+  if (budget > 0 && bytes > budget) {
+    std::ostringstream msg;
+    msg.precision(3);
+    msg << "the dense solver needs " << bytes / 1e9 << " GB for this problem but only " << budget / 1e9
+        << " GB are available; lower n_pixels";
+    throw OutOfMemory(msg.str());
+  }
+}
+
+// Every valid pixel, not only the sampled ones: a NaN in the input is a bug upstream that the user
+// should hear about whatever the seed.
+template <typename T>
+void check_finite(const PixelView<T>& v, const int32_t* code, const char* arg) {
+  for (int64_t b = 0; b < v.images; ++b) {
+    for (int64_t p = 0; p < v.pixels; ++p) {
+      if (code[b * v.pixels + p] < 0) continue;
+      const T* src = v.data + b * v.stride_image + p * v.stride_pixel;
+      T acc = 0;
+      for (int64_t d = 0; d < v.dim; ++d) acc += src[d * v.stride_dim] * T(0);
+      if (acc != T(0))  // 0 * x is NaN exactly when x is NaN or infinite
+        throw InvalidArgument(arg, "contains NaN or infinite values (pixel " + std::to_string(b * v.pixels + p) + ")");
+    }
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void gather_pixels(const PixelView<T>& v, const int64_t* idx, int64_t n, T* out, const char* arg) {
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t p = idx[k];
+    const T* src = v.data + (p / v.pixels) * v.stride_image + (p % v.pixels) * v.stride_pixel;
+    T* dst = out + k * v.dim;
+    bool finite = true;
+    for (int64_t d = 0; d < v.dim; ++d) {
+      dst[d] = src[d * v.stride_dim];
+      finite = finite && std::isfinite(dst[d]);
+    }
+    if (!finite)
+      throw InvalidArgument(arg, "contains NaN or infinite values (pixel " + std::to_string(p) + ")");
+  }
+}
+
+double conditional_entropy(const double* joint, int rows, int cols) {
+  double total = 0.0;
+  for (int k = 0; k < rows * cols; ++k) total += joint[k];
+  if (!(total > 0)) return std::nan("");
+  double h = 0.0;
+  for (int r = 0; r < rows; ++r) {
+    double pr = 0.0;
+    for (int c = 0; c < cols; ++c) pr += joint[r * cols + c];
+    if (pr <= 0) continue;
+    for (int c = 0; c < cols; ++c) {
+      const double p = joint[r * cols + c];
+      if (p > 0) h -= (p / total) * std::log(p / pr);
+    }
+  }
+  return std::max(h, 0.0);  // rounding can leave -1e-17 where the true value is 0
+}
+
+template <typename T>
+TransportResult transport_points(const T* x, int64_t n, const T* y, int64_t m, int64_t d, const double* a,
+                                 const double* b, const SinkhornOptions& opt, double memory_budget) {
+  check_budget(dense_bytes<T>(n, m), memory_budget);
+  std::vector<double> ua, ub;
+  if (a == nullptr) { ua.assign(n, 1.0 / n); a = ua.data(); }
+  if (b == nullptr) { ub.assign(m, 1.0 / m); b = ub.data(); }
+  RowMatrix<T> cost;
+  squared_euclidean(x, n, y, m, d, cost);
+  const RowMatrix<T> cost_t = cost.transpose();
+  TransportResult res;
+  res.f.resize(n);
+  res.g.resize(m);
+  res.report = sinkhorn_log(cost, cost_t, a, b, opt, res.f.data(), res.g.data());
+  const int32_t zero = 0;
+  std::vector<int32_t> rc(n, zero);
+  const int64_t cs[2] = {0, m};
+  const PlanSummary s =
+      summarize_plan(cost, a, b, res.f.data(), res.g.data(), opt.epsilon, rc.data(), 1, cs, 1, opt.num_threads);
+  res.transport_cost = s.transport_cost;
+  return res;
+}
+
+template <typename T>
+OTCEResult otce(const PixelView<T>& src, const int32_t* src_code, int source_classes,
+                const int64_t* src_idx, int64_t ns, const PixelView<T>& tgt, const int32_t* tgt_code,
+                int target_classes, const int64_t* tgt_idx, int64_t nt, int64_t repeats,
+                const SinkhornOptions& opt, double memory_budget) {
+  if (src.dim != tgt.dim)
+    throw InvalidArgument("target_features", "has " + std::to_string(tgt.dim) +
+                                                 " channels but source_features has " + std::to_string(src.dim));
+  check_budget(dense_bytes<T>(ns, nt) + 8.0 * (ns + nt) * src.dim, memory_budget);
+  check_finite(src, src_code, "source_features");
+  check_finite(tgt, tgt_code, "target_features");
+  const int64_t d = src.dim;
+  const int cs = source_classes, ct = target_classes;
+  OTCEResult out;
+  out.repeats = repeats;
+  out.source_classes = cs;
+  out.target_classes = ct;
+  out.joint.assign(static_cast<size_t>(repeats) * cs * ct, 0.0);
+
+  std::vector<double> a(ns, 1.0 / ns), b(nt, 1.0 / nt), f(ns), g(nt);
+  std::vector<int64_t> is(ns), it(nt), col_start(ct + 1);
+  std::vector<int32_t> row_class(ns);
+  RowMatrix<T> xs(ns, d), xt(nt, d), cost, cost_t;
+  for (int64_t k = 0; k < repeats; ++k) {
+    // Pixels sorted by class (a permutation, which OT does not see): the target classes become
+    // contiguous column ranges, so the joint-label reduction is a sum over ranges, not a scatter.
+    std::copy(src_idx + k * ns, src_idx + (k + 1) * ns, is.begin());
+    std::copy(tgt_idx + k * nt, tgt_idx + (k + 1) * nt, it.begin());
+    std::stable_sort(is.begin(), is.end(), [&](int64_t p, int64_t q) { return src_code[p] < src_code[q]; });
+    std::stable_sort(it.begin(), it.end(), [&](int64_t p, int64_t q) { return tgt_code[p] < tgt_code[q]; });
+    gather_pixels(src, is.data(), ns, xs.data(), "source_features");
+    gather_pixels(tgt, it.data(), nt, xt.data(), "target_features");
+    for (int64_t i = 0; i < ns; ++i) row_class[i] = src_code[is[i]];
+    std::fill(col_start.begin(), col_start.end(), 0);
+    for (int64_t j = 0; j < nt; ++j) ++col_start[tgt_code[it[j]] + 1];
+    for (int c = 0; c < ct; ++c) col_start[c + 1] += col_start[c];
+
+    squared_euclidean(xs.data(), ns, xt.data(), nt, d, cost);
+    cost_t = cost.transpose();
+    const SinkhornReport rep = sinkhorn_log(cost, cost_t, a.data(), b.data(), opt, f.data(), g.data());
+    const PlanSummary s = summarize_plan(cost, a.data(), b.data(), f.data(), g.data(), opt.epsilon,
+                                         row_class.data(), cs, col_start.data(), ct, opt.num_threads);
+    std::copy(s.joint.begin(), s.joint.end(), out.joint.begin() + k * cs * ct);
+    out.conditional_entropy.push_back(conditional_entropy(s.joint.data(), cs, ct));
+    out.transport_cost.push_back(s.transport_cost);
+    out.marginal_error.push_back(s.marginal_error);
+    out.iterations.push_back(rep.iterations);
+    out.converged.push_back(rep.converged ? 1 : 0);
+    out.timed_out.push_back(rep.timed_out ? 1 : 0);
+  }
+  return out;
+}
+
+#define SEGTRANSFER_INSTANTIATE(T)                                                                     \
+  template void gather_pixels<T>(const PixelView<T>&, const int64_t*, int64_t, T*, const char*);       \
+  template TransportResult transport_points<T>(const T*, int64_t, const T*, int64_t, int64_t,          \
+                                               const double*, const double*, const SinkhornOptions&,  \
+                                               double);                                                \
+  template OTCEResult otce<T>(const PixelView<T>&, const int32_t*, int, const int64_t*, int64_t,       \
+                              const PixelView<T>&, const int32_t*, int, const int64_t*, int64_t,       \
+                              int64_t, const SinkhornOptions&, double);
+SEGTRANSFER_INSTANTIATE(float)
+SEGTRANSFER_INSTANTIATE(double)
+#undef SEGTRANSFER_INSTANTIATE
+
+}  // namespace segtransfer

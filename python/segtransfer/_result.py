@@ -1,0 +1,81 @@
+"""Result types returned to users. Plain data: arrays plus the settings that produced them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class OTCEResult:
+    """OTCE over ``repeats`` independent pixel draws.
+
+    ``scores[k] = -conditional_entropy[k]``, where ``conditional_entropy[k] = H(Y_t | Y_s)`` in nats from
+    the joint label distribution of draw ``k``'s entropic transport plan. ``score`` is their mean and
+    ``std`` their sample standard deviation (``ddof=1``; 0 for a single repeat). Higher is better.
+    """
+
+    score: float
+    scores: np.ndarray  # (K,)
+    std: float
+    conditional_entropy: np.ndarray  # (K,) W_T, nats
+    transport_cost: np.ndarray  # (K,) W_D = <pi, C>
+    joint: np.ndarray  # (K, Cs, Ct) joint label distributions (each sums to ~1)
+    source_classes: np.ndarray  # (Cs,) label values of joint's rows
+    target_classes: np.ndarray  # (Ct,) label values of joint's columns
+    iterations: np.ndarray  # (K,) Sinkhorn iterations, all epsilon stages together
+    converged: np.ndarray  # (K,) bool: marginal_error <= tol on the dense plan
+    marginal_error: np.ndarray  # (K,) ||pi 1 - a||_1 + ||pi^T 1 - b||_1
+    epsilon: float
+    tol: float
+    n_pixels: tuple[int, int]  # pixels per draw (source, target)
+    repeats: int
+    seed: int
+    dtype: str  # computation precision: "float32" or "float64"
+    elapsed: float  # seconds, whole call
+    timed_out: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+
+    @property
+    def all_converged(self) -> bool:
+        return bool(np.all(self.converged))
+
+    def to_dict(self) -> dict:
+        """JSON-friendly dictionary (lists instead of arrays)."""
+        out: dict = {}
+        for k, v in self.__dict__.items():
+            out[k] = v.tolist() if isinstance(v, np.ndarray) else v
+        out["all_converged"] = self.all_converged
+        return out
+
+    def __repr__(self) -> str:
+        conv = "converged" if self.all_converged else f"NOT converged ({int(np.sum(~self.converged))} repeats)"
+        return (
+            f"OTCEResult(score={self.score:.6f} ± {self.std:.6f}, repeats={self.repeats}, "
+            f"n_pixels={self.n_pixels}, epsilon={self.epsilon}, {conv}, elapsed={self.elapsed:.2f}s)"
+        )
+
+
+@dataclass(frozen=True)
+class SinkhornResult:
+    """Entropic OT between two point clouds. pi_ij = a_i b_j exp((f_i + g_j - |x_i - y_j|^2) / epsilon)."""
+
+    f: np.ndarray  # (n,)
+    g: np.ndarray  # (m,)
+    transport_cost: float  # <pi, C>
+    iterations: int
+    converged: bool
+    marginal_error: float
+    epsilon: float
+    tol: float
+    timed_out: bool = False
+
+    def plan(self, x: np.ndarray, y: np.ndarray, a: np.ndarray | None = None, b: np.ndarray | None = None) -> np.ndarray:
+        """The dense (n, m) plan in float64, rebuilt from the potentials (O(n m) memory: small cases)."""
+        x64 = np.asarray(x, dtype=np.float64)
+        y64 = np.asarray(y, dtype=np.float64)
+        n, m = x64.shape[0], y64.shape[0]
+        a = np.full(n, 1.0 / n) if a is None else np.asarray(a, dtype=np.float64)
+        b = np.full(m, 1.0 / m) if b is None else np.asarray(b, dtype=np.float64)
+        cost = ((x64[:, None, :] - y64[None, :, :]) ** 2).sum(-1)
+        return a[:, None] * b[None, :] * np.exp((self.f[:, None] + self.g[None, :] - cost) / self.epsilon)
