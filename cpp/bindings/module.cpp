@@ -109,6 +109,8 @@ py::dict sinkhorn_impl(const py::array_t<T, py::array::c_style>& x, const py::ar
   out["marginal_error"] = r.report.marginal_error;
   out["stages"] = r.report.stages;
   out["dense_stages"] = r.report.dense_stages;
+  out["newton_steps"] = r.report.newton_steps;
+  out["cg_iterations"] = r.report.cg_iterations;
   return out;
 }
 
@@ -146,6 +148,8 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("truncation", &SinkhornOptions::truncation)
       .def_readwrite("max_density", &SinkhornOptions::max_density)
       .def_readwrite("overrelaxation", &SinkhornOptions::overrelaxation)
+      .def_readwrite("newton", &SinkhornOptions::newton)
+      .def_readwrite("newton_switch", &SinkhornOptions::newton_switch)
       .def_readwrite("num_threads", &SinkhornOptions::num_threads);
 
   m.def("sample_pixels",

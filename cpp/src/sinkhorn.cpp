@@ -164,6 +164,137 @@ double half_step(const RowMatrix<T>& mat, const SparseRows<T>* sp, const double*
   return err;
 }
 
+// Plan values on the truncated pattern, in CSR order (rows) and CSC order (cols), with its sums.
+struct SparsePlan {
+  std::vector<double> by_row, by_col, row_sum, col_sum;
+};
+
+template <typename T>
+double evaluate_plan(const SparseRows<T>& R, const SparseRows<T>& Cc, const double* a, const double* b,
+                     const double* log_a, const double* log_b, double eps, const double* f, const double* g,
+                     SparsePlan& p) {
+  const int64_t n = static_cast<int64_t>(R.ptr.size()) - 1, m = static_cast<int64_t>(Cc.ptr.size()) - 1;
+  const double inv_eps = 1.0 / eps;
+  p.by_row.resize(R.col.size());
+  p.by_col.resize(Cc.col.size());
+  p.row_sum.assign(n, 0.0);
+  p.col_sum.assign(m, 0.0);
+  double err = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    double s = 0.0;
+    for (int64_t k = R.ptr[i]; k < R.ptr[i + 1]; ++k) {
+      const int32_t j = R.col[k];
+      const double v = std::exp(log_a[i] + log_b[j] + (f[i] + g[j] - static_cast<double>(R.val[k])) * inv_eps);
+      p.by_row[k] = v;
+      s += v;
+    }
+    p.row_sum[i] = s;
+    err += std::fabs(s - a[i]);
+  }
+  for (int64_t j = 0; j < m; ++j) {
+    double s = 0.0;
+    for (int64_t k = Cc.ptr[j]; k < Cc.ptr[j + 1]; ++k) {
+      const int32_t i = Cc.col[k];
+      const double v = std::exp(log_a[i] + log_b[j] + (f[i] + g[j] - static_cast<double>(Cc.val[k])) * inv_eps);
+      p.by_col[k] = v;
+      s += v;
+    }
+    p.col_sum[j] = s;
+    err += std::fabs(s - b[j]);
+  }
+  return err;
+}
+
+// Newton's method on the dual: the Hessian of the dual objective is -M / eps with
+// M = [[diag(P 1), P], [P^T, diag(P^T 1)]], so the ascent step solves M d = eps * (a - P1, b - P^T 1)
+// by Jacobi-preconditioned conjugate gradients (M is PSD; its null vector (1, -1) is orthogonal to
+// the right-hand side, so CG stays in the range). A backtracking line search keeps only steps that
+// lower the marginal error. Stops at `target`, on stagnation, or when the iteration budget is spent.
+template <typename T, typename Poll>
+void newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const double* a, const double* b,
+                   const double* log_a, const double* log_b, double eps, double target, double* f, double* g,
+                   SparsePlan& p, SinkhornReport& rep, Poll& poll, int64_t max_iter, bool debug, int nt) {
+  // Inexact Newton with a constant forcing term: each outer step then cuts the error by roughly
+  // this factor while CG stops long before resolving the near-null cluster modes exactly.
+  constexpr double opt_forcing = 0.1;
+  const int64_t n = static_cast<int64_t>(R.ptr.size()) - 1, m = static_cast<int64_t>(Cc.ptr.size()) - 1;
+  const int64_t N = n + m;
+  std::vector<double> rhs(N), x(N), res(N), z(N), dir(N), q(N), dinv(N), f_try(n), g_try(m);
+  const int nt_mv = R.col.size() > 200000 ? nt : 1;
+  auto matvec = [&](const std::vector<double>& v, std::vector<double>& out) {
+#pragma omp parallel for num_threads(nt_mv) schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      double s = p.row_sum[i] * v[i];
+      for (int64_t k = R.ptr[i]; k < R.ptr[i + 1]; ++k) s += p.by_row[k] * v[n + R.col[k]];
+      out[i] = s;
+    }
+#pragma omp parallel for num_threads(nt_mv) schedule(static)
+    for (int64_t j = 0; j < m; ++j) {
+      double s = p.col_sum[j] * v[n + j];
+      for (int64_t k = Cc.ptr[j]; k < Cc.ptr[j + 1]; ++k) s += p.by_col[k] * v[Cc.col[k]];
+      out[n + j] = s;
+    }
+  };
+  auto dot = [&](const std::vector<double>& u, const std::vector<double>& v) {
+    double s = 0.0;
+    for (int64_t k = 0; k < N; ++k) s += u[k] * v[k];
+    return s;
+  };
+  double err = evaluate_plan(R, Cc, a, b, log_a, log_b, eps, f, g, p);
+  for (int step = 0; step < 50 && err > target && rep.iterations < max_iter && !rep.timed_out; ++step) {
+    for (int64_t i = 0; i < n; ++i) rhs[i] = a[i] - p.row_sum[i];
+    for (int64_t j = 0; j < m; ++j) rhs[n + j] = b[j] - p.col_sum[j];
+    for (int64_t i = 0; i < n; ++i) dinv[i] = 1.0 / std::max(p.row_sum[i], 1e-300);
+    for (int64_t j = 0; j < m; ++j) dinv[n + j] = 1.0 / std::max(p.col_sum[j], 1e-300);
+    // Inexact Newton: solve to a relative residual that tightens as the error falls.
+    const double rhs_norm = std::sqrt(dot(rhs, rhs));
+    const double cg_tol = rhs_norm * opt_forcing;
+    std::fill(x.begin(), x.end(), 0.0);
+    res = rhs;
+    for (int64_t k = 0; k < N; ++k) z[k] = dinv[k] * res[k];
+    dir = z;
+    double rz = dot(res, z);
+    int cg = 0;
+    const int max_cg = static_cast<int>(std::min<int64_t>(20 * N, 20000));
+    for (; cg < max_cg; ++cg) {
+      matvec(dir, q);
+      const double pq = dot(dir, q);
+      if (!(pq > 0)) break;
+      const double alpha = rz / pq;
+      for (int64_t k = 0; k < N; ++k) {
+        x[k] += alpha * dir[k];
+        res[k] -= alpha * q[k];
+      }
+      if (std::sqrt(dot(res, res)) <= cg_tol) break;
+      for (int64_t k = 0; k < N; ++k) z[k] = dinv[k] * res[k];
+      const double rz_new = dot(res, z);
+      const double beta = rz_new / rz;
+      rz = rz_new;
+      for (int64_t k = 0; k < N; ++k) dir[k] = z[k] + beta * dir[k];
+      if ((cg & 63) == 0) poll();
+    }
+    rep.cg_iterations += cg;
+    double t = 1.0, err_try = err;
+    for (; t > 1e-3; t *= 0.5) {
+      for (int64_t i = 0; i < n; ++i) f_try[i] = f[i] + t * eps * x[i];
+      for (int64_t j = 0; j < m; ++j) g_try[j] = g[j] + t * eps * x[n + j];
+      err_try = evaluate_plan(R, Cc, a, b, log_a, log_b, eps, f_try.data(), g_try.data(), p);
+      if (err_try < err) break;
+    }
+    ++rep.newton_steps;
+    ++rep.iterations;  // a Newton step is charged as one iteration against max_iter
+    poll();
+    if (debug) std::fprintf(stderr, "  newton step %d: cg=%d t=%g err %.3e -> %.3e\n", step, cg, t, err, err_try);
+    if (!(err_try < err)) {
+      evaluate_plan(R, Cc, a, b, log_a, log_b, eps, f, g, p);  // restore p for the caller
+      return;  // no progress: leave it to Sinkhorn
+    }
+    std::copy(f_try.begin(), f_try.end(), f);
+    std::copy(g_try.begin(), g_try.end(), g);
+    err = err_try;
+  }
+}
+
 }  // namespace
 
 template <typename T>
@@ -235,9 +366,100 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const RowMatrix<T>& cost_t
 
   const bool debug = std::getenv("SEGTRANSFER_DEBUG") != nullptr;
   SparseRows<T> rows, cols;
+  SparsePlan plan;
   std::vector<int64_t> one_class{0, m};
   std::vector<int32_t> zero_class(n, 0);
-  for (size_t s = 0; s < schedule.size() && !rep.timed_out; ++s) {
+  std::vector<double> f_snap(n), g_snap(m);
+
+  // Sinkhorn iterations until the estimated marginal error is <= target. Over-relaxation
+  // f <- f + omega (f_new - f), adaptive and safeguarded: iterations run in blocks that start from
+  // a snapshot; omega climbs towards its cap after every block whose error fell, and a block whose
+  // error rose (or overflowed) is undone, omega drops back halfway to 1 and the level that failed
+  // becomes the new cap. A fixed omega near 1.8 is up to 7x faster than plain Sinkhorn on some
+  // problems but diverges on others; this finds the edge per stage.
+  auto sinkhorn_loop = [&](double eps, double target, const SparseRows<T>* sr, const SparseRows<T>* sc) {
+    double omega = 1.0, cap = opt.overrelaxation;
+    double block_err = std::numeric_limits<double>::infinity();
+    int64_t block_left = 0;
+    constexpr int64_t kBlock = 10;
+    std::copy(f, f + n, f_snap.begin());
+    std::copy(g, g + m, g_snap.begin());
+    const int nt_loop = (sr ? static_cast<double>(sr->ptr[n]) : static_cast<double>(n) * m) > 2e5 ? nt : 1;
+    while (rep.iterations < opt.max_iter && !rep.timed_out) {
+      const double err_r = half_step(cost, sr, g, log_b.data(), a, eps, omega, f, err_rows, nt_loop);
+      const double err_c = half_step(cost_t, sc, f, log_a.data(), b, eps, omega, g, err_rows, nt_loop);
+      ++rep.iterations;
+      poll();
+      const double err = err_r + err_c;
+      if (std::isfinite(err) && err <= target) return;
+      if (--block_left > 0 && std::isfinite(err)) continue;
+      if (omega == 1.0 && !std::isfinite(err)) return;  // plain Sinkhorn overflowed: certify, report
+      if (!std::isfinite(err) || (omega > 1.0 && err > block_err)) {
+        std::copy(f_snap.begin(), f_snap.end(), f);
+        std::copy(g_snap.begin(), g_snap.end(), g);
+        cap = std::max(1.0, omega - 0.05);
+        omega = 1.0 + 0.5 * (omega - 1.0);
+        if (omega < 1.02) omega = 1.0;
+      } else {
+        block_err = err;
+        std::copy(f, f + n, f_snap.begin());
+        std::copy(g, g + m, g_snap.begin());
+        omega = std::min(cap, omega + 0.5 * (cap - omega) + 0.01);
+      }
+      block_left = kBlock;
+      if (debug && rep.iterations % 500 < kBlock)
+        std::fprintf(stderr, "  eps=%g it=%lld err=%.3e omega=%.3f\n", eps, (long long)rep.iterations, err, omega);
+    }
+  };
+
+  // Multiscale warm start. While epsilon is large the kernel is dense and every iteration costs
+  // n*m exponentials, yet those stages only need to get the potentials roughly right. So they run
+  // on a strided subsample (the OTCE pipeline sorts pixels by class, so striding is stratified)
+  // until the subsample's truncated kernel turns sparse; the potentials are then extended to every
+  // point by the c-transform and the full problem resumes from that epsilon.
+  size_t first_stage = 0;
+  const int64_t ks = opt.multiscale_points;
+  if (opt.eps_scaling && ks > 0 && n > 2 * ks && m > 2 * ks && opt.truncation > 0) {
+    std::vector<int64_t> ri(ks), ci(ks);
+    for (int64_t k = 0; k < ks; ++k) {
+      ri[k] = (2 * k + 1) * n / (2 * ks);
+      ci[k] = (2 * k + 1) * m / (2 * ks);
+    }
+    RowMatrix<T> sub(ks, ks);
+    for (int64_t k = 0; k < ks; ++k)
+      for (int64_t l = 0; l < ks; ++l) sub(k, l) = cost(ri[k], ci[l]);
+    const RowMatrix<T> sub_t = sub.transpose();
+    std::vector<double> sa(ks), sb(ks), sf(ks), sg(ks);
+    double ta = 0, tb = 0;
+    for (int64_t k = 0; k < ks; ++k) { sa[k] = a[ri[k]]; sb[k] = b[ci[k]]; ta += sa[k]; tb += sb[k]; }
+    for (int64_t k = 0; k < ks; ++k) { sa[k] /= ta; sb[k] /= tb; }
+    SinkhornOptions so = opt;
+    so.stop_when_sparse = true;
+    so.multiscale_points = 0;
+    so.newton = false;
+    so.tol = std::max(opt.stage_tol, opt.tol);
+    so.interrupt = opt.interrupt;
+    const SinkhornReport sr = sinkhorn_log(sub, sub_t, sa.data(), sb.data(), so, sf.data(), sg.data());
+    rep.iterations += sr.iterations;  // charged as full iterations: conservative against max_iter
+    if (sr.final_epsilon > 0) {
+      const double eps = sr.final_epsilon;
+      while (first_stage + 1 < schedule.size() && schedule[first_stage] > eps * (1 + 1e-12)) ++first_stage;
+      // f_i = -eps log sum_l sb_l exp((sg_l - C_{i, ci[l]}) / eps), then a full g half-step.
+      std::vector<double> lsb(ks);
+      for (int64_t l = 0; l < ks; ++l) lsb[l] = std::log(sb[l]);
+      std::vector<T> crow(ks);
+#pragma omp parallel for num_threads(nt) schedule(static) firstprivate(crow)
+      for (int64_t i = 0; i < n; ++i) {
+        for (int64_t l = 0; l < ks; ++l) crow[l] = cost(i, ci[l]);
+        f[i] = -eps * RowLse<T>::run(crow.data(), nullptr, ks, sg.data(), lsb.data(), 0.0, 1.0 / eps);
+      }
+      half_step(cost_t, static_cast<const SparseRows<T>*>(nullptr), f, log_a.data(), b, eps, 1.0, g,
+                err_rows, nt);
+      if (debug) std::fprintf(stderr, "multiscale: %lld sub-iterations, resume at eps=%g\n", (long long)sr.iterations, eps);
+    }
+  }
+
+  for (size_t s = first_stage; s < schedule.size() && !rep.timed_out; ++s) {
     const double eps = schedule[s];
     const bool last = s + 1 == schedule.size();
     const double cutoff = opt.truncation * eps;
@@ -245,45 +467,29 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const RowMatrix<T>& cost_t
     ++rep.stages;
     for (int attempt = 0;; ++attempt) {
       // Pattern from the current potentials; by symmetry the transpose keeps the same entries.
-      bool sparse = opt.truncation > 0 &&
-                    build_sparse(cost, f, g, cutoff, opt.max_density, nt, rows) &&
-                    build_sparse(cost_t, g, f, cutoff, 1.0, nt, cols);
+      const bool sparse = opt.truncation > 0 &&
+                          build_sparse(cost, f, g, cutoff, opt.max_density, nt, rows) &&
+                          build_sparse(cost_t, g, f, cutoff, 1.0, nt, cols);
       if (!sparse) ++rep.dense_stages;
+      if (sparse && opt.stop_when_sparse) {
+        rep.final_epsilon = eps;
+        return rep;
+      }
+      if (debug)
+        std::fprintf(stderr, "stage eps=%g sparse=%d nnz/row=%.1f it=%lld\n", eps, (int)sparse,
+                     sparse ? double(rows.ptr[n]) / n : double(m), (long long)rep.iterations);
       const SparseRows<T>* sr = sparse ? &rows : nullptr;
       const SparseRows<T>* sc = sparse ? &cols : nullptr;
-      // Over-relaxation f <- f + omega (f_new - f), adaptive and safeguarded. Iterations run in
-      // blocks that start from a snapshot; omega climbs towards its cap after every block whose
-      // error fell, and a block whose error rose (or overflowed) is undone, omega drops back halfway
-      // to 1 and the level that failed becomes this stage's new cap. A fixed omega near 1.8 is up to
-      // 7x faster than plain Sinkhorn here but diverges on some stages; this finds the edge per stage.
-      double omega = 1.0, cap = opt.overrelaxation;
-      double block_err = std::numeric_limits<double>::infinity();
-      int64_t block_left = 0;
-      constexpr int64_t kBlock = 10;
-      std::vector<double> f_snap(f, f + n), g_snap(g, g + m);
-      while (rep.iterations < opt.max_iter && !rep.timed_out) {
-        const double err_r = half_step(cost, sr, g, log_b.data(), a, eps, omega, f, err_rows, nt);
-        const double err_c = half_step(cost_t, sc, f, log_a.data(), b, eps, omega, g, err_rows, nt);
-        ++rep.iterations;
-        poll();
-        const double err = err_r + err_c;
-        if (std::isfinite(err) && err <= target) break;
-        if (--block_left > 0 && std::isfinite(err)) continue;
-        if (omega == 1.0 && !std::isfinite(err)) break;  // plain Sinkhorn overflowed: certify, report
-        if (!std::isfinite(err) || (omega > 1.0 && err > block_err)) {
-          std::copy(f_snap.begin(), f_snap.end(), f);
-          std::copy(g_snap.begin(), g_snap.end(), g);
-          cap = std::max(1.0, omega - 0.05);
-          omega = 1.0 + 0.5 * (omega - 1.0);
-          if (omega < 1.02) omega = 1.0;
-        } else {
-          block_err = err;
-          std::copy(f, f + n, f_snap.begin());
-          std::copy(g, g + m, g_snap.begin());
-          omega = std::min(cap, omega + 0.5 * (cap - omega) + 0.01);
-        }
-        block_left = kBlock;
-        if (debug) std::fprintf(stderr, "eps=%g it=%lld err=%.3e omega=%.3f\n", eps, (long long)rep.iterations, err, omega);
+      if (last && sparse && opt.newton) {
+        // Sinkhorn removes the fast error modes cheaply; the slow ones (mass balance between
+        // nearly disconnected clusters, rate 1 - 1e-5 per iteration on clustered logits) are left
+        // to Newton steps on the sparse plan, whose CG solves converge in ~sqrt of those counts.
+        sinkhorn_loop(eps, std::max(target, opt.newton_switch), sr, sc);
+        newton_polish(rows, cols, a, b, log_a.data(), log_b.data(), eps, target, f, g, plan, rep, poll,
+                      opt.max_iter, debug, nt);
+        sinkhorn_loop(eps, target, sr, sc);  // returns at once when Newton reached the target
+      } else {
+        sinkhorn_loop(eps, target, sr, sc);
       }
       if (!last) break;
       // Certify on the dense plan: the truncated kernel and the cheap estimate are not the truth.
@@ -291,6 +497,7 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const RowMatrix<T>& cost_t
                                              one_class.data(), 1, nt);
       rep.marginal_error = chk.marginal_error;
       rep.converged = chk.marginal_error <= opt.tol;
+      if (debug) std::fprintf(stderr, "certify: err=%.3e it=%lld\n", chk.marginal_error, (long long)rep.iterations);
       if (rep.converged || rep.iterations >= opt.max_iter || rep.timed_out || attempt >= 8 ||
           !std::isfinite(chk.marginal_error))
         break;

@@ -26,6 +26,11 @@ struct SinkhornOptions {
   // Upper bound on the adaptive over-relaxation factor omega in f <- f + omega (f_new - f);
   // 1 gives plain Sinkhorn.
   double overrelaxation = 1.9;
+  bool newton = true;          // finish the last stage with Newton-CG steps on the sparse plan
+  double newton_switch = 1e-3;  // Sinkhorn hands over to Newton below this marginal error
+  // Dense early stages run on a subsample of this many points per side (0: off); see sinkhorn.cpp.
+  int64_t multiscale_points = 2000;
+  bool stop_when_sparse = false;  // internal: return at the first stage with a sparse kernel
   int num_threads = 0;        // 0: OpenMP's default
   // Polled about every 50 ms from the calling thread; returning true stops the solve with
   // Interrupted. The core never learns what is behind it (the bindings check for Ctrl-C).
@@ -39,6 +44,9 @@ struct SinkhornReport {
   double marginal_error = 0.0;  // measured on the dense plan, both marginals
   int stages = 0;
   int dense_stages = 0;
+  double final_epsilon = 0.0;  // set when stop_when_sparse returned early
+  int64_t newton_steps = 0;
+  int64_t cg_iterations = 0;
 };
 
 // Dense plan statistics computed in one streaming pass from the potentials (the plan is never stored).
