@@ -12,7 +12,7 @@ The features imitate what a segmentation network's last layer produces for every
 
 Source and target are two *related* tasks on two domains: the source task labels pixels with the 19
 latent classes; the target task uses a coarser, partly regrouped label set (``TARGET_GROUPS``) with
-some label noise, its own class frequencies and a small domain shift in feature space. About 3 % of
+some label noise, its own (related) class frequencies and a small domain shift in feature space. About 3 % of
 the pixels carry the ignore label 255.
 
 Everything is a pure function of ``(dim, pixels, seed)``.
@@ -33,6 +33,12 @@ def _class_frequencies(rng: np.random.Generator, k: int, skew: float) -> np.ndar
     """Imbalanced class frequencies (Zipf-like, shuffled), as in street-scene data sets."""
     w = 1.0 / np.arange(1, k + 1) ** skew
     rng.shuffle(w)
+    return w / w.sum()
+
+
+def _related_frequencies(rng: np.random.Generator, freq: np.ndarray, spread: float) -> np.ndarray:
+    """Another domain's frequencies of the same classes: same ranking roughly, perturbed log-normally."""
+    w = freq * np.exp(rng.normal(0.0, spread, size=freq.shape))
     return w / w.sum()
 
 
@@ -62,7 +68,7 @@ def _domain(rng: np.random.Generator, protos: np.ndarray, pixels: int, freq: np.
     return x.astype(np.float32), z
 
 
-def make_task_pair(dim: int, pixels: int, seed: int = 0, dtype: str = "float32"):
+def make_task_pair(dim: int, pixels: int, seed: int = 0, dtype: str = "float32", freq_spread: float = 0.5):
     """Source and target pixel tables: ``(xs (P, dim), ys (P,), xt (P, dim), yt (P,))``.
 
     Labels are int64; ignored pixels have label 255. Features have the requested dtype (float32 like
@@ -71,10 +77,10 @@ def make_task_pair(dim: int, pixels: int, seed: int = 0, dtype: str = "float32")
     rng = np.random.default_rng([seed, dim, pixels, 20240521])
     protos = _prototypes(rng, dim)
     noise = 0.45 if dim == NUM_LATENT else 0.12
-    xs, zs = _domain(rng, protos, pixels, _class_frequencies(rng, NUM_LATENT, 1.1), noise,
-                     np.zeros(dim), blend_frac=0.08)
+    freq_s = _class_frequencies(rng, NUM_LATENT, 1.1)
+    xs, zs = _domain(rng, protos, pixels, freq_s, noise, np.zeros(dim), blend_frac=0.08)
     shift = rng.normal(0.0, 0.3 if dim == NUM_LATENT else 0.05, size=dim)
-    xt, zt = _domain(rng, protos, pixels, _class_frequencies(rng, NUM_LATENT, 0.9), noise * 1.15,
+    xt, zt = _domain(rng, protos, pixels, _related_frequencies(rng, freq_s, freq_spread), noise * 1.15,
                      shift, blend_frac=0.12)
     ys = zs.copy()
     yt = TARGET_GROUPS[zt]

@@ -55,7 +55,10 @@ std::vector<int64_t> sample_pixels(const int32_t* code, int64_t num_pixels, int6
   std::vector<int64_t> out(static_cast<size_t>(n * repeats));
   for (int64_t k = 0; k < repeats; ++k) {
     // Each repeat has its own stream, so repeat k does not depend on how many were asked for.
-    SplitMix64 rng{seed * 0x2545F4914F6CDD1Dull + static_cast<uint64_t>(k) * 0x9E3779B97F4A7C15ull + 1};
+    // The start state goes through the splitmix finaliser twice: consecutive repeats must not get
+    // streams that are shifted copies of each other (a linear seed + k * gamma would do exactly that).
+    SplitMix64 mixer{seed};
+    SplitMix64 rng{SplitMix64{mixer.next() ^ static_cast<uint64_t>(k)}.next()};
     int64_t* dst = out.data() + k * n;
     if (n == nv) {
       std::copy(valid.begin(), valid.end(), dst);

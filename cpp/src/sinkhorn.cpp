@@ -345,6 +345,15 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const RowMatrix<T>& cost_t
   // converge) down to the target by a constant factor; each stage warm-starts the next.
   std::vector<double> schedule;
   const double cmax = static_cast<double>(cost.maxCoeff());
+  if (!std::isfinite(cmax))
+    throw InvalidArgument("features", "squared distances between the features overflow the floating-point "
+                                      "type (the features are too large); rescale them or use float64");
+  // Exponents (f + g - C) / eps are formed in double; beyond ~1e12 the dual variables lose all
+  // precision relative to the cost and 1/eps itself may overflow.
+  if (cmax / opt.epsilon > 1e12 || !std::isfinite(1.0 / opt.epsilon)) {
+    throw InvalidArgument("epsilon", "is too small for the cost scale (largest cost " + std::to_string(cmax) +
+                                         ", cost / epsilon must stay below 1e12)");
+  }
   if (opt.eps_scaling) {
     for (double e = cmax; e > opt.epsilon; e *= opt.scaling_factor) schedule.push_back(e);
   }
@@ -377,7 +386,8 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const RowMatrix<T>& cost_t
   // error rose (or overflowed) is undone, omega drops back halfway to 1 and the level that failed
   // becomes the new cap. A fixed omega near 1.8 is up to 7x faster than plain Sinkhorn on some
   // problems but diverges on others; this finds the edge per stage.
-  auto sinkhorn_loop = [&](double eps, double target, const SparseRows<T>* sr, const SparseRows<T>* sc) {
+  auto sinkhorn_loop = [&](double eps, double target, const SparseRows<T>* sr, const SparseRows<T>* sc,
+                           int64_t iter_limit) {
     double omega = 1.0, cap = opt.overrelaxation;
     double block_err = std::numeric_limits<double>::infinity();
     int64_t block_left = 0;
@@ -385,7 +395,7 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const RowMatrix<T>& cost_t
     std::copy(f, f + n, f_snap.begin());
     std::copy(g, g + m, g_snap.begin());
     const int nt_loop = (sr ? static_cast<double>(sr->ptr[n]) : static_cast<double>(n) * m) > 2e5 ? nt : 1;
-    while (rep.iterations < opt.max_iter && !rep.timed_out) {
+    while (rep.iterations < iter_limit && !rep.timed_out) {
       const double err_r = half_step(cost, sr, g, log_b.data(), a, eps, omega, f, err_rows, nt_loop);
       const double err_c = half_step(cost_t, sc, f, log_a.data(), b, eps, omega, g, err_rows, nt_loop);
       ++rep.iterations;
@@ -465,7 +475,7 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const RowMatrix<T>& cost_t
     const double cutoff = opt.truncation * eps;
     double target = last ? 0.5 * opt.tol : std::max(opt.stage_tol, opt.tol);
     ++rep.stages;
-    for (int attempt = 0;; ++attempt) {
+    for (;;) {
       // Pattern from the current potentials; by symmetry the transpose keeps the same entries.
       const bool sparse = opt.truncation > 0 &&
                           build_sparse(cost, f, g, cutoff, opt.max_density, nt, rows) &&
@@ -484,12 +494,20 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const RowMatrix<T>& cost_t
         // Sinkhorn removes the fast error modes cheaply; the slow ones (mass balance between
         // nearly disconnected clusters, rate 1 - 1e-5 per iteration on clustered logits) are left
         // to Newton steps on the sparse plan, whose CG solves converge in ~sqrt of those counts.
-        sinkhorn_loop(eps, std::max(target, opt.newton_switch), sr, sc);
-        newton_polish(rows, cols, a, b, log_a.data(), log_b.data(), eps, target, f, g, plan, rep, poll,
-                      opt.max_iter, debug, nt);
-        sinkhorn_loop(eps, target, sr, sc);  // returns at once when Newton reached the target
+        // Alternate: a bounded Sinkhorn phase (it can stall above the switch level on clustered
+        // data), then Newton; if Newton stops progressing, Sinkhorn again, until the budget is spent.
+        while (rep.iterations < opt.max_iter && !rep.timed_out) {
+          sinkhorn_loop(eps, std::max(target, opt.newton_switch), sr, sc,
+                        std::min(opt.max_iter, rep.iterations + 300));
+          const double before = evaluate_plan(rows, cols, a, b, log_a.data(), log_b.data(), eps, f, g, plan);
+          if (before <= target) break;
+          newton_polish(rows, cols, a, b, log_a.data(), log_b.data(), eps, target, f, g, plan, rep, poll,
+                        opt.max_iter, debug, nt);
+          const double after = evaluate_plan(rows, cols, a, b, log_a.data(), log_b.data(), eps, f, g, plan);
+          if (after <= target) break;
+        }
       } else {
-        sinkhorn_loop(eps, target, sr, sc);
+        sinkhorn_loop(eps, target, sr, sc, opt.max_iter);
       }
       if (!last) break;
       // Certify on the dense plan: the truncated kernel and the cheap estimate are not the truth.
@@ -498,7 +516,7 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const RowMatrix<T>& cost_t
       rep.marginal_error = chk.marginal_error;
       rep.converged = chk.marginal_error <= opt.tol;
       if (debug) std::fprintf(stderr, "certify: err=%.3e it=%lld\n", chk.marginal_error, (long long)rep.iterations);
-      if (rep.converged || rep.iterations >= opt.max_iter || rep.timed_out || attempt >= 8 ||
+      if (rep.converged || rep.iterations >= opt.max_iter || rep.timed_out ||
           !std::isfinite(chk.marginal_error))
         break;
       target *= 0.1;  // the estimate was optimistic: ask more of it and refresh the pattern

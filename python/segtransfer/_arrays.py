@@ -92,6 +92,8 @@ def _ignore_values(ignore_index: IgnoreIndex, name: str = "ignore_index") -> np.
     if ignore_index is None:
         return np.empty(0, dtype=np.int64)
     values = np.atleast_1d(np.asarray(ignore_index))
+    if values.size == 0:
+        return np.empty(0, dtype=np.int64)
     if values.ndim != 1 or values.dtype.kind not in "iu":
         raise TypeError(f"{name} must be an int or a sequence of ints, got {ignore_index!r}")
     return values

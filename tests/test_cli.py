@@ -1,0 +1,41 @@
+"""The command line: the demo's ranking follows the known relatedness; score/info work; errors exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from segtransfer._cli import main
+
+
+def test_demo_ranking_matches_known_relatedness(capsys):
+    assert main(["demo", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ranking_matches_known_relatedness"] is True
+    ranks = [s["relatedness"] for s in doc["sources"]]
+    assert ranks == sorted(ranks)
+    scores = [s["score"] for s in doc["sources"]]
+    assert scores == sorted(scores, reverse=True)
+    assert all(s["all_converged"] for s in doc["sources"])
+
+
+def test_score_json_and_missing_key(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 300)
+    np.savez(tmp_path / "s.npz", features=x, labels=y)
+    np.savez(tmp_path / "t.npz", features=x + 0.5, labels=y)
+    np.savez(tmp_path / "bad.npz", feats=x)
+    assert main(["score", str(tmp_path / "s.npz"), str(tmp_path / "t.npz"), "--n-pixels", "200",
+                 "--repeats", "2", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert len(doc["scores"]) == 2 and np.isfinite(doc["score"])
+    assert main(["score", str(tmp_path / "bad.npz"), str(tmp_path / "t.npz")]) == 2
+    assert "features" in capsys.readouterr().err
+    assert main(["score", str(tmp_path / "nope.npz"), str(tmp_path / "t.npz")]) == 2
+
+
+def test_info(capsys):
+    assert main(["info"]) == 0
+    assert "CUDA built" in capsys.readouterr().out

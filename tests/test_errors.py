@@ -1,0 +1,420 @@
+"""Bad input is refused with ValueError / TypeError / MemoryError whose message names the argument."""
+
+from __future__ import annotations
+
+import resource
+
+import numpy as np
+import pytest
+
+import segtransfer as st
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(0)
+    xs = rng.normal(size=(60, 3))
+    ys = rng.integers(0, 3, 60)
+    xt = rng.normal(size=(50, 3))
+    yt = rng.integers(0, 2, 50)
+    return xs, ys, xt, yt
+
+
+def call(data, **kw):
+    xs, ys, xt, yt = data
+    args = dict(source_features=xs, source_labels=ys, target_features=xt, target_labels=yt, n_pixels=None,
+                threads=1)
+    args.update(kw)
+    return st.otce(**args)
+
+
+# ---------------------------------------------------------------------------------------------- shapes
+
+def test_mismatched_lengths(data):
+    xs, ys, xt, yt = data
+    with pytest.raises(ValueError, match="source_labels.*59.*source_features.*60"):
+        call(data, source_labels=ys[:-1])
+    with pytest.raises(ValueError, match="target_labels"):
+        call(data, target_labels=np.concatenate([yt, yt[:3]]))
+
+
+def test_wrong_ndim(data):
+    xs, ys, xt, yt = data
+    with pytest.raises(ValueError, match="source_features"):
+        call(data, source_features=xs[None])  # 3-D
+    with pytest.raises(ValueError, match="target_features"):
+        call(data, target_features=xt.ravel())  # 1-D
+    with pytest.raises(ValueError, match="target_features"):
+        call(data, target_features=xt[None, None, None])  # 5-D
+    with pytest.raises(ValueError, match="source_labels"):
+        call(data, source_labels=ys[:, None])  # 2-D labels for a pixel table
+    maps = np.zeros((2, 3, 4, 5))
+    with pytest.raises(ValueError, match="source_labels"):
+        call(data, source_features=maps, source_labels=np.zeros((2, 20), dtype=int))  # maps need 3-D labels
+    with pytest.raises(ValueError, match="source_labels"):
+        call(data, source_features=maps, source_labels=np.zeros((3, 4, 5), dtype=int))  # batch mismatch
+    with pytest.raises(ValueError, match="source_labels"):
+        call(data, source_features=maps, source_labels=np.zeros((2, 0, 5), dtype=int))  # empty label maps
+
+
+def test_empty_tables(data):
+    xs, ys, xt, yt = data
+    with pytest.raises(ValueError, match="source_features"):
+        call(data, source_features=np.zeros((0, 3)), source_labels=np.zeros(0, dtype=int))
+    with pytest.raises(ValueError, match="source_features"):
+        call(data, source_features=np.zeros((60, 0)), target_features=np.zeros((50, 0)))
+
+
+def test_mismatched_channel_counts(data):
+    xs, ys, xt, yt = data
+    with pytest.raises(ValueError, match="target_features.*channels"):
+        call(data, target_features=np.hstack([xt, xt]))
+    maps = np.zeros((1, 3, 2, 2))
+    maps[0, :, 0, 0] = 1.0
+    with pytest.raises(ValueError, match="channels"):
+        call(data, source_features=maps, source_labels=np.array([[[0, 1], [0, 1]]]),
+             target_features=xt[:, :2])
+
+
+# -------------------------------------------------------------------------------------- non-finite values
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", ["first", "last", "middle-last-channel"])
+@pytest.mark.parametrize("side", ["source", "target"])
+def test_non_finite_features_among_valid_pixels(data, bad, where, side):
+    """Rejected whatever the sampling: n_pixels=5 almost never draws the bad pixel."""
+    xs, ys, xt, yt = (a.copy() for a in data)
+    x = xs if side == "source" else xt
+    i, j = {"first": (0, 0), "last": (len(x) - 1, 2), "middle-last-channel": (len(x) // 2, 2)}[where]
+    x[i, j] = bad
+    for n_pixels in (None, 5):
+        with pytest.raises(ValueError, match=f"{side}_features.*(NaN|infinite)"):
+            call((xs, ys, xt, yt), n_pixels=n_pixels, repeats=1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_non_finite_in_feature_maps(dtype):
+    rng = np.random.default_rng(1)
+    fs = rng.normal(size=(2, 3, 4, 4)).astype(dtype)
+    ls = rng.integers(0, 2, size=(2, 8, 8))
+    ft = rng.normal(size=fs.shape).astype(dtype)
+    fs[1, 2, 3, 3] = np.nan  # last pixel of the last map, last channel
+    with pytest.raises(ValueError, match="source_features"):
+        st.otce(fs, ls, ft, ls, n_pixels=None)
+    with pytest.raises(ValueError, match="target_features"):
+        st.otce(ft, ls, fs, ls, n_pixels=4)
+    # channels_last maps too
+    cl = np.moveaxis(fs, 1, -1).copy()
+    with pytest.raises(ValueError, match="source_features"):
+        st.otce(cl, ls, np.moveaxis(ft, 1, -1).copy(), ls, n_pixels=4, channels_last=True)
+
+
+def test_sinkhorn_non_finite(data):
+    xs, _, xt, _ = data
+    x = xs.copy()
+    x[3, 1] = np.nan
+    with pytest.raises(ValueError, match="x contains NaN"):
+        st.sinkhorn(x, xt)
+    y = xt.copy()
+    y[-1, -1] = np.inf
+    with pytest.raises(ValueError, match="y contains NaN"):
+        st.sinkhorn(xs, y)
+
+
+# ---------------------------------------------------------------------------------------- label content
+
+def test_no_valid_pixels(data):
+    xs, ys, xt, yt = data
+    with pytest.raises(ValueError, match="source_labels.*no valid pixels"):
+        call(data, source_labels=np.full_like(ys, 255))
+    with pytest.raises(ValueError, match="target_labels.*no valid pixels"):
+        call(data, target_labels=np.where(yt == 0, 255, 7), ignore_index=[255, 7])
+
+
+def test_single_class(data):
+    xs, ys, xt, yt = data
+    with pytest.raises(ValueError, match="source_labels.*single class"):
+        call(data, source_labels=np.zeros_like(ys))
+    with pytest.raises(ValueError, match="target_labels.*single class"):
+        call(data, target_labels=np.where(yt == 0, 255, 1))  # one class left once 255 is ignored
+
+
+# ------------------------------------------------------------------------------------ numeric arguments
+
+@pytest.mark.parametrize("eps", [0.0, -0.1, np.nan, np.inf, -np.inf])
+def test_bad_epsilon_value(data, eps):
+    with pytest.raises(ValueError, match="epsilon"):
+        call(data, epsilon=eps)
+    with pytest.raises(ValueError, match="epsilon"):
+        st.sinkhorn(data[0], data[2], epsilon=eps)
+
+
+@pytest.mark.parametrize("eps", ["0.1", None, True, [0.1]])
+def test_bad_epsilon_type(data, eps):
+    with pytest.raises(TypeError, match="epsilon"):
+        call(data, epsilon=eps)
+
+
+def test_n_pixels(data):
+    xs, ys, xt, yt = data
+    with pytest.raises(ValueError, match="source_labels.*60 valid.*n_pixels=61"):
+        call(data, n_pixels=61)
+    with pytest.raises(ValueError, match="target_labels.*50 valid.*n_pixels=55"):
+        call(data, n_pixels=55)
+    # Ignored pixels do not count as available.
+    with pytest.raises(ValueError, match="source_labels.*n_pixels"):
+        call(data, source_labels=np.where(np.arange(60) < 20, 255, ys), n_pixels=45)
+    for bad in (0, -1, -100):
+        with pytest.raises(ValueError, match="n_pixels"):
+            call(data, n_pixels=bad)
+    for bad in (1.5, 10.0, "10", True):
+        with pytest.raises(TypeError, match="n_pixels"):
+            call(data, n_pixels=bad)
+
+
+def test_repeats(data):
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="repeats"):
+            call(data, n_pixels=10, repeats=bad)
+    with pytest.raises(TypeError, match="repeats"):
+        call(data, n_pixels=10, repeats=2.0)
+
+
+def test_seed(data):
+    with pytest.raises(ValueError, match="seed"):
+        call(data, n_pixels=10, seed=-1)
+    with pytest.raises(TypeError, match="seed"):
+        call(data, n_pixels=10, seed=1.0)
+
+
+@pytest.mark.parametrize("seed", [2**62, 2**63 - 1, 2**63, 2**64 + 3])
+def test_huge_seed_works_or_is_refused_naming_seed(data, seed):
+    """Validation accepts any Python int >= 0 as seed; it must then either work or be refused with an
+    error about `seed`, not leak pybind11's 'incompatible function arguments' from the binding."""
+    try:
+        r = call(data, n_pixels=10, repeats=2, seed=seed)
+    except (ValueError, TypeError, OverflowError) as exc:
+        msg = str(exc)
+        assert "incompatible function arguments" not in msg, f"internal binding error leaked: {msg[:300]}"
+        assert "seed" in msg
+    else:
+        assert np.all(np.isfinite(r.scores)) and r.seed == seed
+
+
+@pytest.mark.parametrize("tol", [0.0, -1e-6, np.nan, np.inf])
+def test_bad_tol(data, tol):
+    with pytest.raises(ValueError, match="tol"):
+        call(data, tol=tol)
+    with pytest.raises(ValueError, match="tol"):
+        st.sinkhorn(data[0], data[2], tol=tol)
+
+
+def test_bad_max_iter(data):
+    for bad in (0, -5):
+        with pytest.raises(ValueError, match="max_iter"):
+            call(data, max_iter=bad)
+        with pytest.raises(ValueError, match="max_iter"):
+            st.sinkhorn(data[0], data[2], max_iter=bad)
+    with pytest.raises(TypeError, match="max_iter"):
+        call(data, max_iter=100.0)
+
+
+def test_bad_timeout_and_threads(data):
+    with pytest.raises(ValueError, match="timeout"):
+        call(data, timeout=0)
+    with pytest.raises(ValueError, match="timeout"):
+        call(data, timeout=-1.0)
+    with pytest.raises(ValueError, match="threads"):
+        call(data, threads=0)
+    with pytest.raises(TypeError, match="threads"):
+        call(data, threads=1.5)
+
+
+def test_unknown_sampling_mode(data):
+    with pytest.raises(ValueError, match="sampling.*'stratified'"):
+        call(data, sampling="stratified")
+    with pytest.raises(ValueError, match="sampling"):
+        call(data, sampling="Uniform")
+
+
+# ------------------------------------------------------------------------------------------------ dtypes
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.complex128, object, np.float16, np.int32, np.int64,
+                                   np.uint8, np.bool_, "U3", "datetime64[s]"])
+@pytest.mark.parametrize("side", ["source", "target"])
+def test_bad_feature_dtypes(data, dtype, side):
+    xs, ys, xt, yt = data
+    bad = (xs if side == "source" else xt).astype(dtype)
+    kw = {f"{side}_features": bad}
+    with pytest.raises(TypeError, match=f"{side}_features"):
+        call(data, **kw)
+
+
+@pytest.mark.parametrize("dtype", [np.complex128, object, np.float16, np.int64])
+def test_bad_sinkhorn_dtypes(data, dtype):
+    xs, _, xt, _ = data
+    with pytest.raises(TypeError, match="x"):
+        st.sinkhorn(xs.astype(dtype), xt)
+    with pytest.raises(TypeError, match="y"):
+        st.sinkhorn(xs, xt.astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.bool_, np.complex128, object])
+def test_bad_label_dtypes(data, dtype):
+    xs, ys, xt, yt = data
+    with pytest.raises(TypeError, match="source_labels"):
+        call(data, source_labels=ys.astype(dtype))
+    with pytest.raises(TypeError, match="target_labels"):
+        call(data, target_labels=yt.astype(dtype))
+
+
+def test_unconvertible_input(data):
+    with pytest.raises(TypeError, match="source_features"):
+        call(data, source_features=[[1.0, 2.0], [3.0]])  # ragged
+
+
+def test_bad_ignore_index(data):
+    for bad in (2.5, [255.0], "255", [[255]]):
+        with pytest.raises(TypeError, match="ignore_index"):
+            call(data, ignore_index=bad)
+
+
+def test_empty_ignore_index_sequence_means_nothing_ignored(data):
+    """`ignore_index` is 'an int, a sequence, or None'; an empty sequence ignores nothing, like None."""
+    xs, ys, xt, yt = data
+    ys = np.where(np.arange(60) < 5, 255, ys)  # 255 is then an ordinary class
+    r_none = call((xs, ys, xt, yt), ignore_index=None)
+    assert 255 in r_none.source_classes
+    r_arr = call((xs, ys, xt, yt), ignore_index=np.array([], dtype=np.int64))
+    np.testing.assert_array_equal(r_arr.scores, r_none.scores)
+    r_list = call((xs, ys, xt, yt), ignore_index=[])
+    np.testing.assert_array_equal(r_list.scores, r_none.scores)
+
+
+# ------------------------------------------------------------------------------------ sinkhorn weights
+
+def test_sinkhorn_bad_weights(data):
+    xs, _, xt, _ = data
+    n, m = len(xs), len(xt)
+    with pytest.raises(ValueError, match=r"a must have shape \(60,\)"):
+        st.sinkhorn(xs, xt, a=np.full(n - 1, 1 / (n - 1)))
+    with pytest.raises(ValueError, match="b must sum to 1"):
+        st.sinkhorn(xs, xt, b=np.full(m, 1.0))
+    w = np.full(n, 1 / n)
+    w[0], w[1] = 0.0, 2 / n
+    with pytest.raises(ValueError, match="a must hold finite weights > 0"):
+        st.sinkhorn(xs, xt, a=w)
+    w[0], w[1] = -1 / n, 3 / n
+    with pytest.raises(ValueError, match="a must hold"):
+        st.sinkhorn(xs, xt, a=w)
+    w = np.full(m, 1 / m)
+    w[4] = np.nan
+    with pytest.raises(ValueError, match="b must hold"):
+        st.sinkhorn(xs, xt, b=w)
+    with pytest.raises(TypeError, match="a must be real"):
+        st.sinkhorn(xs, xt, a=np.full(n, 1 / n, dtype=complex))
+
+
+def test_sinkhorn_bad_shapes(data):
+    xs, _, xt, _ = data
+    with pytest.raises(ValueError, match="x must be a 2-D"):
+        st.sinkhorn(xs.ravel(), xt)
+    with pytest.raises(ValueError, match="y must be a 2-D"):
+        st.sinkhorn(xs, xt[None])
+    with pytest.raises(ValueError, match="x must have at least one point"):
+        st.sinkhorn(xs[:0], xt)
+    with pytest.raises(ValueError, match="x has 3 dimensions but y has 2"):
+        st.sinkhorn(xs, xt[:, :2])
+
+
+# ----------------------------------------------------------------------------------- numerically hopeless
+
+# These run in a child process with a 3 GB address-space limit: with the float32 case, the core was
+# seen to grow a buffer without bound (all of the machine's memory, then std::bad_alloc), which must not
+# take the test runner, or anything else on the machine, with it.
+_ISOLATED = r"""
+import json, resource, sys, warnings
+resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
+import numpy as np
+import segtransfer as st
+warnings.simplefilter("ignore", RuntimeWarning)
+rng = np.random.default_rng(0)
+xs = rng.normal(size=(60, 3)); ys = rng.integers(0, 3, 60)
+xt = rng.normal(size=(50, 3)); yt = rng.integers(0, 2, 50)
+case = json.loads(sys.argv[1])
+dt = np.dtype(case["dtype"])
+a = (xs * case["scale"]).astype(dt)
+b = xt.astype(dt)
+try:
+    if case["fn"] == "otce":
+        r = st.otce(a, ys, b, yt, n_pixels=None, epsilon=case["eps"], threads=1)
+        out = {"ok": True, "finite": bool(np.all(np.isfinite(r.scores)) and np.all(np.isfinite(r.joint))),
+               "scores": [float(v) for v in r.scores]}
+    else:
+        r = st.sinkhorn(a, b, epsilon=case["eps"], threads=1)
+        out = {"ok": True, "finite": bool(np.all(np.isfinite(r.f)) and np.all(np.isfinite(r.g))
+                                          and np.isfinite(r.transport_cost)), "scores": [r.transport_cost]}
+except Exception as exc:
+    out = {"ok": False, "type": type(exc).__name__, "msg": str(exc)[:300]}
+print(json.dumps(out))
+"""
+
+
+def run_isolated(**case):
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _ISOLATED, json.dumps(case)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("fn", ["otce", "sinkhorn"])
+@pytest.mark.parametrize("dtype,scale", [("float32", 1e20), ("float64", 1e160)])
+def test_finite_features_whose_costs_overflow_are_refused_or_handled(fn, dtype, scale):
+    """Every feature is finite, but |x - y|^2 overflows the dtype (float32: |x| ~ 1e20 -> 1e40 > 3.4e38).
+    The library must either refuse the input (ValueError naming the features) or return finite numbers:
+    neither a NaN score nor exhausting memory (MemoryError: std::bad_alloc) is acceptable."""
+    out = run_isolated(fn=fn, dtype=dtype, scale=scale, eps=0.1)
+    if out["ok"]:
+        assert out["finite"], f"finite input gave non-finite results {out['scores']}"
+    else:
+        assert out["type"] == "ValueError" and ("features" in out["msg"] or out["msg"].startswith(("x", "y"))), out
+
+
+def test_epsilon_so_small_that_cost_over_eps_overflows_is_refused_or_handled():
+    """epsilon = 1e-300 passes validation (finite, > 0) but C / eps overflows to inf: refuse (ValueError
+    naming epsilon) or cope (finite score); NaN is neither."""
+    out = run_isolated(fn="otce", dtype="float64", scale=1.0, eps=1e-300)
+    if out["ok"]:
+        assert out["finite"], f"epsilon=1e-300 gave scores {out['scores']}"
+    else:
+        assert out["type"] == "ValueError" and "epsilon" in out["msg"], out
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+def _maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
+
+
+def test_memory_error_before_allocating():
+    """2e5 valid pixels per side with n_pixels=None: the dense float32 cost and its transpose would take
+    2 * 2e5 * 2e5 * 4 bytes = 320 GB. The core checks that against the available memory before
+    allocating and raises MemoryError telling the user to lower n_pixels (the message proves it is the
+    pre-check, not a failed allocation); the peak RSS shows nothing big was touched."""
+    n = 200_000
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 1)).astype(np.float32)  # 800 kB
+    y = (np.arange(n) % 2).astype(np.int32)
+    before = _maxrss_bytes()
+    with pytest.raises(MemoryError, match=r"needs [0-9.]+ GB.*lower n_pixels"):
+        st.otce(x, y, x, y, n_pixels=None)
+    # Sampled: 1.5e5 per side -> 180 GB.
+    with pytest.raises(MemoryError, match=r"needs [0-9.]+ GB.*n_pixels"):
+        st.otce(x, y, x, y, n_pixels=150_000, repeats=1)
+    with pytest.raises(MemoryError, match="GB"):
+        st.sinkhorn(x, x)
+    assert _maxrss_bytes() - before < 512 * 2**20

@@ -1,0 +1,646 @@
+"""segtransfer.otce: against the NumPy reference on the same pixels, and its invariances.
+
+``n_pixels=None`` uses every valid pixel once (no sampling), so the reference can be computed on exactly
+the pixels the library used. Sizes stay at a few hundred pixels per side: the dense solver is O(n m).
+
+Tolerances, float64 (library tol 1e-10, reference 1e-13): the potentials agree to delta = 1e-6 in f/eps
+(derivation in test_sinkhorn.py), so every plan entry, and hence every joint entry (a sum of plan entries
+with the same sign), has relative error <= 2 delta. Then log(P(s,t) / P(s)) moves by <= 4 delta and
+H(Yt|Ys) = -sum P log(P/P_s) by <= 4 delta + 2 delta * sum P |log(P/P_s)|, which is <= 2 delta (2 + H_max)
+with H_max <= log(Ct) <= 2 here: |dH| <= 1e-5. Joint entries: |dP| <= 2 delta P <= 2e-6; transport cost:
+<= C_max * 2 delta (relative 2e-6). Measured: score 1e-13..1e-11, joint (relative) <= 3e-10, cost <= 4e-11.
+float32 (library tol 1e-6): delta = f32_delta from test_sinkhorn.py (cost rounding 4 (d + 3) u S / eps plus
+1e-3 for convergence), ~1e-3..2e-3 here, so |dH| <= 2 delta (2 + log Ct) + tol, joint <= 2 delta + tol.
+Measured: score <= 2e-8, joint (relative) <= 3.4e-7, cost (relative) <= 1.1e-7.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import segtransfer as st
+from helpers import clusters, f32_delta
+import reference as ref
+
+TOL64 = 1e-10
+DELTA64 = 1e-6
+
+
+def informative_pair(seed: int, ns: int = 300, nt: int = 250, d: int = 5, ks: int = 3, kt: int = 4):
+    """Source and target pixels from shared, overlapping clusters; labels partly follow the clusters.
+
+    The clusters overlap (centre spread 1, noise 0.7) on purpose: well-separated clusters with unequal
+    proportions on the two sides make the plan nearly decomposable (mass must cross between clusters
+    through entries of ~e^-C/eps), which Sinkhorn, and the reference, solve only in 10^4..10^5
+    iterations. That is a legitimate but slow regime, covered by test_sinkhorn.py at small sizes.
+    """
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(6, d))
+    cs = rng.integers(0, 6, ns)
+    ct = rng.integers(0, 6, nt)
+    xs = centres[cs] + rng.normal(size=(ns, d)) * 0.7
+    xt = centres[ct] + rng.normal(size=(nt, d)) * 0.7
+    ys = cs % ks
+    yt = np.where(rng.random(nt) < 0.8, ct % kt, rng.integers(0, kt, nt))  # 20 % label noise
+    return xs, ys, xt, yt
+
+
+def run(xs, ys, xt, yt, **kw):
+    kw.setdefault("threads", 1)
+    return st.otce(xs, ys, xt, yt, **kw)
+
+
+def assert_same_result(r1, r2, exact: bool = True, atol: float = 0.0):
+    """Two OTCE results of the same problem: numbers equal (bitwise by default) and same metadata."""
+    cmp = np.testing.assert_array_equal if exact else (lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=atol))
+    cmp(r1.scores, r2.scores)
+    cmp(r1.conditional_entropy, r2.conditional_entropy)
+    cmp(r1.joint, r2.joint)
+    cmp(r1.transport_cost / max(1.0, float(np.max(r1.transport_cost))),
+        r2.transport_cost / max(1.0, float(np.max(r1.transport_cost))))
+    np.testing.assert_array_equal(r1.source_classes, r2.source_classes)
+    np.testing.assert_array_equal(r1.target_classes, r2.target_classes)
+    assert r1.n_pixels == r2.n_pixels and r1.repeats == r2.repeats and r1.dtype == r2.dtype
+
+
+# --------------------------------------------------------------------------------------------------
+# Against the reference on the same pixels
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed,eps", [(0, 0.1), (0, 0.5), (1, 0.5), (1, 2.0)])
+def test_float64_matches_reference(seed, eps):
+    xs, ys, xt, yt = informative_pair(seed)
+    R = ref.otce(xs, ys, xt, yt, eps)
+    r = run(xs, ys, xt, yt, n_pixels=None, epsilon=eps, tol=TOL64)
+    assert r.repeats == 1 and r.scores.shape == (1,) and r.std == 0.0
+    assert r.n_pixels == (len(xs), len(xt))
+    assert r.dtype == "float64"
+    assert r.all_converged and r.marginal_error[0] <= TOL64
+    np.testing.assert_array_equal(r.source_classes, R.source_classes)
+    np.testing.assert_array_equal(r.target_classes, R.target_classes)
+    hmax = np.log(len(R.target_classes))
+    assert abs(r.score - R.score) <= 2 * DELTA64 * (2 + hmax)
+    assert r.score == -r.conditional_entropy[0]
+    assert r.scores[0] == r.score
+    assert r.joint.shape == (1, 3, 4)
+    np.testing.assert_allclose(r.joint[0], R.joint, rtol=2 * DELTA64 + TOL64, atol=1e-15)
+    cmax = float(ref.sq_dists(xs, xt).max())
+    assert abs(r.transport_cost[0] - R.transport_cost) <= cmax * (2 * DELTA64 + TOL64)
+    # The score is informative here: well below the independence value -H(Yt).
+    assert r.score > -ref.entropy(yt) + 0.05
+
+
+@pytest.mark.parametrize("seed,eps", [(1, 0.1), (0, 0.5)])
+def test_float32_matches_reference(seed, eps):
+    xs, ys, xt, yt = informative_pair(seed)
+    xs32, xt32 = xs.astype(np.float32), xt.astype(np.float32)
+    R = ref.otce(xs32.astype(np.float64), ys, xt32.astype(np.float64), yt, eps)
+    tol = 1e-6
+    r = run(xs32, ys, xt32, yt, n_pixels=None, epsilon=eps, tol=tol)
+    assert r.dtype == "float32"
+    assert r.all_converged and r.marginal_error[0] <= tol
+    delta = f32_delta(xs32, xt32, eps)
+    hmax = np.log(len(R.target_classes))
+    assert abs(r.score - R.score) <= 2 * delta * (2 + hmax) + tol
+    np.testing.assert_allclose(r.joint[0], R.joint, rtol=2 * delta, atol=tol)
+    cmax = float(ref.sq_dists(xs32, xt32).max())
+    assert abs(r.transport_cost[0] - R.transport_cost) <= cmax * (2 * delta + tol)
+    # ... and float32 agrees with float64 on the same (rounded) data to the same bound.
+    r64 = run(xs32.astype(np.float64), ys, xt32.astype(np.float64), yt, n_pixels=None, epsilon=eps, tol=TOL64)
+    assert abs(r.score - r64.score) <= 2 * delta * (2 + hmax) + tol
+
+
+def test_mixed_precision_solved_in_float64():
+    xs, ys, xt, yt = informative_pair(2, 120, 100)
+    r_mixed = run(xs.astype(np.float32), ys, xt, yt, n_pixels=None)
+    r64 = run(xs.astype(np.float32).astype(np.float64), ys, xt, yt, n_pixels=None)
+    assert r_mixed.dtype == "float64"
+    assert_same_result(r_mixed, r64)
+
+
+# --------------------------------------------------------------------------------------------------
+# Properties of the score
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_bijective_relabelling_of_separated_clusters_scores_zero(dtype):
+    """Same clusters, same class proportions, labels permuted: H(Yt|Ys) ~ 0, so OTCE ~ 0.
+
+    The centres are >= 10 apart and the points within 0.3 * sqrt(d) of them, so a cross-cluster pair
+    costs >= ~(10 - 2*3*0.3*sqrt(8))^2 ~ 25 more than an in-cluster one; with eps = 1 the cross mass is
+    <= n m e^-25 ~ 1e-6 (balanced proportions mean no mass has to cross), and H <= ~1e-6 * 20.
+    """
+    rng = np.random.default_rng(7)
+    k, d, per = 4, 8, 60
+    centres = rng.normal(size=(k, d))
+    gaps = np.linalg.norm(centres[:, None] - centres[None], axis=-1)[~np.eye(k, dtype=bool)]
+    centres *= 10 / gaps.min()
+    lab = np.repeat(np.arange(k), per)
+    xs, ys, _ = clusters(rng, k * per, k, d, labels=lab, centres=centres)
+    xt, ct, _ = clusters(rng, k * per, k, d, labels=lab, centres=centres)
+    perm = np.array([2, 0, 3, 1])
+    yt = np.array([11, 42, 7, 99])[perm[ct]]
+    r = run(xs.astype(dtype), ys, xt.astype(dtype), yt, n_pixels=None, epsilon=1.0)
+    assert r.all_converged
+    assert abs(r.score) < 1e-3
+    # The joint is (up to ~1e-6) a permutation matrix scaled by 1/k.
+    expected = np.zeros((k, k))
+    tcls = np.array([11, 42, 7, 99])
+    for s in range(k):
+        expected[s, np.searchsorted(r.target_classes, tcls[perm[s]])] = 1 / k
+    np.testing.assert_allclose(r.joint[0], expected, atol=1e-5)
+
+
+def test_labels_independent_of_features_give_conditional_entropy_near_marginal():
+    """Target labels drawn independently of everything: H(Yt|Ys) ~ H(Yt) (mutual information ~ 0).
+
+    H(Yt) - H(Yt|Ys) is the mutual information of the joint, >= 0 exactly (the joint's column marginal is
+    the empirical target label distribution up to tol), and for independent labels it is only a finite-
+    sample fluctuation: about (Cs - 1)(Ct - 1) / (2 N_eff) with N_eff ~ the 400 target pixels -> ~0.008.
+    We allow 0.03. An informative labelling of the same features scores far higher (checked).
+    """
+    rng = np.random.default_rng(3)
+    xs, ys, centres = clusters(rng, 400, 3, 4, sep=1.0, noise=0.7)
+    xt, ct, _ = clusters(rng, 400, 3, 4, centres=centres, noise=0.7)
+    yt_random = rng.integers(0, 4, 400)
+    h_t = ref.entropy(yt_random)
+    r = run(xs, ys, xt, yt_random, n_pixels=None, epsilon=1.0)
+    h = r.conditional_entropy[0]
+    assert h <= h_t + 1e-6
+    assert h_t - h < 0.03
+    r_inf = run(xs, ys, xt, ct, n_pixels=None, epsilon=1.0)
+    assert r_inf.conditional_entropy[0] < h - 0.3
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_conditional_entropy_bounds_every_repeat(dtype):
+    xs, ys, xt, yt = informative_pair(4, 500, 400, kt=5)
+    r = run(xs.astype(dtype), ys, xt.astype(dtype), yt, n_pixels=150, repeats=6, epsilon=0.2)
+    ct = len(np.unique(yt))
+    assert r.conditional_entropy.shape == (6,)
+    assert np.all(r.conditional_entropy >= 0)
+    assert np.all(r.conditional_entropy <= np.log(ct) + 1e-9)
+    np.testing.assert_array_equal(r.scores, -r.conditional_entropy)
+    assert r.score == pytest.approx(np.mean(r.scores), abs=1e-15)
+    assert r.std == pytest.approx(np.std(r.scores, ddof=1), abs=1e-15)
+    assert np.all(r.transport_cost > 0)
+    assert r.iterations.shape == (6,) and np.all(r.iterations >= 1)
+    assert r.converged.dtype == np.bool_ and r.all_converged
+    assert np.all(r.marginal_error <= st.DEFAULT_TOL)
+
+
+def test_pixel_permutation_does_not_change_unsampled_score():
+    xs, ys, xt, yt = informative_pair(5)
+    rng = np.random.default_rng(0)
+    p, q = rng.permutation(len(xs)), rng.permutation(len(xt))
+    r0 = run(xs, ys, xt, yt, n_pixels=None, epsilon=0.3, tol=1e-12)
+    r1 = run(xs[p], ys[p], xt[q], yt[q], n_pixels=None, epsilon=0.3, tol=1e-12)
+    # Same pixels, another order: the plan is permuted; only summation order (1e-16 relative) and the
+    # stopping point (marginal error <= 1e-12, i.e. score within ~1e-11) can differ.
+    assert abs(r0.score - r1.score) < 1e-10
+    np.testing.assert_allclose(r0.joint, r1.joint, rtol=0, atol=1e-10)
+    assert r0.transport_cost[0] == pytest.approx(r1.transport_cost[0], rel=1e-10)
+
+
+def test_same_seed_same_result_and_repeats_differ():
+    xs, ys, xt, yt = informative_pair(6, 400, 400)
+    kw = dict(n_pixels=120, repeats=5, epsilon=0.3, seed=11)
+    r1 = run(xs, ys, xt, yt, **kw)
+    r2 = run(xs, ys, xt, yt, **kw)
+    assert_same_result(r1, r2)
+    np.testing.assert_array_equal(r1.iterations, r2.iterations)
+    assert r1.seed == 11
+    # Different repeats draw different pixels: different scores.
+    assert len(np.unique(r1.scores)) == 5
+    assert r1.std > 0
+    # Another seed, other draws.
+    r3 = run(xs, ys, xt, yt, **{**kw, "seed": 12})
+    assert not np.any(np.isin(r3.scores, r1.scores))
+    # Repeat k does not depend on how many repeats were asked for.
+    r4 = run(xs, ys, xt, yt, **{**kw, "repeats": 2})
+    np.testing.assert_array_equal(r4.scores, r1.scores[:2])
+    np.testing.assert_array_equal(r4.joint, r1.joint[:2])
+
+
+def test_thread_count_does_not_change_result():
+    """Rows are split into a fixed number of blocks summed in order: bitwise identical for any thread count."""
+    xs, ys, xt, yt = informative_pair(8, 300, 300)
+    # eps = 2: ~100 iterations. Kept short on purpose: each half-step is an OpenMP barrier, which costs
+    # milliseconds when the machine is oversubscribed (threads=3 on 2 cores, or a busy CI box).
+    kw = dict(n_pixels=150, repeats=2, epsilon=2.0)
+    r1 = st.otce(xs, ys, xt, yt, threads=1, **kw)
+    assert_same_result(r1, st.otce(xs, ys, xt, yt, threads=2, **kw))
+    assert_same_result(r1, st.otce(xs, ys, xt, yt, threads=3, **kw))  # more threads than cores
+    assert_same_result(r1, st.otce(xs, ys, xt, yt, **kw))  # OpenMP's default
+
+
+def test_all_valid_pixels_sampled_equals_unsampled():
+    xs, ys, xt, yt = informative_pair(9, 150, 130)
+    r_all = run(xs, ys, xt, yt, n_pixels=None, epsilon=0.3)
+    r_n = run(xs, ys, xt, yt, n_pixels=130, repeats=1, epsilon=0.3)  # target: all 130; source: a draw
+    assert r_n.n_pixels == (130, 130)
+    xs2, ys2 = xs[:130], ys[:130]
+    r_all2 = run(xs2, ys2, xt, yt, n_pixels=None, epsilon=0.3)
+    r_n2 = run(xs2, ys2, xt, yt, n_pixels=130, repeats=3, epsilon=0.3)
+    # n_pixels equal to the number of valid pixels takes each of them once, in every repeat.
+    for k in range(3):
+        assert r_n2.scores[k] == r_all2.score
+        np.testing.assert_array_equal(r_n2.joint[k], r_all2.joint[0])
+    assert r_n2.std == 0.0
+    assert r_all.n_pixels == (150, 130)
+
+
+@pytest.mark.parametrize("n_pixels", [None, 90])
+def test_joint_normalised_with_label_frequency_marginals(n_pixels):
+    xs, ys, xt, yt = informative_pair(10, 200, 180)
+    tol = 1e-9
+    r = run(xs, ys, xt, yt, n_pixels=n_pixels, repeats=4, epsilon=0.3, tol=tol)
+    K = r.repeats
+    assert r.joint.shape == (K, len(np.unique(ys)), len(np.unique(yt)))
+    assert np.all(r.joint >= 0)
+    # Each joint is a plan aggregated over label blocks: total mass 1, marginals within tol.
+    np.testing.assert_allclose(r.joint.sum(axis=(1, 2)), 1.0, atol=tol)
+    row = r.joint.sum(2)
+    col = r.joint.sum(1)
+    if n_pixels is None:
+        _, cnt_s = np.unique(ys, return_counts=True)
+        _, cnt_t = np.unique(yt, return_counts=True)
+        for k in range(K):
+            assert np.abs(row[k] - cnt_s / len(ys)).sum() <= tol
+            assert np.abs(col[k] - cnt_t / len(yt)).sum() <= tol
+    else:
+        # Rows: frequencies of the source labels among the n_pixels sampled pixels, so multiples of
+        # 1/n_pixels summing to 1 and never above what the table holds of that class.
+        for marg, labels in ((row, ys), (col, yt)):
+            counts = marg * n_pixels
+            np.testing.assert_allclose(counts, np.round(counts), atol=n_pixels * tol)
+            np.testing.assert_array_equal(np.round(counts).sum(1), n_pixels)
+            _, avail = np.unique(labels, return_counts=True)
+            assert np.all(np.round(counts) <= avail)
+        # Different draws give different class counts (with overwhelming probability at 90 of 200).
+        assert len({tuple(np.round(row[k] * n_pixels)) for k in range(K)}) > 1
+    # The reported conditional entropy is the one of the reported joint.
+    for k in range(K):
+        assert r.conditional_entropy[k] == pytest.approx(ref.conditional_entropy(r.joint[k]), abs=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# Input layouts
+# --------------------------------------------------------------------------------------------------
+
+def feature_maps(seed: int, B: int, D: int, H: int, W: int, HL: int, WL: int, k: int):
+    """(B, D, H, W) maps whose pixels cluster by a (B, HL, WL) label map (spatially blocky labels)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, k, size=(B, HL, WL))
+    centres = rng.normal(size=(k, D))
+    ri = ref.nearest_indices(H, HL)
+    ci = ref.nearest_indices(W, WL)
+    lab_small = labels[:, ri[:, None], ci[None, :]]  # (B, H, W)
+    feats = centres[lab_small] + rng.normal(size=(B, H, W, D)) * 0.7  # overlapping: see informative_pair
+    return np.ascontiguousarray(np.moveaxis(feats, -1, 1)), labels  # (B, D, H, W)
+
+
+@pytest.mark.parametrize("n_pixels", [None, 40])
+@pytest.mark.parametrize("label_res", [(6, 5), (13, 17), (3, 2)], ids=["same", "higher", "lower"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_feature_maps_equal_pixel_tables(dtype, label_res, n_pixels):
+    """(B, D, H, W) + (B, H', W') labels == the pixel table built by the nearest rule (same pixel order).
+
+    13 x 17 -> 6 x 5 is a non-integer downsampling factor: floor(i * 13 / 6) = 0, 2, 4, 6, 8, 10.
+    """
+    HL, WL = label_res
+    fs, ls = feature_maps(1, 2, 4, 6, 5, HL, WL, 3)
+    ft, lt = feature_maps(2, 3, 4, 6, 5, HL, WL, 4)
+    fs, ft = fs.astype(dtype), ft.astype(dtype)
+    kw = dict(n_pixels=n_pixels, repeats=2, epsilon=0.5, seed=3)
+    r_maps = run(fs, ls, ft, lt, **kw)
+    xs, ys = ref.maps_to_table(fs, ls)
+    xt, yt = ref.maps_to_table(ft, lt)
+    assert xs.shape == (2 * 30, 4) and xt.shape == (3 * 30, 4)
+    r_tab = run(xs, ys, xt, yt, **kw)
+    # Same pixels in the same order: the core gathers identical rows, so the results are bitwise equal.
+    assert_same_result(r_maps, r_tab)
+    # channels_last maps of the same data.
+    r_cl = run(np.moveaxis(fs, 1, -1).copy(), ls, np.moveaxis(ft, 1, -1).copy(), lt, channels_last=True, **kw)
+    assert_same_result(r_cl, r_tab)
+    if n_pixels is None:
+        R = ref.otce(xs.astype(np.float64), ys, xt.astype(np.float64), yt, 0.5)
+        assert abs(r_maps.score - R.score) < (1e-5 if dtype == np.float64 else 1e-3)
+
+
+def test_maps_with_ignored_label_pixels_equal_tables():
+    fs, ls = feature_maps(3, 2, 3, 8, 8, 16, 16, 3)
+    ft, lt = feature_maps(4, 2, 3, 8, 8, 16, 16, 3)
+    ls = ls.copy()
+    ls[:, :4, :] = 255  # label rows 0..3 -> feature rows 0, 1 (floor(i * 16 / 8) = 2i) are ignored
+    xs, ys = ref.maps_to_table(fs, ls)
+    xt, yt = ref.maps_to_table(ft, lt)
+    assert np.sum(ys == 255) == 2 * 2 * 8
+    keep = ys != 255
+    r_maps = run(fs, ls, ft, lt, n_pixels=None, epsilon=0.3)
+    r_tab = run(xs[keep], ys[keep], xt, yt, n_pixels=None, epsilon=0.3)
+    assert_same_result(r_maps, r_tab)
+    assert r_maps.n_pixels == (2 * 64 - 32, 2 * 64)
+
+
+# --------------------------------------------------------------------------------------------------
+# Ignored pixels and label values
+# --------------------------------------------------------------------------------------------------
+
+def with_ignored(x, y, n_extra, ignore_values, rng, nasty=True):
+    """Insert n_extra pixels labelled with ignore values at random places, with arbitrary features
+    (huge values, NaN and inf when nasty): the valid pixels keep their relative order."""
+    n = len(x) + n_extra
+    pos = np.sort(rng.choice(n, n_extra, replace=False))
+    mask = np.zeros(n, dtype=bool)
+    mask[pos] = True
+    X = np.empty((n, x.shape[1]), dtype=x.dtype)
+    Y = np.empty(n, dtype=np.int64)
+    X[~mask] = x
+    Y[~mask] = y
+    junk = rng.normal(size=(n_extra, x.shape[1])) * 1e6
+    if nasty:
+        junk[0, 0] = np.nan
+        junk[1 % n_extra, -1] = np.inf
+        junk[2 % n_extra, 0] = -np.inf
+    X[mask] = junk
+    Y[mask] = rng.choice(np.atleast_1d(ignore_values), n_extra)
+    return X, Y
+
+
+@pytest.mark.parametrize("n_pixels", [None, 100])
+@pytest.mark.parametrize("ignore", [255, [255, 7], (7,), np.array([255, 7])],
+                         ids=["int", "list", "tuple", "array"])
+def test_ignored_pixels_change_nothing(ignore, n_pixels):
+    rng = np.random.default_rng(20)
+    xs, ys, xt, yt = informative_pair(11, 200, 180)
+    ign = np.atleast_1d(ignore)
+    Xs, Ys = with_ignored(xs, ys, 37, ign, rng)
+    Xt, Yt = with_ignored(xt, yt, 23, ign, rng)
+    r_clean = run(xs, ys, xt, yt, n_pixels=n_pixels, repeats=2, epsilon=0.3)
+    r_dirty = run(Xs, Ys, Xt, Yt, n_pixels=n_pixels, repeats=2, epsilon=0.3, ignore_index=ignore)
+    assert 255 not in r_dirty.source_classes and 7 not in r_dirty.target_classes
+    if n_pixels is None:
+        # Exactly the same valid pixels in the same order: bitwise-identical results.
+        assert_same_result(r_clean, r_dirty)
+    else:
+        # Sampling draws among the valid pixels only (a draw is a set of positions among them), so the
+        # same seed picks the same valid pixels whatever ignored pixels lie in between.
+        assert r_dirty.n_pixels == (100, 100)
+        assert np.all(np.isfinite(r_dirty.scores))
+        assert_same_result(r_clean, r_dirty)
+
+
+def test_ignore_index_none_counts_255_as_a_class():
+    xs, ys, xt, yt = informative_pair(12, 150, 150)
+    ys = ys.copy()
+    ys[:20] = 255
+    r = run(xs, ys, xt, yt, n_pixels=None, ignore_index=None)
+    assert 255 in r.source_classes and r.n_pixels == (150, 150)
+    r_ign = run(xs, ys, xt, yt, n_pixels=None)
+    assert 255 not in r_ign.source_classes and r_ign.n_pixels == (130, 150)
+
+
+@pytest.mark.parametrize("label_dtype", [np.uint8, np.int16, np.int32, np.int64, np.uint64])
+def test_non_contiguous_labels(label_dtype):
+    xs, ys, xt, yt = informative_pair(13, 200, 180)
+    src_vals = np.array([3, 17, 200])
+    tgt_vals = np.array([0, 5, 9, 250])
+    r_codes = run(xs, ys, xt, yt, n_pixels=None, epsilon=0.3)
+    r = run(xs, src_vals[ys].astype(label_dtype), xt, tgt_vals[yt].astype(label_dtype), n_pixels=None, epsilon=0.3)
+    np.testing.assert_array_equal(r.source_classes, src_vals)
+    np.testing.assert_array_equal(r.target_classes, tgt_vals)
+    np.testing.assert_array_equal(r.scores, r_codes.scores)
+    np.testing.assert_array_equal(r.joint, r_codes.joint)
+
+
+def test_negative_label_values_are_ordinary_classes():
+    xs, ys, xt, yt = informative_pair(14, 150, 150)
+    vals = np.array([-5, -1, 1000])
+    r = run(xs, vals[ys], xt, yt, n_pixels=None, epsilon=0.3)
+    r0 = run(xs, ys, xt, yt, n_pixels=None, epsilon=0.3)
+    np.testing.assert_array_equal(r.source_classes, vals)
+    np.testing.assert_array_equal(r.scores, r0.scores)
+
+
+# --------------------------------------------------------------------------------------------------
+# Array flavours: torch, strides
+# --------------------------------------------------------------------------------------------------
+
+def test_torch_cpu_tensors_equal_numpy():
+    torch = pytest.importorskip("torch")
+    xs, ys, xt, yt = informative_pair(15, 150, 140)
+    kw = dict(n_pixels=100, repeats=2, epsilon=0.3)
+    for dt, tdt in ((np.float32, torch.float32), (np.float64, torch.float64)):
+        r_np = run(xs.astype(dt), ys, xt.astype(dt), yt, **kw)
+        r_t = run(torch.tensor(xs, dtype=tdt), torch.tensor(ys), torch.tensor(xt, dtype=tdt),
+                  torch.tensor(yt), **kw)
+        assert_same_result(r_np, r_t)
+        # Tensors that require grad and non-contiguous tensor views work too.
+        xs_t = torch.tensor(xs, dtype=tdt, requires_grad=True)
+        xt_t = torch.tensor(np.ascontiguousarray(xt.T), dtype=tdt).T  # transposed view, not contiguous
+        assert not xt_t.is_contiguous()
+        r_g = run(xs_t, torch.tensor(ys), xt_t, torch.tensor(yt), **kw)
+        assert_same_result(r_np, r_g)
+
+
+def test_torch_feature_maps_equal_numpy():
+    torch = pytest.importorskip("torch")
+    fs, ls = feature_maps(5, 2, 3, 6, 6, 12, 12, 3)
+    ft, lt = feature_maps(6, 2, 3, 6, 6, 12, 12, 3)
+    r_np = run(fs.astype(np.float32), ls, ft.astype(np.float32), lt, n_pixels=None)
+    r_t = run(torch.from_numpy(fs.astype(np.float32)), torch.from_numpy(ls), torch.from_numpy(ft.astype(np.float32)),
+              torch.from_numpy(lt), n_pixels=None)
+    assert_same_result(r_np, r_t)
+    # channels_last from a permuted torch view (no copy).
+    r_cl = run(torch.from_numpy(fs.astype(np.float32)).permute(0, 2, 3, 1), torch.from_numpy(ls),
+               torch.from_numpy(ft.astype(np.float32)).permute(0, 2, 3, 1), torch.from_numpy(lt),
+               n_pixels=None, channels_last=True)
+    assert_same_result(r_np, r_cl)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_strided_arrays_equal_contiguous_copies(dtype):
+    xs, ys, xt, yt = informative_pair(16, 160, 150, d=6)
+    xs, xt = xs.astype(dtype), xt.astype(dtype)
+    kw = dict(n_pixels=None, epsilon=0.3)
+    base_rev = run(np.ascontiguousarray(xs[::-1]), ys[::-1].copy(), xt, yt, **kw)
+    # Negative strides on the pixel axis (labels reversed alike).
+    assert_same_result(run(xs[::-1], ys[::-1], xt, yt, **kw), base_rev)
+    # Negative stride on the channel axis: the same as reversing channels in a copy.
+    base_ch = run(np.ascontiguousarray(xs[:, ::-1]), ys, np.ascontiguousarray(xt[:, ::-1]), yt, **kw)
+    assert_same_result(run(xs[:, ::-1], ys, xt[:, ::-1], yt, **kw), base_ch)
+    # Fortran order.
+    base = run(xs, ys, xt, yt, **kw)
+    assert_same_result(run(np.asfortranarray(xs), ys, np.asfortranarray(xt), yt, **kw), base)
+    # Every other channel of a wider array, every other pixel of a longer one, strided labels too.
+    wide = np.zeros((2 * len(xs), 2 * xs.shape[1]), dtype=dtype)
+    wide[::2, ::2] = xs
+    wide[1::2] = np.nan  # never read: not part of the view
+    lab = np.zeros(2 * len(ys), dtype=np.int64)
+    lab[::2] = ys
+    lab[1::2] = 255
+    assert_same_result(run(wide[::2, ::2], lab[::2], xt, yt, **kw), base)
+    # Strided (B, D, H, W) maps: a view with negative strides on H and a step on W.
+    fs, ls = feature_maps(7, 2, 3, 6, 8, 6, 8, 3)
+    ft, lt = feature_maps(8, 2, 3, 6, 8, 6, 8, 3)
+    fs, ft = fs.astype(dtype), ft.astype(dtype)
+    view = fs[:, :, ::-1, ::2]
+    r_view = run(view, ls[:, ::-1, ::2], ft, lt, **kw)
+    r_copy = run(np.ascontiguousarray(view), np.ascontiguousarray(ls[:, ::-1, ::2]), ft, lt, **kw)
+    assert_same_result(r_view, r_copy)
+
+
+def test_big_endian_features_equal_native():
+    xs, ys, xt, yt = informative_pair(17, 120, 110)
+    r = run(xs, ys, xt, yt, n_pixels=None)
+    r_be = run(xs.astype(">f8"), ys.astype(">i4"), xt.astype(">f8"), yt, n_pixels=None)
+    assert_same_result(r, r_be)
+
+
+def test_sampled_scores_are_reasonable_estimates_of_the_full_score():
+    """Sampling n of N pixels is an estimator of the same quantity: mean of repeats near the full score."""
+    xs, ys, xt, yt = informative_pair(18, 600, 600)
+    full = run(xs, ys, xt, yt, n_pixels=None, epsilon=0.5).score
+    sampled = run(xs, ys, xt, yt, n_pixels=300, repeats=8, epsilon=0.5)
+    assert abs(sampled.score - full) < 4 * sampled.std + 0.05
+    assert sampled.n_pixels == (300, 300)
+
+
+def test_no_warning_when_converged_and_warning_when_not():
+    xs, ys, xt, yt = informative_pair(19, 120, 120)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(xs, ys, xt, yt, n_pixels=None, epsilon=0.3)
+    with pytest.warns(RuntimeWarning, match="did not reach tol"):
+        r = run(xs, ys, xt, yt, n_pixels=100, repeats=2, epsilon=0.05, max_iter=1)
+    assert not r.all_converged and not np.any(r.converged)
+    assert np.all(r.iterations == 1)
+    assert np.all(r.marginal_error > r.tol)
+    assert np.all(np.isfinite(r.scores))
+    assert "NOT converged" in repr(r)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling, timeout, consistency with sinkhorn()
+# --------------------------------------------------------------------------------------------------
+
+def drawn_pixels(r, n):
+    """With one class per pixel, the joint's marginals times n are the indicators of the drawn pixels."""
+    rows = r.joint.sum(2) * n  # (R, Ns)
+    cols = r.joint.sum(1) * n  # (R, Nt)
+    for m in (rows, cols):
+        np.testing.assert_allclose(m, np.round(m), atol=1e-3)
+    return np.round(rows).astype(int), np.round(cols).astype(int)
+
+
+@pytest.fixture(scope="module")
+def unique_label_tables():
+    rng = np.random.default_rng(30)
+    Ns, Nt = 80, 200
+    return rng.normal(size=(Ns, 2)), np.arange(Ns) * 3, rng.normal(size=(Nt, 2)), np.arange(Nt) + 1000
+
+
+def test_each_draw_takes_n_distinct_pixels(unique_label_tables):
+    xs, ys, xt, yt = unique_label_tables
+    n = 20
+    r = run(xs, ys, xt, yt, n_pixels=n, repeats=10, epsilon=2.0, seed=3)
+    rows, cols = drawn_pixels(r, n)
+    for ind in (rows, cols):
+        assert set(np.unique(ind)) <= {0, 1}  # never the same pixel twice in a draw
+        np.testing.assert_array_equal(ind.sum(1), n)
+
+
+def test_sampling_is_uniform_over_seeds(unique_label_tables):
+    """Each pixel is in a draw with probability n / N. One draw for each of S seeds: the inclusion counts
+    are Binomial(S, n/N) per pixel (slightly negatively correlated), so their chi-square statistic over
+    N cells is ~ N - 1 +- sqrt(2 (N - 1)); we allow 5 sigma."""
+    xs, ys, xt, yt = unique_label_tables
+    n, S, Nt = 20, 250, len(yt)
+    inc = np.zeros(Nt)
+    for seed in range(S):
+        _, cols = drawn_pixels(run(xs, ys, xt, yt, n_pixels=n, repeats=1, epsilon=2.0, seed=seed), n)
+        inc += cols[0]
+    expected = S * n / Nt
+    chi2 = float(((inc - expected) ** 2 / expected).sum())
+    assert chi2 < (Nt - 1) + 5 * np.sqrt(2 * (Nt - 1))
+    assert inc.min() > 0  # every pixel can be drawn
+
+
+def test_repeats_are_independent_draws(unique_label_tables):
+    """Repeats are meant to be independent draws (their spread is reported as `std`). Two independent
+    draws of n out of N share n^2 / N pixels on average (hypergeometric, variance <= n^2/N); here
+    n^2/N = 2 for the target side and 5 for the source side. Over R - 1 consecutive pairs the mean
+    overlap has a standard error <= sqrt(n^2/N / (R - 1)), ~0.2 / 0.3: 1.5 (target) and 2.0 (source)
+    above the expectation are > 5 sigma."""
+    xs, ys, xt, yt = unique_label_tables
+    n, R = 20, 50
+    r = run(xs, ys, xt, yt, n_pixels=n, repeats=R, epsilon=2.0, seed=7)
+    rows, cols = drawn_pixels(r, n)
+    for ind, N, slack in ((cols, len(yt), 1.5), (rows, len(ys), 2.0)):
+        overlap = (ind[:-1] * ind[1:]).sum(1)  # pixels shared by repeat k and k + 1
+        assert overlap.mean() < n * n / N + slack, (
+            f"consecutive repeats share {overlap.mean():.1f} of {n} pixels on average, "
+            f"independent draws share {n * n / N:.1f}")
+        far = (ind[:-10] * ind[10:]).sum(1)  # and repeats further apart
+        assert far.mean() < n * n / N + slack
+
+
+def test_sampled_class_counts_are_hypergeometric():
+    """Class counts of a draw of n distinct pixels out of N are hypergeometric: mean n p and variance
+    n p (1 - p) (N - n) / (N - 1), half the binomial variance at n = N / 2 (with replacement would give
+    the binomial one). Seeds 0..R-1, one repeat each (independent streams), R = 300: the sample variance
+    has a relative standard error sqrt(2 / R) ~ 8 %, so [0.7, 1.3] x hypergeometric is a > 3.5-sigma
+    band that excludes the binomial (x 1.97)."""
+    rng = np.random.default_rng(33)
+    N, n, R = 60, 30, 300
+    xs, xt = rng.normal(size=(N, 2)), rng.normal(size=(N, 2))
+    ys = np.arange(N) % 2
+    yt = np.repeat([0, 1, 2], [20, 20, 20])  # p = 1/3
+    counts = np.empty(R)
+    for seed in range(R):
+        r = run(xs, ys, xt, yt, n_pixels=n, repeats=1, epsilon=2.0, seed=seed)
+        c = r.joint[0].sum(0) * n
+        np.testing.assert_allclose(c, np.round(c), atol=1e-3)
+        counts[seed] = np.round(c[0])
+    p = 1 / 3
+    hyper = n * p * (1 - p) * (N - n) / (N - 1)
+    assert abs(counts.mean() - n * p) < 4 * np.sqrt(hyper / R)
+    assert 0.7 * hyper < counts.var(ddof=1) < 1.3 * hyper
+
+
+def test_timeout_stops_and_reports():
+    """A solve that cannot converge (C/eps ~ 1e6, huge max_iter) stops at the timeout, reports it and
+    warns; the result still holds finite numbers from the last iterate."""
+    rng = np.random.default_rng(31)
+    xs = rng.normal(size=(300, 4)) * 3
+    xt = rng.normal(size=(300, 4)) * 3 + 1
+    ys = np.arange(300) % 3
+    yt = np.arange(300) % 2
+    with pytest.warns(RuntimeWarning, match="timeout"):
+        r = run(xs, ys, xt, yt, n_pixels=None, epsilon=1e-4, tol=1e-12, max_iter=10**9, timeout=0.3)
+    assert r.timed_out.tolist() == [True]
+    assert not r.all_converged
+    assert r.iterations[0] < 10**9
+    assert np.all(np.isfinite(r.scores)) and np.all(np.isfinite(r.joint))
+    sr_warn = pytest.warns(RuntimeWarning, match="did not reach")
+    with sr_warn:
+        sr = st.sinkhorn(xs, xt, epsilon=1e-4, tol=1e-12, max_iter=10**9, timeout=0.3, threads=1)
+    assert sr.timed_out is True and sr.converged is False
+
+
+def test_transport_cost_agrees_with_sinkhorn():
+    """otce's W_D on all pixels is the entropic OT cost between the two clouds (uniform weights), the
+    same quantity st.sinkhorn returns; otce reorders pixels by class, which OT does not see."""
+    xs, ys, xt, yt = informative_pair(32, 200, 170)
+    r = run(xs, ys, xt, yt, n_pixels=None, epsilon=0.4, tol=1e-10)
+    sr = st.sinkhorn(xs, xt, epsilon=0.4, tol=1e-10, threads=1)
+    # Both within 2 delta = 2e-6 of the exact value (test_sinkhorn.py), relative to C_max.
+    cmax = float(ref.sq_dists(xs, xt).max())
+    assert abs(r.transport_cost[0] - sr.transport_cost) <= cmax * 4 * DELTA64
+    # ... and the joint is the plan of st.sinkhorn summed over label blocks.
+    joint = ref.joint_labels(sr.plan(xs, xt), ys, yt)
+    np.testing.assert_allclose(r.joint[0], joint, rtol=4 * DELTA64, atol=1e-15)
