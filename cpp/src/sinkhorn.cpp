@@ -169,40 +169,38 @@ struct SparsePlan {
   std::vector<double> by_row, by_col, row_sum, col_sum;
 };
 
+// One side of the plan on the pattern S (CSR over this side): values in S's order and their sums.
+// The exponent is symmetric in (self, other), so the same code serves rows (CSR) and columns (CSC).
+template <typename T>
+double plan_side(const SparseRows<T>& S, const double* w_self, const double* log_w_self,
+                 const double* log_w_other, const double* pot_self, const double* pot_other, double inv_eps,
+                 std::vector<double>& values, std::vector<double>& sums) {
+  const int64_t n = static_cast<int64_t>(S.ptr.size()) - 1;
+  values.resize(S.col.size());
+  sums.assign(n, 0.0);
+  double err = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    double s = 0.0;
+    for (int64_t k = S.ptr[i]; k < S.ptr[i + 1]; ++k) {
+      const int32_t j = S.col[k];
+      const double v = std::exp(log_w_self[i] + log_w_other[j] +
+                                (pot_self[i] + pot_other[j] - static_cast<double>(S.val[k])) * inv_eps);
+      values[k] = v;
+      s += v;
+    }
+    sums[i] = s;
+    err += std::fabs(s - w_self[i]);
+  }
+  return err;
+}
+
 template <typename T>
 double evaluate_plan(const SparseRows<T>& R, const SparseRows<T>& Cc, const double* a, const double* b,
                      const double* log_a, const double* log_b, double eps, const double* f, const double* g,
                      SparsePlan& p) {
-  const int64_t n = static_cast<int64_t>(R.ptr.size()) - 1, m = static_cast<int64_t>(Cc.ptr.size()) - 1;
   const double inv_eps = 1.0 / eps;
-  p.by_row.resize(R.col.size());
-  p.by_col.resize(Cc.col.size());
-  p.row_sum.assign(n, 0.0);
-  p.col_sum.assign(m, 0.0);
-  double err = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    double s = 0.0;
-    for (int64_t k = R.ptr[i]; k < R.ptr[i + 1]; ++k) {
-      const int32_t j = R.col[k];
-      const double v = std::exp(log_a[i] + log_b[j] + (f[i] + g[j] - static_cast<double>(R.val[k])) * inv_eps);
-      p.by_row[k] = v;
-      s += v;
-    }
-    p.row_sum[i] = s;
-    err += std::fabs(s - a[i]);
-  }
-  for (int64_t j = 0; j < m; ++j) {
-    double s = 0.0;
-    for (int64_t k = Cc.ptr[j]; k < Cc.ptr[j + 1]; ++k) {
-      const int32_t i = Cc.col[k];
-      const double v = std::exp(log_a[i] + log_b[j] + (f[i] + g[j] - static_cast<double>(Cc.val[k])) * inv_eps);
-      p.by_col[k] = v;
-      s += v;
-    }
-    p.col_sum[j] = s;
-    err += std::fabs(s - b[j]);
-  }
-  return err;
+  return plan_side(R, a, log_a, log_b, f, g, inv_eps, p.by_row, p.row_sum) +
+         plan_side(Cc, b, log_b, log_a, g, f, inv_eps, p.by_col, p.col_sum);
 }
 
 // Newton's method on the dual: the Hessian of the dual objective is -M / eps with
@@ -210,8 +208,9 @@ double evaluate_plan(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
 // by Jacobi-preconditioned conjugate gradients (M is PSD; its null vector (1, -1) is orthogonal to
 // the right-hand side, so CG stays in the range). A backtracking line search keeps only steps that
 // lower the marginal error. Stops at `target`, on stagnation, or when the iteration budget is spent.
+// Returns the marginal error (on the pattern) of the potentials it leaves.
 template <typename T, typename Poll>
-void newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const double* a, const double* b,
+double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const double* a, const double* b,
                    const double* log_a, const double* log_b, double eps, double target, double* f, double* g,
                    SparsePlan& p, SinkhornReport& rep, Poll& poll, int64_t max_iter, bool debug, int nt) {
   // Inexact Newton with a constant forcing term: each outer step then cuts the error by roughly
@@ -285,14 +284,12 @@ void newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const double
     ++rep.iterations;  // a Newton step is charged as one iteration against max_iter
     poll();
     if (debug) std::fprintf(stderr, "  newton step %d: cg=%d t=%g err %.3e -> %.3e\n", step, cg, t, err, err_try);
-    if (!(err_try < err)) {
-      evaluate_plan(R, Cc, a, b, log_a, log_b, eps, f, g, p);  // restore p for the caller
-      return;  // no progress: leave it to Sinkhorn
-    }
+    if (!(err_try < err)) return err;  // no progress: leave it to Sinkhorn
     std::copy(f_try.begin(), f_try.end(), f);
     std::copy(g_try.begin(), g_try.end(), g);
     err = err_try;
   }
+  return err;
 }
 
 }  // namespace
@@ -469,9 +466,10 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const RowMatrix<T>& cost_t
     }
   }
 
-  for (size_t s = first_stage; s < schedule.size() && !rep.timed_out; ++s) {
+  for (size_t s = first_stage; s < schedule.size(); ++s) {
     const double eps = schedule[s];
     const bool last = s + 1 == schedule.size();
+    if (rep.timed_out && !last) continue;  // out of time: go straight to certifying what we have
     const double cutoff = opt.truncation * eps;
     double target = last ? 0.5 * opt.tol : std::max(opt.stage_tol, opt.tol);
     ++rep.stages;
@@ -499,12 +497,10 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const RowMatrix<T>& cost_t
         while (rep.iterations < opt.max_iter && !rep.timed_out) {
           sinkhorn_loop(eps, std::max(target, opt.newton_switch), sr, sc,
                         std::min(opt.max_iter, rep.iterations + 300));
-          const double before = evaluate_plan(rows, cols, a, b, log_a.data(), log_b.data(), eps, f, g, plan);
-          if (before <= target) break;
-          newton_polish(rows, cols, a, b, log_a.data(), log_b.data(), eps, target, f, g, plan, rep, poll,
-                        opt.max_iter, debug, nt);
-          const double after = evaluate_plan(rows, cols, a, b, log_a.data(), log_b.data(), eps, f, g, plan);
-          if (after <= target) break;
+          // Takes no step when Sinkhorn already reached the target.
+          const double err = newton_polish(rows, cols, a, b, log_a.data(), log_b.data(), eps, target, f, g,
+                                           plan, rep, poll, opt.max_iter, debug, nt);
+          if (err <= target) break;
         }
       } else {
         sinkhorn_loop(eps, target, sr, sc, opt.max_iter);
@@ -514,6 +510,7 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const RowMatrix<T>& cost_t
       const PlanSummary chk = summarize_plan(cost, a, b, f, g, eps, zero_class.data(), 1,
                                              one_class.data(), 1, nt);
       rep.marginal_error = chk.marginal_error;
+      rep.transport_cost = chk.transport_cost;
       rep.converged = chk.marginal_error <= opt.tol;
       if (debug) std::fprintf(stderr, "certify: err=%.3e it=%lld\n", chk.marginal_error, (long long)rep.iterations);
       if (rep.converged || rep.iterations >= opt.max_iter || rep.timed_out ||

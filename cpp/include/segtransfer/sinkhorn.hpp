@@ -42,6 +42,7 @@ struct SinkhornReport {
   bool converged = false;
   bool timed_out = false;
   double marginal_error = 0.0;  // measured on the dense plan, both marginals
+  double transport_cost = 0.0;  // <pi, C> on the same dense pass
   int stages = 0;
   int dense_stages = 0;
   double final_epsilon = 0.0;  // set when stop_when_sparse returned early
