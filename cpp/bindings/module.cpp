@@ -174,6 +174,11 @@ PYBIND11_MODULE(_core, m) {
     if (joint.ndim() != 2) throw InvalidArgument("joint", "must be 2-D");
     return conditional_entropy(joint.data(), static_cast<int>(joint.shape(0)), static_cast<int>(joint.shape(1)));
   });
+  // The dense solver's own footprint, so that the Python layer's memory pre-check stays in step with it.
+  m.def("dense_bytes", [](int64_t n, int64_t m, int itemsize) {
+    if (itemsize != 4 && itemsize != 8) throw InvalidArgument("itemsize", "must be 4 or 8");
+    return itemsize == 4 ? dense_bytes<float>(n, m) : dense_bytes<double>(n, m);
+  });
   m.def("built_with_cuda", &built_with_cuda);
   m.def("cuda_device_count", &cuda_device_count);
   m.def("cuda_status", &cuda_status);

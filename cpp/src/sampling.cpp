@@ -1,6 +1,7 @@
 #include "segtransfer/sampling.hpp"
 
 #include <algorithm>
+#include <limits>
 #include <string>
 #include <unordered_set>
 
@@ -52,6 +53,10 @@ std::vector<int64_t> sample_pixels(const int32_t* code, int64_t num_pixels, int6
   if (nv < n)
     throw InvalidArgument(arg_name, "has " + std::to_string(nv) + " valid (non-ignored) pixels, fewer than n_pixels=" +
                                         std::to_string(n) + "; lower n_pixels or pass n_pixels=None to use them all");
+  // n * repeats must not wrap around (a negative or small size would make every write below overflow).
+  if (repeats > static_cast<int64_t>(std::numeric_limits<int64_t>::max() / sizeof(int64_t)) / n)
+    throw OutOfMemory("repeats=" + std::to_string(repeats) + " draws of n_pixels=" + std::to_string(n) +
+                      " pixel indices do not fit in memory; lower repeats");
   std::vector<int64_t> out(static_cast<size_t>(n * repeats));
   for (int64_t k = 0; k < repeats; ++k) {
     // Each repeat has its own stream, so repeat k does not depend on how many were asked for.

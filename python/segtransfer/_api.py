@@ -20,13 +20,23 @@ DEFAULT_TOL = 1e-6
 #: Sinkhorn iterations per solve, all epsilon stages together.
 DEFAULT_MAX_ITER = 50_000
 SAMPLING_MODES = ("uniform",)
+#: Largest value the core's 64-bit counters (max_iter, n_pixels, repeats) hold.
+_INT64_MAX = 2**63 - 1
 
 
-def _check_int(value: Any, name: str, *, minimum: int) -> int:
+def _max_threads() -> int:
+    """Upper bound on ``threads``: OpenMP creates every thread asked for, and a request for 10^5 of
+    them exhausts the address space (the process dies). Generous against real machines."""
+    return max(64, 4 * (os.cpu_count() or 1))
+
+
+def _check_int(value: Any, name: str, *, minimum: int, maximum: int = _INT64_MAX) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return int(value)
 
 
@@ -39,19 +49,69 @@ def _check_positive(value: Any, name: str) -> float:
     return v
 
 
+def _read_number(path: str) -> float | None:
+    try:
+        with open(path) as fh:
+            text = fh.read().split()
+        return float(text[0]) if text and text[0] != "max" else None
+    except (OSError, ValueError):
+        return None
+
+
 def _memory_budget() -> float:
-    """Bytes the dense buffers may take: 80 % of the memory the OS reports as available."""
+    """Bytes the dense buffers may take: 80 % of the least of what the OS reports as available, what
+    the container's cgroup leaves (MemAvailable shows the host's memory there) and what the address-space
+    rlimit leaves (``ulimit -v``; exceeding it makes allocations fail however much RAM is free)."""
+    limits: list[float] = []
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
-                    return 0.8 * float(line.split()[1]) * 1024
+                    limits.append(float(line.split()[1]) * 1024)
+                    break
     except OSError:
         pass
+    if not limits:
+        try:
+            limits.append(float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")))
+        except (ValueError, OSError, AttributeError):
+            pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read_number(limit_file), _read_number(usage_file)
+        if limit is not None and usage is not None and limit < 2**62:  # "no limit" is ~2**63
+            limits.append(max(limit - usage, 0.0))
     try:
-        return 0.8 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            vm = _read_number("/proc/self/statm")  # pages of address space in use
+            used = vm * os.sysconf("SC_PAGE_SIZE") if vm is not None else 0.0
+            limits.append(max(float(soft) - used, 0.0))
+    except (ImportError, ValueError, OSError):
+        pass
+    if not limits:
         return 0.0  # unknown: let the allocator decide
+    return max(0.8 * min(limits), 1.0)  # 0 would mean "unchecked" to the core
+
+
+def _gigabytes(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
+
+
+def _check_memory(what: str, parts: dict[str, tuple[float, str]], budget: float) -> None:
+    """Raise MemoryError, before anything is allocated, when the buffers ``parts`` (name: (bytes, what to
+    lower)) exceed ``budget``; the message names the sizes and the argument behind the largest one."""
+    total = sum(nbytes for nbytes, _ in parts.values())
+    if budget <= 0 or total <= budget:
+        return
+    detail = ", ".join(f"{name}: {_gigabytes(nbytes)}" for name, (nbytes, _) in parts.items() if nbytes >= 1e6)
+    _, hint = max(parts.values(), key=lambda p: p[0])
+    raise MemoryError(
+        f"{what} needs {_gigabytes(total)} ({detail}) but only {_gigabytes(budget)} are available; {hint}"
+    )
 
 
 def _options(epsilon: float, tol: float | None, max_iter: int | None, timeout: float | None,
@@ -61,7 +121,8 @@ def _options(epsilon: float, tol: float | None, max_iter: int | None, timeout: f
     opt.tol = DEFAULT_TOL if tol is None else _check_positive(tol, "tol")
     opt.max_iter = DEFAULT_MAX_ITER if max_iter is None else _check_int(max_iter, "max_iter", minimum=1)
     opt.timeout = 0.0 if timeout is None else _check_positive(timeout, "timeout")
-    opt.num_threads = 0 if threads is None else _check_int(threads, "threads", minimum=1)
+    opt.num_threads = (0 if threads is None
+                       else _check_int(threads, "threads", minimum=1, maximum=_max_threads()))
     return opt
 
 
@@ -101,7 +162,7 @@ def otce(
     are solved in float64.
     """
     start = time.perf_counter()
-    if sampling not in SAMPLING_MODES:
+    if not isinstance(sampling, str) or sampling not in SAMPLING_MODES:
         raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
     repeats = _check_int(repeats, "repeats", minimum=1)
     seed = _check_int(seed, "seed", minimum=0)
@@ -127,15 +188,37 @@ def otce(
                 "OTCE compares label structure and needs at least two classes per side"
             )
     xs, xt = src.features, tgt.features
+    dtype = np.dtype(np.float64) if xs.dtype != xt.dtype else xs.dtype
+    if n_pixels is not None:
+        # Checked here rather than by the sampler: n_pixels may exceed what its int64 argument holds.
+        for side, table in (("source", src), ("target", tgt)):
+            if n_pixels > table.num_valid:
+                raise ValueError(
+                    f"{side}_labels has {table.num_valid} valid (non-ignored) pixels, fewer than "
+                    f"n_pixels={n_pixels}; lower n_pixels or pass n_pixels=None to use them all")
+    k = 1 if n_pixels is None else repeats
+    ns = src.num_valid if n_pixels is None else n_pixels
+    nt = tgt.num_valid if n_pixels is None else n_pixels
+    cs, ct, d = int(src.classes.size), int(tgt.classes.size), xs.shape[2]
+    # Every buffer whose size the user controls, in bytes. The joint tables mirror the core's plan
+    # summary (up to 64 row blocks of Cs x Ct partial tables per solve) plus the (K, Cs, Ct) output
+    # and its NumPy copy; pixel indices are made by the sampler and copied once by the bindings.
+    memory = {
+        "dense cost and its transpose": (_core.dense_bytes(ns, nt, dtype.itemsize)
+                                         + 8.0 * (ns + nt) * d, "lower n_pixels"),
+        "joint label tables": (8.0 * cs * ct * (66 + 2 * k),
+                               f"the labels have {cs} x {ct} distinct classes: merge or ignore some"),
+        "pixel indices": (16.0 * k * (ns + nt) if n_pixels is not None else 8.0 * (ns + nt), "lower repeats"),
+    }
+    budget = _memory_budget()
+    _check_memory(f"otce with n_pixels={ns}/{nt} and {k} repeat(s)", memory, budget)
     if xs.dtype != xt.dtype:  # solve mixed precision in float64, the more accurate of the two
         xs, xt = xs.astype(np.float64), xt.astype(np.float64)
 
     if n_pixels is None:
-        k = 1
         idx_s = np.flatnonzero(src.codes >= 0)[None, :]
         idx_t = np.flatnonzero(tgt.codes >= 0)[None, :]
     else:
-        k = repeats
         # Independent streams for the two sides; each draw is reproducible from (seed, side, repeat).
         idx_s = _core.sample_pixels(src.codes, n_pixels, repeats, 2 * seed, "source_labels")
         idx_t = _core.sample_pixels(tgt.codes, n_pixels, repeats, 2 * seed + 1, "target_labels")
@@ -143,7 +226,7 @@ def otce(
     solve = _core.otce_f32 if xs.dtype == np.float32 else _core.otce_f64
     out = solve(xs, src.codes, int(src.classes.size), np.ascontiguousarray(idx_s, dtype=np.int64),
                 xt, tgt.codes, int(tgt.classes.size), np.ascontiguousarray(idx_t, dtype=np.int64),
-                opt, _memory_budget())
+                opt, budget)
     ce = out["conditional_entropy"]
     scores = -ce
     res = OTCEResult(
@@ -230,8 +313,13 @@ def sinkhorn(
     wa = _weights(a, xa.shape[0], "a")
     wb = _weights(b, ya.shape[0], "b")
     opt = _options(epsilon, tol, max_iter, timeout, threads)
+    n, m = xa.shape[0], ya.shape[0]
+    budget = _memory_budget()
+    _check_memory(f"sinkhorn with {n} x {m} points", {
+        "dense cost and its transpose": (_core.dense_bytes(n, m, np.dtype(dtype).itemsize),
+                                         "use fewer points (x and y)")}, budget)
     solve = _core.sinkhorn_f32 if dtype == np.float32 else _core.sinkhorn_f64
-    out = solve(xa, ya, wa, wb, opt, _memory_budget())
+    out = solve(xa, ya, wa, wb, opt, budget)
     res = SinkhornResult(
         f=out["f"], g=out["g"], transport_cost=float(out["transport_cost"]), iterations=int(out["iterations"]),
         converged=bool(out["converged"]), marginal_error=float(out["marginal_error"]), epsilon=opt.epsilon,

@@ -17,6 +17,8 @@ IgnoreIndex = Union[int, Sequence[int], None]
 
 # DLPack device types that live in host memory (CPU, CUDA-pinned host, ROCm-pinned host).
 _DLPACK_HOST = {1, 3, 11}
+_DLPACK_NAMES = {2: "CUDA", 4: "OpenCL", 7: "Vulkan", 8: "Metal", 9: "VPI", 10: "ROCm", 12: "ExtDev",
+                 13: "CUDA managed", 14: "oneAPI", 15: "WebGPU", 16: "Hexagon", 17: "MAIA"}
 
 
 def to_host_array(obj: Any, name: str) -> np.ndarray:
@@ -29,10 +31,14 @@ def to_host_array(obj: Any, name: str) -> np.ndarray:
             "(segtransfer.cuda_available() is False). Move it to host memory first, e.g. tensor.cpu()."
         )
     if hasattr(obj, "__dlpack_device__"):
-        dev_type = int(obj.__dlpack_device__()[0])
+        try:
+            dev_type = int(obj.__dlpack_device__()[0])
+        except Exception as exc:  # noqa: BLE001 - a broken protocol object is the user's input problem
+            raise TypeError(f"{name}.__dlpack_device__() did not return (device_type, device_id): {exc!r}") from None
         if dev_type not in _DLPACK_HOST:
+            where = _DLPACK_NAMES.get(dev_type, "non-host")
             raise ValueError(
-                f"{name} lives on a device (DLPack device type {dev_type}); this segtransfer build "
+                f"{name} lives on a {where} device (DLPack device type {dev_type}); this segtransfer build "
                 "computes on the CPU only. Move it to host memory first, e.g. tensor.cpu()."
             )
         try:
@@ -49,11 +55,17 @@ def to_host_array(obj: Any, name: str) -> np.ndarray:
 
 
 def check_features(arr: np.ndarray, name: str) -> np.ndarray:
-    """Validate dtype; returns a native-endian float32/float64 array (a copy only if byte-swapped)."""
+    """Validate dtype; returns a native-endian, aligned float32/float64 array.
+
+    A copy is made only when the core could not read the array in place: byte-swapped data, a
+    misaligned buffer, or strides that are not whole elements (a field of a structured array).
+    """
     dt = arr.dtype
     if dt.kind == "f" and dt.itemsize in (4, 8):
         if not dt.isnative:
             return arr.astype(dt.newbyteorder("="))
+        if not arr.flags.aligned or any(s % dt.itemsize for s in arr.strides):
+            return np.array(arr, dtype=dt, order="C")
         return arr
     hint = "convert it with .astype(np.float32) or .astype(np.float64)"
     if dt.kind == "f":
@@ -88,15 +100,29 @@ def _nearest_indices(out_size: int, in_size: int) -> np.ndarray:
     return (np.arange(out_size, dtype=np.int64) * in_size) // out_size
 
 
-def _ignore_values(ignore_index: IgnoreIndex, name: str = "ignore_index") -> np.ndarray:
+def _ignore_values(ignore_index: IgnoreIndex, label_dtype: np.dtype, name: str = "ignore_index") -> np.ndarray:
+    """The ignored values that a label of ``label_dtype`` can take, in that dtype.
+
+    Comparing in the labels' own dtype keeps the match exact: ``np.isin`` on uint64 labels and int64
+    values would compare in float64, where labels above 2**53 collide.
+    """
     if ignore_index is None:
-        return np.empty(0, dtype=np.int64)
-    values = np.atleast_1d(np.asarray(ignore_index))
+        return np.empty(0, dtype=label_dtype)
+    try:
+        values = np.atleast_1d(np.asarray(ignore_index))
+    except Exception:  # noqa: BLE001 - ragged nests and the like
+        raise TypeError(f"{name} must be an int or a sequence of ints, got {ignore_index!r}") from None
     if values.size == 0:
-        return np.empty(0, dtype=np.int64)
-    if values.ndim != 1 or values.dtype.kind not in "iu":
+        return np.empty(0, dtype=label_dtype)
+    if values.ndim != 1:
         raise TypeError(f"{name} must be an int or a sequence of ints, got {ignore_index!r}")
-    return values
+    if values.dtype == object and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"{name} holds {ignore_index!r}, outside the 64-bit integer range that labels can have")
+    if values.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an int or a sequence of ints, got {ignore_index!r}")
+    info = np.iinfo(label_dtype)
+    keep = [int(v) for v in values.tolist() if info.min <= int(v) <= info.max]
+    return np.array(keep, dtype=label_dtype)
 
 
 def pixel_table(
@@ -144,7 +170,7 @@ def pixel_table(
     if view.shape[0] * view.shape[1] == 0:
         raise ValueError(f"{fname} has no pixels, shape {x.shape}")
 
-    ignored = np.isin(flat, _ignore_values(ignore_index)) if ignore_index is not None else None
+    ignored = np.isin(flat, _ignore_values(ignore_index, flat.dtype)) if ignore_index is not None else None
     valid = flat if ignored is None else flat[~ignored]
     classes, inverse = np.unique(valid, return_inverse=True)
     if classes.size == 0:
