@@ -166,8 +166,6 @@ def otce(
         raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
     repeats = _check_int(repeats, "repeats", minimum=1)
     seed = _check_int(seed, "seed", minimum=0)
-    if seed >= 2**63:
-        raise ValueError(f"seed must be < 2**63, got {seed}")
     if n_pixels is not None:
         n_pixels = _check_int(n_pixels, "n_pixels", minimum=1)
     opt = _options(epsilon, tol, max_iter, timeout, threads)
