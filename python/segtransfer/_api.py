@@ -251,10 +251,13 @@ def otce(
     if not res.all_converged:
         bad = np.flatnonzero(~res.converged)
         why = "timeout reached" if res.timed_out.any() else f"max_iter={opt.max_iter} reached"
+        worst = float(np.max(res.marginal_error))
+        # A marginal error above 1 (the plan's total mass) means the iterate diverged: say so plainly.
+        effect = ("the solver diverged and the score is meaningless" if not worst <= 1.0
+                  else "the score may be off")
         warnings.warn(
             f"OTCE: Sinkhorn did not reach tol={opt.tol:g} in {bad.size} of {k} repeats ({why}; worst "
-            f"marginal error {res.marginal_error.max():.3g}); the score may be off. Raise max_iter or "
-            "timeout, or loosen tol.",
+            f"marginal error {worst:.3g}); {effect}. Raise max_iter or timeout, or loosen tol.",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -324,9 +327,10 @@ def sinkhorn(
         tol=opt.tol, timed_out=bool(out["timed_out"]),
     )
     if not res.converged:
+        effect = "the potentials diverged; " if not res.marginal_error <= 1.0 else ""
         warnings.warn(
             f"sinkhorn: did not reach tol={opt.tol:g} (marginal error {res.marginal_error:.3g} after "
-            f"{res.iterations} iterations); raise max_iter or timeout, or loosen tol.",
+            f"{res.iterations} iterations); {effect}raise max_iter or timeout, or loosen tol.",
             RuntimeWarning,
             stacklevel=2,
         )
