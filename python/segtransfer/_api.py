@@ -252,8 +252,9 @@ def otce(
         bad = np.flatnonzero(~res.converged)
         why = "timeout reached" if res.timed_out.any() else f"max_iter={opt.max_iter} reached"
         worst = float(np.max(res.marginal_error))
-        # A marginal error above 1 (the plan's total mass) means the iterate diverged: say so plainly.
-        effect = ("the solver diverged and the score is meaningless" if not worst <= 1.0
+        # A marginal error above 1 (the plan's total mass) means the iterate diverged or was stopped
+        # before it reached epsilon: the plan is no coupling at all. Say so plainly.
+        effect = ("the plan is far from feasible and the score is meaningless" if not worst <= 1.0
                   else "the score may be off")
         warnings.warn(
             f"OTCE: Sinkhorn did not reach tol={opt.tol:g} in {bad.size} of {k} repeats ({why}; worst "
@@ -327,7 +328,7 @@ def sinkhorn(
         tol=opt.tol, timed_out=bool(out["timed_out"]),
     )
     if not res.converged:
-        effect = "the potentials diverged; " if not res.marginal_error <= 1.0 else ""
+        effect = "the plan is far from feasible; " if not res.marginal_error <= 1.0 else ""
         warnings.warn(
             f"sinkhorn: did not reach tol={opt.tol:g} (marginal error {res.marginal_error:.3g} after "
             f"{res.iterations} iterations); {effect}raise max_iter or timeout, or loosen tol.",
