@@ -517,9 +517,13 @@ def render() -> str:
         "",
         "| situation | what happens |",
         "|---|---|",
-        "| `timeout=` on a solve that cannot converge | each solve (each repeat) stops within about 50 ms of the "
-        "timeout, certifies what it has, and the call returns `converged=False`, `timed_out=True`, finite numbers "
-        "and a RuntimeWarning naming the timeout. `max_iter` bounds every solve the same way. |",
+        "| `timeout=` on a solve that cannot converge | each solve (each repeat) stops within about 50 ms of its "
+        "timeout, certifies what it has and returns `converged=False`, `timed_out=True` and a RuntimeWarning "
+        "naming the timeout; `max_iter` bounds the iterations of every solve the same way. Stopped in the last "
+        "epsilon stage, every number is finite. Stopped before it (a large problem with a very short timeout, or "
+        "a tiny `max_iter`), no plan at the requested epsilon exists yet: `marginal_error` is > 1 or inf, scores "
+        "may be NaN, and the warning says the score is meaningless (tracked by a strict xfail in "
+        "tests/test_resources.py). |",
         "| Ctrl-C during a call | KeyboardInterrupt within about 0.1 s (measured: 20-100 ms): the solver polls for "
         "signals every 50 ms with the GIL released in between, and calls made of many short solves (`repeats=10**5` "
         "at `n_pixels=8`) check between chunks of repeats. The CLI exits with status 130. |",
