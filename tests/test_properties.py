@@ -177,10 +177,6 @@ def _spread_out(seed: int) -> tuple[np.ndarray, np.ndarray]:
     return rng.normal(size=(ns, d)) * scale, rng.normal(size=(nt, d)) * scale + rng.normal(size=d) * scale
 
 
-@pytest.mark.xfail(reason="solver (cpp/src/sinkhorn.cpp): the truncated kernel can drop a pair that every "
-                          "feasible plan needs; Sinkhorn then stalls at marginal error 2/(n m) and the "
-                          "Newton polish diverges (marginal error 1e100..inf, NaN score). The dense "
-                          "kernel (truncation=0) converges.", strict=True)
 @pytest.mark.parametrize("seed", [206, 226])
 def test_truncated_kernel_divergence_is_fixed(seed: int) -> None:
     xs, xt = _spread_out(seed)
@@ -188,4 +184,6 @@ def test_truncated_kernel_divergence_is_fixed(seed: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         r = st.otce(xs, ys, xt, yt, n_pixels=None, epsilon=0.1, threads=1)
-    assert np.all(np.isfinite(r.scores)) and np.all(r.marginal_error <= 1.0)
+    # Once fixed by refreshing a pattern whose potentials drifted (Schmitzer) and by backing off
+    # from Newton rounds that cannot make progress on an infeasible truncated problem.
+    assert np.all(np.isfinite(r.scores)) and np.all(r.converged) and np.all(r.marginal_error <= 1e-6)

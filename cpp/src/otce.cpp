@@ -129,13 +129,13 @@ OTCEResult otce(const PixelView<T>& src, const int32_t* src_code, int source_cla
 
     squared_euclidean(xs.data(), ns, xt.data(), nt, d, cost);
     cost_t = cost.transpose();
-    const SinkhornReport rep = sinkhorn_log(cost, cost_t, a.data(), b.data(), opt, f.data(), g.data());
-    const PlanSummary s = summarize_plan(cost, a.data(), b.data(), f.data(), g.data(), opt.epsilon,
-                                         row_class.data(), cs, col_start.data(), ct, opt.num_threads);
-    std::copy(s.joint.begin(), s.joint.end(), out.joint.begin() + k * cs * ct);
-    out.conditional_entropy.push_back(conditional_entropy(s.joint.data(), cs, ct));
-    out.transport_cost.push_back(s.transport_cost);
-    out.marginal_error.push_back(s.marginal_error);
+    const PlanClasses classes{row_class.data(), cs, col_start.data(), ct};
+    const SinkhornReport rep =
+        sinkhorn_log(cost, cost_t, a.data(), b.data(), opt, f.data(), g.data(), &classes);
+    std::copy(rep.joint.begin(), rep.joint.end(), out.joint.begin() + k * cs * ct);
+    out.conditional_entropy.push_back(conditional_entropy(rep.joint.data(), cs, ct));
+    out.transport_cost.push_back(rep.transport_cost);
+    out.marginal_error.push_back(rep.marginal_error);
     out.iterations.push_back(rep.iterations);
     out.converged.push_back(rep.converged ? 1 : 0);
     out.timed_out.push_back(rep.timed_out ? 1 : 0);

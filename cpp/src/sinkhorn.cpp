@@ -28,6 +28,9 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+// Patterns are built keeping entries up to (truncation + slack) * eps: the slack lets the next
+// stages filter them instead of rescanning the dense cost (see Pattern).
+constexpr double kPatternSlack = 5.0;
 
 int threads_for(int requested) {
 #ifdef _OPENMP
@@ -137,6 +140,123 @@ bool build_sparse(const RowMatrix<T>& mat, const double* p_row, const double* p_
   return true;
 }
 
+// The truncated kernel and the potentials it was built against. Every entry left out satisfies
+// C_ij - f0_i - g0_j >= cutoff, so at potentials (f, g) it still satisfies
+// C_ij - f_i - g_j >= cutoff - drift with drift = max_i (f_i - f0_i) + max_j (g_j - g0_j)
+// (a constant moved between f and g cancels). That one number says, without looking at the dense
+// cost, (a) whether a later stage's pattern is a subset of this one, so it can be filtered from it
+// in O(nnz), and (b) how much plan mass the truncation can have dropped: at most exp(-margin / eps).
+template <typename T>
+struct Pattern {
+  SparseRows<T> rows, cols;  // the same entries as CSR and CSC
+  std::vector<double> f0, g0;
+  double cutoff = 0.0;
+  bool valid = false;
+
+  double margin(const double* f, const double* g) const {
+    double df = -std::numeric_limits<double>::infinity(), dg = df;
+    for (size_t i = 0; i < f0.size(); ++i) df = std::max(df, f[i] - f0[i]);
+    for (size_t j = 0; j < g0.size(); ++j) dg = std::max(dg, g[j] - g0[j]);
+    const double m = cutoff - (df + dg);
+    return std::isnan(m) ? -std::numeric_limits<double>::infinity() : m;
+  }
+};
+
+// CSC from CSR by a counting sort over columns: rows stay ascending inside each column, which is
+// the order a scan of the transposed dense matrix gives. Returns false if a column is empty.
+template <typename T>
+bool transpose_rows(const SparseRows<T>& R, int64_t m, SparseRows<T>& C) {
+  const int64_t n = static_cast<int64_t>(R.ptr.size()) - 1, nnz = R.ptr[n];
+  C.ptr.assign(m + 1, 0);
+  for (int64_t k = 0; k < nnz; ++k) ++C.ptr[R.col[k] + 1];
+  for (int64_t j = 0; j < m; ++j) {
+    if (C.ptr[j + 1] == 0) return false;
+    C.ptr[j + 1] += C.ptr[j];
+  }
+  C.col.resize(nnz);
+  C.val.resize(nnz);
+  std::vector<int64_t> next(C.ptr.begin(), C.ptr.end() - 1);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t k = R.ptr[i]; k < R.ptr[i + 1]; ++k) {
+      const int64_t dst = next[R.col[k]]++;
+      C.col[dst] = static_cast<int32_t>(i);
+      C.val[dst] = R.val[k];
+    }
+  }
+  return true;
+}
+
+// Keeps the entries of `in` with C - f - g < cutoff. Returns false if a row would be empty.
+template <typename T>
+bool filter_rows(const SparseRows<T>& in, const double* f, const double* g, double cutoff, int nt,
+                 SparseRows<T>& out) {
+  const int64_t n = static_cast<int64_t>(in.ptr.size()) - 1;
+  std::vector<int64_t> count(n + 1, 0);
+  bool empty_row = false;
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(|| : empty_row)
+  for (int64_t i = 0; i < n; ++i) {
+    const double th = f[i] + cutoff;
+    int64_t k = 0;
+    for (int64_t e = in.ptr[i]; e < in.ptr[i + 1]; ++e)
+      k += (static_cast<double>(in.val[e]) - g[in.col[e]] < th) ? 1 : 0;
+    count[i + 1] = k;
+    empty_row = empty_row || k == 0;
+  }
+  if (empty_row) return false;
+  for (int64_t i = 0; i < n; ++i) count[i + 1] += count[i];
+  out.ptr = std::move(count);
+  out.col.resize(out.ptr[n]);
+  out.val.resize(out.ptr[n]);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const double th = f[i] + cutoff;
+    int64_t k = out.ptr[i];
+    for (int64_t e = in.ptr[i]; e < in.ptr[i + 1]; ++e) {
+      if (static_cast<double>(in.val[e]) - g[in.col[e]] < th) {
+        out.col[k] = in.col[e];
+        out.val[k] = in.val[e];
+        ++k;
+      }
+    }
+  }
+  return true;
+}
+
+// Pattern for a stage whose iterations need every entry with C - f - g < keep: filtered from the
+// current pattern when that provably contains them all (margin >= keep), else rebuilt from the dense
+// cost with some slack above `keep`, so that the next stages (smaller eps, hence smaller `keep`)
+// can filter instead of rescanning N x M entries. Returns false when the kernel is too dense or a
+// row or column would be empty: the caller then runs a dense stage.
+template <typename T>
+bool refresh_pattern(const RowMatrix<T>& cost, const double* f, const double* g, double keep, double slack,
+                     double max_density, int nt, Pattern<T>& p) {
+  const int64_t n = cost.rows(), m = cost.cols();
+  SparseRows<T> rows;
+  double cutoff = keep + slack;
+  bool ok = false;
+  if (p.valid) {
+    const double margin = p.margin(f, g);
+    if (margin >= keep) {
+      cutoff = std::min(cutoff, margin);
+      ok = filter_rows(p.rows, f, g, cutoff, nt, rows);
+    }
+  }
+  if (!ok) {
+    cutoff = keep + slack;
+    ok = build_sparse(cost, f, g, cutoff, max_density, nt, rows);
+  }
+  if (!ok) return false;
+  SparseRows<T> cols;
+  if (!transpose_rows(rows, m, cols)) return false;
+  p.rows = std::move(rows);
+  p.cols = std::move(cols);
+  p.f0.assign(f, f + n);
+  p.g0.assign(g, g + m);
+  p.cutoff = cutoff;
+  p.valid = true;
+  return true;
+}
+
 // One half-step: pot_i <- pot_i - omega * eps * log sum_j w_j exp((pot_i + other_j - C_ij) / eps).
 // Returns the L1 error of this side's marginal *before* the update: sum_i w_i |e^{lse_i} - 1|.
 template <typename T>
@@ -204,79 +324,113 @@ double evaluate_plan(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
 }
 
 // Newton's method on the dual: the Hessian of the dual objective is -M / eps with
-// M = [[diag(P 1), P], [P^T, diag(P^T 1)]], so the ascent step solves M d = eps * (a - P1, b - P^T 1)
-// by Jacobi-preconditioned conjugate gradients (M is PSD; its null vector (1, -1) is orthogonal to
-// the right-hand side, so CG stays in the range). A backtracking line search keeps only steps that
-// lower the marginal error. Stops at `target`, on stagnation, or when the iteration budget is spent.
-// Returns the marginal error (on the pattern) of the potentials it leaves.
-template <typename T, typename Poll>
+// M = [[D1, P], [P^T, D2]], D1 = diag(P 1), D2 = diag(P^T 1), so the ascent step solves
+// M (d1, d2) = (a - P1, b - P^T 1) and moves (f, g) by eps (d1, d2). The column block is eliminated
+// exactly: S d1 = (a - P1) - P D2^-1 (b - P^T 1) with the Schur complement S = D1 - P D2^-1 P^T,
+// then d2 = D2^-1 (b - P^T 1 - P^T d1). With Jacobi scaling the spectrum of M is 1 +- sigma_k and
+// that of S is 1 - sigma_k^2 (sigma_k: singular values of the scaled plan), so CG on S sees a
+// condition number about 4x smaller, on vectors half as long. S is PSD; its null vectors (one per
+// connected component of the plan's support) are orthogonal to the right-hand side when the
+// component's masses balance, so CG stays in the range. A backtracking line search keeps only
+// steps that lower the marginal error. Stops at `target`, on stagnation, or when the iteration
+// budget is spent. Returns the marginal error (on the pattern) of the potentials it leaves.
+// `keeps_pattern(f, g)` is a sanity bound on a step: one that could give an entry outside the
+// pattern more weight than a_i b_j (what an inconsistent Newton system, on a truncated problem that
+// has become infeasible, produces) is rejected like one that raises the error. It is deliberately
+// loose (the drift bound is crude: Newton's cluster moves shift whole blocks of potentials); the
+// certification at the end decides, on the dense plan if the pattern cannot vouch for it.
+template <typename T, typename Poll, typename Keeps>
 double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const double* a, const double* b,
-                   const double* log_a, const double* log_b, double eps, double target, double* f, double* g,
-                   SparsePlan& p, SinkhornReport& rep, Poll& poll, int64_t max_iter, bool debug, int nt) {
+                     const double* log_a, const double* log_b, double eps, double target, double* f, double* g,
+                     SparsePlan& p, SinkhornReport& rep, Poll& poll, const Keeps& keeps_pattern, int64_t max_iter,
+                     bool debug, int nt) {
   // Inexact Newton with a constant forcing term: each outer step then cuts the error by roughly
   // this factor while CG stops long before resolving the near-null cluster modes exactly.
   constexpr double opt_forcing = 0.1;
   const int64_t n = static_cast<int64_t>(R.ptr.size()) - 1, m = static_cast<int64_t>(Cc.ptr.size()) - 1;
-  const int64_t N = n + m;
-  std::vector<double> rhs(N), x(N), res(N), z(N), dir(N), q(N), dinv(N), f_try(n), g_try(m);
+  std::vector<double> rhs(n), x(n), res(n), dir(n), q(n), dinv(n), w(m), inv_c(m), f_try(n), g_try(m);
   const int nt_mv = R.col.size() > 200000 ? nt : 1;
-  auto matvec = [&](const std::vector<double>& v, std::vector<double>& out) {
+  // q = S v (and returns v . q): w = D2^-1 P^T v over the columns, then q = D1 v - P w over the rows.
+  auto schur = [&](const std::vector<double>& v, std::vector<double>& out) {
+#pragma omp parallel for num_threads(nt_mv) schedule(static)
+    for (int64_t j = 0; j < m; ++j) {
+      double s = 0.0;
+      for (int64_t k = Cc.ptr[j]; k < Cc.ptr[j + 1]; ++k) s += p.by_col[k] * v[Cc.col[k]];
+      w[j] = s * inv_c[j];
+    }
 #pragma omp parallel for num_threads(nt_mv) schedule(static)
     for (int64_t i = 0; i < n; ++i) {
       double s = p.row_sum[i] * v[i];
-      for (int64_t k = R.ptr[i]; k < R.ptr[i + 1]; ++k) s += p.by_row[k] * v[n + R.col[k]];
+      for (int64_t k = R.ptr[i]; k < R.ptr[i + 1]; ++k) s -= p.by_row[k] * w[R.col[k]];
       out[i] = s;
     }
-#pragma omp parallel for num_threads(nt_mv) schedule(static)
-    for (int64_t j = 0; j < m; ++j) {
-      double s = p.col_sum[j] * v[n + j];
-      for (int64_t k = Cc.ptr[j]; k < Cc.ptr[j + 1]; ++k) s += p.by_col[k] * v[Cc.col[k]];
-      out[n + j] = s;
-    }
-  };
-  auto dot = [&](const std::vector<double>& u, const std::vector<double>& v) {
-    double s = 0.0;
-    for (int64_t k = 0; k < N; ++k) s += u[k] * v[k];
-    return s;
+    double vq = 0.0;  // serial, fixed order: results do not depend on the thread count
+    for (int64_t i = 0; i < n; ++i) vq += v[i] * out[i];
+    return vq;
   };
   double err = evaluate_plan(R, Cc, a, b, log_a, log_b, eps, f, g, p);
   for (int step = 0; step < 50 && err > target && rep.iterations < max_iter && !rep.timed_out; ++step) {
-    for (int64_t i = 0; i < n; ++i) rhs[i] = a[i] - p.row_sum[i];
-    for (int64_t j = 0; j < m; ++j) rhs[n + j] = b[j] - p.col_sum[j];
-    for (int64_t i = 0; i < n; ++i) dinv[i] = 1.0 / std::max(p.row_sum[i], 1e-300);
-    for (int64_t j = 0; j < m; ++j) dinv[n + j] = 1.0 / std::max(p.col_sum[j], 1e-300);
-    // Inexact Newton: solve to a relative residual that tightens as the error falls.
-    const double rhs_norm = std::sqrt(dot(rhs, rhs));
-    const double cg_tol = rhs_norm * opt_forcing;
-    std::fill(x.begin(), x.end(), 0.0);
-    res = rhs;
-    for (int64_t k = 0; k < N; ++k) z[k] = dinv[k] * res[k];
-    dir = z;
-    double rz = dot(res, z);
+    for (int64_t j = 0; j < m; ++j) {
+      inv_c[j] = p.col_sum[j] > 0 ? 1.0 / p.col_sum[j] : 0.0;
+      w[j] = (b[j] - p.col_sum[j]) * inv_c[j];
+    }
+    double rhs_norm2 = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      double s = a[i] - p.row_sum[i], diag = p.row_sum[i];
+      for (int64_t k = R.ptr[i]; k < R.ptr[i + 1]; ++k) {
+        const double v = p.by_row[k];
+        s -= v * w[R.col[k]];
+        diag -= v * v * inv_c[R.col[k]];
+      }
+      rhs[i] = s;
+      rhs_norm2 += s * s;
+      // A row whose columns it owns alone has a zero row in S (and a zero right-hand side).
+      dinv[i] = diag > 1e-12 * p.row_sum[i] ? 1.0 / diag : 0.0;
+    }
+    // Inexact Newton: solve to a fixed relative residual.
+    const double cg_tol2 = rhs_norm2 * opt_forcing * opt_forcing;
+    double rz = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      x[i] = 0.0;
+      res[i] = rhs[i];
+      dir[i] = dinv[i] * res[i];
+      rz += res[i] * dir[i];
+    }
     int cg = 0;
-    const int max_cg = static_cast<int>(std::min<int64_t>(20 * N, 20000));
-    for (; cg < max_cg; ++cg) {
-      matvec(dir, q);
-      const double pq = dot(dir, q);
+    const int max_cg = static_cast<int>(std::min<int64_t>(20 * n, 20000));
+    for (; cg < max_cg && rz > 0; ++cg) {
+      const double pq = schur(dir, q);
       if (!(pq > 0)) break;
       const double alpha = rz / pq;
-      for (int64_t k = 0; k < N; ++k) {
-        x[k] += alpha * dir[k];
-        res[k] -= alpha * q[k];
+      double rr = 0.0, rz_new = 0.0;
+      for (int64_t i = 0; i < n; ++i) {
+        x[i] += alpha * dir[i];
+        res[i] -= alpha * q[i];
+        rr += res[i] * res[i];
+        rz_new += res[i] * dinv[i] * res[i];
       }
-      if (std::sqrt(dot(res, res)) <= cg_tol) break;
-      for (int64_t k = 0; k < N; ++k) z[k] = dinv[k] * res[k];
-      const double rz_new = dot(res, z);
+      if (rr <= cg_tol2) {
+        ++cg;
+        break;
+      }
       const double beta = rz_new / rz;
       rz = rz_new;
-      for (int64_t k = 0; k < N; ++k) dir[k] = z[k] + beta * dir[k];
+      for (int64_t i = 0; i < n; ++i) dir[i] = dinv[i] * res[i] + beta * dir[i];
       if ((cg & 63) == 0) poll();
     }
     rep.cg_iterations += cg;
+    // d2 = D2^-1 (b - P^T 1 - P^T d1), kept in w.
+#pragma omp parallel for num_threads(nt_mv) schedule(static)
+    for (int64_t j = 0; j < m; ++j) {
+      double s = b[j] - p.col_sum[j];
+      for (int64_t k = Cc.ptr[j]; k < Cc.ptr[j + 1]; ++k) s -= p.by_col[k] * x[Cc.col[k]];
+      w[j] = s * inv_c[j];
+    }
     double t = 1.0, err_try = err;
     for (; t > 1e-3; t *= 0.5) {
       for (int64_t i = 0; i < n; ++i) f_try[i] = f[i] + t * eps * x[i];
-      for (int64_t j = 0; j < m; ++j) g_try[j] = g[j] + t * eps * x[n + j];
+      for (int64_t j = 0; j < m; ++j) g_try[j] = g[j] + t * eps * w[j];
+      if (!keeps_pattern(f_try.data(), g_try.data())) continue;
       err_try = evaluate_plan(R, Cc, a, b, log_a, log_b, eps, f_try.data(), g_try.data(), p);
       if (err_try < err) break;
     }
@@ -284,12 +438,53 @@ double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
     ++rep.iterations;  // a Newton step is charged as one iteration against max_iter
     poll();
     if (debug) std::fprintf(stderr, "  newton step %d: cg=%d t=%g err %.3e -> %.3e\n", step, cg, t, err, err_try);
-    if (!(err_try < err)) return err;  // no progress: leave it to Sinkhorn
+    if (!(err_try < err)) {
+      evaluate_plan(R, Cc, a, b, log_a, log_b, eps, f, g, p);  // p must describe (f, g) again
+      return err;  // no progress: leave it to Sinkhorn
+    }
     std::copy(f_try.begin(), f_try.end(), f);
     std::copy(g_try.begin(), g_try.end(), g);
     err = err_try;
   }
   return err;
+}
+
+// Plan statistics from the truncated kernel alone: the entries on the pattern exactly, the rest
+// through its bound `outside` on the dropped mass (each dropped unit of mass is missing from one
+// row sum and one column sum, hence 2 * outside on the L1 marginal error). One serial pass in a
+// fixed order: bit-identical for any thread count.
+template <typename T>
+PlanSummary summarize_pattern(const SparseRows<T>& R, const double* a, const double* b, const double* log_a,
+                              const double* log_b, const double* f, const double* g, double eps,
+                              const PlanClasses& cls, double outside) {
+  const int64_t n = static_cast<int64_t>(R.ptr.size()) - 1;
+  const int64_t m = cls.col_class_start[cls.col_classes];
+  const double inv_eps = 1.0 / eps;
+  std::vector<int32_t> col_class(m);
+  for (int c = 0; c < cls.col_classes; ++c)
+    std::fill(col_class.begin() + cls.col_class_start[c], col_class.begin() + cls.col_class_start[c + 1], c);
+  std::vector<double> col_sum(m, 0.0);
+  PlanSummary out;
+  out.joint.assign(static_cast<size_t>(cls.row_classes) * cls.col_classes, 0.0);
+  double err = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    double row = 0.0, wd = 0.0;
+    double* jrow = out.joint.data() + static_cast<size_t>(cls.row_class[i]) * cls.col_classes;
+    for (int64_t k = R.ptr[i]; k < R.ptr[i + 1]; ++k) {
+      const int32_t j = R.col[k];
+      const double c = static_cast<double>(R.val[k]);
+      const double v = std::exp(log_a[i] + log_b[j] + (f[i] + g[j] - c) * inv_eps);
+      row += v;
+      wd += v * c;
+      col_sum[j] += v;
+      jrow[col_class[j]] += v;
+    }
+    out.transport_cost += wd;
+    err += std::fabs(row - a[i]);
+  }
+  for (int64_t j = 0; j < m; ++j) err += std::fabs(col_sum[j] - b[j]);
+  out.marginal_error = err + 2.0 * outside;
+  return out;
 }
 
 }  // namespace
@@ -319,7 +514,8 @@ void squared_euclidean(const T* x, int64_t n, const T* y, int64_t m, int64_t d, 
 
 template <typename T>
 SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const RowMatrix<T>& cost_t, const double* a,
-                            const double* b, const SinkhornOptions& opt, double* f, double* g) {
+                            const double* b, const SinkhornOptions& opt, double* f, double* g,
+                            const PlanClasses* classes) {
   const int64_t n = cost.rows(), m = cost.cols();
   if (n < 1 || m < 1) throw InvalidArgument("cost", "needs at least one point on each side");
   if (cost_t.rows() != m || cost_t.cols() != n)
@@ -371,10 +567,13 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const RowMatrix<T>& cost_t
   };
 
   const bool debug = std::getenv("SEGTRANSFER_DEBUG") != nullptr;
-  SparseRows<T> rows, cols;
+  Pattern<T> pattern;
+  const SparseRows<T>& rows = pattern.rows;
+  const SparseRows<T>& cols = pattern.cols;
   SparsePlan plan;
   std::vector<int64_t> one_class{0, m};
   std::vector<int32_t> zero_class(n, 0);
+  const PlanClasses cls = classes ? *classes : PlanClasses{zero_class.data(), 1, one_class.data(), 1};
   std::vector<double> f_snap(n), g_snap(m);
 
   // Sinkhorn iterations until the estimated marginal error is <= target. Over-relaxation
@@ -383,9 +582,24 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const RowMatrix<T>& cost_t
   // error rose (or overflowed) is undone, omega drops back halfway to 1 and the level that failed
   // becomes the new cap. A fixed omega near 1.8 is up to 7x faster than plain Sinkhorn on some
   // problems but diverges on others; this finds the edge per stage.
+  // Schmitzer's safeguard: the iterations on a truncated kernel are only right while the pattern
+  // still holds every entry with C - f - g < (most of) truncation * eps. Potentials that drift far
+  // (typically when the pattern has lost entries every feasible plan needs, so the truncated problem
+  // is infeasible and the potentials run off) make the loops stop with `stale` set; the stage then
+  // refreshes the pattern and carries on.
+  // The margin demanded keeps the mass the truncation may drop below 1e-3 of the stage's target
+  // (an intermediate stage, which only needs stage_tol, tolerates far more drift than the last).
+  bool stale = false;
+  double min_margin = 0.0;
+  auto pattern_stale = [&]() {
+    stale = stale || (pattern.valid && pattern.margin(f, g) < min_margin);
+    return stale;
+  };
+  // The over-relaxation state lives for a whole stage, so that a stage whose Sinkhorn phases are
+  // interleaved with Newton rounds does not restart from omega = 1 after each of them.
+  double omega = 1.0, cap = opt.overrelaxation;
   auto sinkhorn_loop = [&](double eps, double target, const SparseRows<T>* sr, const SparseRows<T>* sc,
                            int64_t iter_limit) {
-    double omega = 1.0, cap = opt.overrelaxation;
     double block_err = std::numeric_limits<double>::infinity();
     int64_t block_left = 0;
     constexpr int64_t kBlock = 10;
@@ -414,6 +628,7 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const RowMatrix<T>& cost_t
         omega = std::min(cap, omega + 0.5 * (cap - omega) + 0.01);
       }
       block_left = kBlock;
+      if (sr != nullptr && pattern_stale()) return;
       if (debug && rep.iterations % 500 < kBlock)
         std::fprintf(stderr, "  eps=%g it=%lld err=%.3e omega=%.3f\n", eps, (long long)rep.iterations, err, omega);
     }
@@ -462,7 +677,9 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const RowMatrix<T>& cost_t
       }
       half_step(cost_t, static_cast<const SparseRows<T>*>(nullptr), f, log_a.data(), b, eps, 1.0, g,
                 err_rows, nt);
-      if (debug) std::fprintf(stderr, "multiscale: %lld sub-iterations, resume at eps=%g\n", (long long)sr.iterations, eps);
+      if (debug)
+        std::fprintf(stderr, "multiscale: %lld sub-iterations, resume at eps=%g t=%.3f\n", (long long)sr.iterations,
+                     eps, std::chrono::duration<double>(Clock::now() - start).count());
     }
   }
 
@@ -470,22 +687,37 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const RowMatrix<T>& cost_t
     const double eps = schedule[s];
     const bool last = s + 1 == schedule.size();
     if (rep.timed_out && !last) continue;  // out of time: go straight to certifying what we have
+    if (last && (rep.timed_out || rep.iterations >= opt.max_iter)) {
+      // Stopped before reaching this epsilon: potentials of a far larger epsilon would give a plan
+      // with an overflowing mass. One dense pair of c-transforms at the target epsilon (not charged
+      // against max_iter) makes the column marginal exact and every reported number finite.
+      half_step(cost, static_cast<const SparseRows<T>*>(nullptr), g, log_b.data(), a, eps, 1.0, f, err_rows, nt);
+      half_step(cost_t, static_cast<const SparseRows<T>*>(nullptr), f, log_a.data(), b, eps, 1.0, g, err_rows, nt);
+    }
     const double cutoff = opt.truncation * eps;
     double target = last ? 0.5 * opt.tol : std::max(opt.stage_tol, opt.tol);
     ++rep.stages;
+    omega = 1.0;
+    cap = opt.overrelaxation;
+    // After a futile Newton round, Sinkhorn runs a full phase (ignoring newton_switch) before the
+    // next round, and the phase doubles each time: futile rounds then cost O(log iterations).
+    int64_t sinkhorn_phase = 300;
+    bool newton_futile = false;
     for (;;) {
+      stale = false;
+      min_margin = std::min(0.8 * opt.truncation, std::log(1e3 / target)) * eps;
       // Pattern from the current potentials; by symmetry the transpose keeps the same entries.
       const bool sparse = opt.truncation > 0 &&
-                          build_sparse(cost, f, g, cutoff, opt.max_density, nt, rows) &&
-                          build_sparse(cost_t, g, f, cutoff, 1.0, nt, cols);
+                          refresh_pattern(cost, f, g, cutoff, kPatternSlack * eps, opt.max_density, nt, pattern);
       if (!sparse) ++rep.dense_stages;
       if (sparse && opt.stop_when_sparse) {
         rep.final_epsilon = eps;
         return rep;
       }
       if (debug)
-        std::fprintf(stderr, "stage eps=%g sparse=%d nnz/row=%.1f it=%lld\n", eps, (int)sparse,
-                     sparse ? double(rows.ptr[n]) / n : double(m), (long long)rep.iterations);
+        std::fprintf(stderr, "stage eps=%g sparse=%d nnz/row=%.1f it=%lld t=%.3f\n", eps, (int)sparse,
+                     sparse ? double(rows.ptr[n]) / n : double(m), (long long)rep.iterations,
+                     std::chrono::duration<double>(Clock::now() - start).count());
       const SparseRows<T>* sr = sparse ? &rows : nullptr;
       const SparseRows<T>* sc = sparse ? &cols : nullptr;
       if (last && sparse && opt.newton) {
@@ -495,24 +727,48 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const RowMatrix<T>& cost_t
         // Alternate: a bounded Sinkhorn phase (it can stall above the switch level on clustered
         // data), then Newton; if Newton stops progressing, Sinkhorn again, until the budget is spent.
         while (rep.iterations < opt.max_iter && !rep.timed_out) {
-          sinkhorn_loop(eps, std::max(target, opt.newton_switch), sr, sc,
-                        std::min(opt.max_iter, rep.iterations + 300));
+          sinkhorn_loop(eps, newton_futile ? target : std::max(target, opt.newton_switch), sr, sc,
+                        std::min(opt.max_iter, rep.iterations + sinkhorn_phase));
+          if (stale) break;
+          const int64_t steps_before = rep.newton_steps;
           // Takes no step when Sinkhorn already reached the target.
+          const auto keeps = [&](const double* ft, const double* gt) {
+            return pattern.margin(ft, gt) >= 0.0;
+          };
           const double err = newton_polish(rows, cols, a, b, log_a.data(), log_b.data(), eps, target, f, g,
-                                           plan, rep, poll, opt.max_iter, debug, nt);
-          if (err <= target) break;
+                                           plan, rep, poll, keeps, opt.max_iter, debug, nt);
+          if (err <= target || pattern_stale()) break;
+          // A round that ended on a rejected first step (the truncated problem's Newton system can
+          // be inconsistent far from the solution) leaves the work to longer Sinkhorn phases.
+          newton_futile = rep.newton_steps - steps_before <= 1;
+          if (newton_futile) sinkhorn_phase *= 2;
         }
       } else {
         sinkhorn_loop(eps, target, sr, sc, opt.max_iter);
       }
+      if (stale && rep.iterations < opt.max_iter && !rep.timed_out) {
+        ++rep.pattern_refreshes;
+        if (debug) std::fprintf(stderr, "  pattern stale at it=%lld: refresh\n", (long long)rep.iterations);
+        continue;
+      }
       if (!last) break;
-      // Certify on the dense plan: the truncated kernel and the cheap estimate are not the truth.
-      const PlanSummary chk = summarize_plan(cost, a, b, f, g, eps, zero_class.data(), 1,
-                                             one_class.data(), 1, nt);
+      // Certify: the cheap estimate is not the truth. On the pattern when the mass it can have
+      // dropped is provably negligible against tol, else on the dense plan.
+      const double margin = pattern.valid ? pattern.margin(f, g) : kNegInf;
+      const double outside = std::exp(-margin / eps);
+      PlanSummary chk = outside <= 1e-3 * opt.tol
+                            ? summarize_pattern(rows, a, b, log_a.data(), log_b.data(), f, g, eps, cls, outside)
+                            : summarize_plan(cost, a, b, f, g, eps, cls.row_class, cls.row_classes,
+                                             cls.col_class_start, cls.col_classes, nt);
       rep.marginal_error = chk.marginal_error;
       rep.transport_cost = chk.transport_cost;
+      rep.truncated_mass = outside <= 1e-3 * opt.tol ? outside : 0.0;
+      rep.joint = std::move(chk.joint);
       rep.converged = chk.marginal_error <= opt.tol;
-      if (debug) std::fprintf(stderr, "certify: err=%.3e it=%lld\n", chk.marginal_error, (long long)rep.iterations);
+      if (debug)
+        std::fprintf(stderr, "certify(%s): err=%.3e it=%lld t=%.3f\n", rep.truncated_mass > 0 ? "pattern" : "dense",
+                     chk.marginal_error, (long long)rep.iterations,
+                     std::chrono::duration<double>(Clock::now() - start).count());
       if (rep.converged || rep.iterations >= opt.max_iter || rep.timed_out ||
           !std::isfinite(chk.marginal_error))
         break;
@@ -589,7 +845,8 @@ PlanSummary summarize_plan(const RowMatrix<T>& cost, const double* a, const doub
   template double dense_bytes<T>(int64_t, int64_t);                                                \
   template void squared_euclidean<T>(const T*, int64_t, const T*, int64_t, int64_t, RowMatrix<T>&); \
   template SinkhornReport sinkhorn_log<T>(const RowMatrix<T>&, const RowMatrix<T>&, const double*,  \
-                                          const double*, const SinkhornOptions&, double*, double*); \
+                                          const double*, const SinkhornOptions&, double*, double*,  \
+                                          const PlanClasses*);                                      \
   template PlanSummary summarize_plan<T>(const RowMatrix<T>&, const double*, const double*,         \
                                          const double*, const double*, double, const int32_t*, int, \
                                          const int64_t*, int, int);

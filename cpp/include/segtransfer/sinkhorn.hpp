@@ -27,7 +27,7 @@ struct SinkhornOptions {
   // 1 gives plain Sinkhorn.
   double overrelaxation = 1.9;
   bool newton = true;          // finish the last stage with Newton-CG steps on the sparse plan
-  double newton_switch = 1e-3;  // Sinkhorn hands over to Newton below this marginal error
+  double newton_switch = 1e-1;  // Sinkhorn hands over to Newton below this marginal error
   // Dense early stages run on a subsample of this many points per side (0: off); see sinkhorn.cpp.
   int64_t multiscale_points = 2000;
   bool stop_when_sparse = false;  // internal: return at the first stage with a sparse kernel
@@ -41,13 +41,27 @@ struct SinkhornReport {
   int64_t iterations = 0;
   bool converged = false;
   bool timed_out = false;
-  double marginal_error = 0.0;  // measured on the dense plan, both marginals
-  double transport_cost = 0.0;  // <pi, C> on the same dense pass
+  double marginal_error = 0.0;  // certified bound on ||pi 1 - a||_1 + ||pi^T 1 - b||_1 (see truncated_mass)
+  double transport_cost = 0.0;  // <pi, C> from the same certifying pass
   int stages = 0;
   int dense_stages = 0;
   double final_epsilon = 0.0;  // set when stop_when_sparse returned early
   int64_t newton_steps = 0;
   int64_t cg_iterations = 0;
+  int64_t pattern_refreshes = 0;  // truncated kernels rebuilt because the potentials drifted
+  // Bound on the plan mass outside the truncated kernel when the certificate was computed on the
+  // kernel alone (0 when it was computed on the dense plan); already included in marginal_error.
+  double truncated_mass = 0.0;
+  std::vector<double> joint;  // (row_classes x col_classes) from the certifying pass
+};
+
+// Class of every row and, columns being grouped by class, the first column of every class:
+// class c owns columns [col_class_start[c], col_class_start[c + 1]).
+struct PlanClasses {
+  const int32_t* row_class;
+  int row_classes;
+  const int64_t* col_class_start;
+  int col_classes;
 };
 
 // Dense plan statistics computed in one streaming pass from the potentials (the plan is never stored).
@@ -63,10 +77,13 @@ template <typename T>
 void squared_euclidean(const T* x, int64_t n, const T* y, int64_t m, int64_t d, RowMatrix<T>& cost);
 
 // Solves the entropic problem on a cost matrix C (n x m) and its transpose. a, b: weights (sum 1).
-// f (n) and g (m) are outputs (and are overwritten). Throws InvalidArgument / Interrupted.
+// f (n) and g (m) are outputs (and are overwritten). The certifying pass at the end measures the
+// marginal error and W_D and, when `classes` is given, the joint label table (else one class per
+// side). Throws InvalidArgument / Interrupted.
 template <typename T>
 SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const RowMatrix<T>& cost_t, const double* a,
-                            const double* b, const SinkhornOptions& opt, double* f, double* g);
+                            const double* b, const SinkhornOptions& opt, double* f, double* g,
+                            const PlanClasses* classes = nullptr);
 
 // One pass over the dense plan defined by (f, g, eps). row_class[i] in [0, row_classes); the columns
 // are grouped by class: class c owns columns [col_class_start[c], col_class_start[c + 1]).
