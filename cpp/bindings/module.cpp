@@ -16,6 +16,9 @@
 namespace py = pybind11;
 using namespace segtransfer;
 
+// cuda_bindings.cpp: DLPack parsing and the CUDA solvers (stubs that throw when built without CUDA).
+void register_cuda_bindings(py::module_& m);
+
 namespace {
 
 template <typename T>
@@ -210,4 +213,5 @@ PYBIND11_MODULE(_core, m) {
   m.def("built_with_cuda", &built_with_cuda);
   m.def("cuda_device_count", &cuda_device_count);
   m.def("cuda_status", &cuda_status);
+  register_cuda_bindings(m);
 }

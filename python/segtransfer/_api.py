@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _core
+from . import _core, _device
 from ._arrays import IgnoreIndex, check_features, pixel_table, to_host_array
 from ._result import OTCEResult, SinkhornResult
 
@@ -143,6 +143,7 @@ def otce(
     channels_last: bool = False,
     timeout: float | None = None,
     threads: int | None = None,
+    device: Any = None,
 ) -> OTCEResult:
     """OTCE transferability of a source task to a target task (Tan, Li, Huang), higher is better.
 
@@ -160,6 +161,10 @@ def otce(
     Precision: float64 inputs are solved in float64. float32 inputs keep the cost in float32 and
     evaluate exponentials in float32, with exponents, potentials and sums in float64. Mixed inputs
     are solved in float64.
+
+    ``device``: None computes where the features live (host, or the CUDA device of DLPack /
+    ``__cuda_array_interface__`` inputs, read in place); ``"cuda"`` / ``"cuda:N"`` computes on a GPU and
+    copies host inputs' sampled pixels there; ``"cpu"`` refuses device inputs. See docs/cuda.md.
     """
     start = time.perf_counter()
     if not isinstance(sampling, str) or sampling not in SAMPLING_MODES:
@@ -169,11 +174,14 @@ def otce(
     if n_pixels is not None:
         n_pixels = _check_int(n_pixels, "n_pixels", minimum=1)
     opt = _options(epsilon, tol, max_iter, timeout, threads)
+    gpu = _device.placement(device, {"source_features": source_features, "target_features": target_features},
+                            {"source_labels": source_labels, "target_labels": target_labels})
+    make_table = pixel_table if gpu is None else gpu.pixel_table
 
-    src = pixel_table(source_features, source_labels, channels_last=channels_last,
-                      ignore_index=ignore_index, side="source")
-    tgt = pixel_table(target_features, target_labels, channels_last=channels_last,
-                      ignore_index=ignore_index, side="target")
+    src = make_table(source_features, source_labels, channels_last=channels_last,
+                     ignore_index=ignore_index, side="source")
+    tgt = make_table(target_features, target_labels, channels_last=channels_last,
+                     ignore_index=ignore_index, side="target")
     if src.features.shape[2] != tgt.features.shape[2]:
         raise ValueError(
             f"target_features has {tgt.features.shape[2]} channels but source_features has "
@@ -208,9 +216,11 @@ def otce(
                                f"the labels have {cs} x {ct} distinct classes: merge or ignore some"),
         "pixel indices": (16.0 * k * (ns + nt) if n_pixels is not None else 8.0 * (ns + nt), "lower repeats"),
     }
+    if gpu is not None:  # device memory: estimated and checked by the CUDA solver before it allocates
+        del memory["dense cost and its transpose"]
     budget = _memory_budget()
     _check_memory(f"otce with n_pixels={ns}/{nt} and {k} repeat(s)", memory, budget)
-    if xs.dtype != xt.dtype:  # solve mixed precision in float64, the more accurate of the two
+    if gpu is None and xs.dtype != xt.dtype:  # solve mixed precision in float64 (the CUDA path converts itself)
         xs, xt = xs.astype(np.float64), xt.astype(np.float64)
 
     if n_pixels is None:
@@ -221,10 +231,13 @@ def otce(
         idx_s = _core.sample_pixels(src.codes, n_pixels, repeats, 2 * seed, "source_labels")
         idx_t = _core.sample_pixels(tgt.codes, n_pixels, repeats, 2 * seed + 1, "target_labels")
 
-    solve = _core.otce_f32 if xs.dtype == np.float32 else _core.otce_f64
-    out = solve(xs, src.codes, int(src.classes.size), np.ascontiguousarray(idx_s, dtype=np.int64),
-                xt, tgt.codes, int(tgt.classes.size), np.ascontiguousarray(idx_t, dtype=np.int64),
-                opt, budget)
+    if gpu is not None:
+        out = gpu.otce(src, tgt, idx_s, idx_t, opt)
+    else:
+        solve = _core.otce_f32 if xs.dtype == np.float32 else _core.otce_f64
+        out = solve(xs, src.codes, int(src.classes.size), np.ascontiguousarray(idx_s, dtype=np.int64),
+                    xt, tgt.codes, int(tgt.classes.size), np.ascontiguousarray(idx_t, dtype=np.int64),
+                    opt, budget)
     ce = out["conditional_entropy"]
     scores = -ce
     res = OTCEResult(
@@ -244,7 +257,7 @@ def otce(
         n_pixels=(int(idx_s.shape[1]), int(idx_t.shape[1])),
         repeats=k,
         seed=seed,
-        dtype=str(xs.dtype),
+        dtype=str(dtype),
         elapsed=time.perf_counter() - start,
         timed_out=out["timed_out"],
     )
@@ -292,12 +305,18 @@ def sinkhorn(
     max_iter: int | None = None,
     timeout: float | None = None,
     threads: int | None = None,
+    device: Any = None,
 ) -> SinkhornResult:
     """Entropic OT between point clouds ``x (n, d)`` and ``y (m, d)`` with cost ``|x_i - y_j|^2``.
 
     Returns potentials with ``pi_ij = a_i b_j exp((f_i + g_j - C_ij) / epsilon)``; ``a`` and ``b``
-    (positive, summing to 1) default to uniform weights. Same solver and precision rules as ``otce``.
+    (positive, summing to 1) default to uniform weights. Same solver and precision rules as ``otce``;
+    ``device`` as in ``otce``.
     """
+    gpu = _device.placement(device, {"x": x, "y": y}, {"a": a, "b": b})
+    if gpu is not None:
+        opt = _options(epsilon, tol, max_iter, timeout, threads)
+        return _sinkhorn_result(gpu.sinkhorn(x, y, a, b, opt, _weights), opt)
     xa = check_features(to_host_array(x, "x"), "x")
     ya = check_features(to_host_array(y, "y"), "y")
     for name, arr in (("x", xa), ("y", ya)):
@@ -322,6 +341,11 @@ def sinkhorn(
                                          "use fewer points (x and y)")}, budget)
     solve = _core.sinkhorn_f32 if dtype == np.float32 else _core.sinkhorn_f64
     out = solve(xa, ya, wa, wb, opt, budget)
+    return _sinkhorn_result(out, opt)
+
+
+def _sinkhorn_result(out: dict, opt: Any) -> SinkhornResult:
+    """The result of either solver (same keys), with the non-convergence warning."""
     res = SinkhornResult(
         f=out["f"], g=out["g"], transport_cost=float(out["transport_cost"]), iterations=int(out["iterations"]),
         converged=bool(out["converged"]), marginal_error=float(out["marginal_error"]), epsilon=opt.epsilon,
@@ -333,7 +357,7 @@ def sinkhorn(
             f"sinkhorn: did not reach tol={opt.tol:g} (marginal error {res.marginal_error:.3g} after "
             f"{res.iterations} iterations); {effect}raise max_iter or timeout, or loosen tol.",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     return res
 

@@ -1,0 +1,1033 @@
+// Batched log-domain Sinkhorn on one CUDA device: K problems of n x m points advance together.
+//
+// UNVERIFIED: this file has been compiled (sm_80, sm_90) but never run on a GPU. See docs/cuda.md for
+// the design, the memory it needs and what remains to be checked on a device.
+//
+// Pipeline (one stream, every launch checked, all reductions in a fixed order, so results are
+// deterministic):
+//   stage_features   finiteness check of every valid pixel + gather of the sampled rows into
+//                    contiguous (K, n, D) / (K, m, D) buffers (on the device for device inputs, on
+//                    the host + one upload for host inputs)
+//   mean_kernel      per-problem joint mean of the n + m points (double)
+//   centre_kernel    subtract it in place, squared norms in double
+//   cost_kernel      C = max(0, |x|^2 + |y|^2 - 2 x.y): 16 x 16 shared-memory tiles, FMA accumulation in
+//                    the storage type (no tensor cores, hence no TF32)
+//   max_kernel       largest cost per problem (start of the epsilon schedule)
+//   row_step_kernel  f half-step: one warp per row, online log-sum-exp in one pass over the row
+//   col_step_kernel  g half-step: 32 columns x 8 row groups per block, reads rows of C (coalesced
+//                    across columns, no transposed copy), merges the 8 partial log-sum-exps
+//   sum_rows_kernel + update_active_kernel   L1 marginal error per problem every `check_every`
+//                    iterations; converged / diverged problems drop out of later launches
+//   summary_row_kernel + joint_kernel + col_step_kernel (measure only)   the certifying pass:
+//                    joint label table, W_D = <pi, C> and both marginal errors, streamed from the
+//                    potentials; the plan is never stored
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <climits>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "batch_solver.hpp"
+#include "segtransfer/errors.hpp"
+
+namespace segtransfer::cuda {
+namespace {
+
+// ------------------------------------------------------------------------------------------------
+// Errors. Every runtime call goes through check(); every kernel launch through Queue::launched().
+
+std::string cuda_message(cudaError_t err) {
+  return std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+}
+
+[[noreturn]] void raise_cuda(cudaError_t err, const std::string& what) {
+  const std::string msg = "CUDA error in " + what + ": " + cuda_message(err);
+  if (err == cudaErrorMemoryAllocation) throw OutOfMemory(msg);
+  throw DeviceError(msg);
+}
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // clear a non-sticky error so that later launches report their own
+    raise_cuda(err, what);
+  }
+}
+
+std::string gigabytes(double bytes) {
+  std::ostringstream s;
+  s.setf(std::ios::fixed);
+  s.precision(bytes >= 1e8 ? 1 : 3);
+  s << bytes / 1e9 << " GB";
+  return s.str();
+}
+
+// ------------------------------------------------------------------------------------------------
+// RAII wrappers: the current device is restored, streams drained and destroyed, buffers freed, on
+// every exit path (exceptions included).
+
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    int count = 0;
+    check(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
+    if (device < 0 || device >= count)
+      throw InvalidArgument("device", "cuda:" + std::to_string(device) + " does not exist (" +
+                                          std::to_string(count) + " CUDA device(s) visible)");
+    int current = 0;
+    check(cudaGetDevice(&current), "cudaGetDevice");
+    if (current != device) {
+      check(cudaSetDevice(device), "cudaSetDevice");
+      previous_ = current;
+    }
+  }
+  ~DeviceGuard() {
+    if (previous_ >= 0) (void)cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+
+class Stream {
+ public:
+  Stream() { check(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags"); }
+  ~Stream() {
+    if (s_ != nullptr) {
+      (void)cudaStreamSynchronize(s_);
+      (void)cudaStreamDestroy(s_);
+    }
+  }
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+  cudaStream_t get() const { return s_; }
+
+ private:
+  cudaStream_t s_ = nullptr;
+};
+
+// Waits (on the device, not the host) until `s` has drained; declared after the buffers that the
+// queued kernels use, so that it runs before they are freed when an exception unwinds the stack.
+class DrainOnExit {
+ public:
+  explicit DrainOnExit(cudaStream_t s) : s_(s) {}
+  ~DrainOnExit() { (void)cudaStreamSynchronize(s_); }
+  DrainOnExit(const DrainOnExit&) = delete;
+  DrainOnExit& operator=(const DrainOnExit&) = delete;
+
+ private:
+  cudaStream_t s_;
+};
+
+template <typename T>
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(size_t count, const char* name) : count_(count) {
+    if (count == 0) return;
+    void* p = nullptr;
+    const cudaError_t err = cudaMalloc(&p, count * sizeof(T));
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();
+      raise_cuda(err, std::string("cudaMalloc for ") + name + " (" + gigabytes(double(count) * sizeof(T)) + ")");
+    }
+    ptr_ = static_cast<T*>(p);
+  }
+  ~DeviceBuffer() { release(); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  DeviceBuffer(DeviceBuffer&& o) noexcept : ptr_(o.ptr_), count_(o.count_) {
+    o.ptr_ = nullptr;
+    o.count_ = 0;
+  }
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+    if (this != &o) {
+      release();
+      ptr_ = o.ptr_;
+      count_ = o.count_;
+      o.ptr_ = nullptr;
+      o.count_ = 0;
+    }
+    return *this;
+  }
+  T* get() const { return ptr_; }
+  size_t size() const { return count_; }
+
+ private:
+  void release() {
+    if (ptr_ != nullptr) (void)cudaFree(ptr_);
+    ptr_ = nullptr;
+    count_ = 0;
+  }
+  T* ptr_ = nullptr;
+  size_t count_ = 0;
+};
+
+cudaStream_t as_stream(uint64_t v) {
+  if (v == 1) return cudaStreamLegacy;
+  if (v == 2) return cudaStreamPerThread;
+  return reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(v));
+}
+
+// Makes `s` wait for the work already queued on the producer's stream (DLPack / CAI stream rules).
+void wait_for_producer(uint64_t producer, cudaStream_t s, const std::string& name) {
+  if (producer == 0) return;
+  cudaEvent_t ev = nullptr;
+  check(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+  cudaError_t err = cudaEventRecord(ev, as_stream(producer));
+  if (err == cudaSuccess) err = cudaStreamWaitEvent(s, ev, 0);
+  (void)cudaEventDestroy(ev);  // allowed while the wait is pending: released when it completes
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    raise_cuda(err, "waiting for the producer stream of " + name);
+  }
+}
+
+// The stream all kernels of a solve run on, with launch bookkeeping. Asynchronous faults surface at
+// the next synchronisation; SEGTRANSFER_CUDA_SYNC=1 synchronises after every launch so that the
+// error names the kernel that failed (slow; for debugging).
+class Queue {
+ public:
+  explicit Queue(cudaStream_t s) : s_(s) {
+    const char* env = std::getenv("SEGTRANSFER_CUDA_SYNC");
+    sync_each_ = env != nullptr && env[0] != '\0' && env[0] != '0';
+  }
+  cudaStream_t stream() const { return s_; }
+
+  void launched(const char* kernel) {
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) raise_cuda(err, std::string("kernel ") + kernel + " (launch)");
+    last_ = kernel;
+    if (sync_each_) {
+      err = cudaStreamSynchronize(s_);
+      if (err != cudaSuccess) raise_cuda(err, std::string("kernel ") + kernel);
+    }
+  }
+
+  void sync(const char* where) {
+    const cudaError_t err = cudaStreamSynchronize(s_);
+    if (err != cudaSuccess)
+      raise_cuda(err, std::string("kernel ") + last_ + " or an earlier one (reported at " + where +
+                          "; run with SEGTRANSFER_CUDA_SYNC=1 to name the failing kernel exactly)");
+  }
+
+  template <typename T>
+  void upload(T* dst, const T* src, size_t count, const char* what) {
+    if (count == 0) return;
+    check(cudaMemcpyAsync(dst, src, count * sizeof(T), cudaMemcpyHostToDevice, s_), what);
+  }
+
+  // Device to (pageable) host: returns when the copy is done; the caller syncs to surface errors.
+  template <typename T>
+  void download(T* dst, const T* src, size_t count, const char* what) {
+    if (count == 0) return;
+    check(cudaMemcpyAsync(dst, src, count * sizeof(T), cudaMemcpyDeviceToHost, s_), what);
+  }
+
+  void zero(void* dst, size_t bytes, const char* what) {
+    if (bytes == 0) return;
+    check(cudaMemsetAsync(dst, 0, bytes, s_), what);
+  }
+
+ private:
+  cudaStream_t s_;
+  bool sync_each_ = false;
+  const char* last_ = "(none yet)";
+};
+
+// ------------------------------------------------------------------------------------------------
+// Kernels.
+
+constexpr int kWarp = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kRowWarps = 8;          // row kernels: one warp per row, 8 rows per 256-thread block
+constexpr int kRowThreads = kRowWarps * kWarp;
+constexpr int kColCols = 32;          // column kernel: 32 columns per block ...
+constexpr int kColRows = 8;           // ... times 8 interleaved row groups (256 threads)
+constexpr int kTile = 16;             // cost kernel: 16 x 16 output tile per block
+constexpr int kMeanRows = 16;         // mean kernel: 32 dimensions x 16 row groups per block
+constexpr int kReduceThreads = 256;   // per-problem reductions (power of two)
+constexpr int kFlatThreads = 256;     // grid-stride element-wise kernels
+constexpr int64_t kMaxGridYZ = 65535;
+
+// exp of an exponent formed in double, evaluated in the precision E (float: expf of the rounded
+// argument, like the CPU path's float exponentials; double: exp). Arguments are <= 0 here.
+template <typename E>
+__device__ __forceinline__ double exp_in(double x);
+template <>
+__device__ __forceinline__ double exp_in<float>(double x) {
+  return static_cast<double>(expf(static_cast<float>(x)));
+}
+template <>
+__device__ __forceinline__ double exp_in<double>(double x) {
+  return exp(x);
+}
+
+// Online log-sum-exp state (mx, s): the value is mx + log(s). One pass, one exponential per element;
+// the rare rescale when the maximum moves is done in double so that repeated rescaling of the
+// running sum does not accumulate float rounding.
+template <typename E>
+__device__ __forceinline__ void lse_push(double& mx, double& s, double x) {
+  if (x > mx) {
+    s = s * exp(mx - x) + 1.0;  // mx = -inf at the start: exp(-inf) = 0
+    mx = x;
+  } else {
+    s += exp_in<E>(x - mx);  // NaN x lands here and poisons s: reported as divergence
+  }
+}
+
+__device__ __forceinline__ void lse_merge(double& mx, double& s, double mx2, double s2) {
+  const double m = fmax(mx, mx2);
+  if (m == -INFINITY) {  // both empty
+    mx = m;
+    s = 0.0;
+    return;
+  }
+  s = s * exp(mx - m) + s2 * exp(mx2 - m);
+  mx = m;
+}
+
+// Butterfly reductions: every lane ends with the same value (IEEE + and * are commutative).
+__device__ __forceinline__ void warp_lse(double& mx, double& s) {
+  for (int off = kWarp / 2; off > 0; off >>= 1) {
+    const double mx2 = __shfl_xor_sync(kFullMask, mx, off);
+    const double s2 = __shfl_xor_sync(kFullMask, s, off);
+    lse_merge(mx, s, mx2, s2);
+  }
+}
+
+__device__ __forceinline__ double warp_sum(double v) {
+  for (int off = kWarp / 2; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+  return v;
+}
+
+__device__ __forceinline__ int64_t global_thread() {
+  return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ int64_t grid_threads() { return static_cast<int64_t>(gridDim.x) * blockDim.x; }
+
+// first_bad <- min(first_bad, p) over valid pixels p with a NaN/Inf channel.
+template <typename Tin>
+__global__ void check_finite_kernel(const Tin* data, int64_t pixels, int64_t dim, int64_t si, int64_t sp,
+                                    int64_t sd, int64_t total_pixels, const int32_t* __restrict__ code,
+                                    unsigned long long* first_bad) {
+  const int64_t count = total_pixels * dim;
+  for (int64_t e = global_thread(); e < count; e += grid_threads()) {
+    const int64_t p = e / dim, d = e - p * dim;
+    if (code != nullptr && code[p] < 0) continue;
+    const int64_t img = p / pixels, pix = p - img * pixels;
+    const Tin v = data[img * si + pix * sp + d * sd];
+    if (!isfinite(v)) atomicMin(first_bad, static_cast<unsigned long long>(p));
+  }
+}
+
+// out[r, d] = data[pixel idx[r], channel d], converted to the storage type.
+template <typename Tin, typename T>
+__global__ void gather_kernel(const Tin* data, int64_t pixels, int64_t dim, int64_t si, int64_t sp, int64_t sd,
+                              const int64_t* __restrict__ idx, int64_t rows, T* __restrict__ out) {
+  const int64_t count = rows * dim;
+  for (int64_t e = global_thread(); e < count; e += grid_threads()) {
+    const int64_t r = e / dim, d = e - r * dim;
+    const int64_t p = idx[r];
+    const int64_t img = p / pixels, pix = p - img * pixels;
+    out[e] = static_cast<T>(data[img * si + pix * sp + d * sd]);
+  }
+}
+
+// mean[k, d] = mean of channel d over the n rows of xs[k] and the m rows of xt[k], in double.
+// grid (ceil(dim / 32), K), block (32, kMeanRows).
+template <typename T>
+__global__ void mean_kernel(const T* __restrict__ xs, const T* __restrict__ xt, int64_t n, int64_t m,
+                            int64_t dim, double* __restrict__ mean) {
+  __shared__ double part[kMeanRows][kWarp];
+  const int64_t k = blockIdx.y;
+  const int64_t d = static_cast<int64_t>(blockIdx.x) * kWarp + threadIdx.x;
+  double acc = 0.0;
+  if (d < dim) {
+    const T* x = xs + k * n * dim;
+    const T* y = xt + k * m * dim;
+    for (int64_t r = threadIdx.y; r < n; r += kMeanRows) acc += static_cast<double>(x[r * dim + d]);
+    for (int64_t r = threadIdx.y; r < m; r += kMeanRows) acc += static_cast<double>(y[r * dim + d]);
+  }
+  part[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && d < dim) {
+    double total = 0.0;
+    for (int t = 0; t < kMeanRows; ++t) total += part[t][threadIdx.x];
+    mean[k * dim + d] = total / static_cast<double>(n + m);
+  }
+}
+
+// x[k, r] -= mean[k] (in double, rounded to T), norm[k, r] = |x[k, r]|^2 of the rounded values.
+// grid (ceil(rows / kRowWarps), K), block kRowThreads.
+template <typename T>
+__global__ void centre_kernel(T* __restrict__ x, int64_t rows, int64_t dim, const double* __restrict__ mean,
+                              double* __restrict__ norm) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;
+  const int64_t k = blockIdx.y;
+  if (r >= rows) return;  // warp-uniform
+  T* row = x + (k * rows + r) * dim;
+  const double* mu = mean + k * dim;
+  double acc = 0.0;
+  for (int64_t d = lane; d < dim; d += kWarp) {
+    const T v = static_cast<T>(static_cast<double>(row[d]) - mu[d]);
+    row[d] = v;
+    acc += static_cast<double>(v) * static_cast<double>(v);
+  }
+  acc = warp_sum(acc);
+  if (lane == 0) norm[k * rows + r] = acc;
+}
+
+// cost[k, i, j] = max(0, ns[k, i] + nt[k, j] - 2 <xs[k, i], xt[k, j]>). The dot product accumulates in
+// T with FMAs on the CUDA cores (never tensor cores, so never TF32). A NaN (inf - inf from features
+// whose squares overflow T) becomes +inf, which the max check reports.
+// grid (ceil(m / kTile), ceil(n / kTile), K), block (kTile, kTile).
+template <typename T>
+__global__ void cost_kernel(const T* __restrict__ xs, const T* __restrict__ xt, const double* __restrict__ ns,
+                            const double* __restrict__ nt, int64_t n, int64_t m, int64_t dim, T* __restrict__ cost) {
+  __shared__ T xa[kTile][kTile + 1];  // xa[row][channel]; +1 avoids bank conflicts
+  __shared__ T yb[kTile][kTile + 1];  // yb[col][channel]
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t k = blockIdx.z;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const T* x = xs + k * n * dim;
+  const T* y = xt + k * m * dim;
+  T acc = 0;
+  for (int64_t d0 = 0; d0 < dim; d0 += kTile) {
+    const int64_t d = d0 + tx;
+    xa[ty][tx] = (i0 + ty < n && d < dim) ? x[(i0 + ty) * dim + d] : T(0);
+    yb[ty][tx] = (j0 + ty < m && d < dim) ? y[(j0 + ty) * dim + d] : T(0);
+    __syncthreads();
+#pragma unroll
+    for (int t = 0; t < kTile; ++t) acc += xa[ty][t] * yb[tx][t];
+    __syncthreads();
+  }
+  const int64_t i = i0 + ty, j = j0 + tx;
+  if (i < n && j < m) {
+    const double v = ns[k * n + i] + nt[k * m + j] - 2.0 * static_cast<double>(acc);
+    double c = v > 0.0 ? v : 0.0;
+    if (v != v) c = INFINITY;
+    cost[(k * n + i) * m + j] = static_cast<T>(c);
+  }
+}
+
+// max_bits[k] <- max over cost[k] as the bits of a non-negative double (ordered like the values, so
+// an integer atomicMax is exact). max_bits must start at 0 (= +0.0). grid (blocks, K).
+template <typename T>
+__global__ void max_kernel(const T* __restrict__ cost, int64_t per_problem, unsigned long long* max_bits) {
+  __shared__ double part[kReduceThreads];
+  const int64_t k = blockIdx.y;
+  const T* c = cost + k * per_problem;
+  double mx = 0.0;
+  for (int64_t e = global_thread(); e < per_problem; e += grid_threads()) {
+    const double v = static_cast<double>(c[e]);
+    mx = v > mx ? v : mx;
+  }
+  part[threadIdx.x] = mx;
+  __syncthreads();
+  for (int s = kReduceThreads / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) part[threadIdx.x] = fmax(part[threadIdx.x], part[threadIdx.x + s]);
+    __syncthreads();
+  }
+  if (threadIdx.x == 0)
+    atomicMax(&max_bits[k], static_cast<unsigned long long>(__double_as_longlong(part[0])));
+}
+
+// f half-step for every row i of every active problem k:
+//   lse_i = log sum_j exp((f_i + g_j - C_ij) / eps + log b_j)      (exponent formed in double)
+//   err_i = a_i |exp(lse_i) - 1|  = |row marginal_i - a_i| of the plan (f, g) before the update
+//   f_i  <- f_i - eps lse_i                                          (when update)
+// One warp per row, one pass (online log-sum-exp), butterfly merge. grid (ceil(n / 8), K).
+template <typename T, typename E>
+__global__ void row_step_kernel(const T* __restrict__ cost, int64_t n, int64_t m, const double* __restrict__ g,
+                                const double* __restrict__ log_b, const double* __restrict__ a, double eps,
+                                double inv_eps, const int* __restrict__ active, bool update, double* f,
+                                double* __restrict__ err) {
+  const int64_t k = blockIdx.y;
+  if (active != nullptr && active[k] == 0) return;  // block-uniform
+  const int lane = threadIdx.x % kWarp;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;
+  if (i >= n) return;  // warp-uniform: the shuffles below see full warps
+  const T* c = cost + (k * n + i) * m;
+  const double* gk = g + k * m;
+  const double fi = f[k * n + i];
+  double mx = -INFINITY, s = 0.0;
+  for (int64_t j = lane; j < m; j += kWarp) {
+    const double x = (fi + gk[j] - static_cast<double>(c[j])) * inv_eps + log_b[j];
+    lse_push<E>(mx, s, x);
+  }
+  warp_lse(mx, s);
+  if (lane == 0) {
+    const double lse = mx + log(s);
+    err[k * n + i] = a[i] * fabs(expm1(lse));
+    if (update) f[k * n + i] = fi - eps * lse;
+  }
+}
+
+// g half-step, the mirror image over columns, without a transposed copy of C: a block owns 32
+// consecutive columns; its 8 row groups walk rows i = ty, ty + 8, ... reading C[i, j0 .. j0 + 31]
+// (one 128-byte line per warp for float), then the 8 partial log-sum-exps are merged in a fixed order.
+// update == false measures only (certification). grid (ceil(m / 32), K), block (32, 8).
+template <typename T, typename E>
+__global__ void col_step_kernel(const T* __restrict__ cost, int64_t n, int64_t m, const double* __restrict__ f,
+                                const double* __restrict__ log_a, const double* __restrict__ b, double eps,
+                                double inv_eps, const int* __restrict__ active, bool update, double* g,
+                                double* __restrict__ err) {
+  __shared__ double part_mx[kColRows][kColCols];
+  __shared__ double part_s[kColRows][kColCols];
+  const int64_t k = blockIdx.y;
+  if (active != nullptr && active[k] == 0) return;  // block-uniform, before any __syncthreads
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kColCols + tx;
+  double mx = -INFINITY, s = 0.0, gj = 0.0;
+  if (j < m) {
+    gj = g[k * m + j];
+    const T* c = cost + k * n * m + j;
+    const double* fk = f + k * n;
+    for (int64_t i = ty; i < n; i += kColRows) {
+      const double x = (fk[i] + gj - static_cast<double>(c[i * m])) * inv_eps + log_a[i];
+      lse_push<E>(mx, s, x);
+    }
+  }
+  part_mx[ty][tx] = mx;
+  part_s[ty][tx] = s;
+  __syncthreads();  // every read of g[k, j] happens before the write below
+  if (ty == 0 && j < m) {
+    for (int t = 1; t < kColRows; ++t) lse_merge(mx, s, part_mx[t][tx], part_s[t][tx]);
+    const double lse = mx + log(s);
+    err[k * m + j] = b[j] * fabs(expm1(lse));
+    if (update) g[k * m + j] = gj - eps * lse;
+  }
+}
+
+// out[k] = sum_r values[k, r] in a fixed order (strided partial sums, then a tree), for active k.
+// grid K, block kReduceThreads.
+__global__ void sum_rows_kernel(const double* __restrict__ values, int64_t len, const int* __restrict__ active,
+                                double* __restrict__ out) {
+  __shared__ double part[kReduceThreads];
+  const int64_t k = blockIdx.x;
+  if (active != nullptr && active[k] == 0) return;  // block-uniform
+  const double* v = values + k * len;
+  double acc = 0.0;
+  for (int64_t r = threadIdx.x; r < len; r += kReduceThreads) acc += v[r];
+  part[threadIdx.x] = acc;
+  __syncthreads();
+  for (int s = kReduceThreads / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) part[threadIdx.x] += part[threadIdx.x + s];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out[k] = part[0];
+}
+
+// A problem leaves the active set when its error reaches its target, or when the error is not finite
+// (overflow: reported as diverged, never as converged).
+__global__ void update_active_kernel(const double* __restrict__ err, const double* __restrict__ target,
+                                     int64_t repeats, int* __restrict__ active, int* __restrict__ diverged) {
+  const int64_t k = global_thread();
+  if (k >= repeats || active[k] == 0) return;
+  const double e = err[k];
+  if (!isfinite(e)) {
+    active[k] = 0;
+    diverged[k] = 1;
+  } else if (e <= target[k]) {
+    active[k] = 0;
+  }
+}
+
+// The certifying pass over rows, for every problem: plan entries
+//   p_ij = exp((f_i + g_j - C_ij) / eps + log a_i + log b_j)   (exponent and exp in double)
+// summed by target class (columns are grouped by class), with W_D contributions p_ij C_ij and the row
+// marginal error |sum_j p_ij - a_i|. One warp per row. grid (ceil(n / 8), K).
+template <typename T>
+__global__ void summary_row_kernel(const T* __restrict__ cost, int64_t n, int64_t m, const double* __restrict__ f,
+                                   const double* __restrict__ g, const double* __restrict__ log_a,
+                                   const double* __restrict__ log_b, const double* __restrict__ a, double inv_eps,
+                                   const int64_t* __restrict__ col_class_start, int col_classes,
+                                   double* __restrict__ row_joint, double* __restrict__ row_err,
+                                   double* __restrict__ row_cost) {
+  const int64_t k = blockIdx.y;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;
+  if (i >= n) return;  // warp-uniform
+  const T* c = cost + (k * n + i) * m;
+  const double* gk = g + k * m;
+  const int64_t* starts = col_class_start + k * (col_classes + 1);
+  const double fi = f[k * n + i], lai = log_a[i];
+  double total = 0.0, wd = 0.0;
+  for (int cc = 0; cc < col_classes; ++cc) {
+    double mass = 0.0, wc = 0.0;
+    for (int64_t j = starts[cc] + lane; j < starts[cc + 1]; j += kWarp) {
+      const double cij = static_cast<double>(c[j]);
+      const double p = exp((fi + gk[j] - cij) * inv_eps + lai + log_b[j]);
+      mass += p;
+      wc += p * cij;
+    }
+    mass = warp_sum(mass);
+    wc = warp_sum(wc);
+    if (lane == 0) row_joint[(k * n + i) * col_classes + cc] = mass;
+    total += mass;
+    wd += wc;
+  }
+  if (lane == 0) {
+    row_err[k * n + i] = fabs(total - a[i]);
+    row_cost[k * n + i] = wd;
+  }
+}
+
+// joint[k, r, c] = sum over the rows of source class r (a contiguous range) of row_joint[k, i, c].
+__global__ void joint_kernel(const double* __restrict__ row_joint, int64_t n, const int64_t* __restrict__ row_class_start,
+                             int row_classes, int col_classes, int64_t repeats, double* __restrict__ joint) {
+  const int64_t per = static_cast<int64_t>(row_classes) * col_classes;
+  const int64_t count = repeats * per;
+  for (int64_t e = global_thread(); e < count; e += grid_threads()) {
+    const int64_t k = e / per, rem = e - k * per;
+    const int64_t r = rem / col_classes, cc = rem - r * col_classes;
+    const int64_t* starts = row_class_start + k * (row_classes + 1);
+    double acc = 0.0;
+    for (int64_t i = starts[r]; i < starts[r + 1]; ++i) acc += row_joint[(k * n + i) * col_classes + cc];
+    joint[e] = acc;
+  }
+}
+
+unsigned flat_grid(int64_t count) {
+  const int64_t blocks = (count + kFlatThreads - 1) / kFlatThreads;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, 8 * 65535)));
+}
+
+unsigned blocks_for(int64_t count, int64_t per_block) {
+  return static_cast<unsigned>((count + per_block - 1) / per_block);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Host side.
+
+using Clock = std::chrono::steady_clock;
+
+void validate(const BatchProblem& p, const BatchOptions& o) {
+  auto need = [](bool ok, const char* arg, const std::string& what) {
+    if (!ok) throw InvalidArgument(arg, what);
+  };
+  need(p.repeats >= 1 && p.repeats <= kMaxGridYZ, "repeats", "must be in [1, 65535] for the CUDA solver");
+  need(p.n >= 1 && p.m >= 1, "n_pixels", "needs at least one point on each side");
+  need((p.n + kTile - 1) / kTile <= kMaxGridYZ, "n_pixels", "is too large for the CUDA solver (at most 1048560 source points)");
+  need(p.m <= (int64_t{1} << 34), "n_pixels", "is too large for the CUDA solver (grid limits)");
+  need(p.src.dim >= 1 && p.src.dim == p.tgt.dim, "target_features", "must have as many channels as source_features");
+  need(p.src.data != 0 && p.tgt.data != 0, "features", "internal: null data pointer");
+  need(p.src.images >= 1 && p.src.pixels >= 1 && p.tgt.images >= 1 && p.tgt.pixels >= 1, "features",
+       "internal: empty feature view");
+  need(p.src_idx != nullptr && p.tgt_idx != nullptr, "indices", "internal: null index array");
+  need(p.row_classes >= 1 && p.col_classes >= 1 && p.row_class_start != nullptr && p.col_class_start != nullptr,
+       "classes", "internal: class ranges missing");
+  need(p.device >= 0, "device", "must be a CUDA device ordinal >= 0");
+  for (const FeatureSource* fs : {&p.src, &p.tgt}) {
+    const char* name = fs == &p.src ? p.src_name : p.tgt_name;
+    if (fs->device >= 0 && fs->device != p.device)
+      throw InvalidArgument(name, "lives on cuda:" + std::to_string(fs->device) + " but the computation runs on cuda:" +
+                                      std::to_string(p.device));
+  }
+  const int64_t K = p.repeats;
+  for (int64_t e = 0; e < K * p.n; ++e)
+    need(p.src_idx[e] >= 0 && p.src_idx[e] < p.src.size(), "indices", "internal: source pixel index out of range");
+  for (int64_t e = 0; e < K * p.m; ++e)
+    need(p.tgt_idx[e] >= 0 && p.tgt_idx[e] < p.tgt.size(), "indices", "internal: target pixel index out of range");
+  auto ranges_ok = [](const int64_t* s, int classes, int64_t len) {
+    if (s[0] != 0 || s[classes] != len) return false;
+    for (int c = 0; c < classes; ++c)
+      if (s[c + 1] < s[c]) return false;
+    return true;
+  };
+  for (int64_t k = 0; k < K; ++k) {
+    need(ranges_ok(p.row_class_start + k * (p.row_classes + 1), p.row_classes, p.n), "classes",
+         "internal: bad source class ranges");
+    need(ranges_ok(p.col_class_start + k * (p.col_classes + 1), p.col_classes, p.m), "classes",
+         "internal: bad target class ranges");
+  }
+  for (int64_t i = 0; p.a != nullptr && i < p.n; ++i)
+    need(p.a[i] > 0 && std::isfinite(p.a[i]), "a", "must hold finite weights > 0");
+  for (int64_t j = 0; p.b != nullptr && j < p.m; ++j)
+    need(p.b[j] > 0 && std::isfinite(p.b[j]), "b", "must hold finite weights > 0");
+  need(o.epsilon > 0 && std::isfinite(o.epsilon), "epsilon", "must be a finite number > 0");
+  need(o.tol > 0, "tol", "must be > 0");
+  need(o.max_iter >= 1, "max_iter", "must be >= 1");
+  need(o.scaling_factor > 0 && o.scaling_factor < 1, "scaling_factor", "must be in (0, 1)");
+  need(o.check_every >= 1, "check_every", "must be >= 1");
+}
+
+// Host-memory features: every valid pixel must be finite (as in the CPU path).
+template <typename Tin>
+void check_host_finite(const FeatureSource& fs, const int32_t* code, const char* name) {
+  const Tin* base = reinterpret_cast<const Tin*>(static_cast<uintptr_t>(fs.data));
+  for (int64_t img = 0; img < fs.images; ++img) {
+    for (int64_t pix = 0; pix < fs.pixels; ++pix) {
+      const int64_t p = img * fs.pixels + pix;
+      if (code != nullptr && code[p] < 0) continue;
+      const Tin* row = base + img * fs.stride_image + pix * fs.stride_pixel;
+      for (int64_t d = 0; d < fs.dim; ++d)
+        if (!std::isfinite(row[d * fs.stride_dim]))
+          throw InvalidArgument(name, "contains NaN or infinite values (pixel " + std::to_string(p) + ")");
+    }
+  }
+}
+
+template <typename Tin, typename T>
+void gather_host(const FeatureSource& fs, const int64_t* idx, int64_t rows, T* out) {
+  const Tin* base = reinterpret_cast<const Tin*>(static_cast<uintptr_t>(fs.data));
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t p = idx[r];
+    const Tin* row = base + (p / fs.pixels) * fs.stride_image + (p % fs.pixels) * fs.stride_pixel;
+    for (int64_t d = 0; d < fs.dim; ++d) out[r * fs.dim + d] = static_cast<T>(row[d * fs.stride_dim]);
+  }
+}
+
+// Fills out (rows x dim, on the device) with the features of pixels idx[0 .. rows), after checking
+// every valid pixel for NaN/Inf. Host inputs are checked and gathered on the host and uploaded once
+// (host_stage keeps the staging copy alive until the caller's next sync); device inputs are read in
+// place by kernels, after the producer's stream.
+template <typename Tin, typename T>
+void stage_features(const FeatureSource& fs, const int32_t* code, const int64_t* idx, int64_t rows,
+                    const char* name, Queue& q, T* out, std::vector<T>& host_stage) {
+  if (fs.device < 0) {
+    check_host_finite<Tin>(fs, code, name);
+    host_stage.resize(static_cast<size_t>(rows * fs.dim));
+    gather_host<Tin, T>(fs, idx, rows, host_stage.data());
+    q.upload(out, host_stage.data(), host_stage.size(), "cudaMemcpyAsync (features to the device)");
+    return;
+  }
+  wait_for_producer(fs.stream, q.stream(), name);
+  const Tin* data = reinterpret_cast<const Tin*>(static_cast<uintptr_t>(fs.data));
+  const int64_t total = fs.size();
+  DeviceBuffer<int32_t> d_code;
+  if (code != nullptr) {
+    d_code = DeviceBuffer<int32_t>(static_cast<size_t>(total), "class codes");
+    q.upload(d_code.get(), code, static_cast<size_t>(total), "cudaMemcpyAsync (class codes)");
+  }
+  DeviceBuffer<unsigned long long> d_bad(1, "finiteness flag");
+  const unsigned long long none = ULLONG_MAX;
+  q.upload(d_bad.get(), &none, 1, "cudaMemcpyAsync (finiteness flag)");
+  check_finite_kernel<Tin><<<flat_grid(total * fs.dim), kFlatThreads, 0, q.stream()>>>(
+      data, fs.pixels, fs.dim, fs.stride_image, fs.stride_pixel, fs.stride_dim, total, d_code.get(), d_bad.get());
+  q.launched("check_finite_kernel");
+  unsigned long long bad = ULLONG_MAX;
+  q.download(&bad, d_bad.get(), 1, "cudaMemcpyAsync (finiteness flag)");
+  q.sync("the finiteness check");
+  if (bad != ULLONG_MAX)
+    throw InvalidArgument(name, "contains NaN or infinite values (pixel " + std::to_string(bad) + ")");
+
+  DeviceBuffer<int64_t> d_idx(static_cast<size_t>(rows), "pixel indices");
+  q.upload(d_idx.get(), idx, static_cast<size_t>(rows), "cudaMemcpyAsync (pixel indices)");
+  gather_kernel<Tin, T><<<flat_grid(rows * fs.dim), kFlatThreads, 0, q.stream()>>>(
+      data, fs.pixels, fs.dim, fs.stride_image, fs.stride_pixel, fs.stride_dim, d_idx.get(), rows, out);
+  q.launched("gather_kernel");
+  // d_code / d_idx are freed on return; the stream is synchronised first so that the gather is done.
+  q.sync("the gather of sampled pixels");
+}
+
+template <typename T>
+void stage_any(const FeatureSource& fs, const int32_t* code, const int64_t* idx, int64_t rows, const char* name,
+               Queue& q, T* out, std::vector<T>& host_stage) {
+  if (fs.float64)
+    stage_features<double, T>(fs, code, idx, rows, name, q, out, host_stage);
+  else
+    stage_features<float, T>(fs, code, idx, rows, name, q, out, host_stage);
+}
+
+template <typename T>
+BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
+  using E = T;  // precision of the exponentials in the Sinkhorn half-steps (see docs/cuda.md)
+  const int64_t K = p.repeats, n = p.n, m = p.m, D = p.src.dim;
+  const int rc = p.row_classes, cc = p.col_classes;
+
+  DeviceGuard device_guard(p.device);
+  Stream stream;
+  Queue q(stream.get());
+
+  // ---- memory: estimate first, refuse before allocating anything large
+  const int64_t codes_len = (p.src.device >= 0 && p.src_code != nullptr ? p.src.size() : 0) +
+                            (p.tgt.device >= 0 && p.tgt_code != nullptr ? p.tgt.size() : 0);
+  const double need = cuda_workspace_bytes(K, n, m, D, rc, cc, sizeof(T) == 8, codes_len);
+  size_t free_bytes = 0, total_bytes = 0;
+  check(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
+  const double margin = 64.0 * 1024 * 1024;  // allocator granularity, kernels' local memory
+  if (need + margin > static_cast<double>(free_bytes)) {
+    throw OutOfMemory("the CUDA solver needs " + gigabytes(need) + " of device memory on cuda:" +
+                      std::to_string(p.device) + " for " + std::to_string(K) + " problems of " + std::to_string(n) +
+                      " x " + std::to_string(m) + " points, but only " + gigabytes(double(free_bytes)) +
+                      " are free (of " + gigabytes(double(total_bytes)) +
+                      "); lower n_pixels or repeats, release memory cached by other libraries (e.g. "
+                      "torch.cuda.empty_cache()), or use device='cpu'");
+  }
+
+  const size_t KN = static_cast<size_t>(K * n), KM = static_cast<size_t>(K * m);
+  DeviceBuffer<T> d_cost(static_cast<size_t>(K) * n * m, "cost matrices");
+  DeviceBuffer<T> d_xs(KN * D, "source features"), d_xt(KM * D, "target features");
+  DeviceBuffer<double> d_mean(static_cast<size_t>(K * D), "means");
+  DeviceBuffer<double> d_ns(KN, "source norms"), d_nt(KM, "target norms");
+  DeviceBuffer<double> d_f(KN, "potentials f"), d_g(KM, "potentials g");
+  DeviceBuffer<double> d_err_rows(KN, "row errors"), d_err_cols(KM, "column errors");
+  DeviceBuffer<double> d_row_cost(KN, "row costs");
+  DeviceBuffer<double> d_row_joint(KN * cc, "row masses by class");
+  DeviceBuffer<double> d_joint(static_cast<size_t>(K) * rc * cc, "joint tables");
+  DeviceBuffer<double> d_a(n, "weights a"), d_log_a(n, "log a"), d_b(m, "weights b"), d_log_b(m, "log b");
+  DeviceBuffer<int64_t> d_row_start(static_cast<size_t>(K) * (rc + 1), "source class ranges");
+  DeviceBuffer<int64_t> d_col_start(static_cast<size_t>(K) * (cc + 1), "target class ranges");
+  DeviceBuffer<unsigned long long> d_max_bits(K, "largest costs");
+  DeviceBuffer<double> d_err(K, "errors"), d_err2(K, "column errors (sum)"), d_wd(K, "transport costs");
+  DeviceBuffer<double> d_target(K, "targets");
+  DeviceBuffer<int> d_active(K, "active flags"), d_diverged(K, "divergence flags");
+  DrainOnExit drain(stream.get());  // destroyed first: queued kernels finish before buffers are freed
+
+  // ---- features: gather the sampled rows, centre each problem on its joint mean, cost, largest cost
+  std::vector<T> stage_s, stage_t;
+  stage_any<T>(p.src, p.src_code, p.src_idx, K * n, p.src_name, q, d_xs.get(), stage_s);
+  stage_any<T>(p.tgt, p.tgt_code, p.tgt_idx, K * m, p.tgt_name, q, d_xt.get(), stage_t);
+
+  mean_kernel<T><<<dim3(blocks_for(D, kWarp), static_cast<unsigned>(K)), dim3(kWarp, kMeanRows), 0, q.stream()>>>(
+      d_xs.get(), d_xt.get(), n, m, D, d_mean.get());
+  q.launched("mean_kernel");
+  centre_kernel<T><<<dim3(blocks_for(n, kRowWarps), static_cast<unsigned>(K)), kRowThreads, 0, q.stream()>>>(
+      d_xs.get(), n, D, d_mean.get(), d_ns.get());
+  q.launched("centre_kernel (source)");
+  centre_kernel<T><<<dim3(blocks_for(m, kRowWarps), static_cast<unsigned>(K)), kRowThreads, 0, q.stream()>>>(
+      d_xt.get(), m, D, d_mean.get(), d_nt.get());
+  q.launched("centre_kernel (target)");
+  cost_kernel<T><<<dim3(blocks_for(m, kTile), blocks_for(n, kTile), static_cast<unsigned>(K)), dim3(kTile, kTile), 0,
+                   q.stream()>>>(d_xs.get(), d_xt.get(), d_ns.get(), d_nt.get(), n, m, D, d_cost.get());
+  q.launched("cost_kernel");
+  q.zero(d_max_bits.get(), K * sizeof(unsigned long long), "cudaMemsetAsync (largest costs)");
+  const unsigned max_blocks = static_cast<unsigned>(std::min<int64_t>((n * m + kReduceThreads - 1) / kReduceThreads, 1024));
+  max_kernel<T><<<dim3(max_blocks, static_cast<unsigned>(K)), kReduceThreads, 0, q.stream()>>>(d_cost.get(), n * m,
+                                                                                             d_max_bits.get());
+  q.launched("max_kernel");
+  std::vector<unsigned long long> max_bits(K);
+  q.download(max_bits.data(), d_max_bits.get(), K, "cudaMemcpyAsync (largest costs)");
+  q.sync("the cost matrices");
+  stage_s = std::vector<T>();  // the uploads are complete: release the host staging copies
+  stage_t = std::vector<T>();
+
+  double cmax = 0.0;
+  for (int64_t k = 0; k < K; ++k) {
+    double v = 0.0;
+    static_assert(sizeof(v) == sizeof(unsigned long long), "double must be 64-bit");
+    std::memcpy(&v, &max_bits[k], sizeof v);
+    if (!std::isfinite(v))
+      throw InvalidArgument("features", "squared distances between the features overflow the floating-point "
+                                        "type (the features are too large); rescale them or use float64");
+    cmax = std::max(cmax, v);
+  }
+  if (cmax / o.epsilon > 1e12 || !std::isfinite(1.0 / o.epsilon))
+    throw InvalidArgument("epsilon", "is too small for the cost scale (largest cost " + std::to_string(cmax) +
+                                         ", cost / epsilon must stay below 1e12)");
+
+  // ---- weights, class ranges, potentials
+  std::vector<double> a(n), log_a(n), b(m), log_b(m);
+  for (int64_t i = 0; i < n; ++i) a[i] = p.a != nullptr ? p.a[i] : 1.0 / static_cast<double>(n);
+  for (int64_t j = 0; j < m; ++j) b[j] = p.b != nullptr ? p.b[j] : 1.0 / static_cast<double>(m);
+  for (int64_t i = 0; i < n; ++i) log_a[i] = std::log(a[i]);
+  for (int64_t j = 0; j < m; ++j) log_b[j] = std::log(b[j]);
+  q.upload(d_a.get(), a.data(), n, "cudaMemcpyAsync (a)");
+  q.upload(d_log_a.get(), log_a.data(), n, "cudaMemcpyAsync (log a)");
+  q.upload(d_b.get(), b.data(), m, "cudaMemcpyAsync (b)");
+  q.upload(d_log_b.get(), log_b.data(), m, "cudaMemcpyAsync (log b)");
+  q.upload(d_row_start.get(), p.row_class_start, static_cast<size_t>(K) * (rc + 1), "cudaMemcpyAsync (class ranges)");
+  q.upload(d_col_start.get(), p.col_class_start, static_cast<size_t>(K) * (cc + 1), "cudaMemcpyAsync (class ranges)");
+  q.zero(d_f.get(), KN * sizeof(double), "cudaMemsetAsync (f)");  // all-zero bits are +0.0
+  q.zero(d_g.get(), KM * sizeof(double), "cudaMemsetAsync (g)");
+  q.zero(d_diverged.get(), K * sizeof(int), "cudaMemsetAsync (divergence flags)");
+
+  // ---- epsilon schedule, as on the CPU: from the largest cost down by scaling_factor, then epsilon.
+  // One schedule for the whole batch, from the largest cost of all problems (a problem with smaller
+  // costs spends an iteration or two in the extra early stages).
+  std::vector<double> schedule;
+  if (o.eps_scaling)
+    for (double e = cmax; e > o.epsilon; e *= o.scaling_factor) schedule.push_back(e);
+  schedule.push_back(o.epsilon);
+
+  BatchResult res;
+  res.iterations.assign(K, 0);
+  res.converged.assign(K, 0);
+  res.timed_out.assign(K, 0);
+  res.marginal_error.assign(K, std::numeric_limits<double>::quiet_NaN());
+  res.transport_cost.assign(K, std::numeric_limits<double>::quiet_NaN());
+  res.joint.assign(static_cast<size_t>(K) * rc * cc, 0.0);
+
+  std::vector<int> active(K, 0), active_after(K, 0), diverged(K, 0);
+  std::vector<double> target(K, 0.0), err(K, 0.0), err2(K, 0.0), wd(K, 0.0);
+  bool timed_out = false;
+  const auto start = Clock::now();
+  auto last_poll = start;
+
+  auto push_flags = [&]() {
+    q.upload(d_active.get(), active.data(), K, "cudaMemcpyAsync (active flags)");
+    q.upload(d_target.get(), target.data(), K, "cudaMemcpyAsync (targets)");
+  };
+
+  // Iterations on the active problems until none is left; a convergence check (one host sync) every
+  // check_every iterations. The error checked is that of the plan entering the last row half-step
+  // (its column marginals are exact after the preceding column half-step).
+  auto iterate = [&](double eps) {
+    const double inv_eps = 1.0 / eps;
+    for (;;) {
+      int64_t block = o.check_every;
+      bool any = false;
+      for (int64_t k = 0; k < K; ++k) {
+        if (!active[k]) continue;
+        any = true;
+        block = std::min<int64_t>(block, o.max_iter - res.iterations[k]);
+      }
+      if (!any) return;
+      for (int64_t t = 0; t < block; ++t) {
+        row_step_kernel<T, E><<<dim3(blocks_for(n, kRowWarps), static_cast<unsigned>(K)), kRowThreads, 0,
+                                q.stream()>>>(d_cost.get(), n, m, d_g.get(), d_log_b.get(), d_a.get(), eps, inv_eps,
+                                              d_active.get(), true, d_f.get(), d_err_rows.get());
+        q.launched("row_step_kernel");
+        col_step_kernel<T, E><<<dim3(blocks_for(m, kColCols), static_cast<unsigned>(K)), dim3(kColCols, kColRows), 0,
+                                q.stream()>>>(d_cost.get(), n, m, d_f.get(), d_log_a.get(), d_b.get(), eps, inv_eps,
+                                              d_active.get(), true, d_g.get(), d_err_cols.get());
+        q.launched("col_step_kernel");
+      }
+      sum_rows_kernel<<<static_cast<unsigned>(K), kReduceThreads, 0, q.stream()>>>(d_err_rows.get(), n,
+                                                                                  d_active.get(), d_err.get());
+      q.launched("sum_rows_kernel (errors)");
+      update_active_kernel<<<blocks_for(K, kFlatThreads), kFlatThreads, 0, q.stream()>>>(
+          d_err.get(), d_target.get(), K, d_active.get(), d_diverged.get());
+      q.launched("update_active_kernel");
+      q.download(active_after.data(), d_active.get(), K, "cudaMemcpyAsync (active flags)");
+      q.download(diverged.data(), d_diverged.get(), K, "cudaMemcpyAsync (divergence flags)");
+      q.sync("a convergence check");
+      bool changed = false;
+      for (int64_t k = 0; k < K; ++k) {
+        if (active[k]) res.iterations[k] += block;
+        active[k] = active_after[k];
+        if (active[k] && res.iterations[k] >= o.max_iter) {
+          active[k] = 0;
+          changed = true;
+        }
+      }
+      const auto now = Clock::now();
+      if (now - last_poll >= std::chrono::milliseconds(50)) {
+        last_poll = now;
+        if (o.interrupt && o.interrupt()) throw Interrupted();
+        if (o.timeout > 0 && std::chrono::duration<double>(now - start).count() > o.timeout) {
+          timed_out = true;
+          std::fill(active.begin(), active.end(), 0);
+          changed = true;
+        }
+      }
+      if (changed) q.upload(d_active.get(), active.data(), K, "cudaMemcpyAsync (active flags)");
+    }
+  };
+
+  // The certifying pass on the dense plan: joint tables, W_D, both marginal errors.
+  auto certify = [&](double eps) {
+    const double inv_eps = 1.0 / eps;
+    summary_row_kernel<T><<<dim3(blocks_for(n, kRowWarps), static_cast<unsigned>(K)), kRowThreads, 0, q.stream()>>>(
+        d_cost.get(), n, m, d_f.get(), d_g.get(), d_log_a.get(), d_log_b.get(), d_a.get(), inv_eps, d_col_start.get(),
+        cc, d_row_joint.get(), d_err_rows.get(), d_row_cost.get());
+    q.launched("summary_row_kernel");
+    col_step_kernel<T, double><<<dim3(blocks_for(m, kColCols), static_cast<unsigned>(K)), dim3(kColCols, kColRows), 0,
+                                 q.stream()>>>(d_cost.get(), n, m, d_f.get(), d_log_a.get(), d_b.get(), eps, inv_eps,
+                                               nullptr, false, d_g.get(), d_err_cols.get());
+    q.launched("col_step_kernel (measure)");
+    sum_rows_kernel<<<static_cast<unsigned>(K), kReduceThreads, 0, q.stream()>>>(d_err_rows.get(), n, nullptr,
+                                                                                d_err.get());
+    q.launched("sum_rows_kernel (row errors)");
+    sum_rows_kernel<<<static_cast<unsigned>(K), kReduceThreads, 0, q.stream()>>>(d_err_cols.get(), m, nullptr,
+                                                                                d_err2.get());
+    q.launched("sum_rows_kernel (column errors)");
+    sum_rows_kernel<<<static_cast<unsigned>(K), kReduceThreads, 0, q.stream()>>>(d_row_cost.get(), n, nullptr,
+                                                                                d_wd.get());
+    q.launched("sum_rows_kernel (transport cost)");
+    joint_kernel<<<flat_grid(K * rc * cc), kFlatThreads, 0, q.stream()>>>(d_row_joint.get(), n, d_row_start.get(),
+                                                                          rc, cc, K, d_joint.get());
+    q.launched("joint_kernel");
+    q.download(err.data(), d_err.get(), K, "cudaMemcpyAsync (row errors)");
+    q.download(err2.data(), d_err2.get(), K, "cudaMemcpyAsync (column errors)");
+    q.download(wd.data(), d_wd.get(), K, "cudaMemcpyAsync (transport costs)");
+    q.download(res.joint.data(), d_joint.get(), res.joint.size(), "cudaMemcpyAsync (joint tables)");
+    q.sync("the certifying pass");
+    for (int64_t k = 0; k < K; ++k) {
+      res.marginal_error[k] = err[k] + err2[k];
+      res.transport_cost[k] = wd[k];
+      res.converged[k] = res.marginal_error[k] <= o.tol ? 1 : 0;
+    }
+  };
+
+  for (size_t s = 0; s < schedule.size(); ++s) {
+    const double eps = schedule[s];
+    const bool last = s + 1 == schedule.size();
+    if (timed_out && !last) continue;  // out of time: go straight to certifying what we have
+    ++res.stages;
+    const double stage_target = last ? 0.5 * o.tol : std::max(o.stage_tol, o.tol);
+    for (int64_t k = 0; k < K; ++k) {
+      active[k] = !timed_out && !diverged[k] && res.iterations[k] < o.max_iter ? 1 : 0;
+      target[k] = stage_target;
+    }
+    push_flags();
+    for (;;) {
+      iterate(eps);
+      if (!last) break;
+      certify(eps);
+      // The check's estimate can be optimistic (it measures the plan one half-step back, in the
+      // storage precision): ask more of the problems that the dense pass did not certify.
+      bool again = false;
+      for (int64_t k = 0; k < K; ++k) {
+        const bool retry = !res.converged[k] && !timed_out && !diverged[k] && res.iterations[k] < o.max_iter &&
+                           std::isfinite(res.marginal_error[k]);
+        active[k] = retry ? 1 : 0;
+        if (retry) target[k] *= 0.1;
+        again = again || retry;
+      }
+      if (!again) break;
+      push_flags();
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) res.timed_out[k] = timed_out && !res.converged[k] ? 1 : 0;
+
+  if (p.want_potentials) {
+    res.f.resize(KN);
+    res.g.resize(KM);
+    q.download(res.f.data(), d_f.get(), KN, "cudaMemcpyAsync (f)");
+    q.download(res.g.data(), d_g.get(), KM, "cudaMemcpyAsync (g)");
+  }
+  q.sync("the end of the solve");
+  return res;
+}
+
+}  // namespace
+
+BatchResult solve_batch(const BatchProblem& prob, const BatchOptions& opt) {
+  validate(prob, opt);
+  return prob.float64 ? solve_typed<double>(prob, opt) : solve_typed<float>(prob, opt);
+}
+
+int pointer_device(uint64_t ptr) {
+  cudaPointerAttributes attr{};
+  check(cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(static_cast<uintptr_t>(ptr))),
+        "cudaPointerGetAttributes");
+  if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+    throw InvalidArgument("array", "its __cuda_array_interface__ pointer is not CUDA device memory");
+  return attr.device;
+}
+
+void copy_to_host(void* dst, uint64_t src, uint64_t bytes, int device, uint64_t stream) {
+  if (bytes == 0) return;
+  DeviceGuard guard(device);
+  Stream s;
+  wait_for_producer(stream, s.get(), "array");
+  check(cudaMemcpyAsync(dst, reinterpret_cast<const void*>(static_cast<uintptr_t>(src)), bytes,
+                        cudaMemcpyDeviceToHost, s.get()),
+        "cudaMemcpyAsync (device to host)");
+  check(cudaStreamSynchronize(s.get()), "cudaStreamSynchronize (device to host copy)");
+}
+
+}  // namespace segtransfer::cuda
