@@ -1,12 +1,19 @@
 #include "segtransfer/otce.hpp"
 
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <exception>
 #include <numeric>
 #include <sstream>
 #include <string>
 
 #include "segtransfer/errors.hpp"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace segtransfer {
 namespace {
@@ -81,11 +88,10 @@ TransportResult transport_points(const T* x, int64_t n, const T* y, int64_t m, i
   if (b == nullptr) { ub.assign(m, 1.0 / m); b = ub.data(); }
   RowMatrix<T> cost;
   squared_euclidean(x, n, y, m, d, cost);
-  const RowMatrix<T> cost_t = cost.transpose();
   TransportResult res;
   res.f.resize(n);
   res.g.resize(m);
-  res.report = sinkhorn_log(cost, cost_t, a, b, opt, res.f.data(), res.g.data());
+  res.report = sinkhorn_log(cost, a, b, opt, res.f.data(), res.g.data());
   res.transport_cost = res.report.transport_cost;  // from the solver's certifying pass
   return res;
 }
@@ -98,7 +104,8 @@ OTCEResult otce(const PixelView<T>& src, const int32_t* src_code, int source_cla
   if (src.dim != tgt.dim)
     throw InvalidArgument("target_features", "has " + std::to_string(tgt.dim) +
                                                  " channels but source_features has " + std::to_string(src.dim));
-  check_budget(dense_bytes<T>(ns, nt) + 8.0 * (ns + nt) * src.dim, memory_budget);
+  const double per_solve = dense_bytes<T>(ns, nt) + 8.0 * (ns + nt) * src.dim;
+  check_budget(per_solve, memory_budget);
   check_finite(src, src_code, "source_features");
   check_finite(tgt, tgt_code, "target_features");
   const int64_t d = src.dim;
@@ -108,38 +115,85 @@ OTCEResult otce(const PixelView<T>& src, const int32_t* src_code, int source_cla
   out.source_classes = cs;
   out.target_classes = ct;
   out.joint.assign(static_cast<size_t>(repeats) * cs * ct, 0.0);
+  out.conditional_entropy.assign(repeats, 0.0);
+  out.transport_cost.assign(repeats, 0.0);
+  out.marginal_error.assign(repeats, 0.0);
+  out.iterations.assign(repeats, 0);
+  out.converged.assign(repeats, 0);
+  out.timed_out.assign(repeats, 0);
 
-  std::vector<double> a(ns, 1.0 / ns), b(nt, 1.0 / nt), f(ns), g(nt);
-  std::vector<int64_t> is(ns), it(nt), col_start(ct + 1);
-  std::vector<int32_t> row_class(ns);
-  RowMatrix<T> xs(ns, d), xt(nt, d), cost, cost_t;
-  for (int64_t k = 0; k < repeats; ++k) {
-    // Pixels sorted by class (a permutation, which OT does not see): the target classes become
-    // contiguous column ranges, so the joint-label reduction is a sum over ranges, not a scatter.
-    std::copy(src_idx + k * ns, src_idx + (k + 1) * ns, is.begin());
-    std::copy(tgt_idx + k * nt, tgt_idx + (k + 1) * nt, it.begin());
-    std::stable_sort(is.begin(), is.end(), [&](int64_t p, int64_t q) { return src_code[p] < src_code[q]; });
-    std::stable_sort(it.begin(), it.end(), [&](int64_t p, int64_t q) { return tgt_code[p] < tgt_code[q]; });
-    gather_pixels(src, is.data(), ns, xs.data(), "source_features");
-    gather_pixels(tgt, it.data(), nt, xt.data(), "target_features");
-    for (int64_t i = 0; i < ns; ++i) row_class[i] = src_code[is[i]];
-    std::fill(col_start.begin(), col_start.end(), 0);
-    for (int64_t j = 0; j < nt; ++j) ++col_start[tgt_code[it[j]] + 1];
-    for (int c = 0; c < ct; ++c) col_start[c + 1] += col_start[c];
-
-    squared_euclidean(xs.data(), ns, xt.data(), nt, d, cost);
-    cost_t = cost.transpose();
-    const PlanClasses classes{row_class.data(), cs, col_start.data(), ct};
-    const SinkhornReport rep =
-        sinkhorn_log(cost, cost_t, a.data(), b.data(), opt, f.data(), g.data(), &classes);
-    std::copy(rep.joint.begin(), rep.joint.end(), out.joint.begin() + k * cs * ct);
-    out.conditional_entropy.push_back(conditional_entropy(rep.joint.data(), cs, ct));
-    out.transport_cost.push_back(rep.transport_cost);
-    out.marginal_error.push_back(rep.marginal_error);
-    out.iterations.push_back(rep.iterations);
-    out.converged.push_back(rep.converged ? 1 : 0);
-    out.timed_out.push_back(rep.timed_out ? 1 : 0);
+  // The repeats are independent problems: with several threads they run side by side, one thread
+  // each, rather than one after the other with every thread inside each solve. That needs no
+  // synchronisation inside a solve (OpenMP barriers stall badly on a loaded machine) and scales
+  // fully; the memory of one solve per worker must fit the budget. Each solve is computed the same
+  // way whatever the thread count, so the results are bit-identical.
+#ifdef _OPENMP
+  const int threads = opt.num_threads > 0 ? opt.num_threads : omp_get_max_threads();
+#else
+  const int threads = 1;
+#endif
+  int workers = static_cast<int>(std::min<int64_t>(threads, repeats));
+  if (memory_budget > 0)
+    workers = std::max(1, std::min(workers, static_cast<int>(memory_budget / per_solve)));
+  SinkhornOptions inner = opt;
+  if (workers > 1) inner.num_threads = 1;
+  // Only the calling thread may ask the caller's interrupt callback (the bindings check for Ctrl-C,
+  // which only the main thread hears); the other workers see its answer through `stop`.
+  std::atomic<bool> stop{false};
+  if (opt.interrupt) {
+    inner.interrupt = [&opt, &stop]() {
+#ifdef _OPENMP
+      if (omp_get_thread_num() == 0 && opt.interrupt()) stop = true;
+#else
+      if (opt.interrupt()) stop = true;
+#endif
+      return stop.load();
+    };
   }
+  std::exception_ptr error;
+
+#pragma omp parallel num_threads(workers)
+  {
+    std::vector<double> a(ns, 1.0 / ns), b(nt, 1.0 / nt), f(ns), g(nt);
+    std::vector<int64_t> is(ns), it(nt), col_start(ct + 1);
+    std::vector<int32_t> row_class(ns);
+    RowMatrix<T> xs(ns, d), xt(nt, d), cost;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t k = 0; k < repeats; ++k) {
+      if (stop) continue;
+      try {
+        // Pixels sorted by class (a permutation, which OT does not see): the target classes become
+        // contiguous column ranges, so the joint-label reduction is a sum over ranges, not a scatter.
+        std::copy(src_idx + k * ns, src_idx + (k + 1) * ns, is.begin());
+        std::copy(tgt_idx + k * nt, tgt_idx + (k + 1) * nt, it.begin());
+        std::stable_sort(is.begin(), is.end(), [&](int64_t p, int64_t q) { return src_code[p] < src_code[q]; });
+        std::stable_sort(it.begin(), it.end(), [&](int64_t p, int64_t q) { return tgt_code[p] < tgt_code[q]; });
+        gather_pixels(src, is.data(), ns, xs.data(), "source_features");
+        gather_pixels(tgt, it.data(), nt, xt.data(), "target_features");
+        for (int64_t i = 0; i < ns; ++i) row_class[i] = src_code[is[i]];
+        std::fill(col_start.begin(), col_start.end(), 0);
+        for (int64_t j = 0; j < nt; ++j) ++col_start[tgt_code[it[j]] + 1];
+        for (int c = 0; c < ct; ++c) col_start[c + 1] += col_start[c];
+
+        squared_euclidean(xs.data(), ns, xt.data(), nt, d, cost);
+        const PlanClasses classes{row_class.data(), cs, col_start.data(), ct};
+        const SinkhornReport rep = sinkhorn_log(cost, a.data(), b.data(), inner, f.data(), g.data(), &classes);
+        std::copy(rep.joint.begin(), rep.joint.end(), out.joint.begin() + k * cs * ct);
+        out.conditional_entropy[k] = conditional_entropy(rep.joint.data(), cs, ct);
+        out.transport_cost[k] = rep.transport_cost;
+        out.marginal_error[k] = rep.marginal_error;
+        out.iterations[k] = rep.iterations;
+        out.converged[k] = rep.converged ? 1 : 0;
+        out.timed_out[k] = rep.timed_out ? 1 : 0;
+      } catch (...) {
+#pragma omp critical(segtransfer_otce_error)
+        if (!error) error = std::current_exception();
+        stop = true;
+      }
+    }
+  }
+  if (error) std::rethrow_exception(error);
+  if (stop) throw Interrupted();
   return out;
 }
 

@@ -94,11 +94,161 @@ static void test_conditional_entropy() {
   CHECK(conditional_entropy(det, 2, 2) == 0.0);
 }
 
+// ---- the paths the sanitizer build exists for: every way in and out of a solve, on small inputs.
+
+template <typename E, typename F>
+static bool throws(F&& f) {
+  try {
+    f();
+  } catch (const E&) {
+    return true;
+  } catch (...) {
+    return false;
+  }
+  return false;
+}
+
+static std::vector<double> normal(std::mt19937_64& rng, int64_t count, double scale) {
+  std::normal_distribution<double> nz(0.0, scale);
+  std::vector<double> v(count);
+  for (double& x : v) x = nz(rng);
+  return v;
+}
+
+// Strided views the bindings pass without copying: (B, D, H, W) maps read channel-last, and a
+// negatively strided table (data pointer at its last row). Both must equal the contiguous table.
+static void test_strided_views() {
+  const int64_t b = 2, d = 3, h = 4, w = 5, p = h * w, n = b * p;
+  std::mt19937_64 rng(2);
+  const std::vector<double> maps = normal(rng, b * d * p, 1.0), tgt = normal(rng, 40 * d, 1.0);
+  std::vector<double> table(n * d), reversed(n * d);
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t c = 0; c < d; ++c)
+      for (int64_t q = 0; q < p; ++q) table[(i * p + q) * d + c] = maps[(i * d + c) * p + q];
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t c = 0; c < d; ++c) reversed[(n - 1 - r) * d + c] = table[r * d + c];
+  std::vector<int32_t> code(n), tcode(40);
+  for (int64_t i = 0; i < n; ++i) code[i] = static_cast<int32_t>(i % 3);
+  for (int64_t i = 0; i < 40; ++i) tcode[i] = static_cast<int32_t>(i % 2);
+  std::vector<int64_t> idx(n), tidx(40);
+  for (int64_t i = 0; i < n; ++i) idx[i] = i;
+  for (int64_t i = 0; i < 40; ++i) tidx[i] = i;
+  const PixelView<double> vmaps{maps.data(), b, p, d, d * p, 1, p};
+  const PixelView<double> vtable{table.data(), 1, n, d, n * d, d, 1};
+  const PixelView<double> vt{tgt.data(), 1, 40, d, 40 * d, d, 1};
+  // Reversed rows: pixel i of the view is row n-1-i of `reversed`, i.e. row i of `table`.
+  const PixelView<double> vrev{reversed.data() + (n - 1) * d, 1, n, d, 0, -d, 1};
+  SinkhornOptions opt;
+  opt.epsilon = 0.5;
+  const OTCEResult r1 = otce<double>(vtable, code.data(), 3, idx.data(), n, vt, tcode.data(), 2, tidx.data(), 40, 1,
+                                     opt, 0.0);
+  const OTCEResult r2 = otce<double>(vmaps, code.data(), 3, idx.data(), n, vt, tcode.data(), 2, tidx.data(), 40, 1,
+                                     opt, 0.0);
+  const OTCEResult r3 = otce<double>(vrev, code.data(), 3, idx.data(), n, vt, tcode.data(), 2, tidx.data(), 40, 1,
+                                     opt, 0.0);
+  CHECK(r1.converged[0] == 1);
+  CHECK(r1.joint == r2.joint && r1.joint == r3.joint);
+  CHECK(r1.conditional_entropy == r2.conditional_entropy && r1.conditional_entropy == r3.conditional_entropy);
+}
+
+// Small epsilon on clustered points: the kernel turns sparse and the last stage runs Newton-CG; float
+// and double, weighted marginals, several repeats with ignored pixels.
+static void test_sparse_and_newton_paths() {
+  std::mt19937_64 rng(3);
+  const int64_t n = 300, m = 260, d = 2;
+  std::vector<double> x = normal(rng, n * d, 0.3), y = normal(rng, m * d, 0.3);
+  for (int64_t i = 0; i < n; ++i) x[i * d] += 4.0 * (i % 3);
+  for (int64_t j = 0; j < m; ++j) y[j * d] += 4.0 * (j % 3);
+  std::vector<double> a(n), bw(m);
+  double sa = 0, sb = 0;
+  for (int64_t i = 0; i < n; ++i) sa += a[i] = 1.0 + (i % 5);
+  for (int64_t j = 0; j < m; ++j) sb += bw[j] = 1.0 + (j % 7);
+  for (double& v : a) v /= sa;
+  for (double& v : bw) v /= sb;
+  SinkhornOptions opt;
+  opt.epsilon = 0.01;
+  opt.tol = 1e-8;
+  const TransportResult r = transport_points<double>(x.data(), n, y.data(), m, d, a.data(), bw.data(), opt, 0.0);
+  CHECK(std::isfinite(r.transport_cost));
+  CHECK(r.report.iterations > 0);
+  const std::vector<float> xf(x.begin(), x.end()), yf(y.begin(), y.end());
+  const TransportResult rf = transport_points<float>(xf.data(), n, yf.data(), m, d, nullptr, nullptr, opt, 0.0);
+  CHECK(std::isfinite(rf.transport_cost));
+
+  std::vector<int32_t> code(n), tcode(m);
+  for (int64_t i = 0; i < n; ++i) code[i] = (i % 11 == 0) ? -1 : static_cast<int32_t>(i % 3);
+  for (int64_t j = 0; j < m; ++j) tcode[j] = static_cast<int32_t>(j % 3);
+  const auto is = sample_pixels(code.data(), n, 100, 3, 7, "source_labels");
+  const auto it = sample_pixels(tcode.data(), m, 90, 3, 8, "target_labels");
+  const PixelView<float> vs{xf.data(), 1, n, d, n * d, d, 1}, vt{yf.data(), 1, m, d, m * d, d, 1};
+  opt.epsilon = 0.05;
+  const OTCEResult o = otce<float>(vs, code.data(), 3, is.data(), 100, vt, tcode.data(), 3, it.data(), 90, 3, opt, 0.0);
+  CHECK(o.repeats == 3 && o.joint.size() == 27u);
+  for (double h : o.conditional_entropy) CHECK(std::isfinite(h) && h >= 0 && h <= std::log(3.0) + 1e-9);
+}
+
+// Above 2 x 2000 points per side the dense early stages run on a subsample and are extended by the
+// c-transform (multiscale); float keeps the memory small.
+static void test_multiscale_path() {
+  std::mt19937_64 rng(4);
+  const int64_t n = 4100, d = 2;
+  const std::vector<double> xd = normal(rng, n * d, 1.0), yd = normal(rng, n * d, 1.0);
+  const std::vector<float> x(xd.begin(), xd.end()), y(yd.begin(), yd.end());
+  SinkhornOptions opt;
+  opt.epsilon = 0.05;
+  opt.tol = 1e-5;
+  const TransportResult r = transport_points<float>(x.data(), n, y.data(), n, d, nullptr, nullptr, opt, 0.0);
+  CHECK(std::isfinite(r.transport_cost) && r.report.iterations > 0);
+}
+
+// Every early exit: max_iter, timeout, interrupt, refusals; each must unwind without leaking.
+static void test_early_exits() {
+  std::mt19937_64 rng(5);
+  const int64_t n = 200, d = 4;
+  std::vector<double> x = normal(rng, n * d, 3.0), y = normal(rng, n * d, 3.0);
+  SinkhornOptions opt;
+  opt.epsilon = 1e-3;
+  opt.tol = 1e-12;
+  opt.max_iter = 3;
+  TransportResult r = transport_points<double>(x.data(), n, y.data(), n, d, nullptr, nullptr, opt, 0.0);
+  CHECK(!r.report.converged && r.report.iterations <= 3);
+  opt.max_iter = 1000000000;
+  opt.timeout = 0.01;  // this problem converges in ~0.1 s here
+  r = transport_points<double>(x.data(), n, y.data(), n, d, nullptr, nullptr, opt, 0.0);
+  CHECK(r.report.timed_out && !r.report.converged);
+  opt.timeout = 0.0;
+  int polls = 0;
+  opt.interrupt = [&polls]() { return ++polls >= 2; };
+  CHECK(throws<Interrupted>([&] { transport_points<double>(x.data(), n, y.data(), n, d, nullptr, nullptr, opt, 0.0); }));
+  opt.interrupt = nullptr;
+  opt.max_iter = 100;
+  CHECK(throws<OutOfMemory>([&] { transport_points<double>(x.data(), n, y.data(), n, d, nullptr, nullptr, opt, 1e3); }));
+  opt.epsilon = 1e-300;
+  CHECK(throws<InvalidArgument>([&] { transport_points<double>(x.data(), n, y.data(), n, d, nullptr, nullptr, opt, 0.0); }));
+  opt.epsilon = 0.1;
+  std::vector<float> big(n * d, 1e20f), small(n * d, 0.0f);
+  CHECK(throws<InvalidArgument>([&] { transport_points<float>(big.data(), n, small.data(), n, d, nullptr, nullptr, opt, 0.0); }));
+  std::vector<int32_t> code(n, 0);
+  code[0] = 1;
+  std::vector<int64_t> idx(n);
+  for (int64_t i = 0; i < n; ++i) idx[i] = i;
+  x[5 * d + 1] = std::nan("");
+  const PixelView<double> vs{x.data(), 1, n, d, n * d, d, 1}, vt{y.data(), 1, n, d, n * d, d, 1};
+  CHECK(throws<InvalidArgument>([&] { otce<double>(vs, code.data(), 2, idx.data(), n, vt, code.data(), 2, idx.data(), n, 1, opt, 0.0); }));
+  // n * repeats beyond int64: refused before the size wraps around.
+  CHECK(throws<OutOfMemory>([&] { sample_pixels(code.data(), n, 16, int64_t(1) << 60, 0, "source_labels"); }));
+  CHECK(throws<InvalidArgument>([&] { sample_pixels(code.data(), n, 0, 1, 0, "source_labels"); }));
+}
+
 int main() {
   test_fast_exp();
   test_sampling();
   test_otce_bijection();
   test_conditional_entropy();
+  test_strided_views();
+  test_sparse_and_newton_paths();
+  test_multiscale_path();
+  test_early_exits();
   std::printf("%d passed, %d failed\n", passed, failures);
   return failures ? 1 : 0;
 }

@@ -210,14 +210,14 @@ def otce(
     # summary (up to 64 row blocks of Cs x Ct partial tables per solve) plus the (K, Cs, Ct) output
     # and its NumPy copy; pixel indices are made by the sampler and copied once by the bindings.
     memory = {
-        "dense cost and its transpose": (_core.dense_bytes(ns, nt, dtype.itemsize)
+        "dense cost and truncated kernel": (_core.dense_bytes(ns, nt, dtype.itemsize)
                                          + 8.0 * (ns + nt) * d, "lower n_pixels"),
         "joint label tables": (8.0 * cs * ct * (66 + 2 * k),
                                f"the labels have {cs} x {ct} distinct classes: merge or ignore some"),
         "pixel indices": (16.0 * k * (ns + nt) if n_pixels is not None else 8.0 * (ns + nt), "lower repeats"),
     }
     if gpu is not None:  # device memory: estimated and checked by the CUDA solver before it allocates
-        del memory["dense cost and its transpose"]
+        del memory["dense cost and truncated kernel"]
     budget = _memory_budget()
     _check_memory(f"otce with n_pixels={ns}/{nt} and {k} repeat(s)", memory, budget)
     if gpu is None and xs.dtype != xt.dtype:  # solve mixed precision in float64 (the CUDA path converts itself)
@@ -337,7 +337,7 @@ def sinkhorn(
     n, m = xa.shape[0], ya.shape[0]
     budget = _memory_budget()
     _check_memory(f"sinkhorn with {n} x {m} points", {
-        "dense cost and its transpose": (_core.dense_bytes(n, m, np.dtype(dtype).itemsize),
+        "dense cost and truncated kernel": (_core.dense_bytes(n, m, np.dtype(dtype).itemsize),
                                          "use fewer points (x and y)")}, budget)
     solve = _core.sinkhorn_f32 if dtype == np.float32 else _core.sinkhorn_f64
     out = solve(xa, ya, wa, wb, opt, budget)

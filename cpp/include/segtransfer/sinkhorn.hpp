@@ -76,13 +76,13 @@ struct PlanSummary {
 template <typename T>
 void squared_euclidean(const T* x, int64_t n, const T* y, int64_t m, int64_t d, RowMatrix<T>& cost);
 
-// Solves the entropic problem on a cost matrix C (n x m) and its transpose. a, b: weights (sum 1).
+// Solves the entropic problem on a cost matrix C (n x m, never transposed). a, b: weights (sum 1).
 // f (n) and g (m) are outputs (and are overwritten). The certifying pass at the end measures the
 // marginal error and W_D and, when `classes` is given, the joint label table (else one class per
 // side). Throws InvalidArgument / Interrupted.
 template <typename T>
-SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const RowMatrix<T>& cost_t, const double* a,
-                            const double* b, const SinkhornOptions& opt, double* f, double* g,
+SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const double* b,
+                            const SinkhornOptions& opt, double* f, double* g,
                             const PlanClasses* classes = nullptr);
 
 // One pass over the dense plan defined by (f, g, eps). row_class[i] in [0, row_classes); the columns
@@ -92,7 +92,7 @@ PlanSummary summarize_plan(const RowMatrix<T>& cost, const double* a, const doub
                            const double* g, double eps, const int32_t* row_class, int row_classes,
                            const int64_t* col_class_start, int col_classes, int num_threads = 0);
 
-// Bytes the dense solver allocates for an n x m problem in precision T (cost, its transpose, work).
+// Bytes the solver may allocate for an n x m problem in precision T (cost and truncated kernels).
 template <typename T>
 double dense_bytes(int64_t n, int64_t m);
 
