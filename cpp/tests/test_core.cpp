@@ -1,7 +1,9 @@
 // C++ unit tests of the core, without Python: built with SEGTRANSFER_TESTS=ON (and under the
 // sanitizers). Each check compares with an independent formula or a known exact answer.
+#include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -240,15 +242,43 @@ static void test_early_exits() {
   CHECK(throws<InvalidArgument>([&] { sample_pixels(code.data(), n, 0, 1, 0, "source_labels"); }));
 }
 
-int main() {
-  test_fast_exp();
-  test_sampling();
-  test_otce_bijection();
-  test_conditional_entropy();
-  test_strided_views();
-  test_sparse_and_newton_paths();
-  test_multiscale_path();
-  test_early_exits();
+// Each test prints its wall time on stderr, so a slow sanitizer run shows where the time goes.
+// Arguments name the tests to run (e.g. `segtransfer_tests multiscale_path` to reproduce one
+// sanitizer report quickly); none runs them all. An unknown name is an error, not a silent pass.
+int main(int argc, char** argv) {
+  struct Test {
+    const char* name;
+    void (*run)();
+  };
+  const Test tests[] = {
+      {"fast_exp", test_fast_exp},
+      {"sampling", test_sampling},
+      {"otce_bijection", test_otce_bijection},
+      {"conditional_entropy", test_conditional_entropy},
+      {"strided_views", test_strided_views},
+      {"sparse_and_newton_paths", test_sparse_and_newton_paths},
+      {"multiscale_path", test_multiscale_path},
+      {"early_exits", test_early_exits},
+  };
+  for (int i = 1; i < argc; ++i) {
+    bool known = false;
+    for (const Test& t : tests) known = known || std::strcmp(argv[i], t.name) == 0;
+    if (!known) {
+      std::fprintf(stderr, "unknown test '%s'; the tests are:", argv[i]);
+      for (const Test& t : tests) std::fprintf(stderr, " %s", t.name);
+      std::fprintf(stderr, "\n");
+      return 2;
+    }
+  }
+  for (const Test& t : tests) {
+    bool selected = argc == 1;
+    for (int i = 1; i < argc; ++i) selected = selected || std::strcmp(argv[i], t.name) == 0;
+    if (!selected) continue;
+    const auto t0 = std::chrono::steady_clock::now();
+    t.run();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::fprintf(stderr, "  %-26s %8.2f s\n", t.name, s);
+  }
   std::printf("%d passed, %d failed\n", passed, failures);
   return failures ? 1 : 0;
 }
