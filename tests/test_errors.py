@@ -308,8 +308,8 @@ def _maxrss_bytes() -> int:
 
 
 def test_memory_error_before_allocating():
-    """2e5 valid pixels per side with n_pixels=None: the dense float32 cost and the truncated kernel
-    at its densest would take 10 * 2e5 * 2e5 bytes = 400 GB. The core checks that against the available memory before
+    """2e5 valid pixels per side with n_pixels=None: the dense float32 cost and the truncated kernels
+    at their densest would take 20 * 2e5 * 2e5 bytes = 800 GB. The core checks that against the available memory before
     allocating and raises MemoryError telling the user to lower n_pixels (the message proves it is the
     pre-check, not a failed allocation); the peak RSS shows nothing big was touched."""
     n = 200_000
@@ -319,7 +319,7 @@ def test_memory_error_before_allocating():
     before = _maxrss_bytes()
     with pytest.raises(MemoryError, match=r"needs [0-9.]+ GB.*lower n_pixels"):
         st.otce(x, y, x, y, n_pixels=None)
-    # Sampled: 1.5e5 per side -> 225 GB.
+    # Sampled: 1.5e5 per side -> 450 GB.
     with pytest.raises(MemoryError, match=r"needs [0-9.]+ GB.*n_pixels"):
         st.otce(x, y, x, y, n_pixels=150_000, repeats=1)
     with pytest.raises(MemoryError, match="GB"):

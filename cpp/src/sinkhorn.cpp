@@ -29,6 +29,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+constexpr double kPosInf = std::numeric_limits<double>::infinity();
 // Patterns are built keeping entries up to (truncation + slack) * eps: the slack lets the next
 // stages filter them instead of rescanning the dense cost (see Pattern).
 constexpr double kPatternSlack = 5.0;
@@ -451,17 +452,23 @@ double evaluate_plan(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
 // has become infeasible, produces) is rejected like one that raises the error. It is deliberately
 // loose (the drift bound is crude: Newton's cluster moves shift whole blocks of potentials); the
 // certification at the end decides, on the dense plan if the pattern cannot vouch for it.
-template <typename T, typename Poll, typename Keeps>
+// `keeps_pattern(f, g)` says whether the pattern still holds every entry the plan at (f, g) needs.
+// A step that leaves it (Newton's cluster moves shift whole groups of potentials by many eps, far
+// beyond what a pattern built around the old potentials covers) is tried on a pattern rebuilt
+// around the trial point: `relocate(f, g, err)` rebuilds it, evaluates the plan there into `p` and
+// returns the error when it is below `err`; otherwise it restores the old pattern and returns inf.
+// R and Cc are the pattern's own rows and columns, so they follow a relocation.
+template <typename T, typename Poll, typename Keeps, typename Relocate>
 double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const double* a, const double* b,
                      const double* log_a, const double* log_b, double eps, double target, double* f, double* g,
-                     SparsePlan& p, SinkhornReport& rep, Poll& poll, const Keeps& keeps_pattern, int64_t max_iter,
-                     bool debug, int nt) {
+                     SparsePlan& p, SinkhornReport& rep, Poll& poll, const Keeps& keeps_pattern,
+                     const Relocate& relocate, int64_t max_iter, bool debug, int nt) {
   // Inexact Newton with a constant forcing term: each outer step then cuts the error by roughly
   // this factor while CG stops long before resolving the near-null cluster modes exactly.
   constexpr double opt_forcing = 0.1;
   const int64_t n = static_cast<int64_t>(R.ptr.size()) - 1, m = static_cast<int64_t>(Cc.ptr.size()) - 1;
   std::vector<double> rhs(n), x(n), res(n), dir(n), q(n), dinv(n), w(m), inv_c(m), f_try(n), g_try(m);
-  const int nt_mv = R.col.size() > 200000 ? nt : 1;
+  int nt_mv = R.col.size() > 200000 ? nt : 1;
   // q = S v (and returns v . q): w = D2^-1 P^T v over the columns, then q = D1 v - P w over the rows.
   auto schur = [&](const std::vector<double>& v, std::vector<double>& out) {
 #pragma omp parallel for num_threads(nt_mv) schedule(static)
@@ -539,10 +546,21 @@ double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
       w[j] = s * inv_c[j];
     }
     double t = 1.0, err_try = err;
+    int relocations = 0;
     for (; t > 1e-3; t *= 0.5) {
       for (int64_t i = 0; i < n; ++i) f_try[i] = f[i] + t * eps * x[i];
       for (int64_t j = 0; j < m; ++j) g_try[j] = g[j] + t * eps * w[j];
-      if (!keeps_pattern(f_try.data(), g_try.data())) continue;
+      if (!keeps_pattern(f_try.data(), g_try.data())) {
+        // A rebuild costs one dense scan: tried for the two longest steps only.
+        if (relocations++ >= 2) continue;
+        err_try = relocate(f_try.data(), g_try.data(), err);
+        if (err_try < err) {
+          ++rep.newton_relocations;
+          nt_mv = R.col.size() > 200000 ? nt : 1;
+          break;
+        }
+        continue;
+      }
       err_try = evaluate_plan(R, Cc, a, b, log_a, log_b, eps, f_try.data(), g_try.data(), p);
       if (err_try < err) break;
     }
@@ -603,9 +621,11 @@ PlanSummary summarize_pattern(const SparseRows<T>& R, const double* a, const dou
 
 template <typename T>
 double dense_bytes(int64_t n, int64_t m) {
-  // The cost, plus the truncated kernel at its densest (max_density 0.25, CSR and CSC of value and
-  // column index, and the copy a refresh filters into).
-  return static_cast<double>(n) * static_cast<double>(m) * (sizeof(T) + 0.25 * 3.0 * (sizeof(T) + 4));
+  // The cost, plus truncated kernels at their densest (SinkhornOptions' default max_density,
+  // value and column index): the pattern as CSR and CSC, and a rebuilt one (a refresh or a Newton
+  // relocation) as CSR and CSC while the old one still exists.
+  const double density = SinkhornOptions{}.max_density;
+  return static_cast<double>(n) * static_cast<double>(m) * (sizeof(T) + density * 4.0 * (sizeof(T) + 4));
 }
 
 template <typename T>
@@ -659,7 +679,8 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const dou
                                          ", cost / epsilon must stay below 1e12)");
   }
   if (opt.eps_scaling) {
-    for (double e = cmax; e > opt.epsilon; e *= opt.scaling_factor) schedule.push_back(e);
+    const double top = opt.schedule_from > 0 ? opt.schedule_from : cmax;
+    for (double e = top; e > opt.epsilon; e *= opt.scaling_factor) schedule.push_back(e);
   }
   schedule.push_back(opt.epsilon);
   std::fill(f, f + n, 0.0);
@@ -769,8 +790,41 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const dou
     double ta = 0, tb = 0;
     for (int64_t k = 0; k < ks; ++k) { sa[k] = a[ri[k]]; sb[k] = b[ci[k]]; ta += sa[k]; tb += sb[k]; }
     for (int64_t k = 0; k < ks; ++k) { sa[k] /= ta; sb[k] /= tb; }
+    // The subsample stands in for the full problem only while epsilon exceeds its resolution: the
+    // extra cost a point pays to reach the nearest subsampled point instead of its nearest point.
+    // Below that, the c-transform extension hands the full problem potentials that are off by
+    // about that much (on clustered logits, a 2000-point subsample run down to the sparse regime
+    // left the full problem at marginal error ~1 and 18,000 iterations from the answer, where
+    // stopping at the resolution needs a few hundred). Measured on up to 256 rows and columns.
+    double resolution = 0.0;
+    {
+      const int64_t probes = std::min<int64_t>(256, std::min(n, m));
+      double gap_rows = 0.0, gap_cols = 0.0;
+      for (int64_t k = 0; k < probes; ++k) {
+        const T* row = cost.data() + ((2 * k + 1) * n / (2 * probes)) * m;
+        double sub_min = kPosInf;
+        for (int64_t l = 0; l < ks; ++l) sub_min = std::min(sub_min, static_cast<double>(row[ci[l]]));
+        gap_rows += sub_min - static_cast<double>(*std::min_element(row, row + m));
+      }
+      // Columns, read row by row (a column walk would miss the cache on every entry).
+      std::vector<double> col_all(probes, kPosInf), col_sub(probes, kPosInf);
+      std::vector<int64_t> pj(probes);
+      for (int64_t k = 0; k < probes; ++k) pj[k] = (2 * k + 1) * m / (2 * probes);
+      for (int64_t l = 0; l < n; ++l) {
+        const T* row = cost.data() + l * m;
+        for (int64_t k = 0; k < probes; ++k) col_all[k] = std::min(col_all[k], static_cast<double>(row[pj[k]]));
+      }
+      for (int64_t l = 0; l < ks; ++l) {
+        const T* row = cost.data() + ri[l] * m;
+        for (int64_t k = 0; k < probes; ++k) col_sub[k] = std::min(col_sub[k], static_cast<double>(row[pj[k]]));
+      }
+      for (int64_t k = 0; k < probes; ++k) gap_cols += col_sub[k] - col_all[k];
+      resolution = std::max(gap_rows, gap_cols) / static_cast<double>(probes);
+    }
     SinkhornOptions so = opt;
     so.stop_when_sparse = true;
+    so.stop_below = opt.multiscale_resolution * resolution;
+    so.schedule_from = schedule.front();  // the same stage epsilons as the full problem
     so.multiscale_points = 0;
     so.newton = false;
     so.tol = std::max(opt.stage_tol, opt.tol);
@@ -778,8 +832,13 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const dou
     const SinkhornReport sr = sinkhorn_log(sub, sa.data(), sb.data(), so, sf.data(), sg.data());
     rep.iterations += sr.iterations;  // charged as full iterations: conservative against max_iter
     if (sr.final_epsilon > 0) {
-      const double eps = sr.final_epsilon;
-      while (first_stage + 1 < schedule.size() && schedule[first_stage] > eps * (1 + 1e-12)) ++first_stage;
+      // Resume at the last stage the subsample completed, not the one it stopped before: the
+      // extension's error is then removed where iterations converge fastest (at the next, smaller
+      // epsilon the full problem needed 5x more iterations on clustered logits).
+      while (first_stage + 1 < schedule.size() && schedule[first_stage] > sr.final_epsilon * (1 + 1e-12))
+        ++first_stage;
+      if (first_stage > 0) --first_stage;
+      const double eps = schedule[first_stage];
       // f_i = -eps log sum_l sb_l exp((sg_l - C_{i, ci[l]}) / eps), then a full g half-step.
       std::vector<double> lsb(ks);
       for (int64_t l = 0; l < ks; ++l) lsb[l] = std::log(sb[l]);
@@ -794,7 +853,7 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const dou
       half_step(cost, true, static_cast<const SparseRows<T>*>(nullptr), f, log_a.data(), b, eps, 1.0, g,
                 err_rows, nt);
       if (debug)
-        std::fprintf(stderr, "multiscale: %lld sub-iterations, resume at eps=%g t=%.3f\n", (long long)sr.iterations,
+        std::fprintf(stderr, "multiscale: resolution %.3g, %lld sub-iterations, resume at eps=%g t=%.3f\n", resolution, (long long)sr.iterations,
                      eps, std::chrono::duration<double>(Clock::now() - start).count());
     }
   }
@@ -826,7 +885,7 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const dou
       const bool sparse = opt.truncation > 0 &&
                           refresh_pattern(cost, f, g, cutoff, kPatternSlack * eps, opt.max_density, nt, pattern);
       if (!sparse) ++rep.dense_stages;
-      if (sparse && opt.stop_when_sparse) {
+      if ((sparse && opt.stop_when_sparse) || eps < opt.stop_below) {
         rep.final_epsilon = eps;
         return rep;
       }
@@ -851,8 +910,25 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const dou
           const auto keeps = [&](const double* ft, const double* gt) {
             return pattern.margin(ft, gt) >= 0.0;
           };
+          const auto relocate = [&](const double* ft, const double* gt, double err_now) {
+            Pattern<T> moved;
+            if (refresh_pattern(cost, ft, gt, cutoff, kPatternSlack * eps, opt.max_density, nt, moved)) {
+              const double e = evaluate_plan(moved.rows, moved.cols, a, b, log_a.data(), log_b.data(), eps, ft,
+                                             gt, plan);
+              if (e < err_now) {
+                pattern.rows = std::move(moved.rows);  // in place: the solver's references stay valid
+                pattern.cols = std::move(moved.cols);
+                pattern.f0 = std::move(moved.f0);
+                pattern.g0 = std::move(moved.g0);
+                pattern.cutoff = moved.cutoff;
+                ++rep.pattern_refreshes;
+                return e;
+              }
+            }
+            return std::numeric_limits<double>::infinity();
+          };
           const double err = newton_polish(rows, cols, a, b, log_a.data(), log_b.data(), eps, target, f, g,
-                                           plan, rep, poll, keeps, opt.max_iter, debug, nt);
+                                           plan, rep, poll, keeps, relocate, opt.max_iter, debug, nt);
           if (err <= target || pattern_stale()) break;
           // A round that ended on a rejected first step (the truncated problem's Newton system can
           // be inconsistent far from the solution) leaves the work to longer Sinkhorn phases.
