@@ -36,7 +36,7 @@ import data as bdata  # noqa: E402
 import peers  # noqa: E402
 
 CONTENDERS = ["segtransfer", "segtransfer-draw0", "replica", "pot-f64", "pot-f32", "authors-sinkhorn",
-              "authors-emd"]
+              "authors-emd", "geomloss", "geomloss-0.9"]
 DESCRIPTIONS = {
     "segtransfer": "st.otce, default tol, K repeats (time = whole call / K)",
     "segtransfer-draw0": "st.sinkhorn on draw 0 (the reference for errors and scores)",
@@ -45,6 +45,9 @@ DESCRIPTIONS = {
     "pot-f32": "ot.sinkhorn(method='sinkhorn_log'), float32, for as many iterations as f64 needs",
     "authors-sinkhorn": "authors' recipe: N x N x D tensor cost, log-Sinkhorn, stop sum|du| < 0.1",
     "authors-emd": "authors' default solver: ot.emd (exact), float64",
+    "geomloss": "geomloss.SamplesLoss('sinkhorn', debias=False, potentials=True, backend='tensorized'), "
+                "float32, default scaling 0.5 (eps-scaling, no stopping rule)",
+    "geomloss-0.9": "as geomloss, scaling 0.9 (its 'more accurate' setting)",
 }
 
 
@@ -97,6 +100,12 @@ def machine_info() -> dict:
             versions[mod] = __import__(mod).__version__
         except Exception as exc:  # noqa: BLE001
             versions[mod] = f"not importable ({type(exc).__name__})"
+    for dist in ("torch", "geomloss"):  # metadata only: importing torch here would cost seconds and RSS
+        try:
+            from importlib.metadata import version as _version
+            versions[dist] = _version(dist)
+        except Exception:  # noqa: BLE001
+            versions[dist] = "not installed"
     return {
         "cpu": cpu, "cores": os.cpu_count(), "ram_gib": mem, "load_avg_at_start": os.getloadavg(),
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "git_commit": commit,
@@ -348,6 +357,75 @@ def w_authors_emd(spec, p, out):
                transport_cost=ev["transport_cost"])
 
 
+def w_geomloss(spec, p, out, scaling):
+    """GeomLoss's balanced entropic OT (eps-scaling Sinkhorn, tensorized PyTorch backend, float32).
+
+    Mapping onto our problem (checked in geomloss 0.3.1's source, geomloss/_legacy/):
+    - cost: for p=2 GeomLoss uses C'(x, y) = |x - y|^2 / 2 (``cost_routines[2] = squared_distances / 2``
+      in sinkhorn_samples.py). Feeding it sqrt(2) x and sqrt(2) y gives C' = |x - y|^2 = our cost C.
+    - eps: GeomLoss's temperature is eps = blur**p (``scaling_parameters``: ``eps = blur**p``), so
+      blur = sqrt(eps) = sqrt(0.1) gives eps = 0.1 in those (= our) cost units. Its schedule starts at
+      diameter**p (diameter of the sqrt(2)-scaled clouds) and multiplies eps by scaling**p per step down
+      to blur**p; each step is one symmetric (averaged) Sinkhorn update, plus one initial and one final
+      "extrapolation" update. There is no stopping rule: the schedule length is the iteration count.
+    - potentials: ``softmin(eps, C, h) = -eps * logsumexp_j(h_j - C_ij / eps)`` and the updates are
+      f_i = softmin(eps, C_xy, log b + g / eps), i.e. sum_j b_j exp((f_i + g_j - C_ij) / eps) = 1 at a
+      fixed point; with debias=False, potentials=True it returns (f_ba, g_ab) as (F, G). So
+      pi_ij = a_i b_j exp((F_i + G_j - C_ij) / eps) in cost units of C' = C: exactly segtransfer's
+      convention, f = F and g = G with no shift or rescaling (besides float32 -> float64).
+    """
+    try:
+        import torch
+        import geomloss
+        from geomloss._legacy.sinkhorn_divergence import scaling_parameters
+    except ImportError as exc:
+        out.update(status="not installed", time_s=None, note=f"{type(exc).__name__}: {exc}; "
+                   "pip install torch==2.13.0 geomloss")
+        return
+    torch.set_num_threads(2)
+    x, y = p["x0"], p["y0"]
+    n, m = x.shape[0], y.shape[0]
+    # tensorized backend with debias=False: C_xy and C_yx (float32) plus ~3 N x M temporaries in softmin
+    need = 5 * n * m * 4
+    avail = mem_available_bytes()
+    out.update(bytes_needed=need, bytes_available=avail, scaling=scaling, torch_version=torch.__version__,
+               geomloss_version=geomloss.__version__, torch_threads=torch.get_num_threads())
+    if need > spec["mem_frac"] * avail:
+        out.update(status=f"does not fit (needs {need / 1e9:.1f} GB, {avail / 1e9:.1f} GB available)",
+                   time_s=None)
+        return
+    eps = spec["epsilon"]
+    blur = math.sqrt(eps)  # eps = blur**2 (p = 2)
+    loss = geomloss.SamplesLoss("sinkhorn", p=2, blur=blur, scaling=scaling, debias=False, potentials=True,
+                                backend="tensorized")
+    t0 = time.perf_counter()
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)) * math.sqrt(2.0)  # C' = |x-y|^2
+    yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.float32)) * math.sqrt(2.0)
+    a = torch.full((n,), 1.0 / n, dtype=torch.float32)
+    b = torch.full((m,), 1.0 / m, dtype=torch.float32)
+    F, G = loss(a, xt, b, yt)
+    wall = time.perf_counter() - t0
+    out["rss_solver_mb"] = rss_peak_mb()
+    diameter, eps_final, eps_list, _ = scaling_parameters(xt, yt, 2, blur, None, None, scaling)
+    # F, G come back as (1, N), (1, M): the tensorized backend adds a batch axis before view_as.
+    f = F.detach().numpy().astype(np.float64).reshape(n)
+    g = G.detach().numpy().astype(np.float64).reshape(m)
+    ev = peers.evaluate(x, y, p["ls0"], p["lt0"], f=f, g=g, eps=eps)
+    over = wall > spec["budget_s"]
+    out.update(
+        status=(f"over budget ({wall:.0f} s > {spec['budget_s']:g} s); " if over else "")
+        + f"done: eps-scaling schedule of {len(eps_list)} steps (no stopping rule)",
+        time_s=wall, time_est=False, time_k_s=wall * spec["repeats"], time_k_est=True,
+        iterations=len(eps_list) + 2,
+        iterations_note="symmetric Sinkhorn updates: 1 initial + len(eps_list) annealing + 1 final extrapolation",
+        eps_schedule_len=len(eps_list), eps_schedule_first=float(eps_list[0]), eps_final=float(eps_final),
+        diameter=float(diameter), blur=blur,
+        marginal_error=ev["marginal_error"], marginal_error_rows=ev["marginal_error_rows"],
+        marginal_error_cols=ev["marginal_error_cols"], finite=ev["finite"],
+        score=-ev["conditional_entropy"], transport_cost=ev["transport_cost"],
+    )
+
+
 WORKERS = {
     "segtransfer": w_segtransfer,
     "segtransfer-draw0": w_segtransfer_draw0,
@@ -356,6 +434,8 @@ WORKERS = {
     "pot-f32": lambda s, p, o: w_pot(s, p, o, np.float32),
     "authors-sinkhorn": w_authors_sinkhorn,
     "authors-emd": w_authors_emd,
+    "geomloss": lambda s, p, o: w_geomloss(s, p, o, 0.5),
+    "geomloss-0.9": lambda s, p, o: w_geomloss(s, p, o, 0.9),
 }
 
 
@@ -593,7 +673,7 @@ def header(info: dict, args) -> str:
         f"- machine: {info['cpu']}, {info['cores']} cores, {info['ram_gib']:.1f} GiB RAM; "
         f"load average at start: {', '.join(f'{x:.2f}' for x in info['load_avg_at_start'])}",
         f"- versions: segtransfer {v.get('segtransfer')}, POT {v.get('ot')}, NumPy {v.get('numpy')}, "
-        f"SciPy {v.get('scipy')}, Python {v.get('python')}",
+        f"SciPy {v.get('scipy')}, Python {v.get('python')}, torch {v.get('torch')}, GeomLoss {v.get('geomloss')}",
         f"- command: `{info['command']}`",
         f"- settings: eps={args.epsilon}, K={args.repeats} repeats, features {args.dtype}, pool of {args.pool} pixels "
         f"per side (seed {args.seed}, target class-frequency spread {args.freq_spread}), budget {args.budget_s:g} s per contender "
@@ -617,7 +697,9 @@ Notes
 - marginal error: ||pi 1 - a||_1 + ||pi^T 1 - b||_1 computed by the harness in float64 for every
   contender, from the returned plan (POT, emd, authors) or from the potentials with the float64 cost
   (segtransfer, replica). For segtransfer with float32 features the float64 evaluation includes the
-  float32 rounding of its cost; "self" is what segtransfer reports on its own cost.
+  float32 rounding of its cost; "self" is what segtransfer reports on its own cost. GeomLoss: from its
+  returned potentials (F, G) = (f, g) (features scaled by sqrt(2) so its cost |x-y|^2/2 is ours,
+  blur = sqrt(eps)); its "iterations" are the symmetric updates of its eps-scaling schedule (no stopping rule).
 - abs(score - ref): against `segtransfer-draw0`, i.e. the same pixels (draw 0) solved by segtransfer.
 - peak RSS: ru_maxrss of the contender's own fresh subprocess (includes Python, NumPy and the data pool).
 """
