@@ -33,6 +33,7 @@ constexpr double kPosInf = std::numeric_limits<double>::infinity();
 // Patterns are built keeping entries up to (truncation + slack) * eps: the slack lets the next
 // stages filter them instead of rescanning the dense cost (see Pattern).
 constexpr double kPatternSlack = 5.0;
+constexpr double kSmallProblem = 1e6;  // entries (n x m) of a problem whose kernel may stay full
 
 int threads_for(int requested) {
 #ifdef _OPENMP
@@ -870,6 +871,11 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const dou
       half_step(cost, true, static_cast<const SparseRows<T>*>(nullptr), f, log_a.data(), b, eps, 1.0, g, err_rows, nt);
     }
     const double cutoff = opt.truncation * eps;
+    // A small problem's last stage keeps its kernel as a (possibly full) sparse matrix whatever its
+    // density, for the sake of Newton: at large epsilon a dense stage can crawl, e.g. 50 x 50 logits
+    // at eps = 10 still had marginal error 1.5e-6 after 50,000 Sinkhorn iterations (POT's too), as one
+    // nearly isolated point's mass converges at a sublinear rate. At most kSmallProblem entries.
+    const double density_cap = last && static_cast<double>(n) * m <= kSmallProblem ? 1.0 : opt.max_density;
     double target = last ? 0.5 * opt.tol : std::max(opt.stage_tol, opt.tol);
     ++rep.stages;
     omega = 1.0;
@@ -883,7 +889,7 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const dou
       min_margin = std::min(0.8 * opt.truncation, std::log(1e3 / target)) * eps;
       // Pattern from the current potentials; by symmetry the transpose keeps the same entries.
       const bool sparse = opt.truncation > 0 &&
-                          refresh_pattern(cost, f, g, cutoff, kPatternSlack * eps, opt.max_density, nt, pattern);
+                          refresh_pattern(cost, f, g, cutoff, kPatternSlack * eps, density_cap, nt, pattern);
       if (!sparse) ++rep.dense_stages;
       if ((sparse && opt.stop_when_sparse) || eps < opt.stop_below) {
         rep.final_epsilon = eps;
@@ -912,7 +918,7 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const dou
           };
           const auto relocate = [&](const double* ft, const double* gt, double err_now) {
             Pattern<T> moved;
-            if (refresh_pattern(cost, ft, gt, cutoff, kPatternSlack * eps, opt.max_density, nt, moved)) {
+            if (refresh_pattern(cost, ft, gt, cutoff, kPatternSlack * eps, density_cap, nt, moved)) {
               const double e = evaluate_plan(moved.rows, moved.cols, a, b, log_a.data(), log_b.data(), eps, ft,
                                              gt, plan);
               if (e < err_now) {
