@@ -11,9 +11,11 @@
 
 #include "segtransfer/cuda_otce.hpp"
 #include "segtransfer/errors.hpp"
+#include "results.hpp"
 
 namespace py = pybind11;
 using namespace segtransfer;
+using namespace segtransfer::bindings;
 
 namespace {
 
@@ -108,21 +110,6 @@ py::dict dlpack_info(const py::object& capsule, const std::string& name) {
   return out;
 }
 
-SinkhornOptions with_interrupt(SinkhornOptions opt) {
-  opt.interrupt = []() {
-    py::gil_scoped_acquire gil;
-    return PyErr_CheckSignals() != 0;
-  };
-  return opt;
-}
-
-template <typename T>
-py::array_t<T> to_numpy(const std::vector<T>& v, std::vector<py::ssize_t> shape) {
-  py::array_t<T> out(shape);
-  std::copy(v.begin(), v.end(), out.mutable_data());
-  return out;
-}
-
 using Codes = py::array_t<int32_t, py::array::c_style>;
 using Indices = py::array_t<int64_t, py::array::c_style>;
 using Weights = py::array_t<double, py::array::c_style>;
@@ -143,16 +130,7 @@ py::dict otce_cuda_impl(const FeatureSource& src, const Codes& src_code, int cs,
     r = otce_cuda(src, src_code.data(), cs, src_idx.data(), ns, tgt, tgt_code.data(), ct, tgt_idx.data(), nt,
                   repeats, o, device);
   }
-  py::dict d;
-  const auto K = static_cast<py::ssize_t>(repeats);
-  d["conditional_entropy"] = to_numpy(r.conditional_entropy, {K});
-  d["transport_cost"] = to_numpy(r.transport_cost, {K});
-  d["marginal_error"] = to_numpy(r.marginal_error, {K});
-  d["joint"] = to_numpy(r.joint, {K, cs, ct});
-  d["iterations"] = to_numpy(r.iterations, {K});
-  d["converged"] = to_numpy(r.converged, {K}).attr("astype")("bool");
-  d["timed_out"] = to_numpy(r.timed_out, {K}).attr("astype")("bool");
-  return d;
+  return otce_dict(r, repeats, cs, ct);
 }
 
 py::dict sinkhorn_cuda_impl(const FeatureSource& x, const FeatureSource& y, const py::object& a, const py::object& b,
@@ -176,19 +154,7 @@ py::dict sinkhorn_cuda_impl(const FeatureSource& x, const FeatureSource& y, cons
     py::gil_scoped_release nogil;
     r = transport_points_cuda(x, y, pa, pb, o, device);
   }
-  py::dict out;
-  out["f"] = to_numpy(r.f, {static_cast<py::ssize_t>(r.f.size())});
-  out["g"] = to_numpy(r.g, {static_cast<py::ssize_t>(r.g.size())});
-  out["transport_cost"] = r.transport_cost;
-  out["iterations"] = r.report.iterations;
-  out["converged"] = r.report.converged;
-  out["timed_out"] = r.report.timed_out;
-  out["marginal_error"] = r.report.marginal_error;
-  out["stages"] = r.report.stages;
-  out["dense_stages"] = r.report.dense_stages;
-  out["newton_steps"] = r.report.newton_steps;
-  out["cg_iterations"] = r.report.cg_iterations;
-  return out;
+  return transport_dict(r);
 }
 
 }  // namespace

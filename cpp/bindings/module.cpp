@@ -12,31 +12,16 @@
 #include "segtransfer/errors.hpp"
 #include "segtransfer/otce.hpp"
 #include "segtransfer/sampling.hpp"
+#include "results.hpp"
 
 namespace py = pybind11;
 using namespace segtransfer;
+using namespace segtransfer::bindings;
 
 // cuda_bindings.cpp: DLPack parsing and the CUDA solvers (stubs that throw when built without CUDA).
 void register_cuda_bindings(py::module_& m);
 
 namespace {
-
-template <typename T>
-py::array_t<T> to_numpy(const std::vector<T>& v, std::vector<py::ssize_t> shape) {
-  py::array_t<T> out(shape);
-  std::copy(v.begin(), v.end(), out.mutable_data());
-  return out;
-}
-
-// Ctrl-C: the solver polls this from its own (GIL-free) thread; a pending signal leaves the
-// KeyboardInterrupt set in Python's error indicator, which the translator below re-raises.
-SinkhornOptions with_interrupt(SinkhornOptions opt) {
-  opt.interrupt = []() {
-    py::gil_scoped_acquire gil;
-    return PyErr_CheckSignals() != 0;
-  };
-  return opt;
-}
 
 // A (B, P, D) float array, any strides (no copy), as the core's strided view.
 template <typename T>
@@ -102,16 +87,7 @@ py::dict otce_impl(const py::array& src, const py::array_t<int32_t, py::array::c
       if (std::chrono::steady_clock::now() - t0 < std::chrono::milliseconds(50)) chunk *= 2;
     }
   }
-  py::dict d;
-  const auto K = static_cast<py::ssize_t>(repeats);
-  d["conditional_entropy"] = to_numpy(r.conditional_entropy, {K});
-  d["transport_cost"] = to_numpy(r.transport_cost, {K});
-  d["marginal_error"] = to_numpy(r.marginal_error, {K});
-  d["joint"] = to_numpy(r.joint, {K, cs, ct});
-  d["iterations"] = to_numpy(r.iterations, {K});
-  d["converged"] = to_numpy(r.converged, {K}).attr("astype")("bool");
-  d["timed_out"] = to_numpy(r.timed_out, {K}).attr("astype")("bool");
-  return d;
+  return otce_dict(r, repeats, cs, ct);
 }
 
 template <typename T>
@@ -130,19 +106,7 @@ py::dict sinkhorn_impl(const py::array_t<T, py::array::c_style>& x, const py::ar
     py::gil_scoped_release nogil;
     r = transport_points<T>(x.data(), n, y.data(), m, d, pa, pb, o, memory_budget);
   }
-  py::dict out;
-  out["f"] = to_numpy(r.f, {static_cast<py::ssize_t>(n)});
-  out["g"] = to_numpy(r.g, {static_cast<py::ssize_t>(m)});
-  out["transport_cost"] = r.transport_cost;
-  out["iterations"] = r.report.iterations;
-  out["converged"] = r.report.converged;
-  out["timed_out"] = r.report.timed_out;
-  out["marginal_error"] = r.report.marginal_error;
-  out["stages"] = r.report.stages;
-  out["dense_stages"] = r.report.dense_stages;
-  out["newton_steps"] = r.report.newton_steps;
-  out["cg_iterations"] = r.report.cg_iterations;
-  return out;
+  return transport_dict(r);
 }
 
 }  // namespace
