@@ -647,6 +647,36 @@ void squared_euclidean(const T* x, int64_t n, const T* y, int64_t m, int64_t d, 
   cost = cost.cwiseMax(T(0));
 }
 
+// Mean extra cost a point pays to reach its nearest subsampled point (rows ri, columns ci) instead
+// of its nearest point, probed on up to 256 rows and 256 columns; the larger of the two sides.
+template <typename T>
+double subsample_resolution(const RowMatrix<T>& cost, const std::vector<int64_t>& ri,
+                            const std::vector<int64_t>& ci) {
+  const int64_t n = cost.rows(), m = cost.cols(), ks = static_cast<int64_t>(ci.size());
+  const int64_t probes = std::min<int64_t>(256, std::min(n, m));
+  double gap_rows = 0.0, gap_cols = 0.0;
+  for (int64_t k = 0; k < probes; ++k) {
+    const T* row = cost.data() + ((2 * k + 1) * n / (2 * probes)) * m;
+    double sub_min = kPosInf;
+    for (int64_t l = 0; l < ks; ++l) sub_min = std::min(sub_min, static_cast<double>(row[ci[l]]));
+    gap_rows += sub_min - static_cast<double>(*std::min_element(row, row + m));
+  }
+  // Columns, read row by row (a column walk would miss the cache on every entry).
+  std::vector<double> col_all(probes, kPosInf), col_sub(probes, kPosInf);
+  std::vector<int64_t> pj(probes);
+  for (int64_t k = 0; k < probes; ++k) pj[k] = (2 * k + 1) * m / (2 * probes);
+  for (int64_t l = 0; l < n; ++l) {
+    const T* row = cost.data() + l * m;
+    for (int64_t k = 0; k < probes; ++k) col_all[k] = std::min(col_all[k], static_cast<double>(row[pj[k]]));
+  }
+  for (int64_t l : ri) {
+    const T* row = cost.data() + l * m;
+    for (int64_t k = 0; k < probes; ++k) col_sub[k] = std::min(col_sub[k], static_cast<double>(row[pj[k]]));
+  }
+  for (int64_t k = 0; k < probes; ++k) gap_cols += col_sub[k] - col_all[k];
+  return std::max(gap_rows, gap_cols) / static_cast<double>(probes);
+}
+
 template <typename T>
 SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const double* b,
                             const SinkhornOptions& opt, double* f, double* g, const PlanClasses* classes) {
@@ -797,31 +827,7 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const dou
     // about that much (on clustered logits, a 2000-point subsample run down to the sparse regime
     // left the full problem at marginal error ~1 and 18,000 iterations from the answer, where
     // stopping at the resolution needs a few hundred). Measured on up to 256 rows and columns.
-    double resolution = 0.0;
-    {
-      const int64_t probes = std::min<int64_t>(256, std::min(n, m));
-      double gap_rows = 0.0, gap_cols = 0.0;
-      for (int64_t k = 0; k < probes; ++k) {
-        const T* row = cost.data() + ((2 * k + 1) * n / (2 * probes)) * m;
-        double sub_min = kPosInf;
-        for (int64_t l = 0; l < ks; ++l) sub_min = std::min(sub_min, static_cast<double>(row[ci[l]]));
-        gap_rows += sub_min - static_cast<double>(*std::min_element(row, row + m));
-      }
-      // Columns, read row by row (a column walk would miss the cache on every entry).
-      std::vector<double> col_all(probes, kPosInf), col_sub(probes, kPosInf);
-      std::vector<int64_t> pj(probes);
-      for (int64_t k = 0; k < probes; ++k) pj[k] = (2 * k + 1) * m / (2 * probes);
-      for (int64_t l = 0; l < n; ++l) {
-        const T* row = cost.data() + l * m;
-        for (int64_t k = 0; k < probes; ++k) col_all[k] = std::min(col_all[k], static_cast<double>(row[pj[k]]));
-      }
-      for (int64_t l = 0; l < ks; ++l) {
-        const T* row = cost.data() + ri[l] * m;
-        for (int64_t k = 0; k < probes; ++k) col_sub[k] = std::min(col_sub[k], static_cast<double>(row[pj[k]]));
-      }
-      for (int64_t k = 0; k < probes; ++k) gap_cols += col_sub[k] - col_all[k];
-      resolution = std::max(gap_rows, gap_cols) / static_cast<double>(probes);
-    }
+    const double resolution = subsample_resolution(cost, ri, ci);
     SinkhornOptions so = opt;
     so.stop_when_sparse = true;
     so.stop_below = opt.multiscale_resolution * resolution;
@@ -887,11 +893,15 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const dou
     for (;;) {
       stale = false;
       min_margin = std::min(0.8 * opt.truncation, std::log(1e3 / target)) * eps;
+      if (eps < opt.stop_below) {  // before the pattern scan, whose result would go unused
+        rep.final_epsilon = eps;
+        return rep;
+      }
       // Pattern from the current potentials; by symmetry the transpose keeps the same entries.
       const bool sparse = opt.truncation > 0 &&
                           refresh_pattern(cost, f, g, cutoff, kPatternSlack * eps, density_cap, nt, pattern);
       if (!sparse) ++rep.dense_stages;
-      if ((sparse && opt.stop_when_sparse) || eps < opt.stop_below) {
+      if (sparse && opt.stop_when_sparse) {
         rep.final_epsilon = eps;
         return rep;
       }
@@ -922,11 +932,7 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const dou
               const double e = evaluate_plan(moved.rows, moved.cols, a, b, log_a.data(), log_b.data(), eps, ft,
                                              gt, plan);
               if (e < err_now) {
-                pattern.rows = std::move(moved.rows);  // in place: the solver's references stay valid
-                pattern.cols = std::move(moved.cols);
-                pattern.f0 = std::move(moved.f0);
-                pattern.g0 = std::move(moved.g0);
-                pattern.cutoff = moved.cutoff;
+                pattern = std::move(moved);  // members keep their addresses: `rows`, `cols` stay valid
                 ++rep.pattern_refreshes;
                 return e;
               }
@@ -965,8 +971,9 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const dou
       rep.joint = std::move(chk.joint);
       rep.converged = chk.marginal_error <= opt.tol;
       if (debug)
-        std::fprintf(stderr, "certify(%s, outside<=%.2e): err=%.3e it=%lld t=%.3f\n", rep.truncated_mass > 0 ? "pattern" : "dense", outside,
-                     chk.marginal_error, (long long)rep.iterations,
+        std::fprintf(stderr, "certify(%s, outside<=%.2e): err=%.3e it=%lld newton=%lld relocated=%lld t=%.3f\n",
+                     rep.truncated_mass > 0 ? "pattern" : "dense", outside, chk.marginal_error,
+                     (long long)rep.iterations, (long long)rep.newton_steps, (long long)rep.newton_relocations,
                      std::chrono::duration<double>(Clock::now() - start).count());
       if (rep.converged || rep.iterations >= opt.max_iter || rep.timed_out ||
           !std::isfinite(chk.marginal_error))
