@@ -1,0 +1,211 @@
+// Roofline of the dense log-domain Sinkhorn iteration on this machine: measures (a) sustained DRAM
+// read bandwidth, (b) the throughput of the solver's own exp (detail::fast_exp, compiled with the
+// same target clones as sinkhorn.cpp), (c) seconds per dense iteration through the public API, and
+// compares (c) with the limits (a) and (b) put on it. Usage: segtransfer_roofline [N] [D] [threads]
+// (N = M; threads omitted: 1 and 2).
+//
+// What one dense float iteration does (sinkhorn.cpp, half_step with sp == nullptr):
+//  - rows (RowLse::run per row): pass 1 streams the row from DRAM for its max, pass 2 re-reads it
+//    from L2 and takes M exps. One DRAM read of C, N*M exps.
+//  - columns (dense_column_lse): a max_row sweep over all of C, then a sum_row sweep over all of C
+//    with the exps (C is 400 MB at N = 10^4, so the second sweep comes from DRAM again).
+//  Total: 3 * N*M*sizeof(float) bytes from DRAM and 2 * N*M exps (args formed in double).
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "segtransfer/fastexp.hpp"
+#include "segtransfer/sinkhorn.hpp"
+
+// Same dispatch as the solver's hot loops (see SEGTRANSFER_HOT in sinkhorn.cpp): without it this
+// file would measure the baseline x86-64 (SSE2) build of fast_exp, not what the solver runs.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(SEGTRANSFER_NO_CLONES)
+#define ROOF_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define ROOF_HOT
+#endif
+
+using namespace segtransfer;
+using Clock = std::chrono::steady_clock;
+static double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+// Tells the compiler the array may have changed, so repeated calls on it cannot be hoisted/merged.
+static inline void clobber() { asm volatile("" ::: "memory"); }
+
+template <typename T>
+struct Kernels {
+  // (a) 4 x 16 independent accumulators: one accumulator would make the loop add-latency bound.
+  ROOF_HOT static T sum(const T* x, int64_t len) {
+    T acc[64] = {};
+    int64_t j = 0;
+    for (; j + 64 <= len; j += 64)
+#pragma omp simd
+      for (int k = 0; k < 64; ++k) acc[k] += x[j + k];
+    T s = 0;
+    for (; j < len; ++j) s += x[j];
+    for (int k = 0; k < 64; ++k) s += acc[k];
+    return s;
+  }
+  // (b) the bare exp, vectorised the way RowLse/ColLse vectorise it (omp simd over fast_exp).
+  ROOF_HOT static T exp_sum(const T* x, int64_t len) {
+    T s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < len; ++j) s += detail::fast_exp(x[j]);
+    return s;
+  }
+  // (b') RowLse's pass-2 body: exponent formed in double from a T cost, then exp in T. This is the
+  // per-entry compute the hot loop really pays, so it is the fairer compute ceiling.
+  ROOF_HOT static T lse_body(const T* c, const double* A, int64_t len, double inv_eps, double mx) {
+    T s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < len; ++j) s += detail::fast_exp(static_cast<T>(A[j] - static_cast<double>(c[j]) * inv_eps - mx));
+    return s;
+  }
+};
+
+// Sustained read bandwidth, GB/s, best of 5 sweeps over an array much larger than the 32 MB L3.
+static double read_bandwidth(const std::vector<float>& x, int nt) {
+  const int64_t len = static_cast<int64_t>(x.size()), chunk = 1 << 16;  // 256 KB per task
+  double best = 0, sink = 0;
+  for (int rep = 0; rep < 5; ++rep) {
+    double s = 0;
+    const auto t0 = Clock::now();
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : s)
+    for (int64_t j0 = 0; j0 < len; j0 += chunk) s += Kernels<float>::sum(x.data() + j0, std::min(chunk, len - j0));
+    best = std::max(best, 4.0 * len / since(t0) / 1e9);
+    sink += s;
+  }
+  if (sink == 1.2345) std::printf(" ");  // keeps the sums alive
+  return best;
+}
+
+// Values per second over per-thread 16K arrays (L2-resident, as the solver's rows are), best of 3.
+template <typename T>
+static double exp_rate(int nt, bool body) {
+  const int64_t len = 16384, reps = 4000;
+  std::mt19937 rng(1);
+  std::uniform_real_distribution<double> u(-20.0, 0.0), uc(10.0, 500.0);
+  std::vector<T> x(len * nt), c(len * nt);
+  std::vector<double> A(len * nt);
+  for (int64_t k = 0; k < len * nt; ++k) x[k] = static_cast<T>(u(rng)), c[k] = static_cast<T>(uc(rng)), A[k] = uc(rng);
+  double best = 0, sink = 0;
+  for (int rep = 0; rep < 3; ++rep) {
+    double s = 0;
+    const auto t0 = Clock::now();
+#pragma omp parallel num_threads(nt) reduction(+ : s)
+    {
+      int id = 0;
+#ifdef _OPENMP
+      id = omp_get_thread_num();
+#endif
+      for (int64_t r = 0; r < reps; ++r) {
+        clobber();
+        s += body ? Kernels<T>::lse_body(c.data() + id * len, A.data() + id * len, len, 1.0, 520.0)
+                  : Kernels<T>::exp_sum(x.data() + id * len, len);
+      }
+    }
+    best = std::max(best, static_cast<double>(len) * reps * nt / since(t0));
+    sink += s;
+  }
+  if (sink == 1.2345) std::printf(" ");
+  return best;
+}
+
+// Seconds per dense iteration: (time(iters2) - time(iters1)) / (iters2 - iters1), each the best of
+// 2 solves, so the setup (max cost, allocations) and the final certifying pass cancel out.
+static double dense_iteration(const RowMatrix<float>& cost, int nt, int64_t it1, int64_t it2) {
+  const int64_t n = cost.rows(), m = cost.cols();
+  std::vector<double> a(n, 1.0 / n), b(m, 1.0 / m), f(n), g(m);
+  SinkhornOptions opt;
+  opt.epsilon = 1.0;
+  opt.eps_scaling = false;
+  opt.truncation = 0;  // dense kernel: every iteration runs the dense loops
+  opt.newton = false;
+  opt.multiscale_points = 0;
+  opt.overrelaxation = 1.0;  // plain Sinkhorn: no snapshot/undo blocks changing the work done
+  opt.tol = 1e-30;           // never reached: exactly max_iter iterations
+  opt.num_threads = nt;
+  double t[2];
+  for (int k = 0; k < 2; ++k) {
+    opt.max_iter = k == 0 ? it1 : it2;
+    t[k] = 1e300;
+    for (int rep = 0; rep < 2; ++rep) {
+      const auto t0 = Clock::now();
+      const SinkhornReport r = sinkhorn_log<float>(cost, a.data(), b.data(), opt, f.data(), g.data());
+      t[k] = std::min(t[k], since(t0));
+      if (r.iterations != opt.max_iter) std::fprintf(stderr, "warning: %lld iterations, not %lld\n",
+                                                     (long long)r.iterations, (long long)opt.max_iter);
+    }
+  }
+  return (t[1] - t[0]) / static_cast<double>(it2 - it1);
+}
+
+int main(int argc, char** argv) {
+  const int64_t n = argc > 1 ? std::atoll(argv[1]) : 10000;
+  const int64_t d = argc > 2 ? std::atoll(argv[2]) : 19;
+  std::vector<int> threads = argc > 3 ? std::vector<int>{std::atoi(argv[3])} : std::vector<int>{1, 2};
+  if (n < 100 || d < 1 || threads[0] < 1) return std::fprintf(stderr, "usage: %s [N>=100] [D>=1] [threads>=1]\n", argv[0]), 2;
+  // Clustered points as in bench_sinkhorn.cpp: costs ~150 within a cluster, ~350 across.
+  std::mt19937_64 rng(42);
+  std::normal_distribution<double> noise(0.0, 2.0);
+  std::uniform_int_distribution<int> label(0, 18);
+  auto make = [&](std::vector<float>& x, double shift) {
+    x.resize(n * d);
+    for (int64_t i = 0; i < n; ++i) {
+      const int y = label(rng);
+      for (int64_t k = 0; k < d; ++k) x[i * d + k] = static_cast<float>(noise(rng) + (k == y % d ? 10.0 : 0.0) + shift);
+    }
+  };
+  std::vector<float> xs, xt;
+  make(xs, 0.0);
+  make(xt, 0.5);
+  RowMatrix<float> cost;
+  squared_euclidean<float>(xs.data(), n, xt.data(), n, d, cost);
+  const double nm = static_cast<double>(n) * n, bytes = 3.0 * nm * sizeof(float), exps = 2.0 * nm;
+  std::printf("N=M=%lld D=%lld cost in [%.1f, %.1f]; per iteration %.2f GB read, %.3f G exps\n", (long long)n,
+              (long long)d, cost.minCoeff(), cost.maxCoeff(), bytes / 1e9, exps / 1e9);
+
+  std::vector<float> big(200'000'000);  // 800 MB; first touch in parallel, as it will be read
+#pragma omp parallel for num_threads(threads.back()) schedule(static)
+  for (int64_t j = 0; j < static_cast<int64_t>(big.size()); ++j) big[j] = static_cast<float>(j & 1023) * 1e-3f;
+
+  if (nm <= 1e7) std::printf("note: n*m <= 1e7, the solver runs this loop on one thread whatever `threads`\n");
+  std::printf("\n%-4s %8s %9s %9s %9s | %8s %8s %8s %8s | %8s %6s %6s\n", "thr", "BW GB/s", "exp32 G/s",
+              "exp64 G/s", "lse32 G/s", "t_bw ms", "t_exp ms", "max ms", "model ms", "meas ms", "r_max", "r_mdl");
+  std::vector<std::vector<double>> rows;
+  for (const int nt : threads) {
+    const double bw = read_bandwidth(big, nt) * 1e9;
+    const double e32 = exp_rate<float>(nt, false), e64 = exp_rate<double>(nt, false), lse = exp_rate<float>(nt, true);
+    const double t_it = dense_iteration(cost, nt, 20, 40);
+    // Limits. t_bw: the 3 sweeps of C at full bandwidth. t_exp: the 2 N M exps at the rate of the
+    // real loop body (lse32), not of the bare exp. Classic roofline: max(t_bw, t_exp), as if reads
+    // and exps overlapped perfectly. They cannot, per thread: RowLse reads a row from DRAM in
+    // pass 1 (almost no compute) and exps it from L2 in pass 2, and max_row is a compute-free
+    // sweep; only the sum_row sweep streams and exps at once. Hence the phase model:
+    //   t_model = 2 sweeps at bandwidth + N M exps + max(1 sweep, N M exps).
+    const double t_bw = bytes / bw, t_exp = exps / lse, sweep = t_bw / 3, half = t_exp / 2;
+    const double t_max = std::max(t_bw, t_exp), t_model = 2 * sweep + half + std::max(sweep, half);
+    std::printf("%-4d %8.1f %9.2f %9.2f %9.2f | %8.1f %8.1f %8.1f %8.1f | %8.1f %6.2f %6.2f\n", nt, bw / 1e9,
+                e32 / 1e9, e64 / 1e9, lse / 1e9, 1e3 * t_bw, 1e3 * t_exp, 1e3 * t_max, 1e3 * t_model, 1e3 * t_it,
+                t_max / t_it, t_model / t_it);
+    std::printf("     (sum bound t_bw + t_exp = %.1f ms, ratio %.2f; bare-exp32 limit %.1f ms)\n",
+                1e3 * (t_bw + t_exp), (t_bw + t_exp) / t_it, 1e3 * exps / e32);
+    std::fflush(stdout);
+    rows.push_back({double(nt), bw / 1e9, e32 / 1e9, e64 / 1e9, lse / 1e9, 1e3 * t_bw, 1e3 * t_exp, 1e3 * t_max,
+                    1e3 * (t_bw + t_exp), 1e3 * t_model, 1e3 * t_it, t_max / t_it, t_model / t_it});
+  }
+  // Markdown rows (also valid CSV after stripping the bars) for bench/RESULTS.md-style notes.
+  std::printf("\n| N | D | threads | BW GB/s | exp32 G/s | exp64 G/s | lse32 G/s | GB/iter | Gexp/iter | t_bw ms |"
+              " t_exp ms | max ms | sum ms | model ms | measured ms | max/meas | model/meas |\n");
+  for (const auto& r : rows)
+    std::printf("| %lld | %lld | %.0f | %.1f | %.2f | %.2f | %.2f | %.2f | %.3f | %.1f | %.1f | %.1f | %.1f | %.1f |"
+                " %.1f | %.2f | %.2f |\n", (long long)n, (long long)d, r[0], r[1], r[2], r[3], r[4], bytes / 1e9,
+                exps / 1e9, r[5], r[6], r[7], r[8], r[9], r[10], r[11], r[12]);
+  return 0;
+}
