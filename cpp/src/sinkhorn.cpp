@@ -47,13 +47,47 @@ int threads_for(int requested) {
 // Exponentials are evaluated in the storage precision T (float: 8 or 16 lanes per vector op), but
 // their arguments are formed in double: A_j - C_ij / eps is a small difference of values that can
 // be 10^3 times larger, and forming it in float would put ~1e-4 noise on every exponent.
+// A shifted sum is trusted when it lies in [kShiftedMin, inf): its largest term is then above
+// ~1e-15 and every term a float exp flushes to zero (below ~e^-87) is below e^-50 of it.
+constexpr double kShiftedMin = 1e-10;
+
 template <typename T>
 struct RowLse {
-  // log sum_j exp(A[col_j] - c_j * inv_eps), two passes (max, then sum) over one row that stays in
-  // cache. `cols == nullptr` means a dense row. A_j = other_j / eps + log w_j is formed once per
-  // half-step by the caller, which leaves one gather per entry on sparse rows.
-  SEGTRANSFER_HOT static double run(const T* c, const int32_t* cols, int64_t len, const double* A,
-                                    double inv_eps) {
+  // sum_j exp(A[col_j] - c_j * inv_eps - shift), in blocks whose partial sums in T stay exact enough.
+  SEGTRANSFER_HOT static double sum(const T* c, const int32_t* cols, int64_t len, const double* A, double inv_eps,
+                                    double shift) {
+    double total = 0.0;
+    constexpr int64_t kBlock = 256;
+    for (int64_t j0 = 0; j0 < len; j0 += kBlock) {
+      const int64_t j1 = std::min(len, j0 + kBlock);
+      T part = 0;
+      if (cols == nullptr) {
+#pragma omp simd reduction(+ : part)
+        for (int64_t j = j0; j < j1; ++j)
+          part += detail::fast_exp(static_cast<T>(A[j] - static_cast<double>(c[j]) * inv_eps - shift));
+      } else {
+#pragma omp simd reduction(+ : part)
+        for (int64_t k = j0; k < j1; ++k)
+          part += detail::fast_exp(static_cast<T>(A[cols[k]] - static_cast<double>(c[k]) * inv_eps - shift));
+      }
+      total += static_cast<double>(part);
+    }
+    return total;
+  }
+
+  // log sum_j exp(A[col_j] - c_j * inv_eps) over one row that stays in cache. `cols == nullptr`
+  // means a dense row. A_j = other_j / eps + log w_j is formed once per half-step by the caller,
+  // which leaves one gather per entry on sparse rows. `guess` (finite) is a value the result is
+  // expected near (the row's own potential, -pot_i / eps, near a fixed point): the sum is then
+  // taken in one pass shifted by it, and only when that over- or underflows is the row's maximum
+  // found first (the safe two-pass form). The max pass does no exps yet cost 30-40 % of a dense
+  // iteration (bench/RESULTS.md, roofline).
+  SEGTRANSFER_HOT static double run(const T* c, const int32_t* cols, int64_t len, const double* A, double inv_eps,
+                                    double guess = kNegInf) {
+    if (std::isfinite(guess)) {
+      const double total = sum(c, cols, len, A, inv_eps, guess);
+      if (total >= kShiftedMin && total < kPosInf) return guess + std::log(total);
+    }
     double mx = kNegInf;
     if (cols == nullptr) {
 #pragma omp simd reduction(max : mx)
@@ -69,23 +103,7 @@ struct RowLse {
       }
     }
     if (!(mx > kNegInf) || std::isinf(mx)) return mx;
-    double total = 0.0;
-    constexpr int64_t kBlock = 256;  // partial sums in T stay exact enough, then go to double
-    for (int64_t j0 = 0; j0 < len; j0 += kBlock) {
-      const int64_t j1 = std::min(len, j0 + kBlock);
-      T part = 0;
-      if (cols == nullptr) {
-#pragma omp simd reduction(+ : part)
-        for (int64_t j = j0; j < j1; ++j)
-          part += detail::fast_exp(static_cast<T>(A[j] - static_cast<double>(c[j]) * inv_eps - mx));
-      } else {
-#pragma omp simd reduction(+ : part)
-        for (int64_t k = j0; k < j1; ++k)
-          part += detail::fast_exp(static_cast<T>(A[cols[k]] - static_cast<double>(c[k]) * inv_eps - mx));
-      }
-      total += static_cast<double>(part);
-    }
-    return mx + std::log(total);
+    return mx + std::log(sum(c, cols, len, A, inv_eps, mx));
   }
 };
 
@@ -118,36 +136,55 @@ struct ColLse {
 // out_j = log sum_i exp(A_i - C_ij / eps) for a dense row-major C (n x m). Rows are cut into fixed
 // blocks of 256 (partial sums in T stay exact enough, as in RowLse), independent of the thread
 // count, and the blocks' sums are added in order: the result is bit-identical for any thread count.
+// `guess` (optional): values the results are expected near (the columns' own potentials, -g_j / eps),
+// used as the shifts of a single summing sweep, as in RowLse::run; only if some column's shifted
+// sum over- or underflows are the exact maxima found by a first sweep and the sum redone.
 template <typename T>
-void dense_column_lse(const RowMatrix<T>& mat, const double* A, double inv_eps, int nt, double* out) {
+void dense_column_lse(const RowMatrix<T>& mat, const double* A, double inv_eps, int nt, double* out,
+                      const double* guess = nullptr) {
   const int64_t n = mat.rows(), m = mat.cols();
   constexpr int64_t kRows = 256;
   const int64_t nb = (n + kRows - 1) / kRows;
-  std::vector<double> blk_max(static_cast<size_t>(nb) * m, kNegInf), mx(m, kNegInf);
+  std::vector<double> blk(static_cast<size_t>(nb) * m, kNegInf), mx(m, kNegInf);
+  auto sum_sweep = [&]() {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t b = 0; b < nb; ++b) {
+      std::vector<T> part(m, T(0));
+      for (int64_t i = b * kRows; i < std::min(n, (b + 1) * kRows); ++i)
+        ColLse<T>::sum_row(mat.data() + i * m, m, A[i], inv_eps, mx.data(), part.data());
+      double* bs = blk.data() + b * m;
+      for (int64_t j = 0; j < m; ++j) bs[j] = static_cast<double>(part[j]);
+    }
+    bool ok = true;
+    for (int64_t j = 0; j < m; ++j) {
+      double total = 0.0;
+      for (int64_t b = 0; b < nb; ++b) total += blk[b * m + j];
+      out[j] = mx[j] + std::log(total);
+      ok = ok && total >= kShiftedMin && total < kPosInf;
+    }
+    return ok;
+  };
+  if (guess != nullptr) {
+    bool finite = true;
+    for (int64_t j = 0; j < m; ++j) {
+      mx[j] = guess[j];
+      finite = finite && std::isfinite(guess[j]);
+    }
+    if (finite && sum_sweep()) return;
+    std::fill(blk.begin(), blk.end(), kNegInf);
+    std::fill(mx.begin(), mx.end(), kNegInf);
+  }
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t b = 0; b < nb; ++b) {
-    double* bm = blk_max.data() + b * m;
+    double* bm = blk.data() + b * m;
     for (int64_t i = b * kRows; i < std::min(n, (b + 1) * kRows); ++i)
       ColLse<T>::max_row(mat.data() + i * m, m, A[i], inv_eps, bm);
   }
   for (int64_t b = 0; b < nb; ++b)
-    for (int64_t j = 0; j < m; ++j) mx[j] = std::max(mx[j], blk_max[b * m + j]);
+    for (int64_t j = 0; j < m; ++j) mx[j] = std::max(mx[j], blk[b * m + j]);
   for (int64_t j = 0; j < m; ++j)
     if (!std::isfinite(mx[j])) mx[j] = std::isnan(mx[j]) ? mx[j] : 0.0;  // all -inf (or +inf) columns
-  std::vector<double>& blk_sum = blk_max;  // reused: the block maxima are no longer needed
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t b = 0; b < nb; ++b) {
-    std::vector<T> part(m, T(0));
-    for (int64_t i = b * kRows; i < std::min(n, (b + 1) * kRows); ++i)
-      ColLse<T>::sum_row(mat.data() + i * m, m, A[i], inv_eps, mx.data(), part.data());
-    double* bs = blk_sum.data() + b * m;
-    for (int64_t j = 0; j < m; ++j) bs[j] = static_cast<double>(part[j]);
-  }
-  for (int64_t j = 0; j < m; ++j) {
-    double total = 0.0;
-    for (int64_t b = 0; b < nb; ++b) total += blk_sum[b * m + j];
-    out[j] = mx[j] + std::log(total);
-  }
+  sum_sweep();
 }
 
 // Kernel rows kept after truncation: entries with C_ij - f_i - g_j < tau * eps (CSR layout).
@@ -373,8 +410,9 @@ double half_step(const RowMatrix<T>& mat, bool by_cols, const SparseRows<T>* sp,
   const double* Ap = A.data();
   const bool dense_cols = sp == nullptr && by_cols;
   if (dense_cols) {
-    lse_buf.resize(n);
-    dense_column_lse(mat, Ap, inv_eps, nt, lse_buf.data());
+    lse_buf.resize(2 * n);
+    for (int64_t i = 0; i < n; ++i) lse_buf[n + i] = -pot[i] * inv_eps;
+    dense_column_lse(mat, Ap, inv_eps, nt, lse_buf.data(), lse_buf.data() + n);
   }
   const double* lse_dense = lse_buf.data();
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 16)
@@ -383,10 +421,11 @@ double half_step(const RowMatrix<T>& mat, bool by_cols, const SparseRows<T>* sp,
     if (dense_cols) {
       lse = lse_dense[i];
     } else if (sp == nullptr) {
-      lse = RowLse<T>::run(mat.data() + i * m, nullptr, m, Ap, inv_eps);
+      lse = RowLse<T>::run(mat.data() + i * m, nullptr, m, Ap, inv_eps, -pot[i] * inv_eps);
     } else {
       const int64_t k0 = sp->ptr[i];
-      lse = RowLse<T>::run(sp->val.data() + k0, sp->col.data() + k0, sp->ptr[i + 1] - k0, Ap, inv_eps);
+      lse = RowLse<T>::run(sp->val.data() + k0, sp->col.data() + k0, sp->ptr[i + 1] - k0, Ap, inv_eps,
+                           -pot[i] * inv_eps);
     }
     lse += pot[i] * inv_eps;
     err_rows[i] = w_self[i] * std::fabs(std::expm1(lse));
