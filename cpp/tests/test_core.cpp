@@ -189,14 +189,15 @@ static void test_sparse_and_newton_paths() {
   for (double h : o.conditional_entropy) CHECK(std::isfinite(h) && h >= 0 && h <= std::log(3.0) + 1e-9);
 }
 
-// Above 2 x 2000 points per side the dense early stages run on a subsample and are extended by the
-// c-transform (multiscale); float keeps the memory small.
+// Above 2 x multiscale_points points per side the dense early stages run on a subsample and are
+// extended by the c-transform (multiscale); a 2000-point subsample and float keep the test small.
 static void test_multiscale_path() {
   std::mt19937_64 rng(4);
   const int64_t n = 4100, d = 2;
   const std::vector<double> xd = normal(rng, n * d, 1.0), yd = normal(rng, n * d, 1.0);
   const std::vector<float> x(xd.begin(), xd.end()), y(yd.begin(), yd.end());
   SinkhornOptions opt;
+  opt.multiscale_points = 2000;
   opt.epsilon = 0.05;
   opt.tol = 1e-5;
   const TransportResult r = transport_points<float>(x.data(), n, y.data(), n, d, nullptr, nullptr, opt, 0.0);
