@@ -484,20 +484,18 @@ double evaluate_plan(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
 // that of S is 1 - sigma_k^2 (sigma_k: singular values of the scaled plan), so CG on S sees a
 // condition number about 4x smaller, on vectors half as long. S is PSD; its null vectors (one per
 // connected component of the plan's support) are orthogonal to the right-hand side when the
-// component's masses balance, so CG stays in the range. A backtracking line search keeps steps
-// that lower the marginal error or pass an Armijo test on the dual objective. Stops at `target`, on stagnation, or when the iteration
+// component's masses balance, so CG stays in the range (where they do not, the damping below keeps
+// the steps bounded). A backtracking line search keeps steps that lower the marginal error or pass
+// an Armijo test on the dual objective. Stops at `target`, on stagnation, or when the iteration
 // budget is spent. Returns the marginal error (on the pattern) of the potentials it leaves.
-// `keeps_pattern(f, g)` is a sanity bound on a step: one that could give an entry outside the
-// pattern more weight than a_i b_j (what an inconsistent Newton system, on a truncated problem that
-// has become infeasible, produces) is rejected like one that raises the error. It is deliberately
-// loose (the drift bound is crude: Newton's cluster moves shift whole blocks of potentials); the
-// certification at the end decides, on the dense plan if the pattern cannot vouch for it.
 // `keeps_pattern(f, g)` says whether the pattern still holds every entry the plan at (f, g) needs.
 // A step that leaves it (Newton's cluster moves shift whole groups of potentials by many eps, far
 // beyond what a pattern built around the old potentials covers) is tried on a pattern rebuilt
-// around the trial point: `relocate(f, g, err)` rebuilds it, evaluates the plan there into `p` and
-// returns the error when it is below `err`; otherwise it restores the old pattern and returns inf.
-// R and Cc are the pattern's own rows and columns, so they follow a relocation.
+// around the trial point: `relocate(f, g, err)` rebuilds it, evaluates the plan there into `p` and,
+// when that error is below `err`, installs the new pattern and returns the error; otherwise it
+// keeps the old pattern and returns inf (`p` is then stale: the search re-evaluates it). R and Cc
+// are the pattern's own rows and columns, so they follow a relocation. The certification at the
+// end decides, on the dense plan if the pattern cannot vouch for the result.
 template <typename T, typename Poll, typename Keeps, typename Relocate>
 double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const double* a, const double* b,
                      const double* log_a, const double* log_b, double eps, double target, double* f, double* g,
@@ -514,7 +512,10 @@ double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
   // every try leaving the pattern). Damping makes the system definite and bounds those steps; it
   // grows after a rejected or shortened step and shrinks after a full one.
   double lambda = 0.0;
-  int nt_mv = R.col.size() > 200000 ? nt : 1;
+  // Threads for the kernel-sized loops only where they have enough work (R may change size on a
+  // relocation).
+  const auto mv_threads = [&]() { return R.col.size() > 200000 ? nt : 1; };
+  int nt_mv = mv_threads();
   // q = S v (and returns v . q): w = D2^-1 P^T v over the columns, then q = D1 v - P w over the rows.
   auto schur = [&](const std::vector<double>& v, std::vector<double>& out) {
 #pragma omp parallel for num_threads(nt_mv) schedule(static)
@@ -617,7 +618,7 @@ double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
         err_try = relocate(f_try.data(), g_try.data(), err);
         if (err_try < err) {
           ++rep.newton_relocations;
-          nt_mv = R.col.size() > 200000 ? nt : 1;
+          nt_mv = mv_threads();
           break;
         }
         continue;
