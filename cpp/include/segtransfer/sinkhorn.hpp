@@ -29,6 +29,9 @@ struct SinkhornOptions {
   // Upper bound on the adaptive over-relaxation factor omega in f <- f + omega (f_new - f);
   // 1 gives plain Sinkhorn.
   double overrelaxation = 1.9;
+  // Every few iterations, shift the potentials by the exact per-class constants that balance the
+  // plan's mass between classes (needs classes: the OTCE pipeline passes its labels).
+  bool class_balance = true;
   bool newton = true;          // finish the last stage with Newton-CG steps on the sparse plan
   double newton_switch = 1e-1;  // Sinkhorn hands over to Newton below this marginal error
   // Dense early stages run on a subsample of this many points per side (0: off); see sinkhorn.cpp.
