@@ -8,6 +8,8 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include <Eigen/Cholesky>
+
 #include "segtransfer/errors.hpp"
 #include "segtransfer/fastexp.hpp"
 
@@ -195,67 +197,50 @@ struct SparseRows {
   std::vector<T> val;
 };
 
-// Builds the truncated pattern of `mat` (rows x cols) for potentials (p_row, p_col) in one pass over
-// the dense matrix: each row is counted (vectorised) and then filled while it is still in cache.
-// Rows are cut into fixed blocks, independent of the thread count, filled into per-block buffers and
-// concatenated in order, so the result is identical for any thread count. Returns false (pattern
-// left untouched) when a block is denser than `max_density` (the dense loop is then faster, and a
-// nearly dense pattern is not worth its memory) or a row would be empty.
+// Builds the truncated pattern of `mat` (rows x cols) for potentials (p_row, p_col) in two passes
+// over the dense matrix: every row is counted (vectorised), then filled at its final place, both in
+// parallel over rows, so the result is identical for any thread count. `out` keeps its capacity
+// from one build to the next (fresh pages cost this VM more than the scan). Returns false when the
+// kernel is denser than `max_density` (the dense loop is then faster, and a nearly dense pattern is
+// not worth its memory) or a row would be empty.
 template <typename T>
 bool build_sparse(const RowMatrix<T>& mat, const double* p_row, const double* p_col, double cutoff,
                   double max_density, int nt, SparseRows<T>& out) {
   const int64_t n = mat.rows(), m = mat.cols();
-  const int64_t nb = std::min<int64_t>(n, 64);
-  std::vector<std::vector<int32_t>> bcol(nb);
-  std::vector<std::vector<T>> bval(nb);
-  std::vector<int64_t> count(n + 1, 0);
-  int give_up = 0;
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-  for (int64_t blk = 0; blk < nb; ++blk) {
-    const int64_t i0 = n * blk / nb, i1 = n * (blk + 1) / nb;
-    const double budget = max_density * static_cast<double>(i1 - i0) * static_cast<double>(m);
-    std::vector<int32_t>& cols = bcol[blk];
-    std::vector<T>& vals = bval[blk];
-    for (int64_t i = i0; i < i1; ++i) {
-      int stop;
-#pragma omp atomic read
-      stop = give_up;
-      if (stop) break;
-      const T* c = mat.data() + i * m;
-      const double th = p_row[i] + cutoff;
-      int64_t k = 0;
+  out.ptr.resize(n + 1);
+  int64_t* count = out.ptr.data();
+  count[0] = 0;
+  bool empty_row = false;
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(|| : empty_row)
+  for (int64_t i = 0; i < n; ++i) {
+    const T* c = mat.data() + i * m;
+    const double th = p_row[i] + cutoff;
+    int64_t k = 0;
 #pragma omp simd reduction(+ : k)
-      for (int64_t j = 0; j < m; ++j) k += (static_cast<double>(c[j]) - p_col[j] < th) ? 1 : 0;
-      if (k == 0 || static_cast<double>(cols.size() + k) > budget) {
-#pragma omp atomic write
-        give_up = 1;
-        break;
-      }
-      count[i + 1] = k;
-      const size_t at = cols.size();
-      // Branch-free compaction (every entry up to the last kept one is written, the cursor
-      // advances on the kept ones): at 15 % density a branchy loop mispredicts often.
-      cols.resize(at + k);
-      vals.resize(at + k);
-      int32_t* oc = cols.data() + at;
-      T* ov = vals.data() + at;
-      int64_t pos = 0;
-      for (int64_t j = 0; j < m && pos < k; ++j) {
-        oc[pos] = static_cast<int32_t>(j);
-        ov[pos] = c[j];
-        pos += (static_cast<double>(c[j]) - p_col[j] < th) ? 1 : 0;
-      }
-    }
+    for (int64_t j = 0; j < m; ++j) k += (static_cast<double>(c[j]) - p_col[j] < th) ? 1 : 0;
+    count[i + 1] = k;
+    empty_row = empty_row || k == 0;
   }
-  if (give_up) return false;
+  if (empty_row) return false;
   for (int64_t i = 0; i < n; ++i) count[i + 1] += count[i];
-  out.ptr = std::move(count);
-  out.col.resize(out.ptr[n]);
-  out.val.resize(out.ptr[n]);
-  for (int64_t blk = 0; blk < nb; ++blk) {
-    const int64_t at = out.ptr[n * blk / nb];
-    std::copy(bcol[blk].begin(), bcol[blk].end(), out.col.begin() + at);
-    std::copy(bval[blk].begin(), bval[blk].end(), out.val.begin() + at);
+  if (static_cast<double>(count[n]) > max_density * static_cast<double>(n) * static_cast<double>(m)) return false;
+  out.col.resize(count[n]);
+  out.val.resize(count[n]);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    const T* c = mat.data() + i * m;
+    const double th = p_row[i] + cutoff;
+    int32_t* oc = out.col.data() + count[i];
+    T* ov = out.val.data() + count[i];
+    const int64_t k = count[i + 1] - count[i];
+    // Branch-free compaction (every entry up to the last kept one is written, the cursor advances
+    // on the kept ones): at 15 % density a branchy loop mispredicts often.
+    int64_t pos = 0;
+    for (int64_t j = 0; j < m && pos < k; ++j) {
+      oc[pos] = static_cast<int32_t>(j);
+      ov[pos] = c[j];
+      pos += (static_cast<double>(c[j]) - p_col[j] < th) ? 1 : 0;
+    }
   }
   return true;
 }
@@ -272,6 +257,21 @@ struct Pattern {
   std::vector<double> f0, g0;
   double cutoff = 0.0;
   bool valid = false;
+  // A candidate pattern (see prepare_pattern); after a commit it holds the previous pattern's
+  // storage, whose capacity the next candidate reuses.
+  SparseRows<T> next_rows, next_cols;
+  double next_cutoff = 0.0;
+
+  // Makes the candidate the pattern, built against (f, g). Swaps: `rows` and `cols` keep their
+  // addresses, so references to them stay valid.
+  void commit(const double* f, const double* g) {
+    std::swap(rows, next_rows);
+    std::swap(cols, next_cols);
+    f0.assign(f, f + (static_cast<int64_t>(rows.ptr.size()) - 1));
+    g0.assign(g, g + (static_cast<int64_t>(cols.ptr.size()) - 1));
+    cutoff = next_cutoff;
+    valid = true;
+  }
 
   double margin(const double* f, const double* g) const {
     double df = -std::numeric_limits<double>::infinity(), dg = df;
@@ -380,38 +380,39 @@ bool filter_rows(const SparseRows<T>& in, const double* f, const double* g, doub
   return true;
 }
 
-// Pattern for a stage whose iterations need every entry with C - f - g < keep: filtered from the
-// current pattern when that provably contains them all (margin >= keep), else rebuilt from the dense
-// cost with some slack above `keep`, so that the next stages (smaller eps, hence smaller `keep`)
-// can filter instead of rescanning N x M entries. Returns false when the kernel is too dense or a
-// row or column would be empty: the caller then runs a dense stage.
+// Candidate pattern (p.next_rows, p.next_cols) for iterations that need every entry with
+// C - f - g < keep: filtered from the current pattern when that provably contains them all
+// (margin >= keep), else rebuilt from the dense cost with some slack above `keep`, so that the next
+// stages (smaller eps, hence smaller `keep`) can filter instead of rescanning N x M entries. Returns
+// false when the kernel is too dense or a row or column would be empty: the caller then runs a
+// dense stage. The current pattern is left as it was; p.commit(f, g) installs the candidate.
 template <typename T>
-bool refresh_pattern(const RowMatrix<T>& cost, const double* f, const double* g, double keep, double slack,
+bool prepare_pattern(const RowMatrix<T>& cost, const double* f, const double* g, double keep, double slack,
                      double max_density, int nt, Pattern<T>& p) {
-  const int64_t n = cost.rows(), m = cost.cols();
-  SparseRows<T> rows;
+  const int64_t m = cost.cols();
   double cutoff = keep + slack;
   bool ok = false;
   if (p.valid) {
     const double margin = p.margin(f, g);
     if (margin >= keep) {
       cutoff = std::min(cutoff, margin);
-      ok = filter_rows(p.rows, f, g, cutoff, nt, rows);
+      ok = filter_rows(p.rows, f, g, cutoff, nt, p.next_rows);
     }
   }
   if (!ok) {
     cutoff = keep + slack;
-    ok = build_sparse(cost, f, g, cutoff, max_density, nt, rows);
+    ok = build_sparse(cost, f, g, cutoff, max_density, nt, p.next_rows);
   }
-  if (!ok) return false;
-  SparseRows<T> cols;
-  if (!transpose_rows(rows, m, nt, cols)) return false;
-  p.rows = std::move(rows);
-  p.cols = std::move(cols);
-  p.f0.assign(f, f + n);
-  p.g0.assign(g, g + m);
-  p.cutoff = cutoff;
-  p.valid = true;
+  if (!ok || !transpose_rows(p.next_rows, m, nt, p.next_cols)) return false;
+  p.next_cutoff = cutoff;
+  return true;
+}
+
+template <typename T>
+bool refresh_pattern(const RowMatrix<T>& cost, const double* f, const double* g, double keep, double slack,
+                     double max_density, int nt, Pattern<T>& p) {
+  if (!prepare_pattern(cost, f, g, keep, slack, max_density, nt, p)) return false;
+  p.commit(f, g);
   return true;
 }
 
@@ -676,7 +677,7 @@ template <typename T, typename Poll, typename Keeps, typename Relocate>
 double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const double* a, const double* b,
                      const double* log_a, const double* log_b, double eps, double target, double* f, double* g,
                      SparsePlan& p, SinkhornReport& rep, Poll& poll, const Keeps& keeps_pattern,
-                     const Relocate& relocate, int64_t max_iter, bool debug, int nt) {
+                     const Relocate& relocate, const PlanClasses& cls, int64_t max_iter, bool debug, int nt) {
   // Inexact Newton with a constant forcing term: each outer step then cuts the error by roughly
   // this factor while CG stops long before resolving the near-null cluster modes exactly.
   constexpr double opt_forcing = 0.1;
@@ -690,6 +691,12 @@ double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
   // Starts damped: on every N = 10^4 draw measured the undamped first step left the pattern and
   // failed its whole line search (1-3 s of rebuilds) before the damping rose to 1e-3.
   double lambda = 1e-3;
+  const int32_t* row_class = cls.row_class;
+  const int Rc = cls.row_classes;
+  const bool use_coarse = Rc >= 2 && Rc <= 512;  // E is Rc x Rc, factored once per step
+  Eigen::MatrixXd Ecoarse;
+  Eigen::LDLT<Eigen::MatrixXd> Efact;
+  std::vector<double> zvec(n);
   // Threads for the kernel-sized loops only where they have enough work (R may change size on a
   // relocation).
   const auto mv_threads = [&]() { return R.col.size() > 200000 ? nt : 1; };
@@ -728,14 +735,51 @@ double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
     }
     double rhs_norm2 = 0.0;
     for (int64_t i = 0; i < n; ++i) rhs_norm2 += rhs[i] * rhs[i];
+    // Two-level preconditioner: Jacobi plus an exact solve on the span of the row classes' indicator
+    // vectors Z, z = D^-1 r + Z E^-1 Z^T r with E = Z^T S Z (additive, so still symmetric positive
+    // definite for CG). The slow Newton directions are nearly constant on weakly coupled clusters,
+    // which Jacobi leaves to many CG iterations; classes approximate those clusters. E is formed in
+    // one pass over the columns: Z^T S Z = Z^T D1 Z - sum_j inv_c_j u_j u_j^T, u_j[c] = sum of
+    // column j's entries in rows of class c.
+    const bool two_level = use_coarse;
+    if (two_level) {
+      Ecoarse.setZero(Rc, Rc);
+      std::vector<double> u(Rc);
+      for (int64_t i = 0; i < n; ++i) Ecoarse(row_class[i], row_class[i]) += (1.0 + lambda) * p.row_sum[i];
+      for (int64_t j = 0; j < m; ++j) {
+        std::fill(u.begin(), u.end(), 0.0);
+        for (int64_t k = Cc.ptr[j]; k < Cc.ptr[j + 1]; ++k) u[row_class[Cc.col[k]]] += p.by_col[k];
+        for (int c = 0; c < Rc; ++c) {
+          if (u[c] == 0.0) continue;
+          const double uc = u[c] * inv_c[j];
+          for (int e = 0; e < Rc; ++e) Ecoarse(c, e) -= uc * u[e];
+        }
+      }
+      // Without damping the constant vector is a null vector of S (and of E): a relative ridge keeps
+      // the factorisation defined; CG only ever sees right-hand sides orthogonal to it.
+      const double ridge = 1e-10 * Ecoarse.diagonal().cwiseAbs().maxCoeff();
+      Ecoarse.diagonal().array() += ridge;
+      Efact.compute(Ecoarse);
+    }
+    auto precondition = [&](const std::vector<double>& r, std::vector<double>& z) {
+      for (int64_t i = 0; i < n; ++i) z[i] = dinv[i] * r[i];
+      if (!two_level) return;
+      Eigen::VectorXd zr = Eigen::VectorXd::Zero(Rc);
+      for (int64_t i = 0; i < n; ++i) zr[row_class[i]] += r[i];
+      zr = Efact.solve(zr);
+      for (int64_t i = 0; i < n; ++i) z[i] += zr[row_class[i]];
+    };
     // Inexact Newton: solve to a fixed relative residual.
     const double cg_tol2 = rhs_norm2 * opt_forcing * opt_forcing;
     double rz = 0.0;
     for (int64_t i = 0; i < n; ++i) {
       x[i] = 0.0;
       res[i] = rhs[i];
-      dir[i] = dinv[i] * res[i];
-      rz += res[i] * dir[i];
+    }
+    precondition(res, zvec);
+    for (int64_t i = 0; i < n; ++i) {
+      dir[i] = zvec[i];
+      rz += res[i] * zvec[i];
     }
     int cg = 0;
     const int max_cg = static_cast<int>(std::min<int64_t>(20 * n, 20000));
@@ -748,15 +792,16 @@ double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
         x[i] += alpha * dir[i];
         res[i] -= alpha * q[i];
         rr += res[i] * res[i];
-        rz_new += res[i] * dinv[i] * res[i];
       }
       if (rr <= cg_tol2) {
         ++cg;
         break;
       }
+      precondition(res, zvec);
+      for (int64_t i = 0; i < n; ++i) rz_new += res[i] * zvec[i];
       const double beta = rz_new / rz;
       rz = rz_new;
-      for (int64_t i = 0; i < n; ++i) dir[i] = dinv[i] * res[i] + beta * dir[i];
+      for (int64_t i = 0; i < n; ++i) dir[i] = zvec[i] + beta * dir[i];
       if ((cg & 63) == 0) poll();
     }
     rep.cg_iterations += cg;
@@ -1196,12 +1241,11 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const dou
             return pattern.margin(ft, gt) >= 0.0;
           };
           const auto relocate = [&](const double* ft, const double* gt, double err_now) {
-            Pattern<T> moved;
-            if (refresh_pattern(cost, ft, gt, cutoff, kPatternSlack * eps, density_cap, nt, moved)) {
-              const double e = evaluate_plan(moved.rows, moved.cols, a, b, log_a.data(), log_b.data(), eps, ft,
-                                             gt, plan, nt);
+            if (prepare_pattern(cost, ft, gt, cutoff, kPatternSlack * eps, density_cap, nt, pattern)) {
+              const double e = evaluate_plan(pattern.next_rows, pattern.next_cols, a, b, log_a.data(), log_b.data(),
+                                             eps, ft, gt, plan, nt);
               if (e < err_now) {
-                pattern = std::move(moved);  // members keep their addresses: `rows`, `cols` stay valid
+                pattern.commit(ft, gt);
                 ++rep.pattern_refreshes;
                 return e;
               }
@@ -1209,7 +1253,7 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const dou
             return std::numeric_limits<double>::infinity();
           };
           const double err = newton_polish(rows, cols, a, b, log_a.data(), log_b.data(), eps, target, f, g,
-                                           plan, rep, poll, keeps, relocate, opt.max_iter, debug, nt);
+                                           plan, rep, poll, keeps, relocate, cls, opt.max_iter, debug, nt);
           if (err <= target || pattern_stale()) break;
           // A round that ended on a rejected first step (the truncated problem's Newton system can
           // be inconsistent far from the solution) leaves the work to longer Sinkhorn phases.

@@ -40,6 +40,11 @@ inline double fast_exp(double x) {
   x = x > 709.0 ? 709.0 : x;
   const double shifter = 6755399441055744.0;  // 1.5 * 2^52
   double n = x * 1.4426950408889634074 + shifter;
+  // The rounded n sits in the low mantissa bits of n + shifter (offset by 2^51): taking it from
+  // there, not by a double -> int64 conversion, keeps the loops that call this vectorisable (GCC 12
+  // left them scalar otherwise, even with AVX-512DQ).
+  uint64_t nbits;
+  std::memcpy(&nbits, &n, sizeof nbits);
   n -= shifter;
   double r = x - n * 6.93147180369123816490e-01;
   r -= n * 1.90821492927058770002e-10;
@@ -57,7 +62,7 @@ inline double fast_exp(double x) {
   p = p * r + 0.5;
   p = p * r + 1.0;
   p = p * r + 1.0;
-  const int64_t bits = (static_cast<int64_t>(n) + 1023) << 52;
+  const uint64_t bits = (nbits + 1023) << 52;  // the low 12 bits of nbits + 1023 are n + 1023
   double scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale * keep;
