@@ -981,7 +981,8 @@ double subsample_resolution(const RowMatrix<T>& cost, const std::vector<int64_t>
 
 template <typename T>
 SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const double* b,
-                            const SinkhornOptions& opt, double* f, double* g, const PlanClasses* classes) {
+                            const SinkhornOptions& opt, double* f, double* g, const PlanClasses* classes,
+                            const PlanClasses* groups) {
   const int64_t n = cost.rows(), m = cost.cols();
   if (n < 1 || m < 1) throw InvalidArgument("cost", "needs at least one point on each side");
   if (!(opt.epsilon > 0) || !std::isfinite(opt.epsilon))
@@ -1041,6 +1042,7 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const dou
   std::vector<int64_t> one_class{0, m};
   std::vector<int32_t> zero_class(n, 0);
   const PlanClasses cls = classes ? *classes : PlanClasses{zero_class.data(), 1, one_class.data(), 1};
+  const PlanClasses& grp = groups ? *groups : cls;
   std::vector<double> f_snap(n), g_snap(m);
 
   // Sinkhorn iterations until the estimated marginal error is <= target. Over-relaxation
@@ -1080,7 +1082,7 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const dou
     // to compare against, since the shift may raise the L1 error while it raises the dual.
     const auto balance = [&]() {
       if (!opt.class_balance) return;
-      if (!balance_classes(cost, sr, log_a.data(), log_b.data(), eps, cls, nt_loop, f, g)) return;
+      if (!balance_classes(cost, sr, log_a.data(), log_b.data(), eps, grp, nt_loop, f, g)) return;
       std::copy(f, f + n, f_snap.begin());
       std::copy(g, g + m, g_snap.begin());
       block_err = std::numeric_limits<double>::infinity();
@@ -1253,7 +1255,7 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const dou
             return std::numeric_limits<double>::infinity();
           };
           const double err = newton_polish(rows, cols, a, b, log_a.data(), log_b.data(), eps, target, f, g,
-                                           plan, rep, poll, keeps, relocate, cls, opt.max_iter, debug, nt);
+                                           plan, rep, poll, keeps, relocate, grp, opt.max_iter, debug, nt);
           if (err <= target || pattern_stale()) break;
           // A round that ended on a rejected first step (the truncated problem's Newton system can
           // be inconsistent far from the solution) leaves the work to longer Sinkhorn phases.
@@ -1364,7 +1366,8 @@ PlanSummary summarize_plan(const RowMatrix<T>& cost, const double* a, const doub
   template double dense_bytes<T>(int64_t, int64_t);                                                \
   template void squared_euclidean<T>(const T*, int64_t, const T*, int64_t, int64_t, RowMatrix<T>&); \
   template SinkhornReport sinkhorn_log<T>(const RowMatrix<T>&, const double*, const double*,          \
-                                          const SinkhornOptions&, double*, double*, const PlanClasses*); \
+                                          const SinkhornOptions&, double*, double*, const PlanClasses*, \
+                                          const PlanClasses*);                                            \
   template PlanSummary summarize_plan<T>(const RowMatrix<T>&, const double*, const double*,         \
                                          const double*, const double*, double, const int32_t*, int, \
                                          const int64_t*, int, int);

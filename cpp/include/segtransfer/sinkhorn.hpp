@@ -29,8 +29,10 @@ struct SinkhornOptions {
   // Upper bound on the adaptive over-relaxation factor omega in f <- f + omega (f_new - f);
   // 1 gives plain Sinkhorn.
   double overrelaxation = 1.9;
-  // Every few iterations, shift the potentials by the exact per-class constants that balance the
-  // plan's mass between classes (needs classes: the OTCE pipeline passes its labels).
+  // Every few iterations, shift the potentials by the exact per-group constants that balance the
+  // plan's mass between groups of points (sinkhorn_log's `groups`); the Newton preconditioner uses
+  // the same groups. transport_points and otce make the groups (k-means cells, inside each class
+  // for otce) from 10^6 entries up; false turns both the grouping and the balancing off.
   bool class_balance = true;
   bool newton = true;          // finish the last stage with Newton-CG steps on the sparse plan
   double newton_switch = 1e-1;  // Sinkhorn hands over to Newton below this marginal error
@@ -90,11 +92,12 @@ void squared_euclidean(const T* x, int64_t n, const T* y, int64_t m, int64_t d, 
 // Solves the entropic problem on a cost matrix C (n x m, never transposed). a, b: weights (sum 1).
 // f (n) and g (m) are outputs (and are overwritten). The certifying pass at the end measures the
 // marginal error and W_D and, when `classes` is given, the joint label table (else one class per
-// side). Throws InvalidArgument / Interrupted.
+// side). `groups` (same layout; default: `classes`) are the clusters class balancing and the Newton
+// preconditioner act on. Throws InvalidArgument / Interrupted.
 template <typename T>
 SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const double* b,
                             const SinkhornOptions& opt, double* f, double* g,
-                            const PlanClasses* classes = nullptr);
+                            const PlanClasses* classes = nullptr, const PlanClasses* groups = nullptr);
 
 // One pass over the dense plan defined by (f, g, eps). row_class[i] in [0, row_classes); the columns
 // are grouped by class: class c owns columns [col_class_start[c], col_class_start[c + 1]).
