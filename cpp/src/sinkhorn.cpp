@@ -487,22 +487,50 @@ bool balance_classes(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 16)
   for (int64_t i = 0; i < n; ++i) {
     const double base = log_a[i] + f[i] * inv_eps;
-    for (int d = 0; d < Q; ++d) {
+    // Segment d of row i: its entries, dense or on the pattern (whose columns ascend).
+    auto segment = [&](int d, const T*& c, const int32_t*& cols, int64_t& len, const double*& Aseg) {
       const int64_t j0 = cls.col_class_start[d], j1 = cls.col_class_start[d + 1];
-      double lse;
       if (sp == nullptr) {
-        if (j1 == j0) continue;
-        lse = RowLse<T>::run(mat.data() + i * m + j0, nullptr, j1 - j0, Ap + j0, inv_eps);
+        c = mat.data() + i * m + j0;
+        cols = nullptr;
+        len = j1 - j0;
+        Aseg = Ap + j0;
       } else {
         const int32_t* c0 = sp->col.data() + sp->ptr[i];
         const int32_t* c1 = sp->col.data() + sp->ptr[i + 1];
         const int32_t* k0 = std::lower_bound(c0, c1, static_cast<int32_t>(j0));
         const int32_t* k1 = std::lower_bound(k0, c1, static_cast<int32_t>(j1));
-        if (k1 == k0) continue;
-        const int64_t off = k0 - sp->col.data();
-        lse = RowLse<T>::run(sp->val.data() + off, k0, k1 - k0, Ap, inv_eps);
+        c = sp->val.data() + (k0 - sp->col.data());
+        cols = k0;
+        len = k1 - k0;
+        Aseg = Ap;
       }
-      Lp[i * Q + d] = base + lse;
+    };
+    // One pass shifted by the row's expected total (-f_i / eps, as in half_step): segments whose
+    // share of the row underflows the float exponential (below ~e^-87 of it) count as empty, which
+    // the coarse problem does not notice. When the row total itself leaves [kShiftedMin, inf), the
+    // row is redone safely, segment by segment, with their maxima.
+    const double guess = -f[i] * inv_eps;
+    double total = 0.0;
+    for (int d = 0; d < Q; ++d) {
+      const T* c;
+      const int32_t* cols;
+      int64_t len;
+      const double* Aseg;
+      segment(d, c, cols, len, Aseg);
+      if (len == 0) continue;
+      const double sd = RowLse<T>::sum(c, cols, len, Aseg, inv_eps, guess);
+      total += sd;
+      Lp[i * Q + d] = sd > 0 ? base + guess + std::log(sd) : kNegInf;
+    }
+    if (total >= kShiftedMin && total < kPosInf) continue;
+    for (int d = 0; d < Q; ++d) {
+      const T* c;
+      const int32_t* cols;
+      int64_t len;
+      const double* Aseg;
+      segment(d, c, cols, len, Aseg);
+      Lp[i * Q + d] = len == 0 ? kNegInf : base + RowLse<T>::run(c, cols, len, Aseg, inv_eps);
     }
   }
   // log M_cd and the classes' log masses, each a log-sum-exp over the class's rows (columns).
@@ -544,26 +572,42 @@ bool balance_classes(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
     col_on[d] = logB[d] > kNegInf;
     if (col_on[d] && mx == kNegInf) return false;
   }
-  // Log-domain Sinkhorn on the R x Q problem (u = alpha / eps, v = beta / eps); each sweep is itself
-  // an exact coordinate ascent, so stopping early still helps.
-  std::vector<double> tmp(std::max(R, Q));
+  // Sinkhorn on the R x Q problem (u = alpha / eps, v = beta / eps), in the linear domain on M scaled
+  // by its largest entry (couplings below e^-700 of it vanish, and with them nothing that matters; a
+  // group left without any coupling makes the step decline). Each sweep is itself an exact
+  // coordinate ascent, so stopping early still helps.
+  double top = kNegInf;
+  for (double v : logM) top = std::max(top, v);
+  std::vector<double> K(logM.size()), eu(R, 1.0), ev(Q, 1.0), Ktu(Q), Aw(R, 0.0), Bw(Q, 0.0);
+  for (size_t k = 0; k < logM.size(); ++k) K[k] = std::exp(logM[k] - top);
+  for (int c = 0; c < R; ++c) Aw[c] = row_on[c] ? std::exp(logA[c]) : 0.0;
+  for (int d = 0; d < Q; ++d) Bw[d] = col_on[d] ? std::exp(logB[d]) : 0.0;
+  for (int c = 0; c < R; ++c) {
+    double rs = 0.0;
+    for (int d = 0; d < Q; ++d) rs += K[c * Q + d];
+    if (row_on[c] && !(rs > 0)) return false;
+  }
   for (int it = 0; it < 5000; ++it) {
     for (int c = 0; c < R; ++c) {
       if (!row_on[c]) continue;
-      double acc = kNegInf;
-      for (int d = 0; d < Q; ++d) lse_add(acc, logM[c * Q + d] + v[d]);
-      u[c] = logA[c] - acc;
+      double acc = 0.0;
+      for (int d = 0; d < Q; ++d) acc += K[c * Q + d] * ev[d];
+      eu[c] = Aw[c] / acc;
     }
+    std::fill(Ktu.begin(), Ktu.end(), 0.0);
+    for (int c = 0; c < R; ++c)
+      for (int d = 0; d < Q; ++d) Ktu[d] += K[c * Q + d] * eu[c];
     double err = 0.0;
     for (int d = 0; d < Q; ++d) {
       if (!col_on[d]) continue;
-      double acc = kNegInf;
-      for (int c = 0; c < R; ++c) lse_add(acc, logM[c * Q + d] + u[c]);
-      err += std::fabs(std::exp(acc + v[d]) - std::exp(logB[d]));  // before this update
-      v[d] = logB[d] - acc;
+      if (!(Ktu[d] > 0)) return false;
+      err += std::fabs(Ktu[d] * ev[d] - Bw[d]);  // before this update
+      ev[d] = Bw[d] / Ktu[d];
     }
     if (err < 1e-12) break;
   }
+  for (int c = 0; c < R; ++c) u[c] = row_on[c] ? std::log(eu[c]) - top : 0.0;
+  for (int d = 0; d < Q; ++d) v[d] = col_on[d] ? std::log(ev[d]) : 0.0;
   for (int c = 0; c < R; ++c)
     if (!std::isfinite(u[c])) return false;
   for (int d = 0; d < Q; ++d)
