@@ -147,6 +147,7 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("newton_switch", &SinkhornOptions::newton_switch)
       .def_readwrite("multiscale_points", &SinkhornOptions::multiscale_points)
       .def_readwrite("class_balance", &SinkhornOptions::class_balance)
+      .def_readwrite("stage_truncation", &SinkhornOptions::stage_truncation)
       .def_readwrite("multiscale_resolution", &SinkhornOptions::multiscale_resolution)
       .def_readwrite("num_threads", &SinkhornOptions::num_threads);
 

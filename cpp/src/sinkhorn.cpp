@@ -1236,7 +1236,8 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const dou
       half_step(cost, false, static_cast<const SparseRows<T>*>(nullptr), g, log_b.data(), a, eps, 1.0, f, err_rows, nt);
       half_step(cost, true, static_cast<const SparseRows<T>*>(nullptr), f, log_a.data(), b, eps, 1.0, g, err_rows, nt);
     }
-    const double cutoff = opt.truncation * eps;
+    const double trunc = last || opt.stop_when_sparse ? opt.truncation : std::min(opt.truncation, opt.stage_truncation);
+    const double cutoff = trunc * eps;
     // A small problem's last stage keeps its kernel as a (possibly full) sparse matrix whatever its
     // density, for the sake of Newton: at large epsilon a dense stage can crawl, e.g. 50 x 50 logits
     // at eps = 10 still had marginal error 1.5e-6 after 50,000 Sinkhorn iterations (POT's too), as one
@@ -1252,7 +1253,7 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const dou
     bool newton_futile = false;
     for (;;) {
       stale = false;
-      min_margin = std::min(0.8 * opt.truncation, std::log(1e3 / target)) * eps;
+      min_margin = std::min(0.8 * trunc, std::log(1e3 / target)) * eps;
       if (eps < opt.stop_below) {  // before the pattern scan, whose result would go unused
         rep.final_epsilon = eps;
         return rep;
