@@ -439,9 +439,9 @@ CASES: list[Case] = [
          r"source_features.__dlpack_device__\(\) did not return \(device_type, device_id\)"),
     # ------------------------------------------------------------------------------------------ memory
     _err(MEM, "dense problem larger than memory (sinkhorn)", "sinkhorn(big, big)", M,
-         r"sinkhorn with 200000 x 200000 points needs 1280.0 GB .* use fewer points"),
+         r"sinkhorn with 200000 x 200000 points needs 992.0 GB .* use fewer points"),
     _err(MEM, "dense problem larger than memory (otce, every pixel)", "otce(big, big_labels % 2, big, big_labels % 2)", M,
-         r"needs 1280.0 GB \(dense cost and truncated kernel: 1280.0 GB.*lower n_pixels"),
+         r"needs 992.0 GB \(dense cost and truncated kernel: 992.0 GB.*lower n_pixels"),
     _err(MEM, "joint label tables larger than memory (200,000 distinct labels)",
          "otce(big, big_labels, big, big_labels, n_pixels=50)", M,
          r"joint label tables: .* the labels have 199999 x 199999 distinct classes"),
