@@ -496,23 +496,20 @@ bool balance_classes(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
   for (int64_t i = 0; i < n; ++i) {
     const double base = log_a[i] + f[i] * inv_eps;
     // Segment d of row i: its entries, dense or on the pattern (whose columns ascend).
-    auto segment = [&](int d, const T*& c, const int32_t*& cols, int64_t& len, const double*& Aseg) {
+    struct Segment {
+      const T* c;
+      const int32_t* cols;
+      int64_t len;
+      const double* A;
+    };
+    auto segment = [&](int d) {
       const int64_t j0 = cls.col_class_start[d], j1 = cls.col_class_start[d + 1];
-      if (sp == nullptr) {
-        c = mat.data() + i * m + j0;
-        cols = nullptr;
-        len = j1 - j0;
-        Aseg = Ap + j0;
-      } else {
-        const int32_t* c0 = sp->col.data() + sp->ptr[i];
-        const int32_t* c1 = sp->col.data() + sp->ptr[i + 1];
-        const int32_t* k0 = std::lower_bound(c0, c1, static_cast<int32_t>(j0));
-        const int32_t* k1 = std::lower_bound(k0, c1, static_cast<int32_t>(j1));
-        c = sp->val.data() + (k0 - sp->col.data());
-        cols = k0;
-        len = k1 - k0;
-        Aseg = Ap;
-      }
+      if (sp == nullptr) return Segment{mat.data() + i * m + j0, nullptr, j1 - j0, Ap + j0};
+      const int32_t* c0 = sp->col.data() + sp->ptr[i];
+      const int32_t* c1 = sp->col.data() + sp->ptr[i + 1];
+      const int32_t* k0 = std::lower_bound(c0, c1, static_cast<int32_t>(j0));
+      const int32_t* k1 = std::lower_bound(k0, c1, static_cast<int32_t>(j1));
+      return Segment{sp->val.data() + (k0 - sp->col.data()), k0, k1 - k0, Ap};
     };
     // One pass shifted by the row's expected total (-f_i / eps, as in half_step): segments whose
     // share of the row underflows the float exponential (below ~e^-87 of it) count as empty, which
@@ -521,24 +518,16 @@ bool balance_classes(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
     const double guess = -f[i] * inv_eps;
     double total = 0.0;
     for (int d = 0; d < Q; ++d) {
-      const T* c;
-      const int32_t* cols;
-      int64_t len;
-      const double* Aseg;
-      segment(d, c, cols, len, Aseg);
-      if (len == 0) continue;
-      const double sd = RowLse<T>::sum(c, cols, len, Aseg, inv_eps, guess);
+      const Segment sg = segment(d);
+      if (sg.len == 0) continue;
+      const double sd = RowLse<T>::sum(sg.c, sg.cols, sg.len, sg.A, inv_eps, guess);
       total += sd;
       Lp[i * Q + d] = sd > 0 ? base + guess + std::log(sd) : kNegInf;
     }
     if (total >= kShiftedMin && total < kPosInf) continue;
     for (int d = 0; d < Q; ++d) {
-      const T* c;
-      const int32_t* cols;
-      int64_t len;
-      const double* Aseg;
-      segment(d, c, cols, len, Aseg);
-      Lp[i * Q + d] = len == 0 ? kNegInf : base + RowLse<T>::run(c, cols, len, Aseg, inv_eps);
+      const Segment sg = segment(d);
+      Lp[i * Q + d] = sg.len == 0 ? kNegInf : base + RowLse<T>::run(sg.c, sg.cols, sg.len, sg.A, inv_eps);
     }
   }
   // log M_cd and the classes' log masses, each a log-sum-exp over the class's rows (columns).
