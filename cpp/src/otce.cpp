@@ -54,11 +54,12 @@ constexpr int kMaxGroups = 32;
 // balancing and the two-level Newton preconditioner (sinkhorn.cpp) then act on clusters of the data
 // rather than on labels. Deterministic and independent of the thread count: farthest-point seeds
 // and 10 Lloyd rounds on a strided subsample of at most 2,000 points, then every point joins its
-// nearest centre. Returns group ids in [0, groups) with no empty group.
+// nearest centre: one cell per 64 points, 2 to kMaxGroups of them. Returns group ids in
+// [0, groups) with no empty group.
 template <typename T>
-std::vector<int32_t> point_groups(const T* x, int64_t n, int64_t d, int k, int& groups) {
+std::vector<int32_t> point_groups(const T* x, int64_t n, int64_t d, int& groups) {
   const int64_t ns = std::min<int64_t>(n, 2000);
-  k = static_cast<int>(std::min<int64_t>(k, ns));
+  const int k = static_cast<int>(std::min<int64_t>({kMaxGroups, std::max<int64_t>(2, n / 64), ns}));
   std::vector<double> sub(static_cast<size_t>(ns) * d), centre(static_cast<size_t>(k) * d);
   for (int64_t s = 0; s < ns; ++s)
     for (int64_t t = 0; t < d; ++t) sub[s * d + t] = static_cast<double>(x[(s * n / ns) * d + t]);
@@ -114,10 +115,10 @@ std::vector<int32_t> point_groups(const T* x, int64_t n, int64_t d, int k, int& 
 // (class, k-means cell), re-gathers `x` in that order and leaves the cells, in that order, in `cells`.
 template <typename T>
 void group_within_classes(const PixelView<T>& view, const int32_t* code, std::vector<int64_t>& idx, RowMatrix<T>& x,
-                          int64_t d, const char* arg, std::vector<int32_t>& cells, int& cell_count) {
+                          int64_t d, const char* arg, std::vector<int32_t>& cells) {
   const int64_t n = static_cast<int64_t>(idx.size());
-  const int k = static_cast<int>(std::min<int64_t>(kMaxGroups, std::max<int64_t>(2, n / 64)));
-  const std::vector<int32_t> cell = point_groups(x.data(), n, d, k, cell_count);
+  int cell_count = 0;
+  const std::vector<int32_t> cell = point_groups(x.data(), n, d, cell_count);
   std::vector<int64_t> order(n);
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) {
@@ -186,10 +187,8 @@ TransportResult transport_points(const T* x, int64_t n, const T* y, int64_t m, i
   } else {
     // Points sorted by group (a permutation, which OT does not see), so that the column groups are
     // contiguous ranges as sinkhorn_log wants them; the potentials are permuted back.
-    const int kx = static_cast<int>(std::min<int64_t>(kMaxGroups, std::max<int64_t>(2, n / 64)));
-    const int ky = static_cast<int>(std::min<int64_t>(kMaxGroups, std::max<int64_t>(2, m / 64)));
     int gx_count = 0, gy_count = 0;
-    const std::vector<int32_t> gx = point_groups(x, n, d, kx, gx_count), gy = point_groups(y, m, d, ky, gy_count);
+    const std::vector<int32_t> gx = point_groups(x, n, d, gx_count), gy = point_groups(y, m, d, gy_count);
     std::vector<int64_t> px(n), py(m);
     std::iota(px.begin(), px.end(), 0);
     std::iota(py.begin(), py.end(), 0);
@@ -302,9 +301,8 @@ OTCEResult otce(const PixelView<T>& src, const int32_t* src_code, int source_cla
         // N = 10^4, D = 256 cells took a draw from 26 to 16 s.
         const bool grouped = use_groups && inner.class_balance;
         if (grouped) {
-          int cells = 0;
-          group_within_classes(src, src_code, is, xs, d, "source_features", cells_s, cells);
-          group_within_classes(tgt, tgt_code, it, xt, d, "target_features", cells_t, cells);
+          group_within_classes(src, src_code, is, xs, d, "source_features", cells_s);
+          group_within_classes(tgt, tgt_code, it, xt, d, "target_features", cells_t);
         }
         for (int64_t i = 0; i < ns; ++i) row_class[i] = src_code[is[i]];
         std::fill(col_start.begin(), col_start.end(), 0);

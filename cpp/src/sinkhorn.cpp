@@ -305,16 +305,8 @@ struct Pattern {
 template <typename T>
 bool transpose_rows(const SparseRows<T>& R, int64_t m, int nt, SparseRows<T>& C) {
   const int64_t n = static_cast<int64_t>(R.ptr.size()) - 1, nnz = R.ptr[n];
-  C.ptr.assign(m + 1, 0);
-  for (int64_t k = 0; k < nnz; ++k) ++C.ptr[R.col[k] + 1];
-  for (int64_t j = 0; j < m; ++j) {
-    if (C.ptr[j + 1] == 0) return false;
-    C.ptr[j + 1] += C.ptr[j];
-  }
-  C.col.resize(nnz);
-  C.val.resize(nnz);
-  // Scattered in parallel over fixed row chunks: chunk q writes each column's entries after those
-  // of chunks < q, so every column keeps its rows ascending whatever the thread count.
+  // Counted and scattered in parallel over fixed row chunks: chunk q writes each column's entries
+  // after those of chunks < q, so every column keeps its rows ascending whatever the thread count.
   const int64_t nq = std::min<int64_t>(std::max(nt, 1), n);
   std::vector<int64_t> next(static_cast<size_t>(nq) * m, 0);
 #pragma omp parallel for num_threads(nt) schedule(static)
@@ -322,6 +314,8 @@ bool transpose_rows(const SparseRows<T>& R, int64_t m, int nt, SparseRows<T>& C)
     int64_t* cnt = next.data() + q * m;
     for (int64_t k = R.ptr[n * q / nq]; k < R.ptr[n * (q + 1) / nq]; ++k) ++cnt[R.col[k]];
   }
+  // Column starts, and each chunk's first slot in every column, from the chunks' counts.
+  C.ptr.assign(m + 1, 0);
   for (int64_t j = 0; j < m; ++j) {
     int64_t at = C.ptr[j];
     for (int64_t q = 0; q < nq; ++q) {
@@ -329,7 +323,11 @@ bool transpose_rows(const SparseRows<T>& R, int64_t m, int nt, SparseRows<T>& C)
       next[q * m + j] = at;
       at += c;
     }
+    if (at == C.ptr[j]) return false;
+    C.ptr[j + 1] = at;
   }
+  C.col.resize(nnz);
+  C.val.resize(nnz);
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t q = 0; q < nq; ++q) {
     int64_t* nx = next.data() + q * m;
@@ -782,8 +780,7 @@ double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
     // which Jacobi leaves to many CG iterations; classes approximate those clusters. E is formed in
     // one pass over the columns: Z^T S Z = Z^T D1 Z - sum_j inv_c_j u_j u_j^T, u_j[c] = sum of
     // column j's entries in rows of class c.
-    const bool two_level = use_coarse;
-    if (two_level) {
+    if (use_coarse) {
       Ecoarse.setZero(Rc, Rc);
       std::vector<double> u(Rc);
       for (int64_t i = 0; i < n; ++i) Ecoarse(row_class[i], row_class[i]) += (1.0 + lambda) * p.row_sum[i];
@@ -804,7 +801,7 @@ double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
     }
     auto precondition = [&](const std::vector<double>& r, std::vector<double>& z) {
       for (int64_t i = 0; i < n; ++i) z[i] = dinv[i] * r[i];
-      if (!two_level) return;
+      if (!use_coarse) return;
       Eigen::VectorXd zr = Eigen::VectorXd::Zero(Rc);
       for (int64_t i = 0; i < n; ++i) zr[row_class[i]] += r[i];
       zr = Efact.solve(zr);
