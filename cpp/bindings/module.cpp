@@ -42,20 +42,6 @@ PixelView<T> view3(const py::array& arr, const char* name) {
   return v;
 }
 
-void append(OTCEResult& all, const OTCEResult& part) {
-  all.repeats += part.repeats;
-  all.source_classes = part.source_classes;
-  all.target_classes = part.target_classes;
-  auto cat = [](auto& dst, const auto& src) { dst.insert(dst.end(), src.begin(), src.end()); };
-  cat(all.conditional_entropy, part.conditional_entropy);
-  cat(all.transport_cost, part.transport_cost);
-  cat(all.marginal_error, part.marginal_error);
-  cat(all.joint, part.joint);
-  cat(all.iterations, part.iterations);
-  cat(all.converged, part.converged);
-  cat(all.timed_out, part.timed_out);
-}
-
 template <typename T>
 py::dict otce_impl(const py::array& src, const py::array_t<int32_t, py::array::c_style>& src_code,
                    int cs, const py::array_t<int64_t, py::array::c_style>& src_idx, const py::array& tgt,
@@ -72,20 +58,10 @@ py::dict otce_impl(const py::array& src, const py::array_t<int32_t, py::array::c
   {
     const SinkhornOptions o = with_interrupt(opt);
     py::gil_scoped_release nogil;
-    // The solver polls for Ctrl-C only after 50 ms inside a solve, so a call made of many short solves
-    // (repeats=10**5 at n_pixels=20) would hear it only at its end. Repeats therefore run in chunks,
-    // doubled while a chunk takes under 50 ms, with a check between chunks. Repeats are independent
-    // (every solve starts from zero potentials), so the result is the same as one call's.
-    int64_t chunk = 1;
-    for (int64_t k0 = 0; k0 < repeats;) {
-      const int64_t kn = std::min(chunk, repeats - k0);
-      const auto t0 = std::chrono::steady_clock::now();
-      append(r, otce<T>(vs, src_code.data(), cs, src_idx.data() + k0 * ns, ns, vt, tgt_code.data(), ct,
-                        tgt_idx.data() + k0 * nt, nt, kn, o, memory_budget));
-      k0 += kn;
-      if (k0 < repeats && o.interrupt && o.interrupt()) throw Interrupted();
-      if (std::chrono::steady_clock::now() - t0 < std::chrono::milliseconds(50)) chunk *= 2;
-    }
+    // One call for all repeats: otce listens for Ctrl-C between draws as well as inside them, and
+    // draws after the first may start from the first one's solution.
+    r = otce<T>(vs, src_code.data(), cs, src_idx.data(), ns, vt, tgt_code.data(), ct, tgt_idx.data(), nt, repeats, o,
+                memory_budget);
   }
   return otce_dict(r, repeats, cs, ct);
 }

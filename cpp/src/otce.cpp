@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <exception>
 #include <limits>
@@ -283,9 +284,16 @@ OTCEResult otce(const PixelView<T>& src, const int32_t* src_code, int source_cla
     std::vector<int32_t> row_class(ns), row_group(ns), cells_s, cells_t;
     std::vector<int64_t> group_start;
     RowMatrix<T> xs(ns, d), xt(nt, d), cost;
+    // A solve polls for Ctrl-C only after 50 ms, so a call made of many short draws (repeats=10**5
+    // at n_pixels=20) also polls between draws, at most every 50 ms.
+    auto last_poll = std::chrono::steady_clock::now();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t k = 0; k < repeats; ++k) {
       if (stop) continue;
+      if (inner.interrupt && std::chrono::steady_clock::now() - last_poll > std::chrono::milliseconds(50)) {
+        last_poll = std::chrono::steady_clock::now();
+        if (inner.interrupt()) continue;
+      }
       try {
         // Pixels sorted by class (a permutation, which OT does not see): the target classes become
         // contiguous column ranges, so the joint-label reduction is a sum over ranges, not a scatter.
