@@ -124,6 +124,7 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("multiscale_points", &SinkhornOptions::multiscale_points)
       .def_readwrite("class_balance", &SinkhornOptions::class_balance)
       .def_readwrite("stage_truncation", &SinkhornOptions::stage_truncation)
+      .def_readwrite("float_stage_exponents", &SinkhornOptions::float_stage_exponents)
       .def_readwrite("multiscale_resolution", &SinkhornOptions::multiscale_resolution)
       .def_readwrite("num_threads", &SinkhornOptions::num_threads);
 

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <cstdio>
 #include <cstdlib>
 
@@ -72,6 +73,24 @@ struct RowLse {
         for (int64_t k = j0; k < j1; ++k)
           part += detail::fast_exp(static_cast<T>(A[cols[k]] - static_cast<double>(c[k]) * inv_eps - shift));
       }
+      total += static_cast<double>(part);
+    }
+    return total;
+  }
+
+  // The shifted sum with the exponent formed in float (Af: A in float): 16 lanes and one gather per
+  // 16 entries instead of 8. The exponent's terms reach ~10^3 at small eps, so each entry carries a
+  // relative error up to ~3e-4: only for stages that stop at a loose error (see half_step).
+  SEGTRANSFER_HOT static double sum_lowp(const T* c, const int32_t* cols, int64_t len, const float* Af,
+                                         float inv_eps, float shift) {
+    double total = 0.0;
+    constexpr int64_t kBlock = 256;
+    for (int64_t j0 = 0; j0 < len; j0 += kBlock) {
+      const int64_t j1 = std::min(len, j0 + kBlock);
+      float part = 0;
+#pragma omp simd reduction(+ : part)
+      for (int64_t k = j0; k < j1; ++k)
+        part += detail::fast_exp(Af[cols[k]] - static_cast<float>(c[k]) * inv_eps - shift);
       total += static_cast<double>(part);
     }
     return total;
@@ -438,17 +457,26 @@ bool refresh_pattern(const RowMatrix<T>& cost, const double* f, const double* g,
 // over the rows of `mat` (by_cols = false) or its columns (by_cols = true); a sparse pattern `sp`
 // is given in the matching layout (CSR for rows, CSC for columns). Returns the L1 error of this
 // side's marginal *before* the update: sum_i w_i |e^{lse_i} - 1|.
+// `lowp` (float storage, sparse kernels only) forms the exponents in float (RowLse::sum_lowp): for
+// intermediate stages, which stop at stage_tol (1e-2) and whose result the next stage refines.
 template <typename T>
 double half_step(const RowMatrix<T>& mat, bool by_cols, const SparseRows<T>* sp, const double* other,
                  const double* log_w_other, const double* w_self, double eps, double omega,
-                 double* pot, std::vector<double>& err_rows, int nt) {
+                 double* pot, std::vector<double>& err_rows, int nt, bool lowp = false) {
   const int64_t n = by_cols ? mat.cols() : mat.rows(), m = by_cols ? mat.rows() : mat.cols();
   const double inv_eps = 1.0 / eps;
   // Work buffers reused across calls; only pointers to them enter the parallel region (each
   // OpenMP thread would see its own, empty, thread_local instance).
   thread_local std::vector<double> A, lse_buf;
+  thread_local std::vector<float> Af;
   exponent_offsets(other, log_w_other, m, inv_eps, A);
   const double* Ap = A.data();
+  lowp = lowp && sp != nullptr && std::is_same<T, float>::value;
+  if (lowp) {
+    Af.resize(m);
+    for (int64_t j = 0; j < m; ++j) Af[j] = static_cast<float>(A[j]);
+  }
+  const float* Afp = Af.data();
   const bool dense_cols = sp == nullptr && by_cols;
   if (dense_cols) {
     lse_buf.resize(2 * n);
@@ -464,9 +492,16 @@ double half_step(const RowMatrix<T>& mat, bool by_cols, const SparseRows<T>* sp,
     } else if (sp == nullptr) {
       lse = RowLse<T>::run(mat.data() + i * m, nullptr, m, Ap, inv_eps, -pot[i] * inv_eps);
     } else {
-      const int64_t k0 = sp->ptr[i];
-      lse = RowLse<T>::run(sp->val.data() + k0, sp->col.data() + k0, sp->ptr[i + 1] - k0, Ap, inv_eps,
-                           -pot[i] * inv_eps);
+      const int64_t k0 = sp->ptr[i], len = sp->ptr[i + 1] - k0;
+      lse = kNegInf;
+      if (lowp) {
+        const float shift = static_cast<float>(-pot[i] * inv_eps);
+        const double total = RowLse<T>::sum_lowp(sp->val.data() + k0, sp->col.data() + k0, len, Afp,
+                                                 static_cast<float>(inv_eps), shift);
+        if (total >= kShiftedMin && total < kPosInf) lse = static_cast<double>(shift) + std::log(total);
+      }
+      if (lse == kNegInf)
+        lse = RowLse<T>::run(sp->val.data() + k0, sp->col.data() + k0, len, Ap, inv_eps, -pot[i] * inv_eps);
     }
     lse += pot[i] * inv_eps;
     err_rows[i] = w_self[i] * std::fabs(std::expm1(lse));
@@ -1117,6 +1152,7 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const dou
   // The over-relaxation state lives for a whole stage, so that a stage whose Sinkhorn phases are
   // interleaved with Newton rounds does not restart from omega = 1 after each of them.
   double omega = 1.0, cap = opt.overrelaxation;
+  bool lowp = false;  // set per stage below
   auto sinkhorn_loop = [&](double eps, double target, const SparseRows<T>* sr, const SparseRows<T>* sc,
                            int64_t iter_limit) {
     double block_err = std::numeric_limits<double>::infinity();
@@ -1139,8 +1175,8 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const dou
     };
     balance();
     while (rep.iterations < iter_limit && !rep.timed_out) {
-      const double err_r = half_step(cost, false, sr, g, log_b.data(), a, eps, omega, f, err_rows, nt_loop);
-      const double err_c = half_step(cost, true, sc, f, log_a.data(), b, eps, omega, g, err_rows, nt_loop);
+      const double err_r = half_step(cost, false, sr, g, log_b.data(), a, eps, omega, f, err_rows, nt_loop, lowp);
+      const double err_c = half_step(cost, true, sc, f, log_a.data(), b, eps, omega, g, err_rows, nt_loop, lowp);
       ++rep.iterations;
       poll();
       const double err = err_r + err_c;
@@ -1250,6 +1286,7 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const dou
     // nearly isolated point's mass converges at a sublinear rate. At most kSmallProblem entries.
     const double density_cap = last && static_cast<double>(n) * m <= kSmallProblem ? 1.0 : opt.max_density;
     double target = last ? 0.5 * opt.tol : std::max(opt.stage_tol, opt.tol);
+    lowp = opt.float_stage_exponents && !last && target >= 1e-3;
     ++rep.stages;
     omega = 1.0;
     cap = opt.overrelaxation;

@@ -264,6 +264,54 @@ static void test_class_balance() {
   check_class_balance<float>();
 }
 
+// Intermediate stages of a float problem form their exponents in float (float_stage_exponents):
+// that changes the path to the last stage, not the answer, which the last stage (in double
+// exponents) and the certificate fix. Hard regime: clusters 6 apart at eps = 0.01 (cost / eps up to
+// ~10^4), several sparse intermediate stages. Both runs certify to tol and agree on the joint table
+// and on the potentials within the bounds check_class_balance explains.
+static void test_float_stages() {
+  std::mt19937_64 rng(8);
+  const int64_t n = 900, m = 800, d = 2;
+  std::vector<float> x, y;
+  std::vector<int32_t> row_class;
+  std::vector<int64_t> col_start{0};
+  std::normal_distribution<double> z(0.0, 0.5);
+  const int64_t ns[3] = {400, 300, 200}, nt[3] = {250, 300, 250};
+  for (int c = 0; c < 3; ++c) {
+    for (int64_t i = 0; i < ns[c]; ++i) {
+      x.push_back(static_cast<float>(6.0 * c + z(rng)));
+      x.push_back(static_cast<float>(z(rng)));
+      row_class.push_back(c);
+    }
+    for (int64_t j = 0; j < nt[c]; ++j) {
+      y.push_back(static_cast<float>(6.0 * c + 0.2 + z(rng)));
+      y.push_back(static_cast<float>(z(rng)));
+    }
+    col_start.push_back(col_start.back() + nt[c]);
+  }
+  RowMatrix<float> cost;
+  squared_euclidean<float>(x.data(), n, y.data(), m, d, cost);
+  const std::vector<double> a(n, 1.0 / n), b(m, 1.0 / m);
+  const PlanClasses cls{row_class.data(), 3, col_start.data(), 3};
+  SinkhornOptions opt;
+  opt.epsilon = 0.01;
+  opt.tol = 1e-5;
+  opt.multiscale_points = 0;  // every stage on the full problem
+  std::vector<double> f1(n), g1(m), f2(n), g2(m);
+  const SinkhornReport on = sinkhorn_log<float>(cost, a.data(), b.data(), opt, f1.data(), g1.data(), &cls);
+  opt.float_stage_exponents = false;
+  const SinkhornReport off = sinkhorn_log<float>(cost, a.data(), b.data(), opt, f2.data(), g2.data(), &cls);
+  CHECK(on.converged && off.converged);
+  CHECK(on.stages > on.dense_stages + 1);  // sparse stages before the last one (4 here)
+  for (size_t k = 0; k < on.joint.size(); ++k) CHECK(std::fabs(on.joint[k] - off.joint[k]) <= 4 * opt.tol);
+  double m1 = 0, m2 = 0, worst = 0;
+  for (int64_t i = 0; i < n; ++i) { m1 += f1[i] / n; m2 += f2[i] / n; }
+  for (int64_t i = 0; i < n; ++i) worst = std::max(worst, std::fabs((f1[i] - m1) - (f2[i] - m2)));
+  CHECK(worst > 0);  // the float path ran (rounding differs)
+  CHECK(worst / opt.epsilon <= opt.tol * static_cast<double>(n));
+  CHECK(std::fabs(on.transport_cost - off.transport_cost) <= std::expm1(2 * worst / opt.epsilon) * off.transport_cost);
+}
+
 // transport_points groups unlabelled points by k-means cells (at >= 10^6 entries) and sorts them
 // by cell for the solver: the potentials must come back in the caller's order. Grouped and plain
 // solves of the same problem (points in a random order, four imbalanced clusters) must agree
@@ -417,6 +465,7 @@ int main(int argc, char** argv) {
       {"sparse_and_newton_paths", test_sparse_and_newton_paths},
       {"multiscale_path", test_multiscale_path},
       {"class_balance", test_class_balance},
+      {"float_stages", test_float_stages},
       {"transport_grouping", test_transport_grouping},
       {"otce_grouping", test_otce_grouping},
       {"early_exits", test_early_exits},
