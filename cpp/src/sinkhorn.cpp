@@ -88,9 +88,15 @@ struct RowLse {
     for (int64_t j0 = 0; j0 < len; j0 += kBlock) {
       const int64_t j1 = std::min(len, j0 + kBlock);
       float part = 0;
+      if (cols == nullptr) {
 #pragma omp simd reduction(+ : part)
-      for (int64_t k = j0; k < j1; ++k)
-        part += detail::fast_exp(Af[cols[k]] - static_cast<float>(c[k]) * inv_eps - shift);
+        for (int64_t k = j0; k < j1; ++k)
+          part += detail::fast_exp(Af[k] - static_cast<float>(c[k]) * inv_eps - shift);
+      } else {
+#pragma omp simd reduction(+ : part)
+        for (int64_t k = j0; k < j1; ++k)
+          part += detail::fast_exp(Af[cols[k]] - static_cast<float>(c[k]) * inv_eps - shift);
+      }
       total += static_cast<double>(part);
     }
     return total;
@@ -152,6 +158,12 @@ struct ColLse {
     for (int64_t j = 0; j < m; ++j)
       part[j] += detail::fast_exp(static_cast<T>(Ai - static_cast<double>(c[j]) * inv_eps - mx[j]));
   }
+  // The exponent in float (see RowLse::sum_lowp).
+  SEGTRANSFER_HOT static void sum_row_lowp(const T* c, int64_t m, float Ai, float inv_eps, const float* mx, T* part) {
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j)
+      part[j] += detail::fast_exp(static_cast<T>(Ai - static_cast<float>(c[j]) * inv_eps - mx[j]));
+  }
 };
 
 // out_j = log sum_i exp(A_i - C_ij / eps) for a dense row-major C (n x m). Rows are cut into fixed
@@ -160,19 +172,26 @@ struct ColLse {
 // `guess` (optional): values the results are expected near (the columns' own potentials, -g_j / eps),
 // used as the shifts of a single summing sweep, as in RowLse::run; only if some column's shifted
 // sum over- or underflows are the exact maxima found by a first sweep and the sum redone.
+// `lowp`: the guessed sweep forms its exponents in float (RowLse::sum_lowp), shifts rounded to float.
 template <typename T>
 void dense_column_lse(const RowMatrix<T>& mat, const double* A, double inv_eps, int nt, double* out,
-                      const double* guess = nullptr) {
+                      const double* guess = nullptr, bool lowp = false) {
   const int64_t n = mat.rows(), m = mat.cols();
   constexpr int64_t kRows = 256;
   const int64_t nb = (n + kRows - 1) / kRows;
   std::vector<double> blk(static_cast<size_t>(nb) * m, kNegInf), mx(m, kNegInf);
+  std::vector<float> Af, mxf;
+  bool use_lowp = false;
   auto sum_sweep = [&]() {
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t b = 0; b < nb; ++b) {
       std::vector<T> part(m, T(0));
-      for (int64_t i = b * kRows; i < std::min(n, (b + 1) * kRows); ++i)
-        ColLse<T>::sum_row(mat.data() + i * m, m, A[i], inv_eps, mx.data(), part.data());
+      for (int64_t i = b * kRows; i < std::min(n, (b + 1) * kRows); ++i) {
+        if (use_lowp)
+          ColLse<T>::sum_row_lowp(mat.data() + i * m, m, Af[i], static_cast<float>(inv_eps), mxf.data(), part.data());
+        else
+          ColLse<T>::sum_row(mat.data() + i * m, m, A[i], inv_eps, mx.data(), part.data());
+      }
       double* bs = blk.data() + b * m;
       for (int64_t j = 0; j < m; ++j) bs[j] = static_cast<double>(part[j]);
     }
@@ -187,11 +206,18 @@ void dense_column_lse(const RowMatrix<T>& mat, const double* A, double inv_eps, 
   };
   if (guess != nullptr) {
     bool finite = true;
+    use_lowp = lowp && std::is_same<T, float>::value;
+    if (use_lowp) {
+      Af.assign(A, A + n);
+      mxf.resize(m);
+    }
     for (int64_t j = 0; j < m; ++j) {
-      mx[j] = guess[j];
+      if (use_lowp) mxf[j] = static_cast<float>(guess[j]);
+      mx[j] = use_lowp ? static_cast<double>(mxf[j]) : guess[j];  // the shift actually subtracted
       finite = finite && std::isfinite(guess[j]);
     }
     if (finite && sum_sweep()) return;
+    use_lowp = false;
     std::fill(blk.begin(), blk.end(), kNegInf);
     std::fill(mx.begin(), mx.end(), kNegInf);
   }
@@ -457,8 +483,8 @@ bool refresh_pattern(const RowMatrix<T>& cost, const double* f, const double* g,
 // over the rows of `mat` (by_cols = false) or its columns (by_cols = true); a sparse pattern `sp`
 // is given in the matching layout (CSR for rows, CSC for columns). Returns the L1 error of this
 // side's marginal *before* the update: sum_i w_i |e^{lse_i} - 1|.
-// `lowp` (float storage, sparse kernels only) forms the exponents in float (RowLse::sum_lowp): for
-// intermediate stages, which stop at stage_tol (1e-2) and whose result the next stage refines.
+// `lowp` (float storage only) forms the exponents in float (RowLse::sum_lowp, ColLse::sum_row_lowp):
+// for intermediate stages, which stop at stage_tol (1e-2) and whose result the next stage refines.
 template <typename T>
 double half_step(const RowMatrix<T>& mat, bool by_cols, const SparseRows<T>* sp, const double* other,
                  const double* log_w_other, const double* w_self, double eps, double omega,
@@ -471,8 +497,8 @@ double half_step(const RowMatrix<T>& mat, bool by_cols, const SparseRows<T>* sp,
   thread_local std::vector<float> Af;
   exponent_offsets(other, log_w_other, m, inv_eps, A);
   const double* Ap = A.data();
-  lowp = lowp && sp != nullptr && std::is_same<T, float>::value;
-  if (lowp) {
+  lowp = lowp && std::is_same<T, float>::value;
+  if (lowp && !(sp == nullptr && by_cols)) {
     Af.resize(m);
     for (int64_t j = 0; j < m; ++j) Af[j] = static_cast<float>(A[j]);
   }
@@ -481,7 +507,7 @@ double half_step(const RowMatrix<T>& mat, bool by_cols, const SparseRows<T>* sp,
   if (dense_cols) {
     lse_buf.resize(2 * n);
     for (int64_t i = 0; i < n; ++i) lse_buf[n + i] = -pot[i] * inv_eps;
-    dense_column_lse(mat, Ap, inv_eps, nt, lse_buf.data(), lse_buf.data() + n);
+    dense_column_lse(mat, Ap, inv_eps, nt, lse_buf.data(), lse_buf.data() + n, lowp);
   }
   const double* lse_dense = lse_buf.data();
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 16)
@@ -489,19 +515,17 @@ double half_step(const RowMatrix<T>& mat, bool by_cols, const SparseRows<T>* sp,
     double lse;
     if (dense_cols) {
       lse = lse_dense[i];
-    } else if (sp == nullptr) {
-      lse = RowLse<T>::run(mat.data() + i * m, nullptr, m, Ap, inv_eps, -pot[i] * inv_eps);
     } else {
-      const int64_t k0 = sp->ptr[i], len = sp->ptr[i + 1] - k0;
+      const int64_t k0 = sp ? sp->ptr[i] : i * m, len = sp ? sp->ptr[i + 1] - k0 : m;
+      const T* c = sp ? sp->val.data() + k0 : mat.data() + k0;
+      const int32_t* cols = sp ? sp->col.data() + k0 : nullptr;
       lse = kNegInf;
-      if (lowp) {
+      if (lowp) {  // the shift rounded to float is the one subtracted, and added back
         const float shift = static_cast<float>(-pot[i] * inv_eps);
-        const double total = RowLse<T>::sum_lowp(sp->val.data() + k0, sp->col.data() + k0, len, Afp,
-                                                 static_cast<float>(inv_eps), shift);
+        const double total = RowLse<T>::sum_lowp(c, cols, len, Afp, static_cast<float>(inv_eps), shift);
         if (total >= kShiftedMin && total < kPosInf) lse = static_cast<double>(shift) + std::log(total);
       }
-      if (lse == kNegInf)
-        lse = RowLse<T>::run(sp->val.data() + k0, sp->col.data() + k0, len, Ap, inv_eps, -pot[i] * inv_eps);
+      if (lse == kNegInf) lse = RowLse<T>::run(c, cols, len, Ap, inv_eps, -pot[i] * inv_eps);
     }
     lse += pot[i] * inv_eps;
     err_rows[i] = w_self[i] * std::fabs(std::expm1(lse));

@@ -160,8 +160,9 @@ def otce(
     pixel once (no sampling, so a single repeat).
 
     Precision: float64 inputs are solved in float64. float32 inputs keep the cost in float32 and
-    evaluate exponentials in float32, with exponents, potentials and sums in float64. Mixed inputs
-    are solved in float64.
+    evaluate exponentials in float32, with exponents, potentials and sums in float64 (the intermediate
+    epsilon stages form their exponents in float32; the last stage and the certificate do not). Mixed
+    inputs are solved in float64.
 
     ``device``: None computes where the features live (host, or the CUDA device of DLPack /
     ``__cuda_array_interface__`` inputs, read in place); ``"cuda"`` / ``"cuda:N"`` computes on a GPU and
