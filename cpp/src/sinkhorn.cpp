@@ -54,11 +54,20 @@ int threads_for(int requested) {
 // ~1e-15 and every term a float exp flushes to zero (below ~e^-87) is below e^-50 of it.
 constexpr double kShiftedMin = 1e-10;
 
+// Inlined into each target clone of its callers, so that every clone vectorises it for its own ISA.
+#if defined(__GNUC__)
+#define SEGTRANSFER_INLINE inline __attribute__((always_inline))
+#else
+#define SEGTRANSFER_INLINE inline
+#endif
+
 template <typename T>
 struct RowLse {
   // sum_j exp(A[col_j] - c_j * inv_eps - shift), in blocks whose partial sums in T stay exact enough.
-  SEGTRANSFER_HOT static double sum(const T* c, const int32_t* cols, int64_t len, const double* A, double inv_eps,
-                                    double shift) {
+  // E is the type the exponent is formed in: double, or float where a stage tolerates it (sum_lowp).
+  template <typename E>
+  SEGTRANSFER_INLINE static double shifted_sum(const T* c, const int32_t* cols, int64_t len, const E* A, E inv_eps,
+                                               E shift) {
     double total = 0.0;
     constexpr int64_t kBlock = 256;
     for (int64_t j0 = 0; j0 < len; j0 += kBlock) {
@@ -67,39 +76,26 @@ struct RowLse {
       if (cols == nullptr) {
 #pragma omp simd reduction(+ : part)
         for (int64_t j = j0; j < j1; ++j)
-          part += detail::fast_exp(static_cast<T>(A[j] - static_cast<double>(c[j]) * inv_eps - shift));
+          part += detail::fast_exp(static_cast<T>(A[j] - static_cast<E>(c[j]) * inv_eps - shift));
       } else {
 #pragma omp simd reduction(+ : part)
         for (int64_t k = j0; k < j1; ++k)
-          part += detail::fast_exp(static_cast<T>(A[cols[k]] - static_cast<double>(c[k]) * inv_eps - shift));
+          part += detail::fast_exp(static_cast<T>(A[cols[k]] - static_cast<E>(c[k]) * inv_eps - shift));
       }
       total += static_cast<double>(part);
     }
     return total;
   }
-
-  // The shifted sum with the exponent formed in float (Af: A in float): 16 lanes and one gather per
-  // 16 entries instead of 8. The exponent's terms reach ~10^3 at small eps, so each entry carries a
-  // relative error up to ~3e-4: only for stages that stop at a loose error (see half_step).
+  SEGTRANSFER_HOT static double sum(const T* c, const int32_t* cols, int64_t len, const double* A, double inv_eps,
+                                    double shift) {
+    return shifted_sum<double>(c, cols, len, A, inv_eps, shift);
+  }
+  // The exponent formed in float (Af: A in float): 16 lanes and one gather per 16 entries instead of
+  // 8. Its terms reach ~10^3 at small eps, so each entry carries a relative error up to ~3e-4: only
+  // for stages that stop at a loose error (see half_step).
   SEGTRANSFER_HOT static double sum_lowp(const T* c, const int32_t* cols, int64_t len, const float* Af,
                                          float inv_eps, float shift) {
-    double total = 0.0;
-    constexpr int64_t kBlock = 256;
-    for (int64_t j0 = 0; j0 < len; j0 += kBlock) {
-      const int64_t j1 = std::min(len, j0 + kBlock);
-      float part = 0;
-      if (cols == nullptr) {
-#pragma omp simd reduction(+ : part)
-        for (int64_t k = j0; k < j1; ++k)
-          part += detail::fast_exp(Af[k] - static_cast<float>(c[k]) * inv_eps - shift);
-      } else {
-#pragma omp simd reduction(+ : part)
-        for (int64_t k = j0; k < j1; ++k)
-          part += detail::fast_exp(Af[cols[k]] - static_cast<float>(c[k]) * inv_eps - shift);
-      }
-      total += static_cast<double>(part);
-    }
-    return total;
+    return shifted_sum<float>(c, cols, len, Af, inv_eps, shift);
   }
 
   // log sum_j exp(A[col_j] - c_j * inv_eps) over one row that stays in cache. `cols == nullptr`

@@ -204,59 +204,88 @@ static void test_multiscale_path() {
   CHECK(std::isfinite(r.transport_cost) && r.report.iterations > 0);
 }
 
+// A labelled two-sided problem made of Gaussian clusters, one class per cluster (rows and columns
+// sorted by class), for the tests that compare two solver paths on the same cost.
+template <typename T>
+struct ClusterProblem {
+  int64_t n = 0, m = 0;
+  std::vector<int32_t> row_class;
+  std::vector<int64_t> col_start{0};
+  RowMatrix<T> cost;
+  std::vector<double> a, b;
+  PlanClasses classes() const { return {row_class.data(), 3, col_start.data(), 3}; }
+};
+
+// Three clusters of `ns[c]` source and `nt[c]` target points around centres[c] (d = 2), the targets
+// shifted by `offset`, spread `sd`.
+template <typename T>
+static ClusterProblem<T> cluster_problem(uint64_t seed, const double (&centre)[3][2], const int64_t (&ns)[3],
+                                         const int64_t (&nt)[3], double sd, double offset) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> z(0.0, sd);
+  ClusterProblem<T> p;
+  std::vector<T> x, y;
+  for (int c = 0; c < 3; ++c) {
+    for (int64_t i = 0; i < ns[c]; ++i) {
+      for (int k = 0; k < 2; ++k) x.push_back(static_cast<T>(centre[c][k] + z(rng)));
+      p.row_class.push_back(c);
+    }
+    for (int64_t j = 0; j < nt[c]; ++j)
+      for (int k = 0; k < 2; ++k) y.push_back(static_cast<T>(centre[c][k] + offset + z(rng)));
+    p.col_start.push_back(p.col_start.back() + nt[c]);
+  }
+  p.n = static_cast<int64_t>(p.row_class.size());
+  p.m = p.col_start.back();
+  squared_euclidean<T>(x.data(), p.n, y.data(), p.m, 2, p.cost);
+  p.a.assign(p.n, 1.0 / p.n);
+  p.b.assign(p.m, 1.0 / p.m);
+  return p;
+}
+
+// Two solves of the same problem that both certify to tol must agree. Joint entries: each a sum of
+// plan entries, two plans within L1 distance ~2 tol of the solution. Potentials up to the constant
+// (f + c, g - c), so f - mean(f) is compared: a point's marginal off by at most tol (L1) is off by at
+// most tol * n relative to its mass 1/n, which moves its potential by about eps * tol * n. Returns
+// the largest potential difference.
+static double check_same_solution(const SinkhornReport& r1, const SinkhornReport& r2, const std::vector<double>& f1,
+                                  const std::vector<double>& f2, const SinkhornOptions& opt) {
+  const int64_t n = static_cast<int64_t>(f1.size());
+  CHECK(r1.converged && r2.converged);
+  CHECK(r1.marginal_error <= opt.tol && r2.marginal_error <= opt.tol);
+  CHECK(r1.joint.size() == r2.joint.size());
+  for (size_t k = 0; k < r1.joint.size(); ++k) CHECK(std::fabs(r1.joint[k] - r2.joint[k]) <= 4 * opt.tol);
+  double m1 = 0, m2 = 0, worst = 0;
+  for (int64_t i = 0; i < n; ++i) { m1 += f1[i] / n; m2 += f2[i] / n; }
+  for (int64_t i = 0; i < n; ++i) worst = std::max(worst, std::fabs((f1[i] - m1) - (f2[i] - m2)));
+  CHECK(worst / opt.epsilon <= opt.tol * static_cast<double>(n));
+  return worst;
+}
+
 // Class balancing (a coarse, per-class shift of the potentials) changes the path, not the answer:
 // three well separated clusters per side, each a class, with unequal proportions, so that mass has
 // to cross between clusters through entries of ~e^-300. Plain Sinkhorn moves it there at a crawl.
-// Both runs must certify to tol and agree on the joint table and the potentials (the problem's
-// solution is unique up to a constant); the balanced run needs far fewer iterations (measured: 266
-// against 1886 in double, 176 against 1089 in float).
+// Both runs must certify to tol and agree (check_same_solution; potentials measured at 3.8e-7 of the
+// 1.2e-6 bound in double, 3.0e-4 of 1.2e-3 in float); the balanced run needs far fewer iterations
+// (measured: 266 against 1886 in double, 176 against 1089 in float).
 template <typename T>
 static void check_class_balance() {
-  std::mt19937_64 rng(6);
-  const int64_t d = 2;
   const double centre[3][2] = {{0, 0}, {4, 0}, {0, 4}};
   const int64_t ns[3] = {60, 40, 20}, nt[3] = {35, 45, 40};
-  std::vector<T> x, y;
-  std::vector<int32_t> row_class;
-  std::vector<int64_t> col_start{0};
-  std::normal_distribution<double> z(0.0, 0.4);
-  for (int c = 0; c < 3; ++c) {
-    for (int64_t i = 0; i < ns[c]; ++i) {
-      for (int k = 0; k < d; ++k) x.push_back(static_cast<T>(centre[c][k] + z(rng)));
-      row_class.push_back(c);
-    }
-    for (int64_t j = 0; j < nt[c]; ++j)
-      for (int k = 0; k < d; ++k) y.push_back(static_cast<T>(centre[c][k] + 0.3 + z(rng)));
-    col_start.push_back(col_start.back() + nt[c]);
-  }
-  const int64_t n = static_cast<int64_t>(row_class.size()), m = col_start.back();
-  RowMatrix<T> cost;
-  squared_euclidean<T>(x.data(), n, y.data(), m, d, cost);
-  const std::vector<double> a(n, 1.0 / n), b(m, 1.0 / m);
-  const PlanClasses cls{row_class.data(), 3, col_start.data(), 3};
+  const ClusterProblem<T> p = cluster_problem<T>(6, centre, ns, nt, 0.4, 0.3);
+  const PlanClasses cls = p.classes();
   SinkhornOptions opt;
   opt.epsilon = 0.05;
   // float: its exponentials carry ~3e-7 relative error, which floors the certified error near 1e-7.
   opt.tol = sizeof(T) == 8 ? 1e-8 : 1e-5;
   opt.newton = false;  // Newton would hide the difference (it moves clusters too)
-  std::vector<double> f1(n), g1(m), f2(n), g2(m);
+  std::vector<double> f1(p.n), g1(p.m), f2(p.n), g2(p.m);
   opt.class_balance = true;
-  const SinkhornReport on = sinkhorn_log<T>(cost, a.data(), b.data(), opt, f1.data(), g1.data(), &cls);
+  const SinkhornReport on = sinkhorn_log<T>(p.cost, p.a.data(), p.b.data(), opt, f1.data(), g1.data(), &cls);
   opt.class_balance = false;
   opt.max_iter = 2000000;
-  const SinkhornReport off = sinkhorn_log<T>(cost, a.data(), b.data(), opt, f2.data(), g2.data(), &cls);
-  CHECK(on.converged && off.converged);
-  CHECK(on.marginal_error <= opt.tol && off.marginal_error <= opt.tol);
+  const SinkhornReport off = sinkhorn_log<T>(p.cost, p.a.data(), p.b.data(), opt, f2.data(), g2.data(), &cls);
+  check_same_solution(on, off, f1, f2, opt);
   CHECK(5 * on.iterations < off.iterations);
-  // Joint entries: each a sum of plan entries, two plans within L1 distance ~2 tol of the solution.
-  for (size_t k = 0; k < on.joint.size(); ++k) CHECK(std::fabs(on.joint[k] - off.joint[k]) <= 4 * opt.tol);
-  // Potentials up to the constant (f + c, g - c): compare f - mean(f). A point's marginal off by at
-  // most tol (L1) is off by at most tol * n relative to its mass 1/n, which moves its potential by
-  // about eps * tol * n (measured: 3.8e-7 of the 1.2e-6 bound in double, 3.0e-4 of 1.2e-3 in float).
-  double m1 = 0, m2 = 0, worst = 0;
-  for (int64_t i = 0; i < n; ++i) { m1 += f1[i] / n; m2 += f2[i] / n; }
-  for (int64_t i = 0; i < n; ++i) worst = std::max(worst, std::fabs((f1[i] - m1) - (f2[i] - m2)));
-  CHECK(worst / opt.epsilon <= opt.tol * static_cast<double>(n));
 }
 
 static void test_class_balance() {
@@ -267,48 +296,24 @@ static void test_class_balance() {
 // Intermediate stages of a float problem form their exponents in float (float_stage_exponents):
 // that changes the path to the last stage, not the answer, which the last stage (in double
 // exponents) and the certificate fix. Hard regime: clusters 6 apart at eps = 0.01 (cost / eps up to
-// ~10^4), 11 dense and 4 sparse intermediate stages. Both runs certify to tol and agree on the joint table
-// and on the potentials within the bounds check_class_balance explains.
+// ~10^4), 11 dense and 4 sparse intermediate stages. Both runs certify to tol and agree
+// (check_same_solution).
 static void test_float_stages() {
-  std::mt19937_64 rng(8);
-  const int64_t n = 900, m = 800, d = 2;
-  std::vector<float> x, y;
-  std::vector<int32_t> row_class;
-  std::vector<int64_t> col_start{0};
-  std::normal_distribution<double> z(0.0, 0.5);
+  const double centre[3][2] = {{0, 0}, {6, 0}, {12, 0}};
   const int64_t ns[3] = {400, 300, 200}, nt[3] = {250, 300, 250};
-  for (int c = 0; c < 3; ++c) {
-    for (int64_t i = 0; i < ns[c]; ++i) {
-      x.push_back(static_cast<float>(6.0 * c + z(rng)));
-      x.push_back(static_cast<float>(z(rng)));
-      row_class.push_back(c);
-    }
-    for (int64_t j = 0; j < nt[c]; ++j) {
-      y.push_back(static_cast<float>(6.0 * c + 0.2 + z(rng)));
-      y.push_back(static_cast<float>(z(rng)));
-    }
-    col_start.push_back(col_start.back() + nt[c]);
-  }
-  RowMatrix<float> cost;
-  squared_euclidean<float>(x.data(), n, y.data(), m, d, cost);
-  const std::vector<double> a(n, 1.0 / n), b(m, 1.0 / m);
-  const PlanClasses cls{row_class.data(), 3, col_start.data(), 3};
+  const ClusterProblem<float> p = cluster_problem<float>(8, centre, ns, nt, 0.5, 0.2);
+  const PlanClasses cls = p.classes();
   SinkhornOptions opt;
   opt.epsilon = 0.01;
   opt.tol = 1e-5;
   opt.multiscale_points = 0;  // every stage on the full problem
-  std::vector<double> f1(n), g1(m), f2(n), g2(m);
-  const SinkhornReport on = sinkhorn_log<float>(cost, a.data(), b.data(), opt, f1.data(), g1.data(), &cls);
+  std::vector<double> f1(p.n), g1(p.m), f2(p.n), g2(p.m);
+  const SinkhornReport on = sinkhorn_log<float>(p.cost, p.a.data(), p.b.data(), opt, f1.data(), g1.data(), &cls);
   opt.float_stage_exponents = false;
-  const SinkhornReport off = sinkhorn_log<float>(cost, a.data(), b.data(), opt, f2.data(), g2.data(), &cls);
-  CHECK(on.converged && off.converged);
-  CHECK(on.stages > on.dense_stages + 1);  // sparse stages before the last one (4 here)
-  for (size_t k = 0; k < on.joint.size(); ++k) CHECK(std::fabs(on.joint[k] - off.joint[k]) <= 4 * opt.tol);
-  double m1 = 0, m2 = 0, worst = 0;
-  for (int64_t i = 0; i < n; ++i) { m1 += f1[i] / n; m2 += f2[i] / n; }
-  for (int64_t i = 0; i < n; ++i) worst = std::max(worst, std::fabs((f1[i] - m1) - (f2[i] - m2)));
+  const SinkhornReport off = sinkhorn_log<float>(p.cost, p.a.data(), p.b.data(), opt, f2.data(), g2.data(), &cls);
+  CHECK(on.stages > on.dense_stages + 1);  // sparse stages before the last one
+  const double worst = check_same_solution(on, off, f1, f2, opt);
   CHECK(worst > 0);  // the float path ran (rounding differs)
-  CHECK(worst / opt.epsilon <= opt.tol * static_cast<double>(n));
   CHECK(std::fabs(on.transport_cost - off.transport_cost) <= std::expm1(2 * worst / opt.epsilon) * off.transport_cost);
 }
 
