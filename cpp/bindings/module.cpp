@@ -5,7 +5,6 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
-#include <chrono>
 #include <string>
 
 #include "segtransfer/device.hpp"
@@ -58,8 +57,8 @@ py::dict otce_impl(const py::array& src, const py::array_t<int32_t, py::array::c
   {
     const SinkhornOptions o = with_interrupt(opt);
     py::gil_scoped_release nogil;
-    // One call for all repeats: otce listens for Ctrl-C between draws as well as inside them, and
-    // draws after the first may start from the first one's solution.
+    // One call for all repeats, so that they run side by side; otce listens for Ctrl-C between
+    // draws as well as inside them.
     r = otce<T>(vs, src_code.data(), cs, src_idx.data(), ns, vt, tgt_code.data(), ct, tgt_idx.data(), nt, repeats, o,
                 memory_budget);
   }

@@ -149,16 +149,19 @@ struct ColLse {
       mx[j] = s > mx[j] ? s : mx[j];
     }
   }
-  SEGTRANSFER_HOT static void sum_row(const T* c, int64_t m, double Ai, double inv_eps, const double* mx, T* part) {
+  // E: the type the exponent is formed in (see RowLse::shifted_sum).
+  template <typename E>
+  SEGTRANSFER_INLINE static void shifted_row(const T* c, int64_t m, E Ai, E inv_eps, const E* mx, T* part) {
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j)
-      part[j] += detail::fast_exp(static_cast<T>(Ai - static_cast<double>(c[j]) * inv_eps - mx[j]));
+      part[j] += detail::fast_exp(static_cast<T>(Ai - static_cast<E>(c[j]) * inv_eps - mx[j]));
+  }
+  SEGTRANSFER_HOT static void sum_row(const T* c, int64_t m, double Ai, double inv_eps, const double* mx, T* part) {
+    shifted_row<double>(c, m, Ai, inv_eps, mx, part);
   }
   // The exponent in float (see RowLse::sum_lowp).
   SEGTRANSFER_HOT static void sum_row_lowp(const T* c, int64_t m, float Ai, float inv_eps, const float* mx, T* part) {
-#pragma omp simd
-    for (int64_t j = 0; j < m; ++j)
-      part[j] += detail::fast_exp(static_cast<T>(Ai - static_cast<float>(c[j]) * inv_eps - mx[j]));
+    shifted_row<float>(c, m, Ai, inv_eps, mx, part);
   }
 };
 
@@ -494,12 +497,12 @@ double half_step(const RowMatrix<T>& mat, bool by_cols, const SparseRows<T>* sp,
   exponent_offsets(other, log_w_other, m, inv_eps, A);
   const double* Ap = A.data();
   lowp = lowp && std::is_same<T, float>::value;
-  if (lowp && !(sp == nullptr && by_cols)) {
+  const bool dense_cols = sp == nullptr && by_cols;
+  if (lowp && !dense_cols) {  // dense_column_lse makes its own
     Af.resize(m);
     for (int64_t j = 0; j < m; ++j) Af[j] = static_cast<float>(A[j]);
   }
   const float* Afp = Af.data();
-  const bool dense_cols = sp == nullptr && by_cols;
   if (dense_cols) {
     lse_buf.resize(2 * n);
     for (int64_t i = 0; i < n; ++i) lse_buf[n + i] = -pot[i] * inv_eps;

@@ -242,18 +242,39 @@ static ClusterProblem<T> cluster_problem(uint64_t seed, const double (&centre)[3
   return p;
 }
 
+// The same problem solved with `opt` and with `opt` changed by `vary`.
+struct TwoSolves {
+  SinkhornReport on, off;
+  std::vector<double> f_on, f_off;
+};
+
+template <typename T, typename Vary>
+static TwoSolves solve_twice(const ClusterProblem<T>& p, const SinkhornOptions& opt, Vary vary) {
+  const PlanClasses cls = p.classes();
+  TwoSolves s;
+  s.f_on.resize(p.n);
+  s.f_off.resize(p.n);
+  std::vector<double> g(p.m);
+  s.on = sinkhorn_log<T>(p.cost, p.a.data(), p.b.data(), opt, s.f_on.data(), g.data(), &cls);
+  SinkhornOptions other = opt;
+  vary(other);
+  s.off = sinkhorn_log<T>(p.cost, p.a.data(), p.b.data(), other, s.f_off.data(), g.data(), &cls);
+  return s;
+}
+
 // Two solves of the same problem that both certify to tol must agree. Joint entries: each a sum of
 // plan entries, two plans within L1 distance ~2 tol of the solution. Potentials up to the constant
 // (f + c, g - c), so f - mean(f) is compared: a point's marginal off by at most tol (L1) is off by at
 // most tol * n relative to its mass 1/n, which moves its potential by about eps * tol * n. Returns
 // the largest potential difference.
-static double check_same_solution(const SinkhornReport& r1, const SinkhornReport& r2, const std::vector<double>& f1,
-                                  const std::vector<double>& f2, const SinkhornOptions& opt) {
+static double check_same_solution(const TwoSolves& s, const SinkhornOptions& opt) {
+  const std::vector<double>& f1 = s.f_on;
+  const std::vector<double>& f2 = s.f_off;
   const int64_t n = static_cast<int64_t>(f1.size());
-  CHECK(r1.converged && r2.converged);
-  CHECK(r1.marginal_error <= opt.tol && r2.marginal_error <= opt.tol);
-  CHECK(r1.joint.size() == r2.joint.size());
-  for (size_t k = 0; k < r1.joint.size(); ++k) CHECK(std::fabs(r1.joint[k] - r2.joint[k]) <= 4 * opt.tol);
+  CHECK(s.on.converged && s.off.converged);
+  CHECK(s.on.marginal_error <= opt.tol && s.off.marginal_error <= opt.tol);
+  CHECK(s.on.joint.size() == s.off.joint.size());
+  for (size_t k = 0; k < s.on.joint.size(); ++k) CHECK(std::fabs(s.on.joint[k] - s.off.joint[k]) <= 4 * opt.tol);
   double m1 = 0, m2 = 0, worst = 0;
   for (int64_t i = 0; i < n; ++i) { m1 += f1[i] / n; m2 += f2[i] / n; }
   for (int64_t i = 0; i < n; ++i) worst = std::max(worst, std::fabs((f1[i] - m1) - (f2[i] - m2)));
@@ -271,21 +292,18 @@ template <typename T>
 static void check_class_balance() {
   const double centre[3][2] = {{0, 0}, {4, 0}, {0, 4}};
   const int64_t ns[3] = {60, 40, 20}, nt[3] = {35, 45, 40};
-  const ClusterProblem<T> p = cluster_problem<T>(6, centre, ns, nt, 0.4, 0.3);
-  const PlanClasses cls = p.classes();
   SinkhornOptions opt;
   opt.epsilon = 0.05;
   // float: its exponentials carry ~3e-7 relative error, which floors the certified error near 1e-7.
   opt.tol = sizeof(T) == 8 ? 1e-8 : 1e-5;
   opt.newton = false;  // Newton would hide the difference (it moves clusters too)
-  std::vector<double> f1(p.n), g1(p.m), f2(p.n), g2(p.m);
   opt.class_balance = true;
-  const SinkhornReport on = sinkhorn_log<T>(p.cost, p.a.data(), p.b.data(), opt, f1.data(), g1.data(), &cls);
-  opt.class_balance = false;
-  opt.max_iter = 2000000;
-  const SinkhornReport off = sinkhorn_log<T>(p.cost, p.a.data(), p.b.data(), opt, f2.data(), g2.data(), &cls);
-  check_same_solution(on, off, f1, f2, opt);
-  CHECK(5 * on.iterations < off.iterations);
+  const TwoSolves s = solve_twice(cluster_problem<T>(6, centre, ns, nt, 0.4, 0.3), opt, [](SinkhornOptions& o) {
+    o.class_balance = false;
+    o.max_iter = 2000000;
+  });
+  check_same_solution(s, opt);
+  CHECK(5 * s.on.iterations < s.off.iterations);
 }
 
 static void test_class_balance() {
@@ -301,26 +319,23 @@ static void test_class_balance() {
 static void test_float_stages() {
   const double centre[3][2] = {{0, 0}, {6, 0}, {12, 0}};
   const int64_t ns[3] = {400, 300, 200}, nt[3] = {250, 300, 250};
-  const ClusterProblem<float> p = cluster_problem<float>(8, centre, ns, nt, 0.5, 0.2);
-  const PlanClasses cls = p.classes();
   SinkhornOptions opt;
   opt.epsilon = 0.01;
   opt.tol = 1e-5;
   opt.multiscale_points = 0;  // every stage on the full problem
-  std::vector<double> f1(p.n), g1(p.m), f2(p.n), g2(p.m);
-  const SinkhornReport on = sinkhorn_log<float>(p.cost, p.a.data(), p.b.data(), opt, f1.data(), g1.data(), &cls);
-  opt.float_stage_exponents = false;
-  const SinkhornReport off = sinkhorn_log<float>(p.cost, p.a.data(), p.b.data(), opt, f2.data(), g2.data(), &cls);
-  CHECK(on.stages > on.dense_stages + 1);  // sparse stages before the last one
-  const double worst = check_same_solution(on, off, f1, f2, opt);
+  const TwoSolves s = solve_twice(cluster_problem<float>(8, centre, ns, nt, 0.5, 0.2), opt,
+                                  [](SinkhornOptions& o) { o.float_stage_exponents = false; });
+  CHECK(s.on.stages > s.on.dense_stages + 1);  // sparse stages before the last one
+  const double worst = check_same_solution(s, opt);
   CHECK(worst > 0);  // the float path ran (rounding differs)
-  CHECK(std::fabs(on.transport_cost - off.transport_cost) <= std::expm1(2 * worst / opt.epsilon) * off.transport_cost);
+  CHECK(std::fabs(s.on.transport_cost - s.off.transport_cost) <=
+        std::expm1(2 * worst / opt.epsilon) * s.off.transport_cost);
 }
 
 // transport_points groups unlabelled points by k-means cells (at >= 10^6 entries) and sorts them
 // by cell for the solver: the potentials must come back in the caller's order. Grouped and plain
 // solves of the same problem (points in a random order, four imbalanced clusters) must agree
-// point by point, up to the additive constant, within the bound check_class_balance explains.
+// point by point, up to the additive constant, within the bound check_same_solution explains.
 template <typename T>
 static void check_transport_grouping() {
   std::mt19937_64 rng(7);
@@ -366,7 +381,7 @@ static void test_transport_grouping() {
 // pixels inside each class: the joint label table, entropy and cost must not notice. Labels follow
 // four clusters only partly (two classes share a cluster, 10 % label noise). Grouped and plain
 // solves must agree to what two plans certified to tol can differ by: joint entries (summing to 1)
-// within 4 tol as in check_class_balance; H(Yt|Ys) = -sum P log(P / P_s) moves by at most
+// within 4 tol as in check_same_solution; H(Yt|Ys) = -sum P log(P / P_s) moves by at most
 // sum |dP| (|log(P / P_s)| + 1), under 40 tol for entries above 1e-4 (all are, here), and so does
 // W_D relative to itself. Measured: joint 1.8e-10, H 6.6e-11, W_D 1.5e-9 (relative) in double;
 // 2.9e-8, 1.5e-8, 4.4e-8 in float.
