@@ -353,6 +353,7 @@ CASES: list[Case] = [
     _err(A, "float threads", "otce(xs, ys, xt, yt, threads=1.5)", T, r"threads must be an int, got float"),
     _err(A, "negative timeout", "otce(xs, ys, xt, yt, timeout=-1.0)", V, r"timeout must be a finite number > 0"),
     _err(A, "absurd thread count", "otce(xs, ys, xt, yt, threads=100_000)", V, r"threads must be <= \d+"),
+    _err(A, "blocked not a bool", "otce(xs, ys, xt, yt, blocked='yes')", T, r"blocked must be True or False, got str"),
     _err(A, "negative seed", "otce(xs, ys, xt, yt, n_pixels=10, seed=-1)", V, r"seed must be >= 0"),
     _err(A, "float seed", "otce(xs, ys, xt, yt, n_pixels=10, seed=1.0)", T, r"seed must be an int, got float"),
     _err(A, "seed beyond 63 bits", "otce(xs, ys, xt, yt, n_pixels=10, seed=2**63)", V, r"seed must be <= 9223372036854775807"),

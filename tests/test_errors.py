@@ -325,3 +325,23 @@ def test_memory_error_before_allocating():
     with pytest.raises(MemoryError, match="GB"):
         st.sinkhorn(x, x)
     assert _maxrss_bytes() - before < 512 * 2**20
+
+
+def test_memory_error_points_to_blocked_mode_and_blocked_is_checked(monkeypatch):
+    """The dense refusal names the way out (blocked=True); blocked takes booleans only, and its own
+    estimate is checked too (a budget of 1 MB refuses even the blocked buffers of 2e4 points)."""
+    n = 200_000
+    x = np.zeros((n, 1), dtype=np.float32)
+    y = (np.arange(n) % 2).astype(np.int32)
+    with pytest.raises(MemoryError, match=r"pass blocked=True to recompute the cost instead of storing it"):
+        st.otce(x, y, x, y, n_pixels=None)
+    with pytest.raises(MemoryError, match=r"pass blocked=True"):
+        st.sinkhorn(x, x)
+    with pytest.raises(TypeError, match="blocked must be True or False"):
+        st.otce(x, y, x, y, blocked="yes")
+    with pytest.raises(TypeError, match="blocked must be True or False"):
+        st.sinkhorn(x[:10], x[:10], blocked=1)
+    from segtransfer import _api
+    monkeypatch.setattr(_api, "_memory_budget", lambda: 1e6)
+    with pytest.raises(MemoryError, match=r"blocked solver's buffers"):
+        st.otce(x, y, x, y, n_pixels=20_000, repeats=1, blocked=True)

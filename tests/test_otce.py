@@ -644,3 +644,44 @@ def test_transport_cost_agrees_with_sinkhorn():
     # ... and the joint is the plan of st.sinkhorn summed over label blocks.
     joint = ref.joint_labels(sr.plan(xs, xt), ys, yt)
     np.testing.assert_allclose(r.joint[0], joint, rtol=4 * DELTA64, atol=1e-15)
+
+
+# ------------------------------------------------------------------------------------------- blocked
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_blocked_mode_matches_stored_cost(dtype):
+    """blocked=True recomputes the cost instead of storing it; it solves the same problem to the same
+    tol, so the two agree within what two converged plans may differ by. float64 at tol 1e-10: both within
+    delta = 1e-6 of the reference in f/eps (module docstring), so the scores within 2 * 1e-5 and the joint
+    entries within 2 * 2e-6 relative. float32 at tol 1e-6: each within 2 f32_delta (2 + log Ct) + tol of
+    the float64 answer on the same points, so twice that between them."""
+    xs, ys, xt, yt = informative_pair(3)
+    xs, xt = xs.astype(dtype), xt.astype(dtype)
+    kw = dict(n_pixels=200, repeats=3, seed=4, threads=1)
+    if dtype == np.float64:
+        kw["tol"] = TOL64
+    stored = st.otce(xs, ys, xt, yt, **kw)
+    blocked = st.otce(xs, ys, xt, yt, blocked=True, **kw)
+    assert blocked.blocked and not stored.blocked
+    assert blocked.all_converged and stored.all_converged
+    assert np.all(blocked.marginal_error <= (TOL64 if dtype == np.float64 else 1e-6))
+    if dtype == np.float64:
+        score_tol, joint_rel = 2e-5, 4e-6
+    else:
+        delta = f32_delta(xs, xt, 0.1)
+        score_tol = 2 * (2 * delta * (2 + np.log(4)) + 1e-6)
+        joint_rel = 2 * (2 * delta + 1e-6)
+    np.testing.assert_allclose(blocked.scores, stored.scores, rtol=0, atol=score_tol)
+    np.testing.assert_allclose(blocked.joint, stored.joint, rtol=joint_rel, atol=1e-12)
+    np.testing.assert_allclose(blocked.transport_cost, stored.transport_cost, rtol=joint_rel)
+
+
+def test_blocked_mode_is_thread_count_independent():
+    """The blocked solver adds its column sums over fixed row ranges in a fixed order (blocked.cpp). One
+    repeat, so that the solve itself gets the threads (repeats would run side by side, one thread each)."""
+    xs, ys, xt, yt = informative_pair(5)
+    kw = dict(n_pixels=250, repeats=1, seed=1, blocked=True)
+    one = st.otce(xs, ys, xt, yt, threads=1, **kw)
+    three = st.otce(xs, ys, xt, yt, threads=3, **kw)
+    assert np.array_equal(one.scores, three.scores) and np.array_equal(one.joint, three.joint)
+    assert np.array_equal(one.iterations, three.iterations)

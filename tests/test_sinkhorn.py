@@ -112,33 +112,37 @@ MODERATE = [  # (seed, n, m, d, ratio): n != m everywhere, ratio up to 100 (POT 
 ]
 
 
+@pytest.mark.parametrize("blocked", [False, True], ids=["stored", "blocked"])
 @pytest.mark.parametrize("uniform", [True, False], ids=["uniform", "weighted"])
 @pytest.mark.parametrize("seed,n,m,d,ratio", MODERATE)
-def test_float64_matches_pot(seed, n, m, d, ratio, uniform):
+def test_float64_matches_pot(seed, n, m, d, ratio, uniform, blocked):
     x, y, eps, a, b = make_problem(seed, n, m, d, ratio, uniform)
     f, g, plan, cost = pot_potentials(x, y, eps, a, b)
-    sr = st.sinkhorn(x, y, epsilon=eps, a=a, b=b, tol=TOL64, **ONE_THREAD)
+    sr = st.sinkhorn(x, y, epsilon=eps, a=a, b=b, tol=TOL64, blocked=blocked, **ONE_THREAD)
+    assert sr.blocked == blocked
     check_against(sr, x, y, eps, a, b, f, g, plan, cost, POT_F64, TOL64)
     # The library's own marginal error is what the dense plan shows (it is measured on the full plan).
     a_, b_ = full(a, n), full(b, m)
     assert sr.marginal_error == pytest.approx(ref.marginal_error(sr.plan(x, y, a, b), a_, b_), abs=1e-12)
 
 
+@pytest.mark.parametrize("blocked", [False, True], ids=["stored", "blocked"])
 @pytest.mark.parametrize("uniform", [True, False], ids=["uniform", "weighted"])
 @pytest.mark.parametrize("seed,n,m,d,ratio", MODERATE)
-def test_float32_matches_pot(seed, n, m, d, ratio, uniform):
+def test_float32_matches_pot(seed, n, m, d, ratio, uniform, blocked):
     x, y, eps, a, b = make_problem(seed, n, m, d, ratio, uniform)
     x32, y32 = x.astype(np.float32), y.astype(np.float32)
     # Reference in float64 on the float32-rounded points: only the library's float32 arithmetic counts.
     f, g, plan, cost = pot_potentials(x32.astype(np.float64), y32.astype(np.float64), eps, a, b)
-    sr = st.sinkhorn(x32, y32, epsilon=eps, a=a, b=b, tol=TOL32, **ONE_THREAD)
+    sr = st.sinkhorn(x32, y32, epsilon=eps, a=a, b=b, tol=TOL32, blocked=blocked, **ONE_THREAD)
     check_against(sr, x32, y32, eps, a, b, f, g, plan, cost, f32_delta(x32, y32, eps), TOL32)
 
 
+@pytest.mark.parametrize("blocked", [False, True], ids=["stored", "blocked"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("uniform", [True, False], ids=["uniform", "weighted"])
 @pytest.mark.parametrize("seed,n,m,d,ratio", [(17, 60, 45, 3, 1000.0), (13, 100, 120, 5, 1000.0)])
-def test_hard_regime_matches_numpy_reference(seed, n, m, d, ratio, uniform, dtype):
+def test_hard_regime_matches_numpy_reference(seed, n, m, d, ratio, uniform, dtype, blocked):
     """cost/eps ~ 10^3: plain Sinkhorn needs tens of thousands of iterations; the reference anneals eps.
 
     Well-conditioned instances only: the reference must reach 1e-13 within 8000 iterations (it raises
@@ -153,15 +157,16 @@ def test_hard_regime_matches_numpy_reference(seed, n, m, d, ratio, uniform, dtyp
     r = ref.sinkhorn(ref.sq_dists(x, y), eps, a, b, tol=1e-13, max_iter=8000)
     tol = TOL64 if dtype == np.float64 else TOL32
     delta = POT_F64 if dtype == np.float64 else f32_delta(x, y, eps)
-    sr = st.sinkhorn(x, y, epsilon=eps, a=a, b=b, tol=tol, **ONE_THREAD)
+    sr = st.sinkhorn(x, y, epsilon=eps, a=a, b=b, tol=tol, blocked=blocked, **ONE_THREAD)
     check_against(sr, x, y, eps, a, b, r.f, r.g, r.plan, r.transport_cost, delta, tol)
 
 
-def test_hard_regime_matches_pot_small():
+@pytest.mark.parametrize("blocked", [False, True], ids=["stored", "blocked"])
+def test_hard_regime_matches_pot_small(blocked):
     """The hard regime against POT too (plain log-domain Sinkhorn, ~5000 iterations at this size)."""
     x, y, eps, a, b = make_problem(21, 30, 25, 3, 1000.0, uniform=False)
     f, g, plan, cost = pot_potentials(x, y, eps, a, b, stop=1e-13)
-    sr = st.sinkhorn(x, y, epsilon=eps, a=a, b=b, tol=TOL64, **ONE_THREAD)
+    sr = st.sinkhorn(x, y, epsilon=eps, a=a, b=b, tol=TOL64, blocked=blocked, **ONE_THREAD)
     check_against(sr, x, y, eps, a, b, f, g, plan, cost, POT_F64, TOL64)
 
 
@@ -295,8 +300,9 @@ except ImportError:  # pragma: no cover - hypothesis comes with the [test] extra
 else:
     @settings(max_examples=25, deadline=None, derandomize=True)
     @given(n=hst.integers(2, 40), m=hst.integers(2, 40), d=hst.integers(1, 6),
-           ratio=hst.floats(1.0, 100.0), seed=hst.integers(0, 2**31 - 1), uniform=hst.booleans())
-    def test_random_small_problems_match_reference(n, m, d, ratio, seed, uniform):
+           ratio=hst.floats(1.0, 100.0), seed=hst.integers(0, 2**31 - 1), uniform=hst.booleans(),
+           blocked=hst.booleans())
+    def test_random_small_problems_match_reference(n, m, d, ratio, seed, uniform, blocked):
         """Random tiny problems, including degenerate shapes (2 x 2, d = 1).
 
         Tiny clouds are often nearly decomposable (two pairs of points linked by a mass of ~1e-5): there the
@@ -312,7 +318,7 @@ else:
         except RuntimeError:
             assume(False)
         tol = 1e-9
-        sr = st.sinkhorn(x, y, epsilon=eps, a=a, b=b, tol=tol, **ONE_THREAD)
+        sr = st.sinkhorn(x, y, epsilon=eps, a=a, b=b, tol=tol, blocked=blocked, **ONE_THREAD)
         a_, b_ = full(a, n), full(b, m)
         assert sr.converged and sr.marginal_error <= tol
         plan = sr.plan(x, y, a, b)

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <string>
 
+#include "segtransfer/blocked.hpp"
 #include "segtransfer/device.hpp"
 #include "segtransfer/errors.hpp"
 #include "segtransfer/otce.hpp"
@@ -125,6 +126,7 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("stage_truncation", &SinkhornOptions::stage_truncation)
       .def_readwrite("float_stage_exponents", &SinkhornOptions::float_stage_exponents)
       .def_readwrite("multiscale_resolution", &SinkhornOptions::multiscale_resolution)
+      .def_readwrite("blocked", &SinkhornOptions::blocked)
       .def_readwrite("num_threads", &SinkhornOptions::num_threads);
 
   m.def("sample_pixels",
@@ -153,6 +155,12 @@ PYBIND11_MODULE(_core, m) {
   m.def("dense_bytes", [](int64_t n, int64_t m, int itemsize) {
     if (itemsize != 4 && itemsize != 8) throw InvalidArgument("itemsize", "must be 4 or 8");
     return itemsize == 4 ? dense_bytes<float>(n, m) : dense_bytes<double>(n, m);
+  });
+  m.def("blocked_bytes", [](int64_t n, int64_t m, int64_t d, int itemsize, int threads, int row_groups,
+                            int col_groups) {
+    if (itemsize != 4 && itemsize != 8) throw InvalidArgument("itemsize", "must be 4 or 8");
+    return itemsize == 4 ? blocked_bytes<float>(n, m, d, threads, row_groups, col_groups)
+                         : blocked_bytes<double>(n, m, d, threads, row_groups, col_groups);
   });
   m.def("built_with_cuda", &built_with_cuda);
   m.def("cuda_device_count", &cuda_device_count);

@@ -10,7 +10,9 @@
 #include <numeric>
 #include <sstream>
 #include <string>
+#include <thread>
 
+#include "segtransfer/blocked.hpp"
 #include "segtransfer/errors.hpp"
 
 #ifdef _OPENMP
@@ -24,7 +26,7 @@ void check_budget(double bytes, double budget) {
   if (budget > 0 && bytes > budget) {
     std::ostringstream msg;
     msg.precision(3);
-    msg << "the dense solver needs " << bytes / 1e9 << " GB for this problem but only " << budget / 1e9
+    msg << "the solver needs " << bytes / 1e9 << " GB for this problem but only " << budget / 1e9
         << " GB are available; lower n_pixels";
     throw OutOfMemory(msg.str());
   }
@@ -174,17 +176,27 @@ double conditional_entropy(const double* joint, int rows, int cols) {
 template <typename T>
 TransportResult transport_points(const T* x, int64_t n, const T* y, int64_t m, int64_t d, const double* a,
                                  const double* b, const SinkhornOptions& opt, double memory_budget) {
-  check_budget(dense_bytes<T>(n, m), memory_budget);
+  const bool grouping = opt.class_balance && static_cast<double>(n) * static_cast<double>(m) >= kGroupingMin;
+  check_budget(opt.blocked ? blocked_bytes<T>(n, m, d, opt.num_threads > 0 ? opt.num_threads : 64,
+                                              grouping ? kMaxGroups : 1, grouping ? kMaxGroups : 1)
+                           : dense_bytes<T>(n, m),
+               memory_budget);
   std::vector<double> ua, ub;
   if (a == nullptr) { ua.assign(n, 1.0 / n); a = ua.data(); }
   if (b == nullptr) { ub.assign(m, 1.0 / m); b = ub.data(); }
-  RowMatrix<T> cost;
+  // The stored cost and sinkhorn_log, or sinkhorn_blocked, which recomputes it.
+  auto solve = [&](const T* px, const T* py, const double* pa, const double* pb, double* pf, double* pg,
+                   const PlanClasses* groups) {
+    if (opt.blocked) return sinkhorn_blocked(px, n, py, m, d, pa, pb, opt, pf, pg, nullptr, groups);
+    RowMatrix<T> cost;
+    squared_euclidean(px, n, py, m, d, cost);
+    return sinkhorn_log(cost, pa, pb, opt, pf, pg, nullptr, groups);
+  };
   TransportResult res;
   res.f.resize(n);
   res.g.resize(m);
-  if (!opt.class_balance || static_cast<double>(n) * static_cast<double>(m) < kGroupingMin) {
-    squared_euclidean(x, n, y, m, d, cost);
-    res.report = sinkhorn_log(cost, a, b, opt, res.f.data(), res.g.data());
+  if (!grouping) {
+    res.report = solve(x, y, a, b, res.f.data(), res.g.data(), nullptr);
   } else {
     // Points sorted by group (a permutation, which OT does not see), so that the column groups are
     // contiguous ranges as sinkhorn_log wants them; the potentials are permuted back.
@@ -210,9 +222,8 @@ TransportResult transport_points(const T* x, int64_t n, const T* y, int64_t m, i
       ++col_start[gy[py[j]] + 1];
     }
     for (int c = 0; c < gy_count; ++c) col_start[c + 1] += col_start[c];
-    squared_euclidean(xp.data(), n, yp.data(), m, d, cost);
     const PlanClasses groups{row_class.data(), gx_count, col_start.data(), gy_count};
-    res.report = sinkhorn_log(cost, ap.data(), bp.data(), opt, fp.data(), gp.data(), nullptr, &groups);
+    res.report = solve(xp.data(), yp.data(), ap.data(), bp.data(), fp.data(), gp.data(), &groups);
     for (int64_t i = 0; i < n; ++i) res.f[px[i]] = fp[i];
     for (int64_t j = 0; j < m; ++j) res.g[py[j]] = gp[j];
   }
@@ -228,7 +239,11 @@ OTCEResult otce(const PixelView<T>& src, const int32_t* src_code, int source_cla
   if (src.dim != tgt.dim)
     throw InvalidArgument("target_features", "has " + std::to_string(tgt.dim) +
                                                  " channels but source_features has " + std::to_string(src.dim));
-  const double per_solve = dense_bytes<T>(ns, nt) + 8.0 * (ns + nt) * src.dim;
+  // Balancing groups: up to kMaxGroups k-means cells per class (group_within_classes).
+  const double per_solve =
+      (opt.blocked ? blocked_bytes<T>(ns, nt, src.dim, 1, source_classes * kMaxGroups, target_classes * kMaxGroups)
+                   : dense_bytes<T>(ns, nt)) +
+      8.0 * (ns + nt) * src.dim;
   check_budget(per_solve, memory_budget);
   check_finite(src, src_code, "source_features");
   check_finite(tgt, tgt_code, "target_features");
@@ -264,14 +279,12 @@ OTCEResult otce(const PixelView<T>& src, const int32_t* src_code, int source_cla
   if (workers > 1) inner.num_threads = 1;
   // Only the calling thread may ask the caller's interrupt callback (the bindings check for Ctrl-C,
   // which only the main thread hears); the other workers see its answer through `stop`.
+  // (By thread identity: a solve's own parallel regions renumber their threads from 0.)
   std::atomic<bool> stop{false};
+  const std::thread::id caller = std::this_thread::get_id();
   if (opt.interrupt) {
-    inner.interrupt = [&opt, &stop]() {
-#ifdef _OPENMP
-      if (omp_get_thread_num() == 0 && opt.interrupt()) stop = true;
-#else
-      if (opt.interrupt()) stop = true;
-#endif
+    inner.interrupt = [&opt, &stop, caller]() {
+      if (std::this_thread::get_id() == caller && opt.interrupt()) stop = true;
       return stop.load();
     };
   }
@@ -331,11 +344,17 @@ OTCEResult otce(const PixelView<T>& src, const int32_t* src_code, int source_cla
           col_groups = static_cast<int>(group_start.size()) - 1;
         }
 
-        squared_euclidean(xs.data(), ns, xt.data(), nt, d, cost);
         const PlanClasses classes{row_class.data(), cs, col_start.data(), ct};
         const PlanClasses groups{row_group.data(), row_groups, group_start.data(), col_groups};
-        const SinkhornReport rep = sinkhorn_log(cost, a.data(), b.data(), inner, f.data(), g.data(), &classes,
-                                                grouped ? &groups : nullptr);
+        SinkhornReport rep;
+        if (inner.blocked) {
+          rep = sinkhorn_blocked(xs.data(), ns, xt.data(), nt, d, a.data(), b.data(), inner, f.data(), g.data(),
+                                 &classes, grouped ? &groups : nullptr);
+        } else {
+          squared_euclidean(xs.data(), ns, xt.data(), nt, d, cost);
+          rep = sinkhorn_log(cost, a.data(), b.data(), inner, f.data(), g.data(), &classes,
+                             grouped ? &groups : nullptr);
+        }
         std::copy(rep.joint.begin(), rep.joint.end(), out.joint.begin() + k * cs * ct);
         out.conditional_entropy[k] = conditional_entropy(rep.joint.data(), cs, ct);
         out.transport_cost[k] = rep.transport_cost;

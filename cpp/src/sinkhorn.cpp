@@ -13,157 +13,20 @@
 
 #include "segtransfer/errors.hpp"
 #include "segtransfer/fastexp.hpp"
+#include "kernels.hpp"
 
 #ifdef _OPENMP
 #include <omp.h>
-#endif
-
-// The log-sum-exp loops are compiled three times (AVX-512, AVX2+FMA, baseline x86-64) and picked
-// at load time, so a wheel built on one machine runs at full width on another without
-// -march=native. The AVX-512 clone ran 5x faster than the AVX2 one here (see bench/RESULTS.md).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(SEGTRANSFER_NO_CLONES)
-#define SEGTRANSFER_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SEGTRANSFER_HOT
 #endif
 
 namespace segtransfer {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-constexpr double kNegInf = -std::numeric_limits<double>::infinity();
-constexpr double kPosInf = std::numeric_limits<double>::infinity();
 // Patterns are built keeping entries up to (truncation + slack) * eps: the slack lets the next
 // stages filter them instead of rescanning the dense cost (see Pattern).
 constexpr double kPatternSlack = 5.0;
 constexpr double kSmallProblem = 1e6;  // entries (n x m) of a problem whose kernel may stay full
-
-int threads_for(int requested) {
-#ifdef _OPENMP
-  return requested > 0 ? requested : omp_get_max_threads();
-#else
-  (void)requested;
-  return 1;
-#endif
-}
-
-// Exponentials are evaluated in the storage precision T (float: 8 or 16 lanes per vector op), but
-// their arguments are formed in double: A_j - C_ij / eps is a small difference of values that can
-// be 10^3 times larger, and forming it in float would put ~1e-4 noise on every exponent.
-// A shifted sum is trusted when it lies in [kShiftedMin, inf): its largest term is then above
-// ~1e-15 and every term a float exp flushes to zero (below ~e^-87) is below e^-50 of it.
-constexpr double kShiftedMin = 1e-10;
-
-// Inlined into each target clone of its callers, so that every clone vectorises it for its own ISA.
-#if defined(__GNUC__)
-#define SEGTRANSFER_INLINE inline __attribute__((always_inline))
-#else
-#define SEGTRANSFER_INLINE inline
-#endif
-
-template <typename T>
-struct RowLse {
-  // sum_j exp(A[col_j] - c_j * inv_eps - shift), in blocks whose partial sums in T stay exact enough.
-  // E is the type the exponent is formed in: double, or float where a stage tolerates it (sum_lowp).
-  template <typename E>
-  SEGTRANSFER_INLINE static double shifted_sum(const T* c, const int32_t* cols, int64_t len, const E* A, E inv_eps,
-                                               E shift) {
-    double total = 0.0;
-    constexpr int64_t kBlock = 256;
-    for (int64_t j0 = 0; j0 < len; j0 += kBlock) {
-      const int64_t j1 = std::min(len, j0 + kBlock);
-      T part = 0;
-      if (cols == nullptr) {
-#pragma omp simd reduction(+ : part)
-        for (int64_t j = j0; j < j1; ++j)
-          part += detail::fast_exp(static_cast<T>(A[j] - static_cast<E>(c[j]) * inv_eps - shift));
-      } else {
-#pragma omp simd reduction(+ : part)
-        for (int64_t k = j0; k < j1; ++k)
-          part += detail::fast_exp(static_cast<T>(A[cols[k]] - static_cast<E>(c[k]) * inv_eps - shift));
-      }
-      total += static_cast<double>(part);
-    }
-    return total;
-  }
-  SEGTRANSFER_HOT static double sum(const T* c, const int32_t* cols, int64_t len, const double* A, double inv_eps,
-                                    double shift) {
-    return shifted_sum<double>(c, cols, len, A, inv_eps, shift);
-  }
-  // The exponent formed in float (Af: A in float): 16 lanes and one gather per 16 entries instead of
-  // 8. Its terms reach ~10^3 at small eps, so each entry carries a relative error up to ~3e-4: only
-  // for stages that stop at a loose error (see half_step).
-  SEGTRANSFER_HOT static double sum_lowp(const T* c, const int32_t* cols, int64_t len, const float* Af,
-                                         float inv_eps, float shift) {
-    return shifted_sum<float>(c, cols, len, Af, inv_eps, shift);
-  }
-
-  // log sum_j exp(A[col_j] - c_j * inv_eps) over one row that stays in cache. `cols == nullptr`
-  // means a dense row. A_j = other_j / eps + log w_j is formed once per half-step by the caller,
-  // which leaves one gather per entry on sparse rows. `guess` (finite) is a value the result is
-  // expected near (the row's own potential, -pot_i / eps, near a fixed point): the sum is then
-  // taken in one pass shifted by it, and only when that over- or underflows is the row's maximum
-  // found first (the safe two-pass form). The max pass does no exps yet cost 30-40 % of a dense
-  // iteration (bench/RESULTS.md, roofline).
-  SEGTRANSFER_HOT static double run(const T* c, const int32_t* cols, int64_t len, const double* A, double inv_eps,
-                                    double guess = kNegInf) {
-    if (std::isfinite(guess)) {
-      const double total = sum(c, cols, len, A, inv_eps, guess);
-      if (total >= kShiftedMin && total < kPosInf) return guess + std::log(total);
-    }
-    double mx = kNegInf;
-    if (cols == nullptr) {
-#pragma omp simd reduction(max : mx)
-      for (int64_t j = 0; j < len; ++j) {
-        const double s = A[j] - static_cast<double>(c[j]) * inv_eps;
-        mx = s > mx ? s : mx;
-      }
-    } else {
-#pragma omp simd reduction(max : mx)
-      for (int64_t k = 0; k < len; ++k) {
-        const double s = A[cols[k]] - static_cast<double>(c[k]) * inv_eps;
-        mx = s > mx ? s : mx;
-      }
-    }
-    if (!(mx > kNegInf) || std::isinf(mx)) return mx;
-    return mx + std::log(sum(c, cols, len, A, inv_eps, mx));
-  }
-};
-
-// A_j = pot_j / eps + log_w_j, the per-column part of every exponent of a half-step.
-inline void exponent_offsets(const double* pot, const double* log_w, int64_t m, double inv_eps,
-                             std::vector<double>& A) {
-  A.resize(m);
-  for (int64_t j = 0; j < m; ++j) A[j] = pot[j] * inv_eps + log_w[j];
-}
-
-// Column log-sum-exp over a row-major matrix without transposing it: every row updates m running
-// column maxima, then m running sums, both vectorised along the row (FlashAttention's trick turned
-// sideways). s_ij = A_i - C_ij / eps.
-template <typename T>
-struct ColLse {
-  SEGTRANSFER_HOT static void max_row(const T* c, int64_t m, double Ai, double inv_eps, double* mx) {
-#pragma omp simd
-    for (int64_t j = 0; j < m; ++j) {
-      const double s = Ai - static_cast<double>(c[j]) * inv_eps;
-      mx[j] = s > mx[j] ? s : mx[j];
-    }
-  }
-  // E: the type the exponent is formed in (see RowLse::shifted_sum).
-  template <typename E>
-  SEGTRANSFER_INLINE static void shifted_row(const T* c, int64_t m, E Ai, E inv_eps, const E* mx, T* part) {
-#pragma omp simd
-    for (int64_t j = 0; j < m; ++j)
-      part[j] += detail::fast_exp(static_cast<T>(Ai - static_cast<E>(c[j]) * inv_eps - mx[j]));
-  }
-  SEGTRANSFER_HOT static void sum_row(const T* c, int64_t m, double Ai, double inv_eps, const double* mx, T* part) {
-    shifted_row<double>(c, m, Ai, inv_eps, mx, part);
-  }
-  // The exponent in float (see RowLse::sum_lowp).
-  SEGTRANSFER_HOT static void sum_row_lowp(const T* c, int64_t m, float Ai, float inv_eps, const float* mx, T* part) {
-    shifted_row<float>(c, m, Ai, inv_eps, mx, part);
-  }
-};
 
 // out_j = log sum_i exp(A_i - C_ij / eps) for a dense row-major C (n x m). Rows are cut into fixed
 // blocks of 256 (partial sums in T stay exact enough, as in RowLse), independent of the thread
@@ -598,16 +461,10 @@ bool balance_classes(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
       Lp[i * Q + d] = sg.len == 0 ? kNegInf : base + RowLse<T>::run(sg.c, sg.cols, sg.len, sg.A, inv_eps);
     }
   }
-  // log M_cd and the classes' log masses, each a log-sum-exp over the class's rows (columns).
+  // log M_cd, a log-sum-exp over the class's rows.
   std::vector<double> logM(static_cast<size_t>(R) * Q, kNegInf), sum(static_cast<size_t>(R) * Q, 0.0);
-  std::vector<double> logA(R, kNegInf), logB(Q, kNegInf);
-  auto lse_add = [](double& acc, double v) {
-    if (v == kNegInf) return;
-    acc = acc == kNegInf ? v : std::max(acc, v) + std::log1p(std::exp(-std::fabs(acc - v)));
-  };
   for (int64_t i = 0; i < n; ++i) {
     const int c = cls.row_class[i];
-    lse_add(logA[c], log_a[i]);
     for (int d = 0; d < Q; ++d) logM[c * Q + d] = std::max(logM[c * Q + d], L[i * Q + d]);
   }
   for (int64_t i = 0; i < n; ++i) {
@@ -617,70 +474,7 @@ bool balance_classes(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
   }
   for (size_t k = 0; k < logM.size(); ++k)
     if (logM[k] > kNegInf) logM[k] += std::log(sum[k]);
-  for (int d = 0; d < Q; ++d)
-    for (int64_t j = cls.col_class_start[d]; j < cls.col_class_start[d + 1]; ++j) lse_add(logB[d], log_b[j]);
-  for (double v : logM)
-    if (std::isnan(v) || v == kPosInf) return false;
-  // A class with mass on one side needs some plan mass to rescale; an empty class (no points) is
-  // left alone.
-  std::vector<double> u(R, 0.0), v(Q, 0.0);
-  std::vector<char> row_on(R), col_on(Q);
-  for (int c = 0; c < R; ++c) {
-    double mx = kNegInf;
-    for (int d = 0; d < Q; ++d) mx = std::max(mx, logM[c * Q + d]);
-    row_on[c] = logA[c] > kNegInf;
-    if (row_on[c] && mx == kNegInf) return false;
-  }
-  for (int d = 0; d < Q; ++d) {
-    double mx = kNegInf;
-    for (int c = 0; c < R; ++c) mx = std::max(mx, logM[c * Q + d]);
-    col_on[d] = logB[d] > kNegInf;
-    if (col_on[d] && mx == kNegInf) return false;
-  }
-  // Sinkhorn on the R x Q problem (u = alpha / eps, v = beta / eps), in the linear domain on M scaled
-  // by its largest entry (couplings below e^-700 of it vanish, and with them nothing that matters; a
-  // group left without any coupling makes the step decline). Each sweep is itself an exact
-  // coordinate ascent, so stopping early still helps.
-  double top = kNegInf;
-  for (double v : logM) top = std::max(top, v);
-  std::vector<double> K(logM.size()), eu(R, 1.0), ev(Q, 1.0), Ktu(Q), Aw(R, 0.0), Bw(Q, 0.0);
-  for (size_t k = 0; k < logM.size(); ++k) K[k] = std::exp(logM[k] - top);
-  for (int c = 0; c < R; ++c) Aw[c] = row_on[c] ? std::exp(logA[c]) : 0.0;
-  for (int d = 0; d < Q; ++d) Bw[d] = col_on[d] ? std::exp(logB[d]) : 0.0;
-  for (int c = 0; c < R; ++c) {
-    double rs = 0.0;
-    for (int d = 0; d < Q; ++d) rs += K[c * Q + d];
-    if (row_on[c] && !(rs > 0)) return false;
-  }
-  for (int it = 0; it < 5000; ++it) {
-    for (int c = 0; c < R; ++c) {
-      if (!row_on[c]) continue;
-      double acc = 0.0;
-      for (int d = 0; d < Q; ++d) acc += K[c * Q + d] * ev[d];
-      eu[c] = Aw[c] / acc;
-    }
-    std::fill(Ktu.begin(), Ktu.end(), 0.0);
-    for (int c = 0; c < R; ++c)
-      for (int d = 0; d < Q; ++d) Ktu[d] += K[c * Q + d] * eu[c];
-    double err = 0.0;
-    for (int d = 0; d < Q; ++d) {
-      if (!col_on[d]) continue;
-      if (!(Ktu[d] > 0)) return false;
-      err += std::fabs(Ktu[d] * ev[d] - Bw[d]);  // before this update
-      ev[d] = Bw[d] / Ktu[d];
-    }
-    if (err < 1e-12) break;
-  }
-  for (int c = 0; c < R; ++c) u[c] = row_on[c] ? std::log(eu[c]) - top : 0.0;
-  for (int d = 0; d < Q; ++d) v[d] = col_on[d] ? std::log(ev[d]) : 0.0;
-  for (int c = 0; c < R; ++c)
-    if (!std::isfinite(u[c])) return false;
-  for (int d = 0; d < Q; ++d)
-    if (!std::isfinite(v[d])) return false;
-  for (int64_t i = 0; i < n; ++i) f[i] += eps * u[cls.row_class[i]];
-  for (int d = 0; d < Q; ++d)
-    for (int64_t j = cls.col_class_start[d]; j < cls.col_class_start[d + 1]; ++j) g[j] += eps * v[d];
-  return true;
+  return coarse_shift(logM, log_a, log_b, n, eps, cls, f, g);
 }
 
 // Plan values on the truncated pattern, in CSR order (rows) and CSC order (cols), with its sums.
@@ -1414,63 +1208,10 @@ template <typename T>
 PlanSummary summarize_plan(const RowMatrix<T>& cost, const double* a, const double* b, const double* f,
                            const double* g, double eps, const int32_t* row_class, int row_classes,
                            const int64_t* col_class_start, int col_classes, int num_threads) {
-  const int64_t n = cost.rows(), m = cost.cols();
-  const int nt = threads_for(num_threads);
-  const double inv_eps = 1.0 / eps;
-  std::vector<double> log_b(m);
-  for (int64_t j = 0; j < m; ++j) log_b[j] = std::log(b[j]);
-
-  // Rows are cut into a fixed number of blocks, independent of the thread count, and the blocks'
-  // partial results are added in order: the summary is bit-identical for any number of threads.
-  const int64_t nblocks = std::min<int64_t>(n, 64);
-  std::vector<double> col_part(static_cast<size_t>(nblocks) * m, 0.0);
-  std::vector<double> joint_part(static_cast<size_t>(nblocks) * row_classes * col_classes, 0.0);
-  std::vector<double> cost_part(nblocks, 0.0), row_err_part(nblocks, 0.0);
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-  for (int64_t blk = 0; blk < nblocks; ++blk) {
-    const int64_t i0 = n * blk / nblocks, i1 = n * (blk + 1) / nblocks;
-    double* colp = col_part.data() + blk * m;
-    double* jp = joint_part.data() + blk * row_classes * col_classes;
-    double wd = 0.0, rerr = 0.0;
-    for (int64_t i = i0; i < i1; ++i) {
-      const T* c = cost.data() + i * m;
-      const double base = std::log(a[i]) + f[i] * inv_eps;
-      double row_total = 0.0;
-      for (int cc = 0; cc < col_classes; ++cc) {
-        double mass = 0.0, wc = 0.0;
-#pragma omp simd reduction(+ : mass, wc)
-        for (int64_t j = col_class_start[cc]; j < col_class_start[cc + 1]; ++j) {
-          const double cij = static_cast<double>(c[j]);
-          const double p = detail::fast_exp(base + (g[j] - cij) * inv_eps + log_b[j]);
-          colp[j] += p;
-          mass += p;
-          wc += p * cij;
-        }
-        jp[row_class[i] * col_classes + cc] += mass;
-        row_total += mass;
-        wd += wc;
-      }
-      rerr += std::fabs(row_total - a[i]);
-    }
-    cost_part[blk] = wd;
-    row_err_part[blk] = rerr;
-  }
-  PlanSummary out;
-  out.joint.assign(static_cast<size_t>(row_classes) * col_classes, 0.0);
-  double err = 0.0;
-  for (int64_t blk = 0; blk < nblocks; ++blk) {
-    out.transport_cost += cost_part[blk];
-    err += row_err_part[blk];
-    const double* jp = joint_part.data() + blk * row_classes * col_classes;
-    for (size_t k = 0; k < out.joint.size(); ++k) out.joint[k] += jp[k];
-  }
-  for (int64_t j = 0; j < m; ++j) {
-    double col = 0.0;
-    for (int64_t blk = 0; blk < nblocks; ++blk) col += col_part[blk * m + j];
-    err += std::fabs(col - b[j]);
-  }
-  out.marginal_error = err;
-  return out;
+  const int64_t m = cost.cols();
+  auto rows = [&cost, m](int64_t i0, int64_t, std::vector<T>&) { return cost.data() + i0 * m; };
+  return summarize_rows<T>(cost.rows(), m, rows, a, b, f, g, eps, row_class, row_classes, col_class_start,
+                           col_classes, threads_for(num_threads));
 }
 
 #define SEGTRANSFER_INSTANTIATE(T)                                                                 \

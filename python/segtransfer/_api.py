@@ -116,8 +116,11 @@ def _check_memory(what: str, parts: dict[str, tuple[float, str]], budget: float)
 
 
 def _options(epsilon: float, tol: float | None, max_iter: int | None, timeout: float | None,
-             threads: int | None) -> _core.SinkhornOptions:
+             threads: int | None, blocked: bool = False) -> _core.SinkhornOptions:
+    if not isinstance(blocked, (bool, np.bool_)):
+        raise TypeError(f"blocked must be True or False, got {type(blocked).__name__}")
     opt = _core.SinkhornOptions()
+    opt.blocked = bool(blocked)
     opt.epsilon = _check_positive(epsilon, "epsilon")
     opt.tol = DEFAULT_TOL if tol is None else _check_positive(tol, "tol")
     opt.max_iter = DEFAULT_MAX_ITER if max_iter is None else _check_int(max_iter, "max_iter", minimum=1)
@@ -145,6 +148,7 @@ def otce(
     timeout: float | None = None,
     threads: int | None = None,
     device: Any = None,
+    blocked: bool = False,
 ) -> OTCEResult:
     """OTCE transferability of a source task to a target task (Tan, Li, Huang), higher is better.
 
@@ -164,6 +168,13 @@ def otce(
     epsilon stages form their exponents in float32; the last stage and the certificate do not). Mixed
     inputs are solved in float64.
 
+    ``blocked=True`` recomputes the cost from the features at every Sinkhorn iteration instead of
+    storing it: memory O((N + M) D) instead of O(N M), for draws whose cost does not fit (the
+    default refuses those with a MemoryError before allocating). It is far slower: O(N M D) work
+    per iteration and no truncated kernel or Newton finish, so the last epsilon stage runs plain
+    (over-relaxed, class-balanced) Sinkhorn iterations; the certificate, ``tol`` and the results
+    mean the same. CPU only.
+
     ``device``: None computes where the features live (host, or the CUDA device of DLPack /
     ``__cuda_array_interface__`` inputs, read in place); ``"cuda"`` / ``"cuda:N"`` computes on a GPU and
     copies host inputs' sampled pixels there; ``"cpu"`` refuses device inputs. See docs/cuda.md.
@@ -175,9 +186,11 @@ def otce(
     seed = _check_int(seed, "seed", minimum=0)
     if n_pixels is not None:
         n_pixels = _check_int(n_pixels, "n_pixels", minimum=1)
-    opt = _options(epsilon, tol, max_iter, timeout, threads)
+    opt = _options(epsilon, tol, max_iter, timeout, threads, blocked)
     gpu = _device.placement(device, {"source_features": source_features, "target_features": target_features},
                             {"source_labels": source_labels, "target_labels": target_labels})
+    if gpu is not None and opt.blocked:
+        raise ValueError("blocked=True is a CPU mode; the CUDA solver does not have it (pass device='cpu')")
     make_table = pixel_table if gpu is None else gpu.pixel_table
 
     src = make_table(source_features, source_labels, channels_last=channels_last,
@@ -211,15 +224,22 @@ def otce(
     # Every buffer whose size the user controls, in bytes. The joint tables mirror the core's plan
     # summary (up to 64 row blocks of Cs x Ct partial tables per solve) plus the (K, Cs, Ct) output
     # and its NumPy copy; pixel indices are made by the sampler and copied once by the bindings.
+    if opt.blocked:  # balancing groups: up to 32 k-means cells per class (otce.cpp)
+        solver_memory = ("blocked solver's buffers",
+                         (_core.blocked_bytes(ns, nt, d, dtype.itemsize, 1, 32 * cs, 32 * ct) + 8.0 * (ns + nt) * d,
+                          "lower n_pixels"))
+    else:
+        solver_memory = ("dense cost and truncated kernel",
+                         (_core.dense_bytes(ns, nt, dtype.itemsize) + 8.0 * (ns + nt) * d,
+                          "lower n_pixels, or pass blocked=True to recompute the cost instead of storing it"))
     memory = {
-        "dense cost and truncated kernel": (_core.dense_bytes(ns, nt, dtype.itemsize)
-                                         + 8.0 * (ns + nt) * d, "lower n_pixels"),
+        solver_memory[0]: solver_memory[1],
         "joint label tables": (8.0 * cs * ct * (66 + 2 * k),
                                f"the labels have {cs} x {ct} distinct classes: merge or ignore some"),
         "pixel indices": (16.0 * k * (ns + nt) if n_pixels is not None else 8.0 * (ns + nt), "lower repeats"),
     }
     if gpu is not None:  # device memory: estimated and checked by the CUDA solver before it allocates
-        del memory["dense cost and truncated kernel"]
+        del memory[solver_memory[0]]
     budget = _memory_budget()
     _check_memory(f"otce with n_pixels={ns}/{nt} and {k} repeat(s)", memory, budget)
     if gpu is None and xs.dtype != xt.dtype:  # solve mixed precision in float64 (the CUDA path converts itself)
@@ -262,6 +282,7 @@ def otce(
         dtype=str(dtype),
         elapsed=time.perf_counter() - start,
         timed_out=out["timed_out"],
+        blocked=opt.blocked,
     )
     if not res.all_converged:
         bad = np.flatnonzero(~res.converged)
@@ -308,16 +329,19 @@ def sinkhorn(
     timeout: float | None = None,
     threads: int | None = None,
     device: Any = None,
+    blocked: bool = False,
 ) -> SinkhornResult:
     """Entropic OT between point clouds ``x (n, d)`` and ``y (m, d)`` with cost ``|x_i - y_j|^2``.
 
     Returns potentials with ``pi_ij = a_i b_j exp((f_i + g_j - C_ij) / epsilon)``; ``a`` and ``b``
     (positive, summing to 1) default to uniform weights. Same solver and precision rules as ``otce``;
-    ``device`` as in ``otce``.
+    ``device`` and ``blocked`` as in ``otce``.
     """
     gpu = _device.placement(device, {"x": x, "y": y}, {"a": a, "b": b})
     if gpu is not None:
-        opt = _options(epsilon, tol, max_iter, timeout, threads)
+        opt = _options(epsilon, tol, max_iter, timeout, threads, blocked)
+        if opt.blocked:
+            raise ValueError("blocked=True is a CPU mode; the CUDA solver does not have it (pass device='cpu')")
         return _sinkhorn_result(gpu.sinkhorn(x, y, a, b, opt, _weights), opt)
     xa = check_features(to_host_array(x, "x"), "x")
     ya = check_features(to_host_array(y, "y"), "y")
@@ -335,12 +359,18 @@ def sinkhorn(
     ya = np.ascontiguousarray(ya, dtype=dtype)
     wa = _weights(a, xa.shape[0], "a")
     wb = _weights(b, ya.shape[0], "b")
-    opt = _options(epsilon, tol, max_iter, timeout, threads)
+    opt = _options(epsilon, tol, max_iter, timeout, threads, blocked)
     n, m = xa.shape[0], ya.shape[0]
+    itemsize = np.dtype(dtype).itemsize
     budget = _memory_budget()
-    _check_memory(f"sinkhorn with {n} x {m} points", {
-        "dense cost and truncated kernel": (_core.dense_bytes(n, m, np.dtype(dtype).itemsize),
-                                         "use fewer points (x and y)")}, budget)
+    if opt.blocked:  # balancing groups: up to 32 k-means cells per side (otce.cpp)
+        need = {"blocked solver's buffers": (_core.blocked_bytes(n, m, xa.shape[1], itemsize, opt.num_threads or 64,
+                                                                 32, 32), "use fewer points (x and y)")}
+    else:
+        need = {"dense cost and truncated kernel": (
+            _core.dense_bytes(n, m, itemsize),
+            "use fewer points (x and y), or pass blocked=True to recompute the cost instead of storing it")}
+    _check_memory(f"sinkhorn with {n} x {m} points", need, budget)
     solve = _core.sinkhorn_f32 if dtype == np.float32 else _core.sinkhorn_f64
     out = solve(xa, ya, wa, wb, opt, budget)
     return _sinkhorn_result(out, opt)
@@ -351,7 +381,7 @@ def _sinkhorn_result(out: dict, opt: Any) -> SinkhornResult:
     res = SinkhornResult(
         f=out["f"], g=out["g"], transport_cost=float(out["transport_cost"]), iterations=int(out["iterations"]),
         converged=bool(out["converged"]), marginal_error=float(out["marginal_error"]), epsilon=opt.epsilon,
-        tol=opt.tol, timed_out=bool(out["timed_out"]),
+        tol=opt.tol, timed_out=bool(out["timed_out"]), blocked=opt.blocked,
     )
     if not res.converged:
         effect = "the plan is far from feasible; " if not res.marginal_error <= 1.0 else ""

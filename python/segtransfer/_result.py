@@ -35,6 +35,7 @@ class OTCEResult:
     dtype: str  # computation precision: "float32" or "float64"
     elapsed: float  # seconds, whole call
     timed_out: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    blocked: bool = False  # solved with the cost recomputed, not stored (otce's blocked=True)
 
     @property
     def all_converged(self) -> bool:
@@ -69,6 +70,7 @@ class SinkhornResult:
     epsilon: float
     tol: float
     timed_out: bool = False
+    blocked: bool = False  # solved with the cost recomputed, not stored (sinkhorn's blocked=True)
 
     def plan(self, x: np.ndarray, y: np.ndarray, a: np.ndarray | None = None, b: np.ndarray | None = None) -> np.ndarray:
         """The dense (n, m) plan in float64, rebuilt from the potentials (O(n m) memory: small cases)."""

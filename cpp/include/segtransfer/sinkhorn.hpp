@@ -56,6 +56,9 @@ struct SinkhornOptions {
   bool stop_when_sparse = false;  // internal: return at the first stage with a sparse kernel
   double stop_below = 0.0;        // internal: ... or at the first stage with epsilon below this
   double schedule_from = 0.0;     // internal: first stage epsilon (0: the largest cost)
+  // transport_points and otce only: recompute the cost in panels at every pass instead of storing
+  // it (sinkhorn_blocked, blocked.hpp), for problems whose cost does not fit in memory.
+  bool blocked = false;
   int num_threads = 0;        // 0: OpenMP's default
   // Polled about every 50 ms from the calling thread; returning true stops the solve with
   // Interrupted. The core never learns what is behind it (the bindings check for Ctrl-C).

@@ -1,0 +1,923 @@
+#include "segtransfer/blocked.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <Eigen/Cholesky>
+
+#include "kernels.hpp"
+#include "segtransfer/errors.hpp"
+
+namespace segtransfer {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+// Rows per panel, the unit a pass works on: its rows' sums need every column before the column
+// sums can use the rows' new potentials, so such a pass sweeps a panel's columns twice, a tile of
+// kTile columns at a time (a tile's slice of y^T, d x 256, and of every per-column vector stays in
+// L1/L2 while the panel's rows use it). The first sweep computes the tiles into the panel's buffer
+// (16 x m), the second reads them back.
+constexpr int64_t kPanel = 16;
+constexpr int64_t kTile = 256;
+// The rows are split into this many fixed ranges ("lanes"), each summed in order into its own
+// column accumulators, which are then added in lane order: the column sums do not depend on the
+// thread count. More threads than lanes would idle.
+constexpr int kLanes = 8;
+
+// out[r][j] = max(0, (-2 x_r . y_j) + (xx_r + yy_j)) for r < rows and j < w; x: rows x d
+// (row-major), yt: d x ld (y^T). A block of 4 rows x 16 columns accumulates in registers over the
+// d products (each load of y^T feeds four rows); the sum is symmetric in (x, y), so the transposed
+// problem's tiles hold bit-identical values. Every product is an explicit fused multiply-add, so the
+// block and the leftover entries round alike (with contraction left to the compiler, 194 of a row's
+// 2,000 entries differed between a 16-row tile and the same row alone, and Newton's row and column
+// sums then described different plans). Accumulating in memory instead (o[j] += x * y[j], one row
+// sweep per dimension) ran at half this speed.
+template <typename T>
+SEGTRANSFER_HOT void cost_tile(const T* x, int64_t rows, int64_t d, const T* yt, int64_t ld, int64_t w,
+                               const T* xx, const T* yy, T* out, int64_t ldo) {
+  constexpr int64_t kW = 32;
+  const int64_t wv = w - w % kW;
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const T* x0 = x + r * d;
+    for (int64_t j0 = 0; j0 < wv; j0 += kW) {
+      T a0[kW] = {}, a1[kW] = {}, a2[kW] = {}, a3[kW] = {};
+      for (int64_t k = 0; k < d; ++k) {
+        const T u0 = T(-2) * x0[k], u1 = T(-2) * x0[d + k], u2 = T(-2) * x0[2 * d + k], u3 = T(-2) * x0[3 * d + k];
+        const T* yk = yt + k * ld + j0;
+#pragma omp simd
+        for (int64_t j = 0; j < kW; ++j) {
+          const T v = yk[j];
+          a0[j] = std::fma(u0, v, a0[j]);
+          a1[j] = std::fma(u1, v, a1[j]);
+          a2[j] = std::fma(u2, v, a2[j]);
+          a3[j] = std::fma(u3, v, a3[j]);
+        }
+      }
+      const T* acc[4] = {a0, a1, a2, a3};
+      for (int q = 0; q < 4; ++q) {
+        T* o = out + (r + q) * ldo + j0;
+        const T xr = xx[r + q];
+#pragma omp simd
+        for (int64_t j = 0; j < kW; ++j) {
+          const T c = acc[q][j] + (xr + yy[j0 + j]);
+          o[j] = c > T(0) ? c : T(0);
+        }
+      }
+    }
+  }
+  // The rows and columns left over, one entry at a time (same operations, same order).
+  for (int64_t rr = 0; rr < rows; ++rr) {
+    for (int64_t j = rr < r ? wv : 0; j < w; ++j) {
+      T acc = T(0);
+      for (int64_t k = 0; k < d; ++k) acc = std::fma(T(-2) * x[rr * d + k], yt[k * ld + j], acc);
+      const T c = acc + (xx[rr] + yy[j]);
+      out[rr * ldo + j] = c > T(0) ? c : T(0);
+    }
+  }
+}
+
+// Sums over one row's plan entries p_j = exp(base + B_j - c_j / eps), formed and summed in double
+// (the Newton system and its line search compare errors down to 1e-8 of the mass): s[0] += sum p,
+// s[1] += sum p V_j when V is given, s[2] += sum p^2 V2_j when V2 is given.
+template <typename T>
+struct PlanSums {
+  SEGTRANSFER_HOT static void run(const T* c, int64_t w, double base, const double* B, double inv_eps,
+                                  const double* V, const double* V2, double* s) {
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0;
+    if (V2 != nullptr) {
+#pragma omp simd reduction(+ : s0, s1, s2)
+      for (int64_t j = 0; j < w; ++j) {
+        const double p = detail::fast_exp(base + B[j] - static_cast<double>(c[j]) * inv_eps);
+        s0 += p;
+        s1 += p * V[j];
+        s2 += p * p * V2[j];
+      }
+    } else if (V != nullptr) {
+#pragma omp simd reduction(+ : s0, s1)
+      for (int64_t j = 0; j < w; ++j) {
+        const double p = detail::fast_exp(base + B[j] - static_cast<double>(c[j]) * inv_eps);
+        s0 += p;
+        s1 += p * V[j];
+      }
+    } else {
+#pragma omp simd reduction(+ : s0)
+      for (int64_t j = 0; j < w; ++j) s0 += detail::fast_exp(base + B[j] - static_cast<double>(c[j]) * inv_eps);
+    }
+    s[0] += s0;
+    s[1] += s1;
+    s[2] += s2;
+  }
+};
+
+// The cost as squared_euclidean computes it (points centred on their joint mean, which keeps the
+// expansion's cancellation small), one panel of rows at a time.
+template <typename T>
+struct PointCost {
+  int64_t n = 0, m = 0, d = 0;
+  std::vector<T> x, yt, xx, yy;
+
+  PointCost() = default;
+  PointCost(const T* px, int64_t n_, const T* py, int64_t m_, int64_t d_) : n(n_), m(m_), d(d_) {
+    std::vector<double> mean(d, 0.0);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t k = 0; k < d; ++k) mean[k] += static_cast<double>(px[i * d + k]);
+    for (int64_t j = 0; j < m; ++j)
+      for (int64_t k = 0; k < d; ++k) mean[k] += static_cast<double>(py[j * d + k]);
+    for (double& v : mean) v /= static_cast<double>(n + m);
+    x.resize(static_cast<size_t>(n) * d);
+    yt.resize(static_cast<size_t>(m) * d);
+    xx.assign(n, T(0));
+    yy.assign(m, T(0));
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t k = 0; k < d; ++k) {
+        const T v = static_cast<T>(static_cast<double>(px[i * d + k]) - mean[k]);
+        x[i * d + k] = v;
+        xx[i] += v * v;
+      }
+    for (int64_t j = 0; j < m; ++j)
+      for (int64_t k = 0; k < d; ++k) {
+        const T v = static_cast<T>(static_cast<double>(py[j * d + k]) - mean[k]);
+        yt[k * m + j] = v;
+        yy[j] += v * v;
+      }
+  }
+
+  // The transposed problem (y's points as rows), from the same centred values: its tiles hold
+  // bit-identical costs (cost_tile is symmetric), so row and column sums describe one plan.
+  static PointCost transposed(const PointCost& c) {
+    PointCost t;
+    t.n = c.m;
+    t.m = c.n;
+    t.d = c.d;
+    t.x.resize(c.yt.size());
+    t.yt.resize(c.x.size());
+    for (int64_t j = 0; j < c.m; ++j)
+      for (int64_t k = 0; k < c.d; ++k) t.x[j * c.d + k] = c.yt[k * c.m + j];
+    for (int64_t i = 0; i < c.n; ++i)
+      for (int64_t k = 0; k < c.d; ++k) t.yt[k * c.n + i] = c.x[i * c.d + k];
+    t.xx = c.yy;
+    t.yy = c.xx;
+    return t;
+  }
+
+  // Rows [i0, i0 + rows) x columns [j0, j0 + w) into out (leading dimension ldo).
+  void tile(int64_t i0, int64_t rows, int64_t j0, int64_t w, T* out, int64_t ldo) const {
+    cost_tile(x.data() + i0 * d, rows, d, yt.data() + j0, m, w, xx.data() + i0, yy.data() + j0, out, ldo);
+  }
+  // Rows [i0, i1) into out ((i1 - i0) x m, row-major).
+  void rows(int64_t i0, int64_t i1, T* out) const {
+    for (int64_t j0 = 0; j0 < m; j0 += kTile) tile(i0, i1 - i0, j0, std::min(kTile, m - j0), out + j0, m);
+  }
+};
+
+// One panel's cost, a tile at a time: the first sweep computes every tile, later ones read it back.
+// Recomputing the tiles in the second sweep instead was slower even at D = 19 (1.31 against 1.00 ns
+// per entry and iteration at N = 2 x 10^4, 2 threads); so was sweeping whole rows (the per-column
+// vectors then stream from memory: ~14 s per iteration at N = 10^5, D = 19).
+template <typename T>
+class PanelTiles {
+ public:
+  PanelTiles(const PointCost<T>& cost, std::vector<T>& buf) : C_(cost), buf_(buf) {
+    buf_.resize(static_cast<size_t>(kPanel) * cost.m);
+  }
+  void start(int64_t i0, int64_t rows) {
+    i0_ = i0;
+    rows_ = rows;
+    filled_ = false;
+  }
+  void second_sweep() { filled_ = true; }
+  // Tile [j0, j0 + w) of the panel's rows, leading dimension m.
+  const T* tile(int64_t j0, int64_t w) {
+    if (!filled_) C_.tile(i0_, rows_, j0, w, buf_.data() + j0, C_.m);
+    return buf_.data() + j0;
+  }
+
+ private:
+  const PointCost<T>& C_;
+  std::vector<T>& buf_;
+  int64_t i0_ = 0, rows_ = 0;
+  bool filled_ = false;
+};
+
+template <typename T>
+class BlockedSolver {
+ public:
+  BlockedSolver(const PointCost<T>& cost, const double* a, const double* b, const SinkhornOptions& opt, int nt)
+      : C_(cost), n_(cost.n), m_(cost.m), a_(a), b_(b), opt_(opt), nt_(nt),
+        lanes_(static_cast<int>(std::min<int64_t>(kLanes, n_))), log_a_(n_), log_b_(m_), err_rows_(n_),
+        A_(m_), shift_(m_), acc_(static_cast<size_t>(lanes_) * m_), caller_(std::this_thread::get_id()) {
+    for (int64_t i = 0; i < n_; ++i) log_a_[i] = std::log(a_[i]);
+    for (int64_t j = 0; j < m_; ++j) log_b_[j] = std::log(b_[j]);
+  }
+
+  const std::vector<double>& log_a() const { return log_a_; }
+  const std::vector<double>& log_b() const { return log_b_; }
+
+  // Largest cost (a pass of its own: it sets the schedule, as sinkhorn_log's does).
+  double max_cost() {
+    // Squared norms that overflow would make the expansion inf - inf; finite ones bound |2 x.y| too.
+    for (T v : C_.xx)
+      if (!std::isfinite(static_cast<double>(v) * 2.0)) return kPosInf;
+    for (T v : C_.yy)
+      if (!std::isfinite(static_cast<double>(v) * 2.0)) return kPosInf;
+    std::vector<double> lane_max(lanes_, 0.0);
+    panels([&](int lane, int64_t, int64_t rows, const T* c, std::vector<T>&) {
+      double mx = lane_max[lane];
+      for (int64_t k = 0; k < rows * m_; ++k) mx = std::max(mx, static_cast<double>(c[k]));
+      lane_max[lane] = mx;
+    });
+    double mx = 0.0;
+    for (double v : lane_max) mx = std::max(mx, v);
+    return mx;
+  }
+
+  // One Sinkhorn iteration: f <- f + omega (c-transform of g - f), row by row, then, with the new f,
+  // the column log-sum-exps the g half-step needs, from the same panel while it is in cache; g is
+  // updated the same way. Returns the L1 error of the iterate it started from (its rows) and, in
+  // err_cols, that of the half-updated one (f new, g old; its columns).
+  double iterate(double eps, double omega, double* f, double* g, double& err_cols) {
+    const double inv_eps = 1.0 / eps;
+    exponent_offsets(g, log_b_.data(), m_, inv_eps, A_);
+    // The column sums are taken shifted by the columns' own potentials, near a fixed point their
+    // log-sum-exps (as RowLse::run's rows); exact maxima only when that over- or underflows.
+    for (int64_t j = 0; j < m_; ++j) shift_[j] = -g[j] * inv_eps;
+    std::fill(acc_.begin(), acc_.end(), 0.0);
+    tiled_panels([&](int lane, int64_t i0, int64_t rows, PanelTiles<T>& tiles, Scratch& s) {
+      // Rows first, shifted by their own potentials as well, summed tile by tile.
+      s.total.assign(rows, 0.0);
+      for (int64_t j0 = 0; j0 < m_; j0 += kTile) {
+        const int64_t w = std::min(kTile, m_ - j0);
+        const int64_t ld = m_;
+        const T* c = tiles.tile(j0, w);
+        for (int64_t r = 0; r < rows; ++r)
+          s.total[r] += RowLse<T>::sum(c + r * ld, nullptr, w, A_.data() + j0, inv_eps, -f[i0 + r] * inv_eps);
+      }
+      s.A.resize(rows);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = i0 + r;
+        double lse = -f[i] * inv_eps + std::log(s.total[r]);
+        if (!(s.total[r] >= kShiftedMin && s.total[r] < kPosInf)) {  // the safe form, on the whole row
+          s.row.resize(m_);
+          C_.rows(i, i + 1, s.row.data());
+          lse = RowLse<T>::run(s.row.data(), nullptr, m_, A_.data(), inv_eps);
+        }
+        lse += f[i] * inv_eps;
+        err_rows_[i] = a_[i] * std::fabs(std::expm1(lse));
+        f[i] -= omega * eps * lse;
+        s.A[r] = f[i] * inv_eps + log_a_[i];
+      }
+      // Then the columns, with the rows' new potentials.
+      tiles.second_sweep();
+      s.part.assign(m_, T(0));
+      for (int64_t j0 = 0; j0 < m_; j0 += kTile) {
+        const int64_t w = std::min(kTile, m_ - j0);
+        const int64_t ld = m_;
+        const T* c = tiles.tile(j0, w);
+        for (int64_t r = 0; r < rows; ++r)
+          ColLse<T>::sum_row(c + r * ld, w, s.A[r], inv_eps, shift_.data() + j0, s.part.data() + j0);
+      }
+      double* acc = acc_.data() + static_cast<size_t>(lane) * m_;
+      for (int64_t j = 0; j < m_; ++j) acc[j] += static_cast<double>(s.part[j]);
+    });
+    bool ok = true;
+    for (int64_t j = 0; j < m_; ++j) {
+      double total = 0.0;
+      for (int l = 0; l < lanes_; ++l) total += acc_[static_cast<size_t>(l) * m_ + j];
+      A_[j] = total;  // A_ is free now: the column totals
+      ok = ok && total >= kShiftedMin && total < kPosInf;
+    }
+    if (!ok) exact_columns(f, inv_eps);
+    err_cols = 0.0;
+    for (int64_t j = 0; j < m_; ++j) {
+      const double rel = shift_[j] + std::log(A_[j]) + g[j] * inv_eps;
+      err_cols += b_[j] * std::fabs(std::expm1(rel));
+      g[j] -= omega * eps * rel;
+    }
+    double err = 0.0;
+    for (int64_t i = 0; i < n_; ++i) err += err_rows_[i];
+    return err;
+  }
+
+  // Class balancing (see balance_classes in sinkhorn.cpp) with the plan's group masses from one pass.
+  bool balance(double eps, const PlanClasses& grp, double* f, double* g) {
+    const int R = grp.row_classes, Q = grp.col_classes;
+    if (R < 2 && Q < 2) return false;
+    const double inv_eps = 1.0 / eps;
+    exponent_offsets(g, log_b_.data(), m_, inv_eps, A_);
+    std::vector<double> lane_logM(static_cast<size_t>(lanes_) * R * Q, kNegInf);
+    tiled_panels([&](int lane, int64_t i0, int64_t rows, PanelTiles<T>& tiles, Scratch& s) {
+      double* lm = lane_logM.data() + static_cast<size_t>(lane) * R * Q;
+      // Each row's sum over each group's columns, shifted by the row's own potential, tile by tile.
+      s.seg.assign(static_cast<size_t>(rows) * Q, 0.0);
+      int q0 = 0;
+      for (int64_t j0 = 0; j0 < m_; j0 += kTile) {
+        const int64_t w = std::min(kTile, m_ - j0);
+        const int64_t ld = m_;
+        const T* c = tiles.tile(j0, w);
+        while (grp.col_class_start[q0 + 1] <= j0) ++q0;
+        for (int q = q0; q < Q && grp.col_class_start[q] < j0 + w; ++q) {
+          const int64_t k0 = std::max(grp.col_class_start[q], j0), k1 = std::min(grp.col_class_start[q + 1], j0 + w);
+          if (k1 <= k0) continue;
+          for (int64_t r = 0; r < rows; ++r)
+            s.seg[r * Q + q] += RowLse<T>::sum(c + r * ld + (k0 - j0), nullptr, k1 - k0, A_.data() + k0, inv_eps,
+                                               -f[i0 + r] * inv_eps);
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = i0 + r;
+        const double* seg = s.seg.data() + r * Q;
+        double total = 0.0;
+        for (int q = 0; q < Q; ++q) total += seg[q];
+        double* li = lm + static_cast<size_t>(grp.row_class[i]) * Q;
+        // log of row i's mass in group q: log a_i + f_i / eps + log sum_{j in q} exp(A_j - C_ij / eps),
+        // and the shift was -f_i / eps. A row whose total leaves [kShiftedMin, inf) is redone safely.
+        if (total >= kShiftedMin && total < kPosInf) {
+          for (int q = 0; q < Q; ++q)
+            if (seg[q] > 0) lse_add(li[q], log_a_[i] + std::log(seg[q]));
+          continue;
+        }
+        s.row.resize(m_);
+        C_.rows(i, i + 1, s.row.data());
+        for (int q = 0; q < Q; ++q) {
+          const int64_t j0 = grp.col_class_start[q], j1 = grp.col_class_start[q + 1];
+          if (j1 > j0)
+            lse_add(li[q], log_a_[i] + f[i] * inv_eps +
+                               RowLse<T>::run(s.row.data() + j0, nullptr, j1 - j0, A_.data() + j0, inv_eps));
+        }
+      }
+    });
+    std::vector<double> logM(static_cast<size_t>(R) * Q, kNegInf);
+    for (int l = 0; l < lanes_; ++l)
+      for (size_t k = 0; k < logM.size(); ++k) lse_add(logM[k], lane_logM[static_cast<size_t>(l) * R * Q + k]);
+    return coarse_shift(logM, log_a_.data(), log_b_.data(), n_, eps, grp, f, g);
+  }
+
+  // The transposed problem, for the column passes of newton().
+  void set_transposed(const PointCost<T>& ct) { Ct_ = &ct; }
+
+  // Newton's method on the dual, as newton_polish (sinkhorn.cpp) runs it on a truncated kernel (see
+  // there for the system, the Schur complement, the two-level preconditioner and the line search),
+  // here on the dense plan with every product recomputed: a CG iteration costs two passes (P^T v,
+  // then P w). Plain Sinkhorn needed ~11,600 iterations on a 2,000-point draw of the benchmark where
+  // Newton took 28 steps and 560 CG iterations (RESULTS.md). Needs set_transposed(). Returns the
+  // marginal error of the potentials it leaves (from a pass over the dense plan in double).
+  template <typename Poll>
+  double newton(double eps, double target, double* f, double* g, SinkhornReport& rep, const Poll& poll,
+                const PlanClasses& grp, bool debug) {
+    constexpr double forcing = 0.1;
+    const double inv_eps = 1.0 / eps;
+    const int64_t n = n_, m = m_;
+    const PointCost<T>& Ct = *Ct_;
+    std::vector<double> br(n), bc(m), rs(n), cs(m), rs_t(n), cs_t(m), sn0(n), sn1(n), sn2(n), sm0(m), sm1(m);
+    std::vector<double> rhs(n), x(n), res(n), dir(n), q(n), dinv(n), z(n), w(m), wt(m), inv_c(m), f_try(n), g_try(m);
+    // (br, bc) = (log a + f / eps, log b + g / eps) of the point eval() saw last.
+    auto eval = [&](const double* ff, const double* gg, std::vector<double>& r_out, std::vector<double>& c_out) {
+      for (int64_t i = 0; i < n; ++i) br[i] = log_a_[i] + ff[i] * inv_eps;
+      for (int64_t j = 0; j < m; ++j) bc[j] = log_b_[j] + gg[j] * inv_eps;
+      plan_sums(C_, br.data(), bc.data(), inv_eps, nullptr, nullptr, r_out.data(), nullptr, nullptr);
+      plan_sums(Ct, bc.data(), br.data(), inv_eps, nullptr, nullptr, c_out.data(), nullptr, nullptr);
+      double e = 0.0;
+      for (int64_t i = 0; i < n; ++i) e += std::fabs(r_out[i] - a_[i]);
+      for (int64_t j = 0; j < m; ++j) e += std::fabs(c_out[j] - b_[j]);
+      return e;
+    };
+    // The coarse space: the row groups, which must be contiguous ranges of rows (otce and
+    // transport_points sort their points so); otherwise Jacobi alone.
+    const int Rc = grp.row_classes;
+    std::vector<int64_t> gstart{0};
+    bool use_coarse = Rc >= 2 && Rc <= 512;
+    for (int64_t i = 1; i < n && use_coarse; ++i) {
+      if (grp.row_class[i] < grp.row_class[i - 1]) use_coarse = false;
+      if (grp.row_class[i] != grp.row_class[i - 1]) gstart.push_back(i);
+    }
+    gstart.push_back(n);
+    const int64_t nr = static_cast<int64_t>(gstart.size()) - 1;
+    std::vector<double> U;
+    Eigen::MatrixXd E;
+    Eigen::LDLT<Eigen::MatrixXd> Efact;
+    double lambda = 1e-3;
+    double err = eval(f, g, rs, cs);
+    for (int step = 0; step < 50 && err > target && rep.iterations < opt_.max_iter && !rep.timed_out; ++step) {
+      const auto step_start = Clock::now();
+      for (int64_t j = 0; j < m; ++j) {
+        inv_c[j] = cs[j] > 0 ? 1.0 / ((1.0 + lambda) * cs[j]) : 0.0;
+        w[j] = (b_[j] - cs[j]) * inv_c[j];
+      }
+      plan_sums(C_, br.data(), bc.data(), inv_eps, w.data(), inv_c.data(), sn0.data(), sn1.data(), sn2.data());
+      for (int64_t i = 0; i < n; ++i) {
+        rhs[i] = a_[i] - rs[i] - sn1[i];
+        const double diag = (1.0 + lambda) * rs[i] - sn2[i];
+        dinv[i] = diag > 1e-12 * rs[i] ? 1.0 / diag : 0.0;
+      }
+      double rhs_norm2 = 0.0;
+      for (int64_t i = 0; i < n; ++i) rhs_norm2 += rhs[i] * rhs[i];
+      if (use_coarse) {
+        // E = Z^T S Z = Z^T D1 Z - sum_j inv_c_j u_j u_j^T, u_j[c] = column j's mass in rows of group c;
+        // couplings below 1e-12 of a column's mass are left out (a preconditioner need not be exact).
+        plan_range_sums(Ct, bc.data(), br.data(), inv_eps, gstart, U);
+        E.setZero(Rc, Rc);
+        for (int64_t i = 0; i < n; ++i) E(grp.row_class[i], grp.row_class[i]) += (1.0 + lambda) * rs[i];
+        for (int64_t j = 0; j < m; ++j) {
+          const double* u = U.data() + j * nr;
+          const double floor = 1e-12 * cs[j];
+          for (int64_t r1 = 0; r1 < nr; ++r1) {
+            if (u[r1] <= floor) continue;
+            const double uc = u[r1] * inv_c[j];
+            const int c1 = grp.row_class[gstart[r1]];
+            for (int64_t r2 = 0; r2 < nr; ++r2)
+              if (u[r2] > floor) E(c1, grp.row_class[gstart[r2]]) -= uc * u[r2];
+          }
+        }
+        const double ridge = 1e-10 * E.diagonal().cwiseAbs().maxCoeff();
+        E.diagonal().array() += ridge;
+        Efact.compute(E);
+      }
+      auto precondition = [&](const std::vector<double>& r, std::vector<double>& out) {
+        for (int64_t i = 0; i < n; ++i) out[i] = dinv[i] * r[i];
+        if (!use_coarse) return;
+        Eigen::VectorXd zr = Eigen::VectorXd::Zero(Rc);
+        for (int64_t i = 0; i < n; ++i) zr[grp.row_class[i]] += r[i];
+        zr = Efact.solve(zr);
+        for (int64_t i = 0; i < n; ++i) out[i] += zr[grp.row_class[i]];
+      };
+      // q = S v: wt = D2^-1 P^T v over the columns, then q = D1 v - P wt over the rows.
+      auto schur = [&](const std::vector<double>& v, std::vector<double>& out) {
+        plan_sums(Ct, bc.data(), br.data(), inv_eps, v.data(), nullptr, sm0.data(), sm1.data(), nullptr);
+        for (int64_t j = 0; j < m; ++j) wt[j] = sm1[j] * inv_c[j];
+        plan_sums(C_, br.data(), bc.data(), inv_eps, wt.data(), nullptr, sn0.data(), sn1.data(), nullptr);
+        double vq = 0.0;
+        for (int64_t i = 0; i < n; ++i) {
+          out[i] = (1.0 + lambda) * rs[i] * v[i] - sn1[i];
+          vq += v[i] * out[i];
+        }
+        return vq;
+      };
+      const double cg_tol2 = rhs_norm2 * forcing * forcing;
+      std::fill(x.begin(), x.end(), 0.0);
+      res = rhs;
+      precondition(res, z);
+      dir = z;
+      double rz = 0.0;
+      for (int64_t i = 0; i < n; ++i) rz += res[i] * z[i];
+      int cg = 0;
+      const int max_cg = static_cast<int>(std::min<int64_t>(20 * n, 20000));
+      for (; cg < max_cg && rz > 0 && !rep.timed_out; ++cg) {
+        const double pq = schur(dir, q);
+        if (!(pq > 0)) break;
+        const double alpha = rz / pq;
+        double rr = 0.0, rz_new = 0.0;
+        for (int64_t i = 0; i < n; ++i) {
+          x[i] += alpha * dir[i];
+          res[i] -= alpha * q[i];
+          rr += res[i] * res[i];
+        }
+        poll();
+        if (rr <= cg_tol2) {
+          ++cg;
+          break;
+        }
+        precondition(res, z);
+        for (int64_t i = 0; i < n; ++i) rz_new += res[i] * z[i];
+        const double beta = rz_new / rz;
+        rz = rz_new;
+        for (int64_t i = 0; i < n; ++i) dir[i] = z[i] + beta * dir[i];
+      }
+      rep.cg_iterations += cg;
+      // d2 = D2^-1 (b - P^T 1 - P^T d1), in w.
+      plan_sums(Ct, bc.data(), br.data(), inv_eps, x.data(), nullptr, sm0.data(), sm1.data(), nullptr);
+      for (int64_t j = 0; j < m; ++j) w[j] = (b_[j] - cs[j] - sm1[j]) * inv_c[j];
+      // The dense plan is connected, so the step's only null direction is the gauge (f + c, g - c),
+      // along which CG drifts when the damping is off; removing it keeps f + g exact: potentials of
+      // 1e10 with opposite signs left a marginal error that three formulas evaluated as 4e-7, 6e-6
+      // and 4e-5.
+      double drift = 0.0;
+      for (int64_t i = 0; i < n; ++i) drift += x[i];
+      for (int64_t j = 0; j < m; ++j) drift -= w[j];
+      drift /= static_cast<double>(n + m);
+      for (int64_t i = 0; i < n; ++i) x[i] -= drift;
+      for (int64_t j = 0; j < m; ++j) w[j] += drift;
+      double slope = 0.0, mass = 0.0;
+      for (int64_t i = 0; i < n; ++i) {
+        slope += (a_[i] - rs[i]) * x[i];
+        mass += rs[i];
+      }
+      for (int64_t j = 0; j < m; ++j) slope += (b_[j] - cs[j]) * w[j];
+      double t = 1.0, err_try = err;
+      bool ascent = false, accepted = false;
+      for (; t > 1e-3; t *= 0.5) {
+        for (int64_t i = 0; i < n; ++i) f_try[i] = f[i] + t * eps * x[i];
+        for (int64_t j = 0; j < m; ++j) g_try[j] = g[j] + t * eps * w[j];
+        err_try = eval(f_try.data(), g_try.data(), rs_t, cs_t);
+        if (err_try < err) {
+          accepted = true;
+          break;
+        }
+        if (t * slope > 1e-10) {
+          double gain = 0.0, mass_try = 0.0;  // dual objective gain / eps
+          for (int64_t i = 0; i < n; ++i) {
+            gain += a_[i] * t * x[i];
+            mass_try += rs_t[i];
+          }
+          for (int64_t j = 0; j < m; ++j) gain += b_[j] * t * w[j];
+          gain -= mass_try - mass;
+          if (gain >= 1e-4 * t * slope && gain > 1e-12) {
+            accepted = ascent = true;
+            break;
+          }
+        }
+      }
+      ++rep.newton_steps;
+      ++rep.iterations;  // charged as one iteration against max_iter, as in sinkhorn_log
+      poll();
+      if (debug)
+        std::fprintf(stderr, "  blocked newton step %d: lambda=%g cg=%d t=%g err %.3e -> %.3e%s (%.1f s)\n", step, lambda,
+                     cg, t, err, err_try, ascent ? " (dual ascent)" : "",
+                     std::chrono::duration<double>(Clock::now() - step_start).count());
+      if (!accepted) {
+        eval(f, g, rs, cs);  // (br, bc) and the sums must describe (f, g) again
+        lambda = std::max(1e-3, 10.0 * lambda);
+        if (lambda > 1e2) return err;
+        continue;
+      }
+      lambda = t == 1.0 ? (lambda > 1e-6 ? lambda / 3.0 : 0.0) : std::max(1e-4, 2.0 * lambda);
+      std::copy(f_try.begin(), f_try.end(), f);
+      std::copy(g_try.begin(), g_try.end(), g);
+      rs.swap(rs_t);
+      cs.swap(cs_t);
+      err = err_try;
+    }
+    return err;
+  }
+
+  PlanSummary summarize(const double* f, const double* g, double eps, const PlanClasses& cls) {
+    auto rows = [this](int64_t i0, int64_t i1, std::vector<T>& buf) {
+      buf.resize(static_cast<size_t>(i1 - i0) * m_);
+      C_.rows(i0, i1, buf.data());
+      return static_cast<const T*>(buf.data());
+    };
+    return summarize_rows<T>(n_, m_, rows, a_, b_, f, g, eps, cls.row_class, cls.row_classes, cls.col_class_start,
+                             cls.col_classes, nt_);
+  }
+
+  // Polled between passes and, from the calling thread, between panels: a pass at n = m = 10^5 takes
+  // seconds. Returns true once the caller's interrupt callback has said so.
+  bool interrupted() {
+    if (stop_) return true;
+    if (!opt_.interrupt || std::this_thread::get_id() != caller_) return false;
+    const auto now = Clock::now();
+    if (now - last_poll_ < std::chrono::milliseconds(50)) return false;
+    last_poll_ = now;
+    if (opt_.interrupt()) stop_ = true;
+    return stop_;
+  }
+
+ private:
+  struct Scratch {
+    std::vector<double> total, A, seg;
+    std::vector<T> part, row;
+  };
+
+  // body(lane, i0, rows, the panel's tiles, per-thread scratch) for every panel; each lane's panels
+  // in order, lanes in parallel. Throws Interrupted when asked to stop.
+  template <typename Body>
+  void tiled_panels(const Body& body) {
+    const int threads = std::max(1, std::min(nt_, lanes_));
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<T> buf;
+      PanelTiles<T> tiles(C_, buf);
+      Scratch scratch;
+#pragma omp for schedule(static)
+      for (int lane = 0; lane < lanes_; ++lane) {
+        const int64_t r0 = n_ * lane / lanes_, r1 = n_ * (lane + 1) / lanes_;
+        for (int64_t i0 = r0; i0 < r1 && !stop_; i0 += kPanel) {
+          const int64_t rows = std::min(kPanel, r1 - i0);
+          tiles.start(i0, rows);
+          body(lane, i0, rows, tiles, scratch);
+          interrupted();
+        }
+      }
+    }
+    if (stop_) throw Interrupted();
+  }
+
+  // body(lane, i0, rows, cost rows i0 .. i0 + rows, per-thread scratch) for every panel, whole rows
+  // at a time (for the passes that run once per solve); otherwise as tiled_panels.
+  template <typename Body>
+  void panels(const Body& body) {
+    const int threads = std::max(1, std::min(nt_, lanes_));
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<T> buf(static_cast<size_t>(kPanel) * m_), scratch;
+#pragma omp for schedule(static)
+      for (int lane = 0; lane < lanes_; ++lane) {
+        const int64_t r0 = n_ * lane / lanes_, r1 = n_ * (lane + 1) / lanes_;
+        for (int64_t i0 = r0; i0 < r1 && !stop_; i0 += kPanel) {
+          const int64_t rows = std::min(kPanel, r1 - i0);
+          C_.rows(i0, i0 + rows, buf.data());
+          body(lane, i0, rows, buf.data(), scratch);
+          interrupted();
+        }
+      }
+    }
+    if (stop_) throw Interrupted();
+  }
+
+public:
+  // For every row i of `cost` (this problem's, or its transpose for the columns), sums over its plan
+  // entries p_ij = exp(base_i + B_j - C_ij / eps): out0 = sum p, out1 = sum p V_j (V given), out2 =
+  // sum p^2 V2_j (V2 given). One sweep; every row's sums are its own, so no order depends on threads.
+  void plan_sums(const PointCost<T>& cost, const double* base, const double* B, double inv_eps, const double* V,
+                 const double* V2, double* out0, double* out1, double* out2) {
+    const std::vector<int64_t> none;
+    sweep(cost, base, B, inv_eps, V, V2, none, [&](int64_t i, const double* s) {
+      out0[i] = s[0];
+      if (out1) out1[i] = s[1];
+      if (out2) out2[i] = s[2];
+    });
+  }
+
+  // U (cost.n x ranges) = every row's plan mass in each range [starts[r], starts[r + 1]) of columns.
+  void plan_range_sums(const PointCost<T>& cost, const double* base, const double* B, double inv_eps,
+                       const std::vector<int64_t>& starts, std::vector<double>& U) {
+    const int64_t nr = static_cast<int64_t>(starts.size()) - 1;
+    U.assign(static_cast<size_t>(cost.n) * nr, 0.0);
+    sweep(cost, base, B, inv_eps, nullptr, nullptr, starts,
+          [&](int64_t i, const double* s) { std::copy(s, s + nr, U.begin() + i * nr); });
+  }
+
+  // The pass behind plan_sums and plan_range_sums: per row, either the three sums (ranges empty) or
+  // one sum per range of columns; done(i, sums) receives each row's.
+  template <typename Done>
+  void sweep(const PointCost<T>& cost, const double* base, const double* B, double inv_eps, const double* V,
+             const double* V2, const std::vector<int64_t>& ranges, const Done& done) {
+    const int64_t rows_total = cost.n, cols = cost.m;
+    const int64_t panels = (rows_total + kPanel - 1) / kPanel;
+    const int64_t width = ranges.empty() ? 3 : static_cast<int64_t>(ranges.size()) - 1;
+#pragma omp parallel num_threads(nt_)
+    {
+      std::vector<T> buf(static_cast<size_t>(kPanel) * kTile);
+      std::vector<double> sums(static_cast<size_t>(kPanel) * width), ignore(3);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t p = 0; p < panels; ++p) {
+        if (stop_) continue;
+        const int64_t i0 = p * kPanel, rows = std::min(kPanel, rows_total - i0);
+        std::fill(sums.begin(), sums.end(), 0.0);
+        int64_t q0 = 0;
+        for (int64_t j0 = 0; j0 < cols; j0 += kTile) {
+          const int64_t w = std::min(kTile, cols - j0);
+          cost.tile(i0, rows, j0, w, buf.data(), kTile);
+          if (ranges.empty()) {
+            for (int64_t r = 0; r < rows; ++r)
+              PlanSums<T>::run(buf.data() + r * kTile, w, base[i0 + r], B + j0, inv_eps, V ? V + j0 : nullptr,
+                               V2 ? V2 + j0 : nullptr, sums.data() + r * 3);
+            continue;
+          }
+          while (ranges[q0 + 1] <= j0) ++q0;
+          for (int64_t q = q0; q < width && ranges[q] < j0 + w; ++q) {
+            const int64_t k0 = std::max(ranges[q], j0), k1 = std::min(ranges[q + 1], j0 + w);
+            for (int64_t r = 0; r < rows && k1 > k0; ++r) {
+              PlanSums<T>::run(buf.data() + r * kTile + (k0 - j0), k1 - k0, base[i0 + r], B + k0, inv_eps, nullptr,
+                               nullptr, ignore.data());
+              sums[r * width + q] += ignore[0];
+              ignore[0] = 0.0;
+            }
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) done(i0 + r, sums.data() + r * width);
+        interrupted();
+      }
+    }
+    if (stop_) throw Interrupted();
+  }
+
+private:
+  // Column log-sum-exps of the current f by their exact maxima (two passes), into shift_ and A_ as
+  // iterate() leaves them: lse_j = shift_j + log A_j.
+  void exact_columns(const double* f, double inv_eps) {
+    std::vector<double> lane_max(static_cast<size_t>(lanes_) * m_, kNegInf);
+    panels([&](int lane, int64_t i0, int64_t rows, const T* c, std::vector<T>&) {
+      for (int64_t r = 0; r < rows; ++r)
+        ColLse<T>::max_row(c + r * m_, m_, f[i0 + r] * inv_eps + log_a_[i0 + r], inv_eps,
+                           lane_max.data() + static_cast<size_t>(lane) * m_);
+    });
+    for (int64_t j = 0; j < m_; ++j) {
+      double mx = kNegInf;
+      for (int l = 0; l < lanes_; ++l) mx = std::max(mx, lane_max[static_cast<size_t>(l) * m_ + j]);
+      shift_[j] = std::isfinite(mx) ? mx : (std::isnan(mx) ? mx : 0.0);
+    }
+    std::fill(acc_.begin(), acc_.end(), 0.0);
+    panels([&](int lane, int64_t i0, int64_t rows, const T* c, std::vector<T>& part) {
+      part.assign(m_, T(0));
+      for (int64_t r = 0; r < rows; ++r)
+        ColLse<T>::sum_row(c + r * m_, m_, f[i0 + r] * inv_eps + log_a_[i0 + r], inv_eps, shift_.data(),
+                           part.data());
+      double* acc = acc_.data() + static_cast<size_t>(lane) * m_;
+      for (int64_t j = 0; j < m_; ++j) acc[j] += static_cast<double>(part[j]);
+    });
+    for (int64_t j = 0; j < m_; ++j) {
+      double total = 0.0;
+      for (int l = 0; l < lanes_; ++l) total += acc_[static_cast<size_t>(l) * m_ + j];
+      A_[j] = total;
+    }
+  }
+
+  const PointCost<T>& C_;
+  const PointCost<T>* Ct_ = nullptr;
+  const int64_t n_, m_;
+  const double *a_, *b_;
+  const SinkhornOptions& opt_;
+  const int nt_, lanes_;
+  std::vector<double> log_a_, log_b_, err_rows_, A_, shift_, acc_;
+  const std::thread::id caller_;
+  Clock::time_point last_poll_{};  // the first poll asks at once
+  std::atomic<bool> stop_{false};
+};
+
+}  // namespace
+
+template <typename T>
+double blocked_bytes(int64_t n, int64_t m, int64_t d, int threads, int row_groups, int col_groups) {
+  const double lanes = static_cast<double>(std::min<int64_t>(kLanes, n));
+  const double t = std::max(1, std::min(threads, kLanes));
+  const double nm = static_cast<double>(n + m);
+  return nm * static_cast<double>(d) * sizeof(T)                       // centred points
+         + lanes * static_cast<double>(m) * 8.0                        // column accumulators
+         + t * static_cast<double>(kPanel + 1) * m * sizeof(T)         // panels and partial sums
+         + 64.0 * static_cast<double>(m) * 8.0                         // the certificate's column sums
+         + lanes * row_groups * col_groups * 8.0 * 2                   // balancing's group masses
+         + nm * static_cast<double>(d) * sizeof(T)                     // Newton: the transposed points
+         + static_cast<double>(m) * std::min(row_groups, 512) * 8.0    // ... the coarse space's column masses
+         + 40.0 * nm * 8.0;                                            // per-point vectors
+}
+
+template <typename T>
+SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, int64_t d, const double* a,
+                                const double* b, const SinkhornOptions& opt, double* f, double* g,
+                                const PlanClasses* classes, const PlanClasses* groups) {
+  if (n < 1 || m < 1 || d < 1) throw InvalidArgument("features", "needs at least one point and one dimension on each side");
+  if (!(opt.epsilon > 0) || !std::isfinite(opt.epsilon))
+    throw InvalidArgument("epsilon", "must be a finite number > 0");
+  if (!(opt.tol > 0)) throw InvalidArgument("tol", "must be > 0");
+  if (opt.max_iter < 1) throw InvalidArgument("max_iter", "must be >= 1");
+  if (!(opt.scaling_factor > 0 && opt.scaling_factor < 1))
+    throw InvalidArgument("scaling_factor", "must be in (0, 1)");
+  if (!(opt.overrelaxation > 0 && opt.overrelaxation < 2))
+    throw InvalidArgument("overrelaxation", "must be in (0, 2)");
+
+  const int nt = threads_for(opt.num_threads);
+  const PointCost<T> cost(x, n, y, m, d);
+  BlockedSolver<T> solver(cost, a, b, opt, nt);
+  // Newton's column passes run on the transposed problem.
+  const bool newton = opt.newton;
+  PointCost<T> cost_t;
+  if (newton) {
+    cost_t = PointCost<T>::transposed(cost);
+    solver.set_transposed(cost_t);
+  }
+  const double cmax = solver.max_cost();
+  if (!std::isfinite(cmax))
+    throw InvalidArgument("features", "squared distances between the features overflow the floating-point "
+                                      "type (the features are too large); rescale them or use float64");
+  if (cmax / opt.epsilon > 1e12 || !std::isfinite(1.0 / opt.epsilon))
+    throw InvalidArgument("epsilon", "is too small for the cost scale (largest cost " + std::to_string(cmax) +
+                                         ", cost / epsilon must stay below 1e12)");
+  std::vector<double> schedule;
+  if (opt.eps_scaling)
+    for (double e = cmax; e > opt.epsilon; e *= opt.scaling_factor) schedule.push_back(e);
+  schedule.push_back(opt.epsilon);
+  std::fill(f, f + n, 0.0);
+  std::fill(g, g + m, 0.0);
+
+  std::vector<int64_t> one_class{0, m};
+  std::vector<int32_t> zero_class(n, 0);
+  const PlanClasses cls = classes ? *classes : PlanClasses{zero_class.data(), 1, one_class.data(), 1};
+  const PlanClasses& grp = groups ? *groups : cls;
+  const bool debug = std::getenv("SEGTRANSFER_DEBUG") != nullptr;
+  SinkhornReport rep;
+  const auto start = Clock::now();
+  auto poll = [&]() {
+    if (opt.timeout > 0 && std::chrono::duration<double>(Clock::now() - start).count() > opt.timeout)
+      rep.timed_out = true;
+    if (solver.interrupted()) throw Interrupted();
+  };
+
+  // sinkhorn_log's safeguarded over-relaxation, in blocks of 10 iterations from a snapshot, with
+  // class balancing at the start of every block (see sinkhorn_log).
+  std::vector<double> f_snap(n), g_snap(m);
+  double omega = 1.0, cap = opt.overrelaxation, last_err = kPosInf;
+  auto run = [&](double eps, double target, int64_t limit) {
+    constexpr int64_t kBlock = 10;
+    double block_err = kPosInf;
+    int64_t block_left = 0;
+    auto snapshot = [&]() {
+      std::copy(f, f + n, f_snap.begin());
+      std::copy(g, g + m, g_snap.begin());
+    };
+    auto balance = [&]() {
+      if (opt.class_balance && solver.balance(eps, grp, f, g)) block_err = kPosInf;
+      snapshot();
+    };
+    balance();
+    while (rep.iterations < limit && !rep.timed_out) {
+      double err_c = 0.0;
+      const double err_r = solver.iterate(eps, omega, f, g, err_c);
+      ++rep.iterations;
+      poll();
+      const double err = err_r + err_c;
+      last_err = err;
+      if (std::isfinite(err) && err <= target) return;
+      if (--block_left > 0 && std::isfinite(err)) continue;
+      if (omega == 1.0 && !std::isfinite(err)) return;
+      if (!std::isfinite(err) || (omega > 1.0 && err > block_err)) {
+        std::copy(f_snap.begin(), f_snap.end(), f);
+        std::copy(g_snap.begin(), g_snap.end(), g);
+        cap = std::max(1.0, omega - 0.05);
+        omega = 1.0 + 0.5 * (omega - 1.0);
+        if (omega < 1.02) omega = 1.0;
+      } else {
+        block_err = err;
+        omega = std::min(cap, omega + 0.5 * (cap - omega) + 0.01);
+      }
+      block_left = kBlock;
+      balance();
+      if (debug && rep.iterations % 100 < kBlock)
+        std::fprintf(stderr, "  blocked eps=%g it=%lld err=%.3e omega=%.3f t=%.1f\n", eps,
+                     static_cast<long long>(rep.iterations), err, omega,
+                     std::chrono::duration<double>(Clock::now() - start).count());
+    }
+  };
+
+  for (size_t s = 0; s < schedule.size(); ++s) {
+    const double eps = schedule[s];
+    const bool last = s + 1 == schedule.size();
+    if (rep.timed_out && !last) continue;
+    ++rep.stages;
+    ++rep.dense_stages;
+    omega = 1.0;
+    cap = opt.overrelaxation;
+    if (last && (rep.timed_out || rep.iterations >= opt.max_iter)) {
+      // Stopped before this epsilon: one plain iteration at it (not charged against max_iter) makes
+      // the column marginal exact and every reported number finite, as in sinkhorn_log.
+      double err_c = 0.0;
+      solver.iterate(eps, 1.0, f, g, err_c);
+    }
+    if (!last) {
+      run(eps, std::max(opt.stage_tol, opt.tol), opt.max_iter);
+      continue;
+    }
+    // The last stage: Sinkhorn down to newton_switch, then Newton; when a Newton round stalls,
+    // a Sinkhorn phase (doubling each time) before the next, as in sinkhorn_log.
+    double target = 0.5 * opt.tol;
+    int64_t phase = 300;
+    for (;;) {
+      double estimate = kPosInf;
+      if (newton) {
+        run(eps, std::max(target, opt.newton_switch), opt.max_iter);
+        estimate = solver.newton(eps, target, f, g, rep, poll, grp, debug);
+        if (estimate > target && !rep.timed_out && rep.iterations < opt.max_iter) {
+          last_err = kPosInf;
+          run(eps, target, std::min(opt.max_iter, rep.iterations + phase));
+          estimate = last_err;
+          phase *= 2;
+        }
+      } else {
+        run(eps, target, opt.max_iter);
+        estimate = last_err;
+      }
+      const PlanSummary chk = solver.summarize(f, g, eps, cls);
+      rep.marginal_error = chk.marginal_error;
+      rep.transport_cost = chk.transport_cost;
+      rep.joint = chk.joint;
+      rep.converged = chk.marginal_error <= opt.tol;
+      if (debug)
+        std::fprintf(stderr, "blocked certify: err=%.3e it=%lld t=%.1f\n", chk.marginal_error,
+                     static_cast<long long>(rep.iterations),
+                     std::chrono::duration<double>(Clock::now() - start).count());
+      if (rep.converged || rep.iterations >= opt.max_iter || rep.timed_out || !std::isfinite(chk.marginal_error))
+        break;
+      if (estimate <= target) target *= 0.1;  // the estimate was optimistic: ask more of it
+    }
+  }
+  return rep;
+}
+
+#define SEGTRANSFER_INSTANTIATE(T)                                                                         \
+  template SinkhornReport sinkhorn_blocked<T>(const T*, int64_t, const T*, int64_t, int64_t, const double*, \
+                                              const double*, const SinkhornOptions&, double*, double*,       \
+                                              const PlanClasses*, const PlanClasses*);                       \
+  template double blocked_bytes<T>(int64_t, int64_t, int64_t, int, int, int);
+SEGTRANSFER_INSTANTIATE(float)
+SEGTRANSFER_INSTANTIATE(double)
+#undef SEGTRANSFER_INSTANTIATE
+
+}  // namespace segtransfer
