@@ -219,9 +219,6 @@ class BlockedSolver {
     for (int64_t j = 0; j < m_; ++j) log_b_[j] = std::log(b_[j]);
   }
 
-  const std::vector<double>& log_a() const { return log_a_; }
-  const std::vector<double>& log_b() const { return log_b_; }
-
   // Largest cost (a pass of its own: it sets the schedule, as sinkhorn_log's does).
   double max_cost() {
     // Squared norms that overflow would make the expansion inf - inf; finite ones bound |2 x.y| too.

@@ -226,7 +226,8 @@ def otce(
     # and its NumPy copy; pixel indices are made by the sampler and copied once by the bindings.
     if opt.blocked:  # balancing groups: up to 32 k-means cells per class (otce.cpp)
         solver_memory = ("blocked solver's buffers",
-                         (_core.blocked_bytes(ns, nt, d, dtype.itemsize, 1, 32 * cs, 32 * ct) + 8.0 * (ns + nt) * d,
+                         (_core.blocked_bytes(ns, nt, d, dtype.itemsize, opt.num_threads or 64, 32 * cs, 32 * ct)
+                          + 8.0 * (ns + nt) * d,
                           "lower n_pixels"))
     else:
         solver_memory = ("dense cost and truncated kernel",
