@@ -69,6 +69,11 @@ int main(int argc, char** argv) {
     else if (key == "truncation") opt.truncation = v;
     else if (key == "threads") opt.num_threads = static_cast<int>(v);
     else if (key == "newton") opt.newton = v != 0;
+    else if (key == "blocked") opt.blocked = v != 0;
+    else if (key == "eps_scaling") opt.eps_scaling = v != 0;
+    else if (key == "epsilon") opt.epsilon = v;
+    else if (key == "max_iter") opt.max_iter = static_cast<int64_t>(v);
+    else if (key == "class_balance") opt.class_balance = v != 0;
     else { std::fprintf(stderr, "unknown option %s\n", key.c_str()); return 2; }
   }
   if (n < 2 || d < 1 || repeats < 1 || !(opt.tol > 0)) {

@@ -219,6 +219,11 @@ if sys.argv[1] == "long":  # one solve that would run for its whole 60 s timeout
     args = (rng.normal(size=(400, 4)) * 3, np.arange(400) % 3, rng.normal(size=(400, 4)) * 3 + 1, np.arange(400) % 2)
     kw = dict(n_pixels=None, epsilon=1e-4, tol=1e-12, max_iter=10**9, timeout=60.0, threads=1)
     expected = 60.0
+elif sys.argv[1] == "blocked":  # two blocked solves side by side, each polling from its own thread
+    args = (rng.normal(size=(400, 4)) * 3, np.arange(400) % 3, rng.normal(size=(400, 4)) * 3 + 1, np.arange(400) % 2)
+    kw = dict(n_pixels=300, repeats=2, epsilon=1e-4, tol=1e-12, max_iter=10**9, timeout=60.0, threads=2,
+              blocked=True)
+    expected = 60.0
 else:  # many solves of ~0.1 ms each, none long enough to reach the solver's own 50 ms poll
     x = rng.normal(size=(100, 2))
     args = (x, np.arange(100) % 2, x[::-1].copy(), np.arange(100) % 2)
@@ -239,7 +244,7 @@ except KeyboardInterrupt:
 """
 
 
-@pytest.mark.parametrize("mode", ["long", "many-short"])
+@pytest.mark.parametrize("mode", ["long", "many-short", "blocked"])
 def test_ctrl_c_interrupts_a_call(mode):
     """SIGINT one second into a call that would take ~30-60 s: KeyboardInterrupt, long before the call
     could have finished (measured: 20-100 ms after the signal)."""

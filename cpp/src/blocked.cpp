@@ -762,14 +762,7 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
                                 const double* b, const SinkhornOptions& opt, double* f, double* g,
                                 const PlanClasses* classes, const PlanClasses* groups) {
   if (n < 1 || m < 1 || d < 1) throw InvalidArgument("features", "needs at least one point and one dimension on each side");
-  if (!(opt.epsilon > 0) || !std::isfinite(opt.epsilon))
-    throw InvalidArgument("epsilon", "must be a finite number > 0");
-  if (!(opt.tol > 0)) throw InvalidArgument("tol", "must be > 0");
-  if (opt.max_iter < 1) throw InvalidArgument("max_iter", "must be >= 1");
-  if (!(opt.scaling_factor > 0 && opt.scaling_factor < 1))
-    throw InvalidArgument("scaling_factor", "must be in (0, 1)");
-  if (!(opt.overrelaxation > 0 && opt.overrelaxation < 2))
-    throw InvalidArgument("overrelaxation", "must be in (0, 2)");
+  check_options(opt);
 
   const int nt = threads_for(opt.num_threads);
   const PointCost<T> cost(x, n, y, m, d);
@@ -781,17 +774,7 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
     cost_t = PointCost<T>::transposed(cost);
     solver.set_transposed(cost_t);
   }
-  const double cmax = solver.max_cost();
-  if (!std::isfinite(cmax))
-    throw InvalidArgument("features", "squared distances between the features overflow the floating-point "
-                                      "type (the features are too large); rescale them or use float64");
-  if (cmax / opt.epsilon > 1e12 || !std::isfinite(1.0 / opt.epsilon))
-    throw InvalidArgument("epsilon", "is too small for the cost scale (largest cost " + std::to_string(cmax) +
-                                         ", cost / epsilon must stay below 1e12)");
-  std::vector<double> schedule;
-  if (opt.eps_scaling)
-    for (double e = cmax; e > opt.epsilon; e *= opt.scaling_factor) schedule.push_back(e);
-  schedule.push_back(opt.epsilon);
+  const std::vector<double> schedule = stage_schedule(solver.max_cost(), opt);
   std::fill(f, f + n, 0.0);
   std::fill(g, g + m, 0.0);
 

@@ -7,8 +7,10 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <vector>
 
+#include "segtransfer/errors.hpp"
 #include "segtransfer/fastexp.hpp"
 #include "segtransfer/sinkhorn.hpp"
 
@@ -38,6 +40,40 @@ inline int threads_for(int requested) {
   (void)requested;
   return 1;
 #endif
+}
+
+// The option checks both solvers make (InvalidArgument naming the option).
+inline void check_options(const SinkhornOptions& opt) {
+  if (!(opt.epsilon > 0) || !std::isfinite(opt.epsilon))
+    throw InvalidArgument("epsilon", "must be a finite number > 0");
+  if (!(opt.tol > 0)) throw InvalidArgument("tol", "must be > 0");
+  if (opt.max_iter < 1) throw InvalidArgument("max_iter", "must be >= 1");
+  if (!(opt.scaling_factor > 0 && opt.scaling_factor < 1))
+    throw InvalidArgument("scaling_factor", "must be in (0, 1)");
+  if (!(opt.overrelaxation > 0 && opt.overrelaxation < 2))
+    throw InvalidArgument("overrelaxation", "must be in (0, 2)");
+}
+
+// Stage epsilons: from the largest cost `cmax` (where the kernel is nearly flat and a few iterations
+// converge; or opt.schedule_from) down to the target by a constant factor; each stage warm-starts
+// the next. Throws when cmax shows the cost overflowed, or epsilon is too small for it.
+inline std::vector<double> stage_schedule(double cmax, const SinkhornOptions& opt) {
+  if (!std::isfinite(cmax))
+    throw InvalidArgument("features", "squared distances between the features overflow the floating-point "
+                                      "type (the features are too large); rescale them or use float64");
+  // Exponents (f + g - C) / eps are formed in double; beyond ~1e12 the dual variables lose all
+  // precision relative to the cost and 1/eps itself may overflow.
+  if (cmax / opt.epsilon > 1e12 || !std::isfinite(1.0 / opt.epsilon)) {
+    throw InvalidArgument("epsilon", "is too small for the cost scale (largest cost " + std::to_string(cmax) +
+                                         ", cost / epsilon must stay below 1e12)");
+  }
+  std::vector<double> schedule;
+  if (opt.eps_scaling) {
+    const double top = opt.schedule_from > 0 ? opt.schedule_from : cmax;
+    for (double e = top; e > opt.epsilon; e *= opt.scaling_factor) schedule.push_back(e);
+  }
+  schedule.push_back(opt.epsilon);
+  return schedule;
 }
 
 // Exponentials are evaluated in the storage precision T (float: 8 or 16 lanes per vector op), but

@@ -887,38 +887,14 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const dou
                             const PlanClasses* groups) {
   const int64_t n = cost.rows(), m = cost.cols();
   if (n < 1 || m < 1) throw InvalidArgument("cost", "needs at least one point on each side");
-  if (!(opt.epsilon > 0) || !std::isfinite(opt.epsilon))
-    throw InvalidArgument("epsilon", "must be a finite number > 0");
-  if (!(opt.tol > 0)) throw InvalidArgument("tol", "must be > 0");
-  if (opt.max_iter < 1) throw InvalidArgument("max_iter", "must be >= 1");
-  if (!(opt.scaling_factor > 0 && opt.scaling_factor < 1))
-    throw InvalidArgument("scaling_factor", "must be in (0, 1)");
-  if (!(opt.overrelaxation > 0 && opt.overrelaxation < 2))
-    throw InvalidArgument("overrelaxation", "must be in (0, 2)");
+  check_options(opt);
 
   const int nt = threads_for(opt.num_threads);
   std::vector<double> log_a(n), log_b(m), err_rows(std::max(n, m));
   for (int64_t i = 0; i < n; ++i) log_a[i] = std::log(a[i]);
   for (int64_t j = 0; j < m; ++j) log_b[j] = std::log(b[j]);
 
-  // Stage epsilons: from the largest cost (where the kernel is nearly flat and a few iterations
-  // converge) down to the target by a constant factor; each stage warm-starts the next.
-  std::vector<double> schedule;
-  const double cmax = static_cast<double>(cost.maxCoeff());
-  if (!std::isfinite(cmax))
-    throw InvalidArgument("features", "squared distances between the features overflow the floating-point "
-                                      "type (the features are too large); rescale them or use float64");
-  // Exponents (f + g - C) / eps are formed in double; beyond ~1e12 the dual variables lose all
-  // precision relative to the cost and 1/eps itself may overflow.
-  if (cmax / opt.epsilon > 1e12 || !std::isfinite(1.0 / opt.epsilon)) {
-    throw InvalidArgument("epsilon", "is too small for the cost scale (largest cost " + std::to_string(cmax) +
-                                         ", cost / epsilon must stay below 1e12)");
-  }
-  if (opt.eps_scaling) {
-    const double top = opt.schedule_from > 0 ? opt.schedule_from : cmax;
-    for (double e = top; e > opt.epsilon; e *= opt.scaling_factor) schedule.push_back(e);
-  }
-  schedule.push_back(opt.epsilon);
+  const std::vector<double> schedule = stage_schedule(static_cast<double>(cost.maxCoeff()), opt);
   std::fill(f, f + n, 0.0);
   std::fill(g, g + m, 0.0);
 
