@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 
+from helpers import f32_delta
 from segtransfer._cli import main
 
 
@@ -31,6 +32,15 @@ def test_score_json_and_missing_key(tmp_path, capsys):
                  "--repeats", "2", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert len(doc["scores"]) == 2 and np.isfinite(doc["score"])
+    assert not doc["blocked"]
+    # --blocked: the same draws, solved without storing the cost. Both float32 at tol 1e-6, so the scores
+    # agree within test_otce's bound for two converged float32 solves, 2 (2 delta (2 + log Ct) + tol).
+    assert main(["score", str(tmp_path / "s.npz"), str(tmp_path / "t.npz"), "--n-pixels", "200",
+                 "--repeats", "2", "--json", "--blocked"]) == 0
+    blocked = json.loads(capsys.readouterr().out)
+    assert blocked["blocked"] and blocked["all_converged"]
+    delta = f32_delta(x, x + 0.5, 0.1)
+    np.testing.assert_allclose(blocked["scores"], doc["scores"], rtol=0, atol=2 * (2 * delta * (2 + np.log(3)) + 1e-6))
     assert main(["score", str(tmp_path / "bad.npz"), str(tmp_path / "t.npz")]) == 2
     assert "features" in capsys.readouterr().err
     assert main(["score", str(tmp_path / "nope.npz"), str(tmp_path / "t.npz")]) == 2

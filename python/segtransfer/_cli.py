@@ -56,7 +56,7 @@ def _result_dict(res: Any) -> dict[str, Any]:
     """The fields of an OTCEResult that a script needs (the joint tables included)."""
     keys = ("score", "std", "scores", "conditional_entropy", "transport_cost", "iterations", "converged",
             "marginal_error", "joint", "source_classes", "target_classes", "epsilon", "tol", "n_pixels",
-            "repeats", "seed", "dtype", "elapsed")
+            "repeats", "seed", "dtype", "elapsed", "blocked")
     out = {k: getattr(res, k) for k in keys if hasattr(res, k)}
     out["all_converged"] = bool(np.all(res.converged))
     return out
@@ -216,7 +216,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     xt, yt = _load(args.target, "target")
     res = _otce("score", xs, ys, xt, yt, n_pixels=args.n_pixels, repeats=args.repeats, epsilon=args.epsilon,
                 seed=args.seed, ignore_index=args.ignore_index, channels_last=args.channels_last, tol=args.tol,
-                max_iter=args.max_iter, threads=args.threads)
+                max_iter=args.max_iter, threads=args.threads, blocked=args.blocked)
     if args.json:
         print(json.dumps(_jsonable({"source": args.source, "target": args.target, **_result_dict(res)}), indent=2))
         return EXIT_OK
@@ -283,6 +283,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-iter", type=_positive_int, default=None,
                    help="Sinkhorn iteration cap (default: the library's)")
     s.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all)")
+    s.add_argument("--blocked", action="store_true",
+                   help="recompute the cost instead of storing it: for n-pixels whose N x N cost does not fit "
+                        "in memory (far slower; see the README)")
     s.add_argument("--json", action="store_true", help="print a JSON document instead of a table")
     s.set_defaults(func=_cmd_score)
 
