@@ -11,8 +11,6 @@
 #include <thread>
 #include <vector>
 
-#include <Eigen/Cholesky>
-
 #include "kernels.hpp"
 #include "segtransfer/errors.hpp"
 
@@ -399,8 +397,7 @@ class BlockedSolver {
     gstart.push_back(n);
     const int64_t nr = static_cast<int64_t>(gstart.size()) - 1;
     std::vector<double> U;
-    Eigen::MatrixXd E;
-    Eigen::LDLT<Eigen::MatrixXd> Efact;
+    TwoLevelPreconditioner coarse;
     double lambda = 1e-3;
     double err = eval(f, g, rs, cs);
     for (int step = 0; step < 50 && err > target && rep.iterations < opt_.max_iter && !rep.timed_out; ++step) {
@@ -421,8 +418,8 @@ class BlockedSolver {
         // E = Z^T S Z = Z^T D1 Z - sum_j inv_c_j u_j u_j^T, u_j[c] = column j's mass in rows of group c;
         // couplings below 1e-12 of a column's mass are left out (a preconditioner need not be exact).
         plan_range_sums(Ct, bc.data(), br.data(), inv_eps, gstart, U);
-        E.setZero(Rc, Rc);
-        for (int64_t i = 0; i < n; ++i) E(grp.row_class[i], grp.row_class[i]) += (1.0 + lambda) * rs[i];
+        coarse.E.setZero(Rc, Rc);
+        for (int64_t i = 0; i < n; ++i) coarse.E(grp.row_class[i], grp.row_class[i]) += (1.0 + lambda) * rs[i];
         for (int64_t j = 0; j < m; ++j) {
           const double* u = U.data() + j * nr;
           const double floor = 1e-12 * cs[j];
@@ -431,20 +428,13 @@ class BlockedSolver {
             const double uc = u[r1] * inv_c[j];
             const int c1 = grp.row_class[gstart[r1]];
             for (int64_t r2 = 0; r2 < nr; ++r2)
-              if (u[r2] > floor) E(c1, grp.row_class[gstart[r2]]) -= uc * u[r2];
+              if (u[r2] > floor) coarse.E(c1, grp.row_class[gstart[r2]]) -= uc * u[r2];
           }
         }
-        const double ridge = 1e-10 * E.diagonal().cwiseAbs().maxCoeff();
-        E.diagonal().array() += ridge;
-        Efact.compute(E);
+        coarse.factor();
       }
       auto precondition = [&](const std::vector<double>& r, std::vector<double>& out) {
-        for (int64_t i = 0; i < n; ++i) out[i] = dinv[i] * r[i];
-        if (!use_coarse) return;
-        Eigen::VectorXd zr = Eigen::VectorXd::Zero(Rc);
-        for (int64_t i = 0; i < n; ++i) zr[grp.row_class[i]] += r[i];
-        zr = Efact.solve(zr);
-        for (int64_t i = 0; i < n; ++i) out[i] += zr[grp.row_class[i]];
+        coarse.apply(r, out, dinv, use_coarse, grp.row_class);
       };
       // q = S v: wt = D2^-1 P^T v over the columns, then q = D1 v - P wt over the rows.
       auto schur = [&](const std::vector<double>& v, std::vector<double>& out) {
@@ -458,36 +448,9 @@ class BlockedSolver {
         }
         return vq;
       };
-      const double cg_tol2 = rhs_norm2 * forcing * forcing;
-      std::fill(x.begin(), x.end(), 0.0);
-      res = rhs;
-      precondition(res, z);
-      dir = z;
-      double rz = 0.0;
-      for (int64_t i = 0; i < n; ++i) rz += res[i] * z[i];
-      int cg = 0;
-      const int max_cg = static_cast<int>(std::min<int64_t>(20 * n, 20000));
-      for (; cg < max_cg && rz > 0 && !rep.timed_out; ++cg) {
-        const double pq = schur(dir, q);
-        if (!(pq > 0)) break;
-        const double alpha = rz / pq;
-        double rr = 0.0, rz_new = 0.0;
-        for (int64_t i = 0; i < n; ++i) {
-          x[i] += alpha * dir[i];
-          res[i] -= alpha * q[i];
-          rr += res[i] * res[i];
-        }
-        poll();
-        if (rr <= cg_tol2) {
-          ++cg;
-          break;
-        }
-        precondition(res, z);
-        for (int64_t i = 0; i < n; ++i) rz_new += res[i] * z[i];
-        const double beta = rz_new / rz;
-        rz = rz_new;
-        for (int64_t i = 0; i < n; ++i) dir[i] = z[i] + beta * dir[i];
-      }
+      const int cg = solve_cg(
+          rhs, rhs_norm2 * forcing * forcing, static_cast<int>(std::min<int64_t>(20 * n, 20000)), schur, precondition,
+          [&] { return rep.timed_out; }, [&](int) { poll(); }, x, res, dir, q, z);
       rep.cg_iterations += cg;
       // d2 = D2^-1 (b - P^T 1 - P^T d1), in w.
       plan_sums(Ct, bc.data(), br.data(), inv_eps, x.data(), nullptr, sm0.data(), sm1.data(), nullptr);

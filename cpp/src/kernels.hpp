@@ -10,6 +10,9 @@
 #include <string>
 #include <vector>
 
+#include <Eigen/Cholesky>
+#include <Eigen/Core>
+
 #include "segtransfer/errors.hpp"
 #include "segtransfer/fastexp.hpp"
 #include "segtransfer/sinkhorn.hpp"
@@ -344,6 +347,76 @@ PlanSummary summarize_rows(int64_t n, int64_t m, const Rows& rows, const double*
   return out;
 }
 
+
+
+// The two-level preconditioner of Newton's CG (see newton_polish in sinkhorn.cpp): z = D^-1 r +
+// Z E^-1 Z^T r, with Z the row groups' indicator vectors and E = Z^T S Z, which each solver
+// assembles in `E` (groups x groups) from its own plan before factor().
+struct TwoLevelPreconditioner {
+  Eigen::MatrixXd E;
+  Eigen::LDLT<Eigen::MatrixXd> fact;
+
+  void factor() {
+    // Without damping the constant vector is a null vector of S (and of E): a relative ridge keeps
+    // the factorisation defined; CG only ever sees right-hand sides orthogonal to it.
+    const double ridge = 1e-10 * E.diagonal().cwiseAbs().maxCoeff();
+    E.diagonal().array() += ridge;
+    fact.compute(E);
+  }
+  // z = dinv .* r, plus the coarse correction when `coarse` (row_class: each row's group).
+  void apply(const std::vector<double>& r, std::vector<double>& z, const std::vector<double>& dinv, bool coarse,
+             const int32_t* row_class) const {
+    const int64_t n = static_cast<int64_t>(r.size());
+    for (int64_t i = 0; i < n; ++i) z[i] = dinv[i] * r[i];
+    if (!coarse) return;
+    Eigen::VectorXd zr = Eigen::VectorXd::Zero(E.rows());
+    for (int64_t i = 0; i < n; ++i) zr[row_class[i]] += r[i];
+    zr = fact.solve(zr);
+    for (int64_t i = 0; i < n; ++i) z[i] += zr[row_class[i]];
+  }
+};
+
+// Newton's inner solve in both solvers: preconditioned conjugate gradients on S x = rhs from x = 0,
+// until |residual|^2 <= tol2, a direction of non-positive curvature, rz <= 0, max_cg iterations, or
+// stop() (checked before each iteration). apply(v, out) sets out = S v and returns v . out;
+// precondition(r, z); tick(cg) after each iteration's update (the callers poll there). res, dir,
+// q, z: work vectors of rhs's size. Sums in a fixed order. Returns the iterations taken.
+template <typename Apply, typename Precondition, typename Stop, typename Tick>
+int solve_cg(const std::vector<double>& rhs, double tol2, int max_cg, const Apply& apply,
+             const Precondition& precondition, const Stop& stop, const Tick& tick, std::vector<double>& x,
+             std::vector<double>& res, std::vector<double>& dir, std::vector<double>& q, std::vector<double>& z) {
+  const int64_t n = static_cast<int64_t>(rhs.size());
+  double rz = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = 0.0;
+    res[i] = rhs[i];
+  }
+  precondition(res, z);
+  for (int64_t i = 0; i < n; ++i) {
+    dir[i] = z[i];
+    rz += res[i] * z[i];
+  }
+  int cg = 0;
+  for (; cg < max_cg && rz > 0 && !stop(); ++cg) {
+    const double pq = apply(dir, q);
+    if (!(pq > 0)) break;
+    const double alpha = rz / pq;
+    double rr = 0.0, rz_new = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      x[i] += alpha * dir[i];
+      res[i] -= alpha * q[i];
+      rr += res[i] * res[i];
+    }
+    tick(cg);
+    if (rr <= tol2) return cg + 1;
+    precondition(res, z);
+    for (int64_t i = 0; i < n; ++i) rz_new += res[i] * z[i];
+    const double beta = rz_new / rz;
+    rz = rz_new;
+    for (int64_t i = 0; i < n; ++i) dir[i] = z[i] + beta * dir[i];
+  }
+  return cg;
+}
 
 }  // namespace
 }  // namespace segtransfer

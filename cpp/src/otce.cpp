@@ -138,6 +138,17 @@ void group_within_classes(const PixelView<T>& view, const int32_t* code, std::ve
   gather_pixels(view, idx.data(), n, x.data(), arg);
 }
 
+// The stored cost and sinkhorn_log, or sinkhorn_blocked, which recomputes it (opt.blocked).
+// `cost`: the stored path's buffer, reused across calls.
+template <typename T>
+SinkhornReport solve_points(const T* x, int64_t n, const T* y, int64_t m, int64_t d, const double* a, const double* b,
+                            const SinkhornOptions& opt, double* f, double* g, const PlanClasses* classes,
+                            const PlanClasses* groups, RowMatrix<T>& cost) {
+  if (opt.blocked) return sinkhorn_blocked(x, n, y, m, d, a, b, opt, f, g, classes, groups);
+  squared_euclidean(x, n, y, m, d, cost);
+  return sinkhorn_log(cost, a, b, opt, f, g, classes, groups);
+}
+
 }  // namespace
 
 template <typename T>
@@ -184,19 +195,12 @@ TransportResult transport_points(const T* x, int64_t n, const T* y, int64_t m, i
   std::vector<double> ua, ub;
   if (a == nullptr) { ua.assign(n, 1.0 / n); a = ua.data(); }
   if (b == nullptr) { ub.assign(m, 1.0 / m); b = ub.data(); }
-  // The stored cost and sinkhorn_log, or sinkhorn_blocked, which recomputes it.
-  auto solve = [&](const T* px, const T* py, const double* pa, const double* pb, double* pf, double* pg,
-                   const PlanClasses* groups) {
-    if (opt.blocked) return sinkhorn_blocked(px, n, py, m, d, pa, pb, opt, pf, pg, nullptr, groups);
-    RowMatrix<T> cost;
-    squared_euclidean(px, n, py, m, d, cost);
-    return sinkhorn_log(cost, pa, pb, opt, pf, pg, nullptr, groups);
-  };
+  RowMatrix<T> cost;
   TransportResult res;
   res.f.resize(n);
   res.g.resize(m);
   if (!grouping) {
-    res.report = solve(x, y, a, b, res.f.data(), res.g.data(), nullptr);
+    res.report = solve_points(x, n, y, m, d, a, b, opt, res.f.data(), res.g.data(), nullptr, nullptr, cost);
   } else {
     // Points sorted by group (a permutation, which OT does not see), so that the column groups are
     // contiguous ranges as sinkhorn_log wants them; the potentials are permuted back.
@@ -223,7 +227,8 @@ TransportResult transport_points(const T* x, int64_t n, const T* y, int64_t m, i
     }
     for (int c = 0; c < gy_count; ++c) col_start[c + 1] += col_start[c];
     const PlanClasses groups{row_class.data(), gx_count, col_start.data(), gy_count};
-    res.report = solve(xp.data(), yp.data(), ap.data(), bp.data(), fp.data(), gp.data(), &groups);
+    res.report = solve_points(xp.data(), n, yp.data(), m, d, ap.data(), bp.data(), opt, fp.data(), gp.data(), nullptr,
+                              &groups, cost);
     for (int64_t i = 0; i < n; ++i) res.f[px[i]] = fp[i];
     for (int64_t j = 0; j < m; ++j) res.g[py[j]] = gp[j];
   }
@@ -346,15 +351,8 @@ OTCEResult otce(const PixelView<T>& src, const int32_t* src_code, int source_cla
 
         const PlanClasses classes{row_class.data(), cs, col_start.data(), ct};
         const PlanClasses groups{row_group.data(), row_groups, group_start.data(), col_groups};
-        SinkhornReport rep;
-        if (inner.blocked) {
-          rep = sinkhorn_blocked(xs.data(), ns, xt.data(), nt, d, a.data(), b.data(), inner, f.data(), g.data(),
-                                 &classes, grouped ? &groups : nullptr);
-        } else {
-          squared_euclidean(xs.data(), ns, xt.data(), nt, d, cost);
-          rep = sinkhorn_log(cost, a.data(), b.data(), inner, f.data(), g.data(), &classes,
-                             grouped ? &groups : nullptr);
-        }
+        const SinkhornReport rep = solve_points(xs.data(), ns, xt.data(), nt, d, a.data(), b.data(), inner, f.data(),
+                                                g.data(), &classes, grouped ? &groups : nullptr, cost);
         std::copy(rep.joint.begin(), rep.joint.end(), out.joint.begin() + k * cs * ct);
         out.conditional_entropy[k] = conditional_entropy(rep.joint.data(), cs, ct);
         out.transport_cost[k] = rep.transport_cost;

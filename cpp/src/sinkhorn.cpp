@@ -9,7 +9,6 @@
 #include <cstdio>
 #include <cstdlib>
 
-#include <Eigen/Cholesky>
 
 #include "segtransfer/errors.hpp"
 #include "segtransfer/fastexp.hpp"
@@ -597,8 +596,7 @@ double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
   const int32_t* row_class = cls.row_class;
   const int Rc = cls.row_classes;
   const bool use_coarse = Rc >= 2 && Rc <= 512;  // E is Rc x Rc, factored once per step
-  Eigen::MatrixXd Ecoarse;
-  Eigen::LDLT<Eigen::MatrixXd> Efact;
+  TwoLevelPreconditioner coarse;
   std::vector<double> zvec(n);
   // Threads for the kernel-sized loops only where they have enough work (R may change size on a
   // relocation).
@@ -645,67 +643,31 @@ double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
     // one pass over the columns: Z^T S Z = Z^T D1 Z - sum_j inv_c_j u_j u_j^T, u_j[c] = sum of
     // column j's entries in rows of class c.
     if (use_coarse) {
-      Ecoarse.setZero(Rc, Rc);
+      coarse.E.setZero(Rc, Rc);
       std::vector<double> u(Rc);
-      for (int64_t i = 0; i < n; ++i) Ecoarse(row_class[i], row_class[i]) += (1.0 + lambda) * p.row_sum[i];
+      for (int64_t i = 0; i < n; ++i) coarse.E(row_class[i], row_class[i]) += (1.0 + lambda) * p.row_sum[i];
       for (int64_t j = 0; j < m; ++j) {
         std::fill(u.begin(), u.end(), 0.0);
         for (int64_t k = Cc.ptr[j]; k < Cc.ptr[j + 1]; ++k) u[row_class[Cc.col[k]]] += p.by_col[k];
         for (int c = 0; c < Rc; ++c) {
           if (u[c] == 0.0) continue;
           const double uc = u[c] * inv_c[j];
-          for (int e = 0; e < Rc; ++e) Ecoarse(c, e) -= uc * u[e];
+          for (int e = 0; e < Rc; ++e) coarse.E(c, e) -= uc * u[e];
         }
       }
-      // Without damping the constant vector is a null vector of S (and of E): a relative ridge keeps
-      // the factorisation defined; CG only ever sees right-hand sides orthogonal to it.
-      const double ridge = 1e-10 * Ecoarse.diagonal().cwiseAbs().maxCoeff();
-      Ecoarse.diagonal().array() += ridge;
-      Efact.compute(Ecoarse);
+      coarse.factor();
     }
     auto precondition = [&](const std::vector<double>& r, std::vector<double>& z) {
-      for (int64_t i = 0; i < n; ++i) z[i] = dinv[i] * r[i];
-      if (!use_coarse) return;
-      Eigen::VectorXd zr = Eigen::VectorXd::Zero(Rc);
-      for (int64_t i = 0; i < n; ++i) zr[row_class[i]] += r[i];
-      zr = Efact.solve(zr);
-      for (int64_t i = 0; i < n; ++i) z[i] += zr[row_class[i]];
+      coarse.apply(r, z, dinv, use_coarse, row_class);
     };
     // Inexact Newton: solve to a fixed relative residual.
-    const double cg_tol2 = rhs_norm2 * opt_forcing * opt_forcing;
-    double rz = 0.0;
-    for (int64_t i = 0; i < n; ++i) {
-      x[i] = 0.0;
-      res[i] = rhs[i];
-    }
-    precondition(res, zvec);
-    for (int64_t i = 0; i < n; ++i) {
-      dir[i] = zvec[i];
-      rz += res[i] * zvec[i];
-    }
-    int cg = 0;
-    const int max_cg = static_cast<int>(std::min<int64_t>(20 * n, 20000));
-    for (; cg < max_cg && rz > 0; ++cg) {
-      const double pq = schur(dir, q);
-      if (!(pq > 0)) break;
-      const double alpha = rz / pq;
-      double rr = 0.0, rz_new = 0.0;
-      for (int64_t i = 0; i < n; ++i) {
-        x[i] += alpha * dir[i];
-        res[i] -= alpha * q[i];
-        rr += res[i] * res[i];
-      }
-      if (rr <= cg_tol2) {
-        ++cg;
-        break;
-      }
-      precondition(res, zvec);
-      for (int64_t i = 0; i < n; ++i) rz_new += res[i] * zvec[i];
-      const double beta = rz_new / rz;
-      rz = rz_new;
-      for (int64_t i = 0; i < n; ++i) dir[i] = zvec[i] + beta * dir[i];
-      if ((cg & 63) == 0) poll();
-    }
+    const int cg = solve_cg(
+        rhs, rhs_norm2 * opt_forcing * opt_forcing, static_cast<int>(std::min<int64_t>(20 * n, 20000)), schur,
+        precondition, [] { return false; },
+        [&](int it) {
+          if ((it & 63) == 0) poll();
+        },
+        x, res, dir, q, zvec);
     rep.cg_iterations += cg;
     // d2 = D2^-1 (b - P^T 1 - P^T d1), kept in w.
 #pragma omp parallel for num_threads(nt_mv) schedule(static)

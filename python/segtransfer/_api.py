@@ -130,6 +130,23 @@ def _options(epsilon: float, tol: float | None, max_iter: int | None, timeout: f
     return opt
 
 
+def _solver_memory(n: int, m: int, d: int, itemsize: int, opt: Any, row_groups: int, col_groups: int,
+                   extra: float, hint: str) -> tuple[str, tuple[float, str]]:
+    """The CPU solver's buffers for ``_check_memory``: the blocked solver's, or the stored cost and
+    kernels' (whose hint names the blocked mode as the way out). ``extra``: bytes on top of either."""
+    if opt.blocked:
+        return "blocked solver's buffers", (
+            _core.blocked_bytes(n, m, d, itemsize, opt.num_threads or 64, row_groups, col_groups) + extra, hint)
+    return "dense cost and truncated kernel", (
+        _core.dense_bytes(n, m, itemsize) + extra,
+        f"{hint}, or pass blocked=True to recompute the cost instead of storing it")
+
+
+def _refuse_blocked_on_gpu(opt: Any) -> None:
+    if opt.blocked:
+        raise ValueError("blocked=True is a CPU mode; the CUDA solver does not have it (pass device='cpu')")
+
+
 def otce(
     source_features: Any,
     source_labels: Any,
@@ -171,9 +188,9 @@ def otce(
     ``blocked=True`` recomputes the cost from the features at every Sinkhorn iteration instead of
     storing it: memory O((N + M) D) instead of O(N M), for draws whose cost does not fit (the
     default refuses those with a MemoryError before allocating). It is far slower: O(N M D) work
-    per iteration and no truncated kernel or Newton finish, so the last epsilon stage runs plain
-    (over-relaxed, class-balanced) Sinkhorn iterations; the certificate, ``tol`` and the results
-    mean the same. CPU only.
+    per iteration, no truncated kernel and no multiscale start, and its Newton finish recomputes
+    every product with the dense plan (bench/RESULTS.md, "Blocked mode"); the certificate, ``tol``
+    and the results mean the same. CPU only.
 
     ``device``: None computes where the features live (host, or the CUDA device of DLPack /
     ``__cuda_array_interface__`` inputs, read in place); ``"cuda"`` / ``"cuda:N"`` computes on a GPU and
@@ -189,8 +206,8 @@ def otce(
     opt = _options(epsilon, tol, max_iter, timeout, threads, blocked)
     gpu = _device.placement(device, {"source_features": source_features, "target_features": target_features},
                             {"source_labels": source_labels, "target_labels": target_labels})
-    if gpu is not None and opt.blocked:
-        raise ValueError("blocked=True is a CPU mode; the CUDA solver does not have it (pass device='cpu')")
+    if gpu is not None:
+        _refuse_blocked_on_gpu(opt)
     make_table = pixel_table if gpu is None else gpu.pixel_table
 
     src = make_table(source_features, source_labels, channels_last=channels_last,
@@ -224,15 +241,9 @@ def otce(
     # Every buffer whose size the user controls, in bytes. The joint tables mirror the core's plan
     # summary (up to 64 row blocks of Cs x Ct partial tables per solve) plus the (K, Cs, Ct) output
     # and its NumPy copy; pixel indices are made by the sampler and copied once by the bindings.
-    if opt.blocked:  # balancing groups: up to 32 k-means cells per class (otce.cpp)
-        solver_memory = ("blocked solver's buffers",
-                         (_core.blocked_bytes(ns, nt, d, dtype.itemsize, opt.num_threads or 64, 32 * cs, 32 * ct)
-                          + 8.0 * (ns + nt) * d,
-                          "lower n_pixels"))
-    else:
-        solver_memory = ("dense cost and truncated kernel",
-                         (_core.dense_bytes(ns, nt, dtype.itemsize) + 8.0 * (ns + nt) * d,
-                          "lower n_pixels, or pass blocked=True to recompute the cost instead of storing it"))
+    # Balancing groups: up to 32 k-means cells per class (otce.cpp).
+    solver_memory = _solver_memory(ns, nt, d, dtype.itemsize, opt, 32 * cs, 32 * ct, 8.0 * (ns + nt) * d,
+                                   "lower n_pixels")
     memory = {
         solver_memory[0]: solver_memory[1],
         "joint label tables": (8.0 * cs * ct * (66 + 2 * k),
@@ -341,8 +352,7 @@ def sinkhorn(
     gpu = _device.placement(device, {"x": x, "y": y}, {"a": a, "b": b})
     if gpu is not None:
         opt = _options(epsilon, tol, max_iter, timeout, threads, blocked)
-        if opt.blocked:
-            raise ValueError("blocked=True is a CPU mode; the CUDA solver does not have it (pass device='cpu')")
+        _refuse_blocked_on_gpu(opt)
         return _sinkhorn_result(gpu.sinkhorn(x, y, a, b, opt, _weights), opt)
     xa = check_features(to_host_array(x, "x"), "x")
     ya = check_features(to_host_array(y, "y"), "y")
@@ -362,16 +372,11 @@ def sinkhorn(
     wb = _weights(b, ya.shape[0], "b")
     opt = _options(epsilon, tol, max_iter, timeout, threads, blocked)
     n, m = xa.shape[0], ya.shape[0]
-    itemsize = np.dtype(dtype).itemsize
     budget = _memory_budget()
-    if opt.blocked:  # balancing groups: up to 32 k-means cells per side (otce.cpp)
-        need = {"blocked solver's buffers": (_core.blocked_bytes(n, m, xa.shape[1], itemsize, opt.num_threads or 64,
-                                                                 32, 32), "use fewer points (x and y)")}
-    else:
-        need = {"dense cost and truncated kernel": (
-            _core.dense_bytes(n, m, itemsize),
-            "use fewer points (x and y), or pass blocked=True to recompute the cost instead of storing it")}
-    _check_memory(f"sinkhorn with {n} x {m} points", need, budget)
+    # Balancing groups: up to 32 k-means cells per side (otce.cpp).
+    name, need = _solver_memory(n, m, xa.shape[1], np.dtype(dtype).itemsize, opt, 32, 32, 0.0,
+                                "use fewer points (x and y)")
+    _check_memory(f"sinkhorn with {n} x {m} points", {name: need}, budget)
     solve = _core.sinkhorn_f32 if dtype == np.float32 else _core.sinkhorn_f64
     out = solve(xa, ya, wa, wb, opt, budget)
     return _sinkhorn_result(out, opt)
