@@ -349,6 +349,22 @@ PlanSummary summarize_rows(int64_t n, int64_t m, const Rows& rows, const double*
 
 
 
+// The adaptive over-relaxation of both solvers' Sinkhorn loops (see sinkhorn_log), at the end of a
+// block of iterations whose last error is `err` (`block_err`: the last accepted block's). Returns
+// false when the block is to be undone (the caller restores its snapshot): omega then drops back
+// halfway to 1 and the level that failed becomes the cap; otherwise omega climbs towards the cap.
+inline bool accept_block(double err, double& block_err, double& omega, double& cap) {
+  if (!std::isfinite(err) || (omega > 1.0 && err > block_err)) {
+    cap = std::max(1.0, omega - 0.05);
+    omega = 1.0 + 0.5 * (omega - 1.0);
+    if (omega < 1.02) omega = 1.0;
+    return false;
+  }
+  block_err = err;
+  omega = std::min(cap, omega + 0.5 * (cap - omega) + 0.01);
+  return true;
+}
+
 // The two-level preconditioner of Newton's CG (see newton_polish in sinkhorn.cpp): z = D^-1 r +
 // Z E^-1 Z^T r, with Z the row groups' indicator vectors and E = Z^T S Z, which each solver
 // assembles in `E` (groups x groups) from its own plan before factor().

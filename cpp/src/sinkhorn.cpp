@@ -938,17 +938,12 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const dou
       if (std::isfinite(err) && err <= target) return;
       if (--block_left > 0 && std::isfinite(err)) continue;
       if (omega == 1.0 && !std::isfinite(err)) return;  // plain Sinkhorn overflowed: certify, report
-      if (!std::isfinite(err) || (omega > 1.0 && err > block_err)) {
+      if (!accept_block(err, block_err, omega, cap)) {
         std::copy(f_snap.begin(), f_snap.end(), f);
         std::copy(g_snap.begin(), g_snap.end(), g);
-        cap = std::max(1.0, omega - 0.05);
-        omega = 1.0 + 0.5 * (omega - 1.0);
-        if (omega < 1.02) omega = 1.0;
       } else {
-        block_err = err;
         std::copy(f, f + n, f_snap.begin());
         std::copy(g, g + m, g_snap.begin());
-        omega = std::min(cap, omega + 0.5 * (cap - omega) + 0.01);
       }
       block_left = kBlock;
       balance();
