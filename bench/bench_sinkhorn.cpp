@@ -74,6 +74,7 @@ int main(int argc, char** argv) {
     else if (key == "epsilon") opt.epsilon = v;
     else if (key == "max_iter") opt.max_iter = static_cast<int64_t>(v);
     else if (key == "class_balance") opt.class_balance = v != 0;
+    else if (key == "stage_extrapolation") opt.stage_extrapolation = v;
     else { std::fprintf(stderr, "unknown option %s\n", key.c_str()); return 2; }
   }
   if (n < 2 || d < 1 || repeats < 1 || !(opt.tol > 0)) {

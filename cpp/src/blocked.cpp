@@ -794,10 +794,15 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
     }
   };
 
+  StageExtrapolation extrapolation;
   for (size_t s = 0; s < schedule.size(); ++s) {
     const double eps = schedule[s];
     const bool last = s + 1 == schedule.size();
     if (rep.timed_out && !last) continue;
+    if (s > 0) {
+      extrapolation.record(schedule[s - 1], f, n, g, m);
+      extrapolation.apply(opt.stage_extrapolation, eps, f, n, g, m);
+    }
     ++rep.stages;
     ++rep.dense_stages;
     omega = 1.0;

@@ -55,6 +55,8 @@ inline void check_options(const SinkhornOptions& opt) {
     throw InvalidArgument("scaling_factor", "must be in (0, 1)");
   if (!(opt.overrelaxation > 0 && opt.overrelaxation < 2))
     throw InvalidArgument("overrelaxation", "must be in (0, 2)");
+  if (!(opt.stage_extrapolation >= 0 && opt.stage_extrapolation <= 2))
+    throw InvalidArgument("stage_extrapolation", "must be in [0, 2]");
 }
 
 // Stage epsilons: from the largest cost `cmax` (where the kernel is nearly flat and a few iterations
@@ -78,6 +80,38 @@ inline std::vector<double> stage_schedule(double cmax, const SinkhornOptions& op
   schedule.push_back(opt.epsilon);
   return schedule;
 }
+
+// Warm start of each epsilon stage by linear extrapolation of the potentials in epsilon, from the
+// ends of the two previous stages: f(e_next) ~ f(e) + (f(e) - f(e_prev)) (e_next - e) / (e - e_prev).
+// The entropic potentials move smoothly with epsilon, so the extrapolated start is nearer the next
+// fixed point than the previous end is: on the benchmark's logits the stages after the first two
+// took 5-12 instead of 12-22 iterations (RESULTS.md, session 8). Only the start changes, never the
+// fixed point or the stopping rule. A constant moved between f and g (the gauge) cancels in f + g.
+class StageExtrapolation {
+ public:
+  // Call at the end of every stage on the full problem (eps: the stage that just ended), then
+  // apply() at the start of the next.
+  void record(double eps, const double* f, int64_t n, const double* g, int64_t m) {
+    prev_f_.swap(cur_f_);
+    prev_g_.swap(cur_g_);
+    cur_f_.assign(f, f + n);
+    cur_g_.assign(g, g + m);
+    prev_eps_ = cur_eps_;
+    cur_eps_ = eps;
+  }
+  void apply(double factor, double eps_next, double* f, int64_t n, double* g, int64_t m) const {
+    if (factor <= 0 || prev_eps_ <= 0 || static_cast<int64_t>(prev_f_.size()) != n ||
+        static_cast<int64_t>(prev_g_.size()) != m)
+      return;
+    const double t = factor * (eps_next - cur_eps_) / (cur_eps_ - prev_eps_);
+    for (int64_t i = 0; i < n; ++i) f[i] = cur_f_[i] + t * (cur_f_[i] - prev_f_[i]);
+    for (int64_t j = 0; j < m; ++j) g[j] = cur_g_[j] + t * (cur_g_[j] - prev_g_[j]);
+  }
+
+ private:
+  std::vector<double> prev_f_, prev_g_, cur_f_, cur_g_;
+  double prev_eps_ = 0.0, cur_eps_ = 0.0;
+};
 
 // Exponentials are evaluated in the storage precision T (float: 8 or 16 lanes per vector op), but
 // their arguments are formed in double: A_j - C_ij / eps is a small difference of values that can

@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -337,6 +338,39 @@ static void test_float_stages() {
         std::expm1(2 * worst / opt.epsilon) * s.off.transport_cost);
 }
 
+// Stage extrapolation (each stage starts from the potentials extrapolated linearly in epsilon)
+// changes where a stage starts, not its fixed point: in the hard regime (clusters 6 apart at
+// eps = 0.01, cost / eps up to ~10^4, every stage on the full problem) the runs with the default
+// factor, without it and with the largest allowed factor (2, overshooting) all certify to tol and
+// agree (check_same_solution). Measured: 68 iterations against 119 without and 130 at factor 2 in
+// double, 66 / 117 / 128 in float.
+template <typename T>
+static void check_stage_extrapolation() {
+  const double centre[3][2] = {{0, 0}, {6, 0}, {12, 0}};
+  const int64_t ns[3] = {400, 300, 200}, nt[3] = {250, 300, 250};
+  SinkhornOptions opt;
+  opt.epsilon = 0.01;
+  opt.tol = sizeof(T) == 8 ? 1e-7 : 1e-5;
+  opt.multiscale_points = 0;
+  const ClusterProblem<T> p = cluster_problem<T>(8, centre, ns, nt, 0.5, 0.2);
+  for (double factor : {0.0, 2.0}) {
+    const TwoSolves s = solve_twice(p, opt, [factor](SinkhornOptions& o) { o.stage_extrapolation = factor; });
+    check_same_solution(s, opt);
+    if (std::getenv("SEGTRANSFER_DEBUG"))
+      std::fprintf(stderr, "extrapolation 1 vs %g: %lld vs %lld iterations\n", factor,
+                   static_cast<long long>(s.on.iterations), static_cast<long long>(s.off.iterations));
+  }
+  SinkhornOptions bad = opt;
+  bad.stage_extrapolation = -1;
+  std::vector<double> f(p.n), g(p.m);
+  CHECK(throws<InvalidArgument>([&]() { sinkhorn_log<T>(p.cost, p.a.data(), p.b.data(), bad, f.data(), g.data()); }));
+}
+
+static void test_stage_extrapolation() {
+  check_stage_extrapolation<double>();
+  check_stage_extrapolation<float>();
+}
+
 // The blocked solver (cost recomputed in panels, never stored) against sinkhorn_log on the stored
 // cost: both certify to tol and agree (check_same_solution), with and without class balancing, and
 // in the hard regime (clusters 6 apart at eps = 0.01: cost / eps up to ~10^4). n = 123, m = 121 leave
@@ -571,6 +605,7 @@ int main(int argc, char** argv) {
       {"multiscale_path", test_multiscale_path},
       {"class_balance", test_class_balance},
       {"float_stages", test_float_stages},
+      {"stage_extrapolation", test_stage_extrapolation},
       {"blocked", test_blocked},
       {"transport_grouping", test_transport_grouping},
       {"otce_grouping", test_otce_grouping},

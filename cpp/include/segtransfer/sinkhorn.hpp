@@ -47,6 +47,9 @@ struct SinkhornOptions {
   // Newton and every certificate stay in double. Same iterations and scores on the benchmark's
   // draws; K = 10 at D = 256 131 -> 122 s (RESULTS.md, session 6).
   bool float_stage_exponents = true;
+  // Each stage starts from the previous two stages' potentials extrapolated linearly in epsilon
+  // (scaled by this factor; 0: from the previous stage's end). See StageExtrapolation, kernels.hpp.
+  double stage_extrapolation = 1.0;
   bool newton = true;          // finish the last stage with Newton-CG steps on the sparse plan
   double newton_switch = 1e-1;  // Sinkhorn hands over to Newton below this marginal error
   // Dense early stages run on a subsample of this many points per side (0: off); see sinkhorn.cpp.
