@@ -177,6 +177,50 @@ struct PointCost {
   }
 };
 
+// Newton's truncated plan (see BlockedSolver::capture): the columns j of one cost row with
+// G_j - c_j / eps > th, compacted branch-free into idx; returns how many.
+template <typename T>
+struct CaptureRow {
+  SEGTRANSFER_HOT static int64_t keep(const T* c, int64_t m, const double* G, double inv_eps, double th,
+                                      int32_t* idx) {
+    int64_t k = 0;
+    for (int64_t j = 0; j < m; ++j) {
+      idx[k] = static_cast<int32_t>(j);
+      k += (G[j] - static_cast<double>(c[j]) * inv_eps > th) ? 1 : 0;
+    }
+    return k;
+  }
+  // val[k] = exp(base + B_j - c_j / eps) for the kept columns j = idx[k]; returns their sum.
+  SEGTRANSFER_HOT static double values(const T* c, const int32_t* idx, int64_t len, double base, const double* B,
+                                       double inv_eps, double* val) {
+    double s = 0.0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < len; ++k) {
+      const int32_t j = idx[k];
+      const double p = detail::fast_exp(base + B[j] - static_cast<double>(c[j]) * inv_eps);
+      val[k] = p;
+      s += p;
+    }
+    return s;
+  }
+};
+
+// sum_k val[k] x[col[k]] (and with squared values) over one captured row: Newton's products.
+struct CapturedDot {
+  SEGTRANSFER_HOT static double run(const double* val, const int32_t* col, int64_t len, const double* x) {
+    double s = 0.0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < len; ++k) s += val[k] * x[col[k]];
+    return s;
+  }
+  SEGTRANSFER_HOT static double squares(const double* val, const int32_t* col, int64_t len, const double* x) {
+    double s = 0.0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < len; ++k) s += val[k] * val[k] * x[col[k]];
+    return s;
+  }
+};
+
 // One panel's cost, a tile at a time: the first sweep computes every tile, later ones read it back.
 // Recomputing the tiles in the second sweep instead was slower even at D = 19 (1.31 against 1.00 ns
 // per entry and iteration at N = 2 x 10^4, 2 threads); so was sweeping whole rows (the per-column
@@ -356,6 +400,112 @@ class BlockedSolver {
     return coarse_shift(logM, log_a_.data(), log_b_.data(), n_, eps, grp, f, g);
   }
 
+  // Newton's truncated copy of the plan at one point, per lane (its fixed range of rows) as CSR:
+  // the entries with C - f - g < kCaptureCut * eps, values in double.
+  struct CapturedLane {
+    std::vector<int64_t> ptr;
+    std::vector<int32_t> col;
+    std::vector<double> val;
+  };
+  // Plan entries left out are below a_i b_j e^-kCaptureCut each, so a row or column loses less than
+  // e^-20 = 2e-9 of its mass: far inside what an inexact Newton direction (forcing 0.1) needs, while
+  // the residuals, the line search and the certificate stay on the dense plan. At N = 10^4, D = 19
+  // and eps = 0.1 that keeps ~3 % of the entries.
+  static constexpr double kCaptureCut = 20.0;
+
+  // Captures the plan at (br, bc) = (log a + f / eps, log b + g / eps) into cap_; false (and cap_
+  // emptied) when it would hold more than max_entries entries.
+  bool capture(const double* br, const double* bc, double inv_eps, int64_t max_entries) {
+    cap_.resize(lanes_);
+    std::vector<double> G(m_);
+    for (int64_t j = 0; j < m_; ++j) G[j] = bc[j] - log_b_[j];
+    std::atomic<int64_t> total{0};
+    std::atomic<bool> full{false};
+    panels([&](int lane, int64_t i0, int64_t rows, const T* c, std::vector<T>&) {
+      CapturedLane& L = cap_[lane];
+      const int64_t r0 = n_ * lane / lanes_;
+      if (i0 == r0) {
+        L.ptr.assign(1, 0);
+        L.col.clear();
+        L.val.clear();
+      }
+      if (full) return;
+      thread_local std::vector<int32_t> idx;
+      idx.resize(m_);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t i = i0 + r;
+        const T* row = c + r * m_;
+        // C - f - g < cut eps  <=>  g_j / eps - C_ij / eps > -cut - f_i / eps
+        const int64_t k = CaptureRow<T>::keep(row, m_, G.data(), inv_eps, -kCaptureCut - (br[i] - log_a_[i]), idx.data());
+        if (total.fetch_add(k) + k > max_entries) full = true;
+        if (full) return;
+        const size_t at = L.col.size();
+        L.col.insert(L.col.end(), idx.begin(), idx.begin() + k);
+        L.val.resize(at + k);
+        CaptureRow<T>::values(row, idx.data(), k, br[i], bc, inv_eps, L.val.data() + at);
+        L.ptr.push_back(static_cast<int64_t>(L.col.size()));
+      }
+    });
+    if (full) {
+      cap_.clear();
+      return false;
+    }
+    cap_entries_ = total;
+    return true;
+  }
+
+  // out_i = sum_j p_ij V_j (and out2_i = sum_j p_ij^2 V2_j) on the captured plan.
+  void captured_rows(const double* V, const double* V2, double* out, double* out2) const {
+    const int threads = std::max(1, std::min(nt_, lanes_));
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int lane = 0; lane < lanes_; ++lane) {
+      const CapturedLane& L = cap_[lane];
+      const int64_t r0 = n_ * lane / lanes_, r1 = n_ * (lane + 1) / lanes_;
+      for (int64_t i = r0; i < r1; ++i) {
+        const int64_t k0 = L.ptr[i - r0], len = L.ptr[i - r0 + 1] - k0;
+        out[i] = CapturedDot::run(L.val.data() + k0, L.col.data() + k0, len, V);
+        if (out2) out2[i] = CapturedDot::squares(L.val.data() + k0, L.col.data() + k0, len, V2);
+      }
+    }
+  }
+
+  // out_j = sum_i p_ij u_i on the captured plan: each lane into its own accumulators, added in lane
+  // order (the sums do not depend on the thread count).
+  void captured_cols(const double* u, double* out) {
+    const int threads = std::max(1, std::min(nt_, lanes_));
+    std::fill(acc_.begin(), acc_.end(), 0.0);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int lane = 0; lane < lanes_; ++lane) {
+      const CapturedLane& L = cap_[lane];
+      double* acc = acc_.data() + static_cast<size_t>(lane) * m_;
+      const int64_t r0 = n_ * lane / lanes_, r1 = n_ * (lane + 1) / lanes_;
+      for (int64_t i = r0; i < r1; ++i) {
+        const double ui = u[i];
+        for (int64_t k = L.ptr[i - r0]; k < L.ptr[i - r0 + 1]; ++k) acc[L.col[k]] += L.val[k] * ui;
+      }
+    }
+    for (int64_t j = 0; j < m_; ++j) {
+      double t = 0.0;
+      for (int l = 0; l < lanes_; ++l) t += acc_[static_cast<size_t>(l) * m_ + j];
+      out[j] = t;
+    }
+  }
+
+  // U (m x ranges): column j's captured mass in each range [starts[r], starts[r + 1]) of rows.
+  void captured_range_sums(const std::vector<int64_t>& starts, std::vector<double>& U) const {
+    const int64_t nr = static_cast<int64_t>(starts.size()) - 1;
+    U.assign(static_cast<size_t>(m_) * nr, 0.0);
+    int64_t r = 0;
+    for (int lane = 0; lane < lanes_; ++lane) {
+      const CapturedLane& L = cap_[lane];
+      const int64_t r0 = n_ * lane / lanes_, r1 = n_ * (lane + 1) / lanes_;
+      for (int64_t i = r0; i < r1; ++i) {
+        while (starts[r + 1] <= i) ++r;
+        for (int64_t k = L.ptr[i - r0]; k < L.ptr[i - r0 + 1]; ++k) U[static_cast<size_t>(L.col[k]) * nr + r] += L.val[k];
+      }
+    }
+  }
+
   // The transposed problem, for the column passes of newton().
   void set_transposed(const PointCost<T>& ct) { Ct_ = &ct; }
 
@@ -399,6 +549,7 @@ class BlockedSolver {
     std::vector<double> U;
     TwoLevelPreconditioner coarse;
     double lambda = 1e-3;
+    const int64_t max_captured = static_cast<int64_t>(opt_.blocked_plan_bytes / (sizeof(int32_t) + sizeof(double)));
     double err = eval(f, g, rs, cs);
     for (int step = 0; step < 50 && err > target && rep.iterations < opt_.max_iter && !rep.timed_out; ++step) {
       const auto step_start = Clock::now();
@@ -406,7 +557,13 @@ class BlockedSolver {
         inv_c[j] = cs[j] > 0 ? 1.0 / ((1.0 + lambda) * cs[j]) : 0.0;
         w[j] = (b_[j] - cs[j]) * inv_c[j];
       }
-      plan_sums(C_, br.data(), bc.data(), inv_eps, w.data(), inv_c.data(), sn0.data(), sn1.data(), sn2.data());
+      // The products below run on a truncated copy of the plan when it fits (capture), else each is a
+      // recomputed pass; the residuals (a - rs, b - cs) are the dense plan's either way.
+      const bool captured = capture(br.data(), bc.data(), inv_eps, max_captured);
+      if (captured)
+        captured_rows(w.data(), inv_c.data(), sn1.data(), sn2.data());
+      else
+        plan_sums(C_, br.data(), bc.data(), inv_eps, w.data(), inv_c.data(), sn0.data(), sn1.data(), sn2.data());
       for (int64_t i = 0; i < n; ++i) {
         rhs[i] = a_[i] - rs[i] - sn1[i];
         const double diag = (1.0 + lambda) * rs[i] - sn2[i];
@@ -417,7 +574,10 @@ class BlockedSolver {
       if (use_coarse) {
         // E = Z^T S Z = Z^T D1 Z - sum_j inv_c_j u_j u_j^T, u_j[c] = column j's mass in rows of group c;
         // couplings below 1e-12 of a column's mass are left out (a preconditioner need not be exact).
-        plan_range_sums(Ct, bc.data(), br.data(), inv_eps, gstart, U);
+        if (captured)
+          captured_range_sums(gstart, U);
+        else
+          plan_range_sums(Ct, bc.data(), br.data(), inv_eps, gstart, U);
         coarse.E.setZero(Rc, Rc);
         for (int64_t i = 0; i < n; ++i) coarse.E(grp.row_class[i], grp.row_class[i]) += (1.0 + lambda) * rs[i];
         for (int64_t j = 0; j < m; ++j) {
@@ -438,9 +598,15 @@ class BlockedSolver {
       };
       // q = S v: wt = D2^-1 P^T v over the columns, then q = D1 v - P wt over the rows.
       auto schur = [&](const std::vector<double>& v, std::vector<double>& out) {
-        plan_sums(Ct, bc.data(), br.data(), inv_eps, v.data(), nullptr, sm0.data(), sm1.data(), nullptr);
+        if (captured)
+          captured_cols(v.data(), sm1.data());
+        else
+          plan_sums(Ct, bc.data(), br.data(), inv_eps, v.data(), nullptr, sm0.data(), sm1.data(), nullptr);
         for (int64_t j = 0; j < m; ++j) wt[j] = sm1[j] * inv_c[j];
-        plan_sums(C_, br.data(), bc.data(), inv_eps, wt.data(), nullptr, sn0.data(), sn1.data(), nullptr);
+        if (captured)
+          captured_rows(wt.data(), nullptr, sn1.data(), nullptr);
+        else
+          plan_sums(C_, br.data(), bc.data(), inv_eps, wt.data(), nullptr, sn0.data(), sn1.data(), nullptr);
         double vq = 0.0;
         for (int64_t i = 0; i < n; ++i) {
           out[i] = (1.0 + lambda) * rs[i] * v[i] - sn1[i];
@@ -453,7 +619,10 @@ class BlockedSolver {
           [&] { return rep.timed_out; }, [&](int) { poll(); }, x, res, dir, q, z);
       rep.cg_iterations += cg;
       // d2 = D2^-1 (b - P^T 1 - P^T d1), in w.
-      plan_sums(Ct, bc.data(), br.data(), inv_eps, x.data(), nullptr, sm0.data(), sm1.data(), nullptr);
+      if (captured)
+        captured_cols(x.data(), sm1.data());
+      else
+        plan_sums(Ct, bc.data(), br.data(), inv_eps, x.data(), nullptr, sm0.data(), sm1.data(), nullptr);
       for (int64_t j = 0; j < m; ++j) w[j] = (b_[j] - cs[j] - sm1[j]) * inv_c[j];
       // The dense plan is connected, so the step's only null direction is the gauge (f + c, g - c),
       // along which CG drifts when the damping is off; removing it keeps f + g exact: potentials of
@@ -499,9 +668,11 @@ class BlockedSolver {
       ++rep.iterations;  // charged as one iteration against max_iter, as in sinkhorn_log
       poll();
       if (debug)
-        std::fprintf(stderr, "  blocked newton step %d: lambda=%g cg=%d t=%g err %.3e -> %.3e%s (%.1f s)\n", step, lambda,
-                     cg, t, err, err_try, ascent ? " (dual ascent)" : "",
-                     std::chrono::duration<double>(Clock::now() - step_start).count());
+        std::fprintf(stderr, "  blocked newton step %d: lambda=%g cg=%d t=%g err %.3e -> %.3e%s (%.1f s, %s)\n", step,
+                     lambda, cg, t, err, err_try, ascent ? " (dual ascent)" : "",
+                     std::chrono::duration<double>(Clock::now() - step_start).count(),
+                     captured ? ("captured plan, " + std::to_string(cap_entries_ / n) + " entries per row").c_str()
+                              : "recomputed products");
       if (!accepted) {
         eval(f, g, rs, cs);  // (br, bc) and the sums must describe (f, g) again
         lambda = std::max(1e-3, 10.0 * lambda);
@@ -698,6 +869,8 @@ private:
   const SinkhornOptions& opt_;
   const int nt_, lanes_;
   std::vector<double> log_a_, log_b_, err_rows_, A_, shift_, acc_;
+  std::vector<CapturedLane> cap_;
+  int64_t cap_entries_ = 0;
   const std::thread::id caller_;
   Clock::time_point last_poll_{};  // the first poll asks at once
   std::atomic<bool> stop_{false};
@@ -717,7 +890,9 @@ double blocked_bytes(int64_t n, int64_t m, int64_t d, int threads, int row_group
          + lanes * row_groups * col_groups * 8.0 * 2                   // balancing's group masses
          + nm * static_cast<double>(d) * sizeof(T)                     // Newton: the transposed points
          + static_cast<double>(m) * std::min(row_groups, 512) * 8.0    // ... the coarse space's column masses
-         + 40.0 * nm * 8.0;                                            // per-point vectors
+         + 40.0 * nm * 8.0                                             // per-point vectors
+         // ... and its truncated plan, at most as dense as a stored kernel may be
+         + std::min(SinkhornOptions{}.blocked_plan_bytes, static_cast<double>(n) * m * SinkhornOptions{}.max_density * 12.0);
 }
 
 template <typename T>

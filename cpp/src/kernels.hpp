@@ -57,6 +57,7 @@ inline void check_options(const SinkhornOptions& opt) {
     throw InvalidArgument("overrelaxation", "must be in (0, 2)");
   if (!(opt.stage_extrapolation >= 0 && opt.stage_extrapolation <= 2))
     throw InvalidArgument("stage_extrapolation", "must be in [0, 2]");
+  if (!(opt.blocked_plan_bytes >= 0)) throw InvalidArgument("blocked_plan_bytes", "must be >= 0");
 }
 
 // Stage epsilons: from the largest cost `cmax` (where the kernel is nearly flat and a few iterations

@@ -62,6 +62,9 @@ struct SinkhornOptions {
   // transport_points and otce only: recompute the cost in panels at every pass instead of storing
   // it (sinkhorn_blocked, blocked.hpp), for problems whose cost does not fit in memory.
   bool blocked = false;
+  // blocked only: the most memory the Newton finish may keep its truncated copy of the plan in
+  // (12 bytes an entry); beyond, its CG products are recomputed passes (0: always).
+  double blocked_plan_bytes = 2.0 * 1024 * 1024 * 1024;
   int num_threads = 0;        // 0: OpenMP's default
   // Polled about every 50 ms from the calling thread; returning true stops the solve with
   // Interrupted. The core never learns what is behind it (the bindings check for Ctrl-C).
