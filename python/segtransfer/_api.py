@@ -186,11 +186,12 @@ def otce(
     inputs are solved in float64.
 
     ``blocked=True`` recomputes the cost from the features at every Sinkhorn iteration instead of
-    storing it: memory O((N + M) D) instead of O(N M), for draws whose cost does not fit (the
-    default refuses those with a MemoryError before allocating). It is far slower: O(N M D) work
-    per iteration, no truncated kernel and no multiscale start, and its Newton finish recomputes
-    every product with the dense plan (bench/RESULTS.md, "Blocked mode"); the certificate, ``tol``
-    and the results mean the same. CPU only.
+    storing it: memory O((N + M) D) plus its Newton finish's truncated copy of the plan (entries
+    with C - f - g < 20 epsilon, at most 2 GiB; beyond, its products are recomputed) instead of
+    O(N M), for draws whose cost does not fit (the default refuses those with a MemoryError before
+    allocating). It is slower: O(N M D) work per Sinkhorn iteration, no truncated kernel and no
+    multiscale start (bench/RESULTS.md, "Blocked mode"); the certificate, ``tol`` and the results
+    mean the same. CPU only.
 
     ``device``: None computes where the features live (host, or the CUDA device of DLPack /
     ``__cuda_array_interface__`` inputs, read in place); ``"cuda"`` / ``"cuda:N"`` computes on a GPU and
