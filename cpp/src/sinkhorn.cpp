@@ -6,6 +6,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <optional>
 #include <type_traits>
 #include <cstdio>
 #include <cstdlib>
@@ -345,6 +346,18 @@ void filter_in_place(SparseRows<T>& s, std::vector<int64_t>& kept_ptr, const dou
   s.val.resize(s.ptr[n]);
 }
 
+// The cutoff a pattern filtered from p may use for iterations at (f, g) that need every entry with
+// C - f - g < keep: keep + slack, lowered to p's margin; none when p cannot vouch for those entries
+// (no pattern, its CSC copy freed, or potentials drifted beyond its margin).
+template <typename T>
+std::optional<double> filter_cutoff(const Pattern<T>& p, int64_t m, const double* f, const double* g, double keep,
+                                    double slack) {
+  if (!p.valid || static_cast<int64_t>(p.cols.ptr.size()) != m + 1) return std::nullopt;
+  const double margin = p.margin(f, g);
+  if (!(margin >= keep)) return std::nullopt;
+  return std::min(keep + slack, margin);
+}
+
 // Candidate pattern (p.next_rows, p.next_cols) for iterations that need every entry with
 // C - f - g < keep: filtered from the current pattern when that provably contains them all
 // (margin >= keep), else rebuilt from the dense cost with some slack above `keep`, so that the next
@@ -355,17 +368,15 @@ template <typename T>
 bool prepare_pattern(const RowMatrix<T>& cost, const double* f, const double* g, double keep, double slack,
                      double max_density, int nt, Pattern<T>& p) {
   const int64_t m = cost.cols();
-  double cutoff = keep + slack;
-  if (p.valid && static_cast<int64_t>(p.cols.ptr.size()) == m + 1) {
-    const double margin = p.margin(f, g);
-    // The criterion is symmetric, so the CSC copy filters to the transpose of the filtered CSR,
-    // rows still ascending in each column: no transposition (half the cost of a filtered pattern).
-    if (margin >= keep && filter_rows(p.rows, f, g, std::min(cutoff, margin), nt, p.next_rows) &&
-        filter_rows(p.cols, g, f, std::min(cutoff, margin), nt, p.next_cols)) {
-      p.next_cutoff = std::min(cutoff, margin);
-      return true;
-    }
+  // The criterion is symmetric, so the CSC copy filters to the transpose of the filtered CSR, rows
+  // still ascending in each column: no transposition (half the cost of a filtered pattern).
+  const std::optional<double> filtered = filter_cutoff(p, m, f, g, keep, slack);
+  if (filtered && filter_rows(p.rows, f, g, *filtered, nt, p.next_rows) &&
+      filter_rows(p.cols, g, f, *filtered, nt, p.next_cols)) {
+    p.next_cutoff = *filtered;
+    return true;
   }
+  const double cutoff = keep + slack;
   if (!build_sparse(cost, f, g, cutoff, max_density, nt, p.next_rows) ||
       !transpose_rows(p.next_rows, m, nt, p.next_cols))
     return false;
@@ -376,18 +387,13 @@ bool prepare_pattern(const RowMatrix<T>& cost, const double* f, const double* g,
 template <typename T>
 bool refresh_pattern(const RowMatrix<T>& cost, const double* f, const double* g, double keep, double slack,
                      double max_density, int nt, Pattern<T>& p) {
-  const int64_t m = cost.cols();
-  if (p.valid && static_cast<int64_t>(p.cols.ptr.size()) == m + 1) {
-    const double margin = p.margin(f, g);
-    const double cutoff = std::min(keep + slack, margin);
-    std::vector<int64_t> row_ptr, col_ptr;
-    if (margin >= keep && count_kept(p.rows, f, g, cutoff, nt, row_ptr) &&
-        count_kept(p.cols, g, f, cutoff, nt, col_ptr)) {
-      filter_in_place(p.rows, row_ptr, f, g, cutoff, nt);
-      filter_in_place(p.cols, col_ptr, g, f, cutoff, nt);
-      p.rebase(f, g, cutoff);
-      return true;
-    }
+  const std::optional<double> cutoff = filter_cutoff(p, cost.cols(), f, g, keep, slack);
+  std::vector<int64_t> row_ptr, col_ptr;
+  if (cutoff && count_kept(p.rows, f, g, *cutoff, nt, row_ptr) && count_kept(p.cols, g, f, *cutoff, nt, col_ptr)) {
+    filter_in_place(p.rows, row_ptr, f, g, *cutoff, nt);
+    filter_in_place(p.cols, col_ptr, g, f, *cutoff, nt);
+    p.rebase(f, g, *cutoff);
+    return true;
   }
   // The old pattern's columns (CSC) are not needed to make the next one, nor by a dense stage,
   // should the next one be too dense: freed first, they do not add to the peak.
