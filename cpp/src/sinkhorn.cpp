@@ -480,15 +480,22 @@ double half_step(const RowMatrix<T>& mat, bool by_cols, const SparseRows<T>* sp,
 // degenerate (a class without mass, non-finite masses).
 template <typename T>
 bool balance_classes(const RowMatrix<T>& mat, const SparseRows<T>* sp, const double* log_a, const double* log_b,
-                     double eps, const PlanClasses& cls, int nt, double* f, double* g) {
+                     double eps, const PlanClasses& cls, int nt, double* f, double* g, bool lowp = false) {
   const int64_t n = mat.rows(), m = mat.cols();
   const int R = cls.row_classes, Q = cls.col_classes;
   if (R < 2 && Q < 2) return false;
   const double inv_eps = 1.0 / eps;
   thread_local std::vector<double> A, L;
+  thread_local std::vector<float> Af;
   exponent_offsets(g, log_b, m, inv_eps, A);
   L.assign(static_cast<size_t>(n) * Q, kNegInf);
   const double* Ap = A.data();
+  lowp = lowp && std::is_same<T, float>::value;
+  if (lowp) {
+    Af.resize(m);
+    for (int64_t j = 0; j < m; ++j) Af[j] = static_cast<float>(A[j]);
+  }
+  const float* Afp = Af.data();
   double* Lp = L.data();
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 16)
   for (int64_t i = 0; i < n; ++i) {
@@ -500,25 +507,34 @@ bool balance_classes(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
       int64_t len;
       const double* A;
     };
+    // Segments are visited in order d = 0, 1, ...: the column classes are contiguous and ascending,
+    // so segment d starts where d - 1 ended (`cur`) and one binary search finds its end.
+    const int32_t* const row_end = sp ? sp->col.data() + sp->ptr[i + 1] : nullptr;
+    const int32_t* cur = nullptr;
     auto segment = [&](int d) {
       const int64_t j0 = cls.col_class_start[d], j1 = cls.col_class_start[d + 1];
       if (sp == nullptr) return Segment{mat.data() + i * m + j0, nullptr, j1 - j0, Ap + j0};
-      const int32_t* c0 = sp->col.data() + sp->ptr[i];
-      const int32_t* c1 = sp->col.data() + sp->ptr[i + 1];
-      const int32_t* k0 = std::lower_bound(c0, c1, static_cast<int32_t>(j0));
-      const int32_t* k1 = std::lower_bound(k0, c1, static_cast<int32_t>(j1));
-      return Segment{sp->val.data() + (k0 - sp->col.data()), k0, k1 - k0, Ap};
+      if (d == 0) cur = std::lower_bound(sp->col.data() + sp->ptr[i], row_end, static_cast<int32_t>(j0));
+      const int32_t* k0 = cur;
+      cur = std::lower_bound(k0, row_end, static_cast<int32_t>(j1));
+      return Segment{sp->val.data() + (k0 - sp->col.data()), k0, cur - k0, Ap};
     };
     // One pass shifted by the row's expected total (-f_i / eps, as in half_step): segments whose
     // share of the row underflows the float exponential (below ~e^-87 of it) count as empty, which
     // the coarse problem does not notice. When the row total itself leaves [kShiftedMin, inf), the
     // row is redone safely, segment by segment, with their maxima.
-    const double guess = -f[i] * inv_eps;
+    // `lowp` (the stage's own setting, see half_step): exponents formed in float, the shift rounded
+    // to float being the one subtracted and added back. The coarse shift it feeds is a heuristic
+    // step that the following iterations refine; its masses need no more than float's 1e-4.
+    const double guess = lowp ? static_cast<double>(static_cast<float>(-f[i] * inv_eps)) : -f[i] * inv_eps;
     double total = 0.0;
     for (int d = 0; d < Q; ++d) {
       const Segment sg = segment(d);
       if (sg.len == 0) continue;
-      const double sd = RowLse<T>::sum(sg.c, sg.cols, sg.len, sg.A, inv_eps, guess);
+      const double sd =
+          lowp ? RowLse<T>::sum_lowp(sg.c, sg.cols, sg.len, Afp + (sg.A - Ap), static_cast<float>(inv_eps),
+                                     static_cast<float>(guess))
+               : RowLse<T>::sum(sg.c, sg.cols, sg.len, sg.A, inv_eps, guess);
       total += sd;
       Lp[i * Q + d] = sd > 0 ? base + guess + std::log(sd) : kNegInf;
     }
@@ -991,7 +1007,7 @@ SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const dou
     // to compare against, since the shift may raise the L1 error while it raises the dual.
     const auto balance = [&]() {
       if (!opt.class_balance) return;
-      if (!balance_classes(cost, sr, log_a.data(), log_b.data(), eps, grp, nt_loop, f, g)) return;
+      if (!balance_classes(cost, sr, log_a.data(), log_b.data(), eps, grp, nt_loop, f, g, lowp)) return;
       std::copy(f, f + n, f_snap.begin());
       std::copy(g, g + m, g_snap.begin());
       block_err = std::numeric_limits<double>::infinity();
