@@ -291,18 +291,24 @@ bool count_kept(const SparseRows<T>& in, const double* p_row, const double* p_co
   return true;
 }
 
-// Moves the kept entries of rows [i0, i1) of `in` to out_col/out_val from `at` on, in order.
+// Moves the kept entries of rows [i0, i1) of `in` to out_col/out_val from `at` on, in order;
+// `kept` holds count_kept's row pointers. Branch-free, as build_sparse's fill: every entry is
+// written at the cursor, which advances on the kept ones, and a row stops at its last kept entry,
+// so nothing is written past the row's share of the output (another thread's). In place
+// (out = in) the cursor never passes the entry being read. The branchy form mispredicted on about
+// every other entry (a filter keeps 30-60 % of them).
 template <typename T>
 int64_t move_kept(const SparseRows<T>& in, int64_t i0, int64_t i1, const double* p_row, const double* p_col,
-                  double cutoff, int32_t* out_col, T* out_val, int64_t at) {
+                  double cutoff, const int64_t* kept, int32_t* out_col, T* out_val, int64_t at) {
   for (int64_t i = i0; i < i1; ++i) {
     const double th = p_row[i] + cutoff;
-    for (int64_t e = in.ptr[i]; e < in.ptr[i + 1]; ++e) {
-      if (static_cast<double>(in.val[e]) - p_col[in.col[e]] < th) {
-        out_col[at] = in.col[e];
-        out_val[at] = in.val[e];
-        ++at;
-      }
+    const int64_t stop = at + (kept[i + 1] - kept[i]), end = in.ptr[i + 1];
+    for (int64_t e = in.ptr[i]; e < end && at < stop; ++e) {
+      const int32_t c = in.col[e];
+      const T v = in.val[e];
+      out_col[at] = c;
+      out_val[at] = v;
+      at += (static_cast<double>(v) - p_col[c] < th) ? 1 : 0;
     }
   }
   return at;
@@ -319,7 +325,7 @@ bool filter_rows(const SparseRows<T>& in, const double* p_row, const double* p_c
   out.val.resize(out.ptr[n]);
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t i = 0; i < n; ++i)
-    move_kept(in, i, i + 1, p_row, p_col, cutoff, out.col.data(), out.val.data(), out.ptr[i]);
+    move_kept(in, i, i + 1, p_row, p_col, cutoff, out.ptr.data(), out.col.data(), out.val.data(), out.ptr[i]);
   return true;
 }
 
@@ -334,7 +340,7 @@ void filter_in_place(SparseRows<T>& s, std::vector<int64_t>& kept_ptr, const dou
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t q = 0; q < nq; ++q) {
     const int64_t i0 = n * q / nq, i1 = n * (q + 1) / nq;
-    move_kept(s, i0, i1, p_row, p_col, cutoff, s.col.data(), s.val.data(), s.ptr[i0]);
+    move_kept(s, i0, i1, p_row, p_col, cutoff, kept_ptr.data(), s.col.data(), s.val.data(), s.ptr[i0]);
   }
   for (int64_t q = 1; q < nq; ++q) {
     const int64_t i0 = n * q / nq, i1 = n * (q + 1) / nq, len = kept_ptr[i1] - kept_ptr[i0];
