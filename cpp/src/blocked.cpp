@@ -298,12 +298,30 @@ class BlockedSolver {
   // the column log-sum-exps the g half-step needs, from the same panel while it is in cache; g is
   // updated the same way. Returns the L1 error of the iterate it started from (its rows) and, in
   // err_cols, that of the half-updated one (f new, g old; its columns).
-  double iterate(double eps, double omega, double* f, double* g, double& err_cols) {
+  // `lowp` (float storage only): the exponents are formed in float, as sinkhorn_log's intermediate
+  // stages do (RowLse::sum_lowp, ColLse::sum_row_lowp); the shifts rounded to float are the ones
+  // subtracted and added back. Only for stages that stop at a loose error.
+  double iterate(double eps, double omega, double* f, double* g, double& err_cols, bool lowp = false) {
     const double inv_eps = 1.0 / eps;
+    lowp = lowp && std::is_same<T, float>::value;
     exponent_offsets(g, log_b_.data(), m_, inv_eps, A_);
     // The column sums are taken shifted by the columns' own potentials, near a fixed point their
     // log-sum-exps (as RowLse::run's rows); exact maxima only when that over- or underflows.
     for (int64_t j = 0; j < m_; ++j) shift_[j] = -g[j] * inv_eps;
+    if (lowp) {
+      Af_.resize(m_);
+      shiftf_.resize(m_);
+      for (int64_t j = 0; j < m_; ++j) {
+        Af_[j] = static_cast<float>(A_[j]);
+        shiftf_[j] = static_cast<float>(shift_[j]);
+        shift_[j] = static_cast<double>(shiftf_[j]);
+      }
+    }
+    const float inv_eps_f = static_cast<float>(inv_eps);
+    auto row_shift = [&](int64_t i) {
+      const double sh = -f[i] * inv_eps;
+      return lowp ? static_cast<double>(static_cast<float>(sh)) : sh;
+    };
     std::fill(acc_.begin(), acc_.end(), 0.0);
     tiled_panels([&](int lane, int64_t i0, int64_t rows, PanelTiles<T>& tiles, Scratch& s) {
       // Rows first, shifted by their own potentials as well, summed tile by tile.
@@ -313,12 +331,14 @@ class BlockedSolver {
         const int64_t ld = m_;
         const T* c = tiles.tile(j0, w);
         for (int64_t r = 0; r < rows; ++r)
-          s.total[r] += RowLse<T>::sum(c + r * ld, nullptr, w, A_.data() + j0, inv_eps, -f[i0 + r] * inv_eps);
+          s.total[r] += lowp ? RowLse<T>::sum_lowp(c + r * ld, nullptr, w, Af_.data() + j0, inv_eps_f,
+                                                   static_cast<float>(row_shift(i0 + r)))
+                             : RowLse<T>::sum(c + r * ld, nullptr, w, A_.data() + j0, inv_eps, row_shift(i0 + r));
       }
       s.A.resize(rows);
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = i0 + r;
-        double lse = -f[i] * inv_eps + std::log(s.total[r]);
+        double lse = row_shift(i) + std::log(s.total[r]);
         if (!(s.total[r] >= kShiftedMin && s.total[r] < kPosInf)) {  // the safe form, on the whole row
           s.row.resize(m_);
           C_.rows(i, i + 1, s.row.data());
@@ -336,8 +356,13 @@ class BlockedSolver {
         const int64_t w = std::min(kTile, m_ - j0);
         const int64_t ld = m_;
         const T* c = tiles.tile(j0, w);
-        for (int64_t r = 0; r < rows; ++r)
-          ColLse<T>::sum_row(c + r * ld, w, s.A[r], inv_eps, shift_.data() + j0, s.part.data() + j0);
+        for (int64_t r = 0; r < rows; ++r) {
+          if (lowp)
+            ColLse<T>::sum_row_lowp(c + r * ld, w, static_cast<float>(s.A[r]), inv_eps_f, shiftf_.data() + j0,
+                                    s.part.data() + j0);
+          else
+            ColLse<T>::sum_row(c + r * ld, w, s.A[r], inv_eps, shift_.data() + j0, s.part.data() + j0);
+        }
       }
       double* acc = acc_.data() + static_cast<size_t>(lane) * m_;
       for (int64_t j = 0; j < m_; ++j) acc[j] += static_cast<double>(s.part[j]);
@@ -889,6 +914,7 @@ private:
   const SinkhornOptions& opt_;
   const int nt_, lanes_;
   std::vector<double> log_a_, log_b_, err_rows_, A_, shift_, acc_;
+  std::vector<float> Af_, shiftf_;  // A_ and shift_ in float, for iterate(lowp)
   std::vector<CapturedLane> cap_;
   int64_t cap_entries_ = 0;
   const std::thread::id caller_;
@@ -953,7 +979,7 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
   // class balancing at the start of every block (see sinkhorn_log).
   std::vector<double> f_snap(n), g_snap(m);
   double omega = 1.0, cap = opt.overrelaxation, last_err = kPosInf;
-  auto run = [&](double eps, double target, int64_t limit) {
+  auto run = [&](double eps, double target, int64_t limit, bool lowp = false) {
     constexpr int64_t kBlock = 10;
     double block_err = kPosInf;
     int64_t block_left = 0;
@@ -968,7 +994,7 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
     balance();
     while (rep.iterations < limit && !rep.timed_out) {
       double err_c = 0.0;
-      const double err_r = solver.iterate(eps, omega, f, g, err_c);
+      const double err_r = solver.iterate(eps, omega, f, g, err_c, lowp);
       ++rep.iterations;
       poll();
       const double err = err_r + err_c;
@@ -1009,7 +1035,8 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
       solver.iterate(eps, 1.0, f, g, err_c);
     }
     if (!last) {
-      run(eps, std::max(opt.stage_tol, opt.tol), opt.max_iter);
+      const double stage_target = std::max(opt.stage_tol, opt.tol);
+      run(eps, stage_target, opt.max_iter, opt.float_stage_exponents && stage_target >= 1e-3);
       continue;
     }
     // The last stage: Sinkhorn down to newton_switch, then Newton; when a Newton round stalls,

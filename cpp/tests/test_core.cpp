@@ -424,6 +424,15 @@ static void check_blocked() {
   check_same_solution(rc, opt);
   CHECK(rc.on.newton_steps > 0 && rc.off.newton_steps > 0);
 
+  // Intermediate stages with exponents formed in float (the default for float storage) or in
+  // double: the same answer, the last stage and the certificate being in double either way.
+  SinkhornOptions double_stages = opt;
+  double_stages.float_stage_exponents = false;
+  TwoSolves fs;
+  fs.on = blocked(p, opt, fs.f_on);
+  fs.off = blocked(p, double_stages, fs.f_off);
+  check_same_solution(fs, opt);
+
   SinkhornOptions one = opt, three = opt;
   one.num_threads = 1;
   three.num_threads = 3;
