@@ -14,6 +14,11 @@
 #include "kernels.hpp"
 #include "segtransfer/errors.hpp"
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(SEGTRANSFER_NO_CLONES)
+#include <immintrin.h>
+#define SEGTRANSFER_AVX2_TILES 1
+#endif
+
 namespace segtransfer {
 namespace {
 
@@ -30,8 +35,68 @@ constexpr int64_t kTile = 256;
 // thread count. More threads than lanes would idle.
 constexpr int kLanes = 8;
 
+// The entries a tile's blocks left over (rows >= r, and columns >= wv of the rows < r), one at a
+// time with the blocks' operations in the same order.
+template <typename T>
+SEGTRANSFER_HOT void cost_tile_rest(const T* x, int64_t rows, int64_t d, const T* yt, int64_t ld, int64_t w, const T* xx,
+                                   const T* yy, T* out, int64_t ldo, int64_t r, int64_t wv) {
+  for (int64_t rr = 0; rr < rows; ++rr) {
+    for (int64_t j = rr < r ? wv : 0; j < w; ++j) {
+      T acc = T(0);
+      for (int64_t k = 0; k < d; ++k) acc = std::fma(T(-2) * x[rr * d + k], yt[k * ld + j], acc);
+      const T c = acc + (xx[rr] + yy[j]);
+      out[rr * ldo + j] = c > T(0) ? c : T(0);
+    }
+  }
+}
+
+#ifdef SEGTRANSFER_AVX2_TILES
+// The float tile with AVX2 + FMA intrinsics: blocks of 4 rows x 16 columns whose 8 accumulators
+// stay in registers. The portable form below keeps its accumulator arrays on the stack (GCC 12
+// vectorises the column loop but not the arrays away: every fma loads and stores its accumulator),
+// which ran 3-4x below the FMA rate. Same fma chain per entry, in the same order, as the portable
+// form and its leftover loop: bit-identical values, so either can serve any tile.
+__attribute__((target("avx2,fma"))) int64_t cost_tile_avx2(const float* x, int64_t rows, int64_t d, const float* yt,
+                                                             int64_t ld, int64_t w, const float* xx, const float* yy,
+                                                             float* out, int64_t ldo) {
+  constexpr int64_t kW = 16;
+  const int64_t wv = d > 0 ? w - w % kW : 0;
+  const __m256 zero = _mm256_setzero_ps();
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const float* x0 = x + r * d;
+    for (int64_t j0 = 0; j0 < wv; j0 += kW) {
+      __m256 a[4][2];
+      for (int q = 0; q < 4; ++q) {
+        const __m256 u = _mm256_set1_ps(-2.0f * x0[q * d]);
+        a[q][0] = _mm256_fmadd_ps(u, _mm256_loadu_ps(yt + j0), zero);
+        a[q][1] = _mm256_fmadd_ps(u, _mm256_loadu_ps(yt + j0 + 8), zero);
+      }
+      for (int64_t k = 1; k < d; ++k) {
+        const float* yk = yt + k * ld + j0;
+        const __m256 v0 = _mm256_loadu_ps(yk), v1 = _mm256_loadu_ps(yk + 8);
+        for (int q = 0; q < 4; ++q) {
+          const __m256 u = _mm256_set1_ps(-2.0f * x0[q * d + k]);
+          a[q][0] = _mm256_fmadd_ps(u, v0, a[q][0]);
+          a[q][1] = _mm256_fmadd_ps(u, v1, a[q][1]);
+        }
+      }
+      for (int q = 0; q < 4; ++q) {
+        const __m256 xr = _mm256_set1_ps(xx[r + q]);
+        float* o = out + (r + q) * ldo + j0;
+        for (int h = 0; h < 2; ++h) {
+          const __m256 c = _mm256_add_ps(a[q][h], _mm256_add_ps(xr, _mm256_loadu_ps(yy + j0 + 8 * h)));
+          _mm256_storeu_ps(o + 8 * h, _mm256_max_ps(c, zero));  // NaN or -0 -> +0, as c > 0 ? c : 0
+        }
+      }
+    }
+  }
+  return r;
+}
+#endif
+
 // out[r][j] = max(0, (-2 x_r . y_j) + (xx_r + yy_j)) for r < rows and j < w; x: rows x d
-// (row-major), yt: d x ld (y^T). A block of 4 rows x 32 columns accumulates in registers over the
+// (row-major), yt: d x ld (y^T). A block of 4 rows x 16 (float) or 32 (double) columns accumulates over the
 // d products (each load of y^T feeds four rows); the sum is symmetric in (x, y), so the transposed
 // problem's tiles hold bit-identical values. Every product is an explicit fused multiply-add, so the
 // block and the leftover entries round alike (with contraction left to the compiler, 194 of a row's
@@ -44,7 +109,17 @@ constexpr int kLanes = 8;
 template <typename T>
 SEGTRANSFER_HOT void cost_tile(const T* x, int64_t rows, int64_t d, const T* yt, int64_t ld, int64_t w,
                                const T* xx, const T* yy, T* out, int64_t ldo) {
-  constexpr int64_t kW = 32;
+  constexpr int64_t kW = std::is_same<T, float>::value ? 16 : 32;
+#ifdef SEGTRANSFER_AVX2_TILES
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (std::is_same<T, float>::value && avx2) {
+    const int64_t r = cost_tile_avx2(reinterpret_cast<const float*>(x), rows, d, reinterpret_cast<const float*>(yt),
+                                     ld, w, reinterpret_cast<const float*>(xx), reinterpret_cast<const float*>(yy),
+                                     reinterpret_cast<float*>(out), ldo);
+    cost_tile_rest(x, rows, d, yt, ld, w, xx, yy, out, ldo, r, d > 0 ? w - w % kW : 0);
+    return;
+  }
+#endif
   const int64_t wv = d > 0 ? w - w % kW : 0;
   int64_t r = 0;
   for (; r + 4 <= rows; r += 4) {
@@ -87,15 +162,7 @@ SEGTRANSFER_HOT void cost_tile(const T* x, int64_t rows, int64_t d, const T* yt,
       }
     }
   }
-  // The rows and columns left over, one entry at a time (same operations, same order).
-  for (int64_t rr = 0; rr < rows; ++rr) {
-    for (int64_t j = rr < r ? wv : 0; j < w; ++j) {
-      T acc = T(0);
-      for (int64_t k = 0; k < d; ++k) acc = std::fma(T(-2) * x[rr * d + k], yt[k * ld + j], acc);
-      const T c = acc + (xx[rr] + yy[j]);
-      out[rr * ldo + j] = c > T(0) ? c : T(0);
-    }
-  }
+  cost_tile_rest(x, rows, d, yt, ld, w, xx, yy, out, ldo, r, wv);
 }
 
 // Sums over one row's plan entries p_j = exp(base + B_j - c_j / eps), formed and summed in double
