@@ -41,8 +41,8 @@ struct SinkhornOptions {
   // the same groups. transport_points and otce make the groups (k-means cells, inside each class
   // for otce) from 10^6 entries up; false turns both the grouping and the balancing off.
   bool class_balance = true;
-  // float storage only: the half-steps of intermediate stages (dense and sparse, the multiscale
-  // subsample's too) form their exponents in float (16 lanes, half the gathered bytes), each entry
+  // float storage only: the half-steps of intermediate stages (dense, sparse and blocked, the
+  // multiscale subsample's too) form their exponents in float (16 lanes, half the gathered bytes), each entry
   // then off by up to ~3e-4 relative, far inside the stage_tol those stages stop at; the last stage,
   // Newton and every certificate stay in double. Same iterations and scores on the benchmark's
   // draws; K = 10 at D = 256 131 -> 122 s (RESULTS.md, session 6).
