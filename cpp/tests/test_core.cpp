@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -38,6 +39,56 @@ static void test_fast_exp() {
   }
   CHECK(detail::fast_exp(-1e4) == 0.0);
   CHECK(detail::fast_exp(-1e4f) == 0.0f);
+}
+
+// The cost against a direct sum of squared differences in long double, on sizes that leave
+// partial register blocks and tiles (rows not a multiple of 4, columns not of 16 or 256), including
+// coincident points (cost 0 up to rounding, never negative). The bound: the expansion
+// |x|^2 + |y|^2 - 2 x.y of centred points loses a few ulps of |x|^2 + |y|^2 per dimension.
+template <typename T>
+static void check_squared_euclidean() {
+  std::mt19937_64 rng(11);
+  std::normal_distribution<double> z(3.0, 2.0);
+  const double ulp = std::numeric_limits<T>::epsilon();
+  for (int64_t d : {1, 3, 19, 40}) {
+    const int64_t n = 37, m = 301;
+    std::vector<T> x(n * d), y(m * d);
+    for (T& v : x) v = static_cast<T>(z(rng));
+    for (T& v : y) v = static_cast<T>(z(rng));
+    for (int64_t k = 0; k < d; ++k) y[5 * d + k] = x[2 * d + k];  // a coincident pair
+    RowMatrix<T> cost;
+    squared_euclidean<T>(x.data(), n, y.data(), m, d, cost);
+    CHECK(cost.rows() == n && cost.cols() == m);
+    std::vector<long double> mean(d, 0.0L);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t k = 0; k < d; ++k) mean[k] += x[i * d + k];
+    for (int64_t j = 0; j < m; ++j)
+      for (int64_t k = 0; k < d; ++k) mean[k] += y[j * d + k];
+    for (long double& v : mean) v /= static_cast<long double>(n + m);
+    double worst = 0.0;
+    bool nonneg = true;
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t j = 0; j < m; ++j) {
+        long double ref = 0.0L, xx = 0.0L, yy = 0.0L;
+        for (int64_t k = 0; k < d; ++k) {
+          const long double u = x[i * d + k], v = y[j * d + k];
+          ref += (u - v) * (u - v);
+          xx += (u - mean[k]) * (u - mean[k]);
+          yy += (v - mean[k]) * (v - mean[k]);
+        }
+        const double bound = 4.0 * static_cast<double>(d + 2) * ulp * static_cast<double>(xx + yy);
+        worst = std::max(worst, std::fabs(static_cast<double>(cost(i, j)) - static_cast<double>(ref)) / bound);
+        nonneg = nonneg && cost(i, j) >= T(0);
+      }
+    }
+    CHECK(worst <= 1.0);
+    CHECK(nonneg);
+  }
+}
+
+static void test_squared_euclidean() {
+  check_squared_euclidean<float>();
+  check_squared_euclidean<double>();
 }
 
 static void test_sampling() {
@@ -620,6 +671,7 @@ int main(int argc, char** argv) {
   };
   const Test tests[] = {
       {"fast_exp", test_fast_exp},
+      {"squared_euclidean", test_squared_euclidean},
       {"sampling", test_sampling},
       {"otce_bijection", test_otce_bijection},
       {"conditional_entropy", test_conditional_entropy},

@@ -107,7 +107,8 @@ struct PlanSummary {
 };
 
 // C = |x|^2 + |y|^2 - 2 x y^T, clamped at 0. x: (n, d), y: (m, d), both row-major. The points are
-// centred on their joint mean first: distances do not change and the GEMM loses less to cancellation.
+// centred on their joint mean first: distances do not change and the expansion loses less to
+// cancellation. Entry for entry the values the blocked mode recomputes (sinkhorn_blocked).
 template <typename T>
 void squared_euclidean(const T* x, int64_t n, const T* y, int64_t m, int64_t d, RowMatrix<T>& cost);
 

@@ -1,0 +1,251 @@
+// Internal to the core (not installed): the squared-Euclidean cost computed from the points, tile
+// by tile, shared by the stored solver's cost matrix (squared_euclidean, sinkhorn.cpp) and the
+// blocked solver, which recomputes it at every pass (blocked.cpp). One routine for both, so that
+// the two modes see bit-identical costs.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "kernels.hpp"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(SEGTRANSFER_NO_CLONES)
+#include <immintrin.h>
+#define SEGTRANSFER_AVX2_TILES 1
+#endif
+
+namespace segtransfer {
+namespace {
+
+// Columns per tile: a tile's slice of y^T (d x 256) stays in L1/L2 while a panel's rows use it.
+constexpr int64_t kCostTile = 256;
+
+// The entries a tile's blocks left over (rows >= r, and columns >= wv of the rows < r), one at a
+// time with the blocks' operations in the same order.
+template <typename T>
+SEGTRANSFER_HOT void cost_tile_rest(const T* x, int64_t rows, int64_t d, const T* yt, int64_t ld, int64_t w, const T* xx,
+                                   const T* yy, T* out, int64_t ldo, int64_t r, int64_t wv) {
+  for (int64_t rr = 0; rr < rows; ++rr) {
+    for (int64_t j = rr < r ? wv : 0; j < w; ++j) {
+      T acc = T(0);
+      for (int64_t k = 0; k < d; ++k) acc = std::fma(T(-2) * x[rr * d + k], yt[k * ld + j], acc);
+      const T c = acc + (xx[rr] + yy[j]);
+      out[rr * ldo + j] = c > T(0) ? c : T(0);
+    }
+  }
+}
+
+#ifdef SEGTRANSFER_AVX2_TILES
+// The float tile with AVX2 + FMA intrinsics: blocks of 4 rows x 16 columns whose 8 accumulators
+// stay in registers. The portable form below keeps its accumulator arrays on the stack (GCC 12
+// vectorises the column loop but not the arrays away: every fma loads and stores its accumulator),
+// which ran 3-4x below the FMA rate. Same fma chain per entry, in the same order, as the portable
+// form and its leftover loop: bit-identical values, so either can serve any tile.
+__attribute__((target("avx2,fma"))) int64_t cost_tile_avx2(const float* x, int64_t rows, int64_t d, const float* yt,
+                                                             int64_t ld, int64_t w, const float* xx, const float* yy,
+                                                             float* out, int64_t ldo) {
+  constexpr int64_t kW = 16;
+  const int64_t wv = d > 0 ? w - w % kW : 0;
+  const __m256 zero = _mm256_setzero_ps();
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const float* x0 = x + r * d;
+    for (int64_t j0 = 0; j0 < wv; j0 += kW) {
+      __m256 a[4][2];
+      for (int q = 0; q < 4; ++q) {
+        const __m256 u = _mm256_set1_ps(-2.0f * x0[q * d]);
+        a[q][0] = _mm256_fmadd_ps(u, _mm256_loadu_ps(yt + j0), zero);
+        a[q][1] = _mm256_fmadd_ps(u, _mm256_loadu_ps(yt + j0 + 8), zero);
+      }
+      for (int64_t k = 1; k < d; ++k) {
+        const float* yk = yt + k * ld + j0;
+        const __m256 v0 = _mm256_loadu_ps(yk), v1 = _mm256_loadu_ps(yk + 8);
+        for (int q = 0; q < 4; ++q) {
+          const __m256 u = _mm256_set1_ps(-2.0f * x0[q * d + k]);
+          a[q][0] = _mm256_fmadd_ps(u, v0, a[q][0]);
+          a[q][1] = _mm256_fmadd_ps(u, v1, a[q][1]);
+        }
+      }
+      for (int q = 0; q < 4; ++q) {
+        const __m256 xr = _mm256_set1_ps(xx[r + q]);
+        float* o = out + (r + q) * ldo + j0;
+        for (int h = 0; h < 2; ++h) {
+          const __m256 c = _mm256_add_ps(a[q][h], _mm256_add_ps(xr, _mm256_loadu_ps(yy + j0 + 8 * h)));
+          _mm256_storeu_ps(o + 8 * h, _mm256_max_ps(c, zero));  // NaN or -0 -> +0, as c > 0 ? c : 0
+        }
+      }
+    }
+  }
+  return r;
+}
+#endif
+
+// out[r][j] = max(0, (-2 x_r . y_j) + (xx_r + yy_j)) for r < rows and j < w; x: rows x d
+// (row-major), yt: d x ld (y^T). A block of 4 rows x 16 (float) or 32 (double) columns accumulates over the
+// d products (each load of y^T feeds four rows); the sum is symmetric in (x, y), so the transposed
+// problem's tiles hold bit-identical values. Every product is an explicit fused multiply-add, so the
+// block and the leftover entries round alike (with contraction left to the compiler, 194 of a row's
+// 2,000 entries differed between a 16-row tile and the same row alone, and Newton's row and column
+// sums then described different plans). Accumulating in memory instead (o[j] += x * y[j], one row
+// sweep per dimension) ran at half this speed.
+// The first product initialises the accumulators (fma(u, v, 0), what the leftover entries
+// compute too): zeroing them first compiled to four `rep stos` per block, a quarter of the
+// function's time on an AVX2 machine (a blocked N = 10^4 draw there: 35.5 -> 31 s).
+template <typename T>
+SEGTRANSFER_HOT void cost_tile(const T* x, int64_t rows, int64_t d, const T* yt, int64_t ld, int64_t w,
+                               const T* xx, const T* yy, T* out, int64_t ldo) {
+  constexpr int64_t kW = std::is_same<T, float>::value ? 16 : 32;
+#ifdef SEGTRANSFER_AVX2_TILES
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (std::is_same<T, float>::value && avx2) {
+    const int64_t r = cost_tile_avx2(reinterpret_cast<const float*>(x), rows, d, reinterpret_cast<const float*>(yt),
+                                     ld, w, reinterpret_cast<const float*>(xx), reinterpret_cast<const float*>(yy),
+                                     reinterpret_cast<float*>(out), ldo);
+    cost_tile_rest(x, rows, d, yt, ld, w, xx, yy, out, ldo, r, d > 0 ? w - w % kW : 0);
+    return;
+  }
+#endif
+  const int64_t wv = d > 0 ? w - w % kW : 0;
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const T* x0 = x + r * d;
+    for (int64_t j0 = 0; j0 < wv; j0 += kW) {
+      T a0[kW], a1[kW], a2[kW], a3[kW];
+      {
+        const T u0 = T(-2) * x0[0], u1 = T(-2) * x0[d], u2 = T(-2) * x0[2 * d], u3 = T(-2) * x0[3 * d];
+        const T* yk = yt + j0;
+#pragma omp simd
+        for (int64_t j = 0; j < kW; ++j) {
+          const T v = yk[j];
+          a0[j] = std::fma(u0, v, T(0));
+          a1[j] = std::fma(u1, v, T(0));
+          a2[j] = std::fma(u2, v, T(0));
+          a3[j] = std::fma(u3, v, T(0));
+        }
+      }
+      for (int64_t k = 1; k < d; ++k) {
+        const T u0 = T(-2) * x0[k], u1 = T(-2) * x0[d + k], u2 = T(-2) * x0[2 * d + k], u3 = T(-2) * x0[3 * d + k];
+        const T* yk = yt + k * ld + j0;
+#pragma omp simd
+        for (int64_t j = 0; j < kW; ++j) {
+          const T v = yk[j];
+          a0[j] = std::fma(u0, v, a0[j]);
+          a1[j] = std::fma(u1, v, a1[j]);
+          a2[j] = std::fma(u2, v, a2[j]);
+          a3[j] = std::fma(u3, v, a3[j]);
+        }
+      }
+      const T* acc[4] = {a0, a1, a2, a3};
+      for (int q = 0; q < 4; ++q) {
+        T* o = out + (r + q) * ldo + j0;
+        const T xr = xx[r + q];
+#pragma omp simd
+        for (int64_t j = 0; j < kW; ++j) {
+          const T c = acc[q][j] + (xr + yy[j0 + j]);
+          o[j] = c > T(0) ? c : T(0);
+        }
+      }
+    }
+  }
+  cost_tile_rest(x, rows, d, yt, ld, w, xx, yy, out, ldo, r, wv);
+}
+
+// Sums over one row's plan entries p_j = exp(base + B_j - c_j / eps), formed and summed in double
+// (the Newton system and its line search compare errors down to 1e-8 of the mass): s[0] += sum p,
+// s[1] += sum p V_j when V is given, s[2] += sum p^2 V2_j when V2 is given.
+template <typename T>
+struct PlanSums {
+  SEGTRANSFER_HOT static void run(const T* c, int64_t w, double base, const double* B, double inv_eps,
+                                  const double* V, const double* V2, double* s) {
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0;
+    if (V2 != nullptr) {
+#pragma omp simd reduction(+ : s0, s1, s2)
+      for (int64_t j = 0; j < w; ++j) {
+        const double p = detail::fast_exp(base + B[j] - static_cast<double>(c[j]) * inv_eps);
+        s0 += p;
+        s1 += p * V[j];
+        s2 += p * p * V2[j];
+      }
+    } else if (V != nullptr) {
+#pragma omp simd reduction(+ : s0, s1)
+      for (int64_t j = 0; j < w; ++j) {
+        const double p = detail::fast_exp(base + B[j] - static_cast<double>(c[j]) * inv_eps);
+        s0 += p;
+        s1 += p * V[j];
+      }
+    } else {
+#pragma omp simd reduction(+ : s0)
+      for (int64_t j = 0; j < w; ++j) s0 += detail::fast_exp(base + B[j] - static_cast<double>(c[j]) * inv_eps);
+    }
+    s[0] += s0;
+    s[1] += s1;
+    s[2] += s2;
+  }
+};
+
+// The points centred on their joint mean (which keeps the expansion's cancellation small), y
+// transposed, and both sides' squared norms: any tile of the cost from them (squared_euclidean
+// fills the stored matrix with it; the blocked solver recomputes its panels).
+template <typename T>
+struct PointCost {
+  int64_t n = 0, m = 0, d = 0;
+  std::vector<T> x, yt, xx, yy;
+
+  PointCost() = default;
+  PointCost(const T* px, int64_t n_, const T* py, int64_t m_, int64_t d_) : n(n_), m(m_), d(d_) {
+    std::vector<double> mean(d, 0.0);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t k = 0; k < d; ++k) mean[k] += static_cast<double>(px[i * d + k]);
+    for (int64_t j = 0; j < m; ++j)
+      for (int64_t k = 0; k < d; ++k) mean[k] += static_cast<double>(py[j * d + k]);
+    for (double& v : mean) v /= static_cast<double>(n + m);
+    x.resize(static_cast<size_t>(n) * d);
+    yt.resize(static_cast<size_t>(m) * d);
+    xx.assign(n, T(0));
+    yy.assign(m, T(0));
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t k = 0; k < d; ++k) {
+        const T v = static_cast<T>(static_cast<double>(px[i * d + k]) - mean[k]);
+        x[i * d + k] = v;
+        xx[i] += v * v;
+      }
+    for (int64_t j = 0; j < m; ++j)
+      for (int64_t k = 0; k < d; ++k) {
+        const T v = static_cast<T>(static_cast<double>(py[j * d + k]) - mean[k]);
+        yt[k * m + j] = v;
+        yy[j] += v * v;
+      }
+  }
+
+  // The transposed problem (y's points as rows), from the same centred values: its tiles hold
+  // bit-identical costs (cost_tile is symmetric), so row and column sums describe one plan.
+  static PointCost transposed(const PointCost& c) {
+    PointCost t;
+    t.n = c.m;
+    t.m = c.n;
+    t.d = c.d;
+    t.x.resize(c.yt.size());
+    t.yt.resize(c.x.size());
+    for (int64_t j = 0; j < c.m; ++j)
+      for (int64_t k = 0; k < c.d; ++k) t.x[j * c.d + k] = c.yt[k * c.m + j];
+    for (int64_t i = 0; i < c.n; ++i)
+      for (int64_t k = 0; k < c.d; ++k) t.yt[k * c.n + i] = c.x[i * c.d + k];
+    t.xx = c.yy;
+    t.yy = c.xx;
+    return t;
+  }
+
+  // Rows [i0, i0 + rows) x columns [j0, j0 + w) into out (leading dimension ldo).
+  void tile(int64_t i0, int64_t rows, int64_t j0, int64_t w, T* out, int64_t ldo) const {
+    cost_tile(x.data() + i0 * d, rows, d, yt.data() + j0, m, w, xx.data() + i0, yy.data() + j0, out, ldo);
+  }
+  // Rows [i0, i1) into out ((i1 - i0) x m, row-major).
+  void rows(int64_t i0, int64_t i1, T* out) const {
+    for (int64_t j0 = 0; j0 < m; j0 += kCostTile) tile(i0, i1 - i0, j0, std::min(kCostTile, m - j0), out + j0, m);
+  }
+};
+
+}  // namespace
+}  // namespace segtransfer
