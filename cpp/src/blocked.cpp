@@ -768,12 +768,12 @@ double blocked_bytes(int64_t n, int64_t m, int64_t d, int threads, int row_group
   const double lanes = static_cast<double>(std::min<int64_t>(kLanes, n));
   const double t = std::max(1, std::min(threads, kLanes));
   const double nm = static_cast<double>(n + m);
-  return nm * static_cast<double>(d) * sizeof(T)                       // centred points
+  return 2.0 * nm * static_cast<double>(d) * sizeof(T)                 // centred points, packed too
          + lanes * static_cast<double>(m) * 8.0                        // column accumulators
          + t * static_cast<double>(kPanel + 1) * m * sizeof(T)         // panels and partial sums
          + 64.0 * static_cast<double>(m) * 8.0                         // the certificate's column sums
          + lanes * row_groups * col_groups * 8.0 * 2                   // balancing's group masses
-         + nm * static_cast<double>(d) * sizeof(T)                     // Newton: the transposed points
+         + 2.0 * nm * static_cast<double>(d) * sizeof(T)               // Newton: the transposed points
          + static_cast<double>(m) * std::min(row_groups, 512) * 8.0    // ... the coarse space's column masses
          + 40.0 * nm * 8.0                                             // per-point vectors
          // ... and its truncated plan, at most as dense as a stored kernel may be

@@ -43,9 +43,12 @@ SEGTRANSFER_HOT void cost_tile_rest(const T* x, int64_t rows, int64_t d, const T
 // vectorises the column loop but not the arrays away: every fma loads and stores its accumulator),
 // which ran 3-4x below the FMA rate. Same fma chain per entry, in the same order, as the portable
 // form and its leftover loop: bit-identical values, so either can serve any tile.
-__attribute__((target("avx2,fma"))) int64_t cost_tile_avx2(const float* x, int64_t rows, int64_t d, const float* yt,
-                                                             int64_t ld, int64_t w, const float* xx, const float* yy,
-                                                             float* out, int64_t ldo) {
+// `yp`: the tile's columns packed in groups of 16 (group g at yp + 16 g d, d rows of 16 values; see
+// PointCost::pack), so that a block reads one contiguous run instead of d rows of y^T m apart: at
+// D = 256 the strided reads held the kernel to a quarter of the FMA rate.
+__attribute__((target("avx2,fma"))) int64_t cost_tile_avx2(const float* x, int64_t rows, int64_t d, const float* yp,
+                                                             int64_t w, const float* xx, const float* yy, float* out,
+                                                             int64_t ldo) {
   constexpr int64_t kW = 16;
   const int64_t wv = d > 0 ? w - w % kW : 0;
   const __m256 zero = _mm256_setzero_ps();
@@ -53,14 +56,15 @@ __attribute__((target("avx2,fma"))) int64_t cost_tile_avx2(const float* x, int64
   for (; r + 4 <= rows; r += 4) {
     const float* x0 = x + r * d;
     for (int64_t j0 = 0; j0 < wv; j0 += kW) {
+      const float* yb = yp + j0 * d;
       __m256 a[4][2];
       for (int q = 0; q < 4; ++q) {
         const __m256 u = _mm256_set1_ps(-2.0f * x0[q * d]);
-        a[q][0] = _mm256_fmadd_ps(u, _mm256_loadu_ps(yt + j0), zero);
-        a[q][1] = _mm256_fmadd_ps(u, _mm256_loadu_ps(yt + j0 + 8), zero);
+        a[q][0] = _mm256_fmadd_ps(u, _mm256_loadu_ps(yb), zero);
+        a[q][1] = _mm256_fmadd_ps(u, _mm256_loadu_ps(yb + 8), zero);
       }
       for (int64_t k = 1; k < d; ++k) {
-        const float* yk = yt + k * ld + j0;
+        const float* yk = yb + 16 * k;
         const __m256 v0 = _mm256_loadu_ps(yk), v1 = _mm256_loadu_ps(yk + 8);
         for (int q = 0; q < 4; ++q) {
           const __m256 u = _mm256_set1_ps(-2.0f * x0[q * d + k]);
@@ -93,15 +97,16 @@ __attribute__((target("avx2,fma"))) int64_t cost_tile_avx2(const float* x, int64
 // The first product initialises the accumulators (fma(u, v, 0), what the leftover entries
 // compute too): zeroing them first compiled to four `rep stos` per block, a quarter of the
 // function's time on an AVX2 machine (a blocked N = 10^4 draw there: 35.5 -> 31 s).
+// `yp` (float only, may be null): the same columns packed for cost_tile_avx2.
 template <typename T>
 SEGTRANSFER_HOT void cost_tile(const T* x, int64_t rows, int64_t d, const T* yt, int64_t ld, int64_t w,
-                               const T* xx, const T* yy, T* out, int64_t ldo) {
+                               const T* xx, const T* yy, T* out, int64_t ldo, const T* yp = nullptr) {
   constexpr int64_t kW = std::is_same<T, float>::value ? 16 : 32;
 #ifdef SEGTRANSFER_AVX2_TILES
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (std::is_same<T, float>::value && avx2) {
-    const int64_t r = cost_tile_avx2(reinterpret_cast<const float*>(x), rows, d, reinterpret_cast<const float*>(yt),
-                                     ld, w, reinterpret_cast<const float*>(xx), reinterpret_cast<const float*>(yy),
+  if (std::is_same<T, float>::value && avx2 && yp != nullptr) {
+    const int64_t r = cost_tile_avx2(reinterpret_cast<const float*>(x), rows, d, reinterpret_cast<const float*>(yp),
+                                     w, reinterpret_cast<const float*>(xx), reinterpret_cast<const float*>(yy),
                                      reinterpret_cast<float*>(out), ldo);
     cost_tile_rest(x, rows, d, yt, ld, w, xx, yy, out, ldo, r, d > 0 ? w - w % kW : 0);
     return;
@@ -192,6 +197,7 @@ template <typename T>
 struct PointCost {
   int64_t n = 0, m = 0, d = 0;
   std::vector<T> x, yt, xx, yy;
+  std::vector<T> yp;  // float: yt's full groups of 16 columns packed for cost_tile_avx2 (see pack)
 
   PointCost() = default;
   PointCost(const T* px, int64_t n_, const T* py, int64_t m_, int64_t d_) : n(n_), m(m_), d(d_) {
@@ -217,6 +223,19 @@ struct PointCost {
         yt[k * m + j] = v;
         yy[j] += v * v;
       }
+    pack();
+  }
+
+  // yp from yt: for each full group of 16 columns, its d x 16 values contiguous, in the order the
+  // register blocks read them. Float only (the intrinsics kernel's type).
+  void pack() {
+    yp.clear();
+    if (!std::is_same<T, float>::value) return;
+    const int64_t groups = m / 16;
+    yp.resize(static_cast<size_t>(groups) * 16 * d);
+    for (int64_t gr = 0; gr < groups; ++gr)
+      for (int64_t k = 0; k < d; ++k)
+        for (int64_t c = 0; c < 16; ++c) yp[(gr * d + k) * 16 + c] = yt[k * m + gr * 16 + c];
   }
 
   // The transposed problem (y's points as rows), from the same centred values: its tiles hold
@@ -234,12 +253,14 @@ struct PointCost {
       for (int64_t k = 0; k < c.d; ++k) t.yt[k * c.n + i] = c.x[i * c.d + k];
     t.xx = c.yy;
     t.yy = c.xx;
+    t.pack();
     return t;
   }
 
   // Rows [i0, i0 + rows) x columns [j0, j0 + w) into out (leading dimension ldo).
   void tile(int64_t i0, int64_t rows, int64_t j0, int64_t w, T* out, int64_t ldo) const {
-    cost_tile(x.data() + i0 * d, rows, d, yt.data() + j0, m, w, xx.data() + i0, yy.data() + j0, out, ldo);
+    const T* packed = !yp.empty() && j0 % 16 == 0 ? yp.data() + j0 * d : nullptr;
+    cost_tile(x.data() + i0 * d, rows, d, yt.data() + j0, m, w, xx.data() + i0, yy.data() + j0, out, ldo, packed);
   }
   // Rows [i0, i1) into out ((i1 - i0) x m, row-major).
   void rows(int64_t i0, int64_t i1, T* out) const {
