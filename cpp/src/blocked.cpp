@@ -31,6 +31,39 @@ constexpr int64_t kTile = kCostTile;
 // thread count. More threads than lanes would idle.
 constexpr int kLanes = 8;
 
+// Sums over one row's plan entries p_j = exp(base + B_j - c_j / eps), formed and summed in double
+// (the Newton system and its line search compare errors down to 1e-8 of the mass): s[0] += sum p,
+// s[1] += sum p V_j when V is given, s[2] += sum p^2 V2_j when V2 is given.
+template <typename T>
+struct PlanSums {
+  SEGTRANSFER_HOT static void run(const T* c, int64_t w, double base, const double* B, double inv_eps,
+                                  const double* V, const double* V2, double* s) {
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0;
+    if (V2 != nullptr) {
+#pragma omp simd reduction(+ : s0, s1, s2)
+      for (int64_t j = 0; j < w; ++j) {
+        const double p = detail::fast_exp(base + B[j] - static_cast<double>(c[j]) * inv_eps);
+        s0 += p;
+        s1 += p * V[j];
+        s2 += p * p * V2[j];
+      }
+    } else if (V != nullptr) {
+#pragma omp simd reduction(+ : s0, s1)
+      for (int64_t j = 0; j < w; ++j) {
+        const double p = detail::fast_exp(base + B[j] - static_cast<double>(c[j]) * inv_eps);
+        s0 += p;
+        s1 += p * V[j];
+      }
+    } else {
+#pragma omp simd reduction(+ : s0)
+      for (int64_t j = 0; j < w; ++j) s0 += detail::fast_exp(base + B[j] - static_cast<double>(c[j]) * inv_eps);
+    }
+    s[0] += s0;
+    s[1] += s1;
+    s[2] += s2;
+  }
+};
+
 // Newton's truncated plan (see BlockedSolver::capture): the columns j of one cost row with
 // G_j - c_j / eps > th, compacted branch-free into idx; returns how many.
 template <typename T>

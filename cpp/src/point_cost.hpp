@@ -46,11 +46,11 @@ SEGTRANSFER_HOT void cost_tile_rest(const T* x, int64_t rows, int64_t d, const T
 // `yp`: the tile's columns packed in groups of 16 (group g at yp + 16 g d, d rows of 16 values; see
 // PointCost::pack), so that a block reads one contiguous run instead of d rows of y^T m apart: at
 // D = 256 the strided reads held the kernel to a quarter of the FMA rate.
+// Blocks cover columns [0, wv), wv a multiple of 16; returns the rows they covered.
 __attribute__((target("avx2,fma"))) int64_t cost_tile_avx2(const float* x, int64_t rows, int64_t d, const float* yp,
-                                                             int64_t w, const float* xx, const float* yy, float* out,
+                                                             int64_t wv, const float* xx, const float* yy, float* out,
                                                              int64_t ldo) {
   constexpr int64_t kW = 16;
-  const int64_t wv = d > 0 ? w - w % kW : 0;
   const __m256 zero = _mm256_setzero_ps();
   int64_t r = 0;
   for (; r + 4 <= rows; r += 4) {
@@ -101,18 +101,18 @@ __attribute__((target("avx2,fma"))) int64_t cost_tile_avx2(const float* x, int64
 template <typename T>
 SEGTRANSFER_HOT void cost_tile(const T* x, int64_t rows, int64_t d, const T* yt, int64_t ld, int64_t w,
                                const T* xx, const T* yy, T* out, int64_t ldo, const T* yp = nullptr) {
-  constexpr int64_t kW = std::is_same<T, float>::value ? 16 : 32;
+  constexpr int64_t kW = std::is_same<T, float>::value ? 16 : 32;  // float: cost_tile_avx2's width too
+  const int64_t wv = d > 0 ? w - w % kW : 0;
 #ifdef SEGTRANSFER_AVX2_TILES
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (std::is_same<T, float>::value && avx2 && yp != nullptr) {
     const int64_t r = cost_tile_avx2(reinterpret_cast<const float*>(x), rows, d, reinterpret_cast<const float*>(yp),
-                                     w, reinterpret_cast<const float*>(xx), reinterpret_cast<const float*>(yy),
+                                     wv, reinterpret_cast<const float*>(xx), reinterpret_cast<const float*>(yy),
                                      reinterpret_cast<float*>(out), ldo);
-    cost_tile_rest(x, rows, d, yt, ld, w, xx, yy, out, ldo, r, d > 0 ? w - w % kW : 0);
+    cost_tile_rest(x, rows, d, yt, ld, w, xx, yy, out, ldo, r, wv);
     return;
   }
 #endif
-  const int64_t wv = d > 0 ? w - w % kW : 0;
   int64_t r = 0;
   for (; r + 4 <= rows; r += 4) {
     const T* x0 = x + r * d;
@@ -156,39 +156,6 @@ SEGTRANSFER_HOT void cost_tile(const T* x, int64_t rows, int64_t d, const T* yt,
   }
   cost_tile_rest(x, rows, d, yt, ld, w, xx, yy, out, ldo, r, wv);
 }
-
-// Sums over one row's plan entries p_j = exp(base + B_j - c_j / eps), formed and summed in double
-// (the Newton system and its line search compare errors down to 1e-8 of the mass): s[0] += sum p,
-// s[1] += sum p V_j when V is given, s[2] += sum p^2 V2_j when V2 is given.
-template <typename T>
-struct PlanSums {
-  SEGTRANSFER_HOT static void run(const T* c, int64_t w, double base, const double* B, double inv_eps,
-                                  const double* V, const double* V2, double* s) {
-    double s0 = 0.0, s1 = 0.0, s2 = 0.0;
-    if (V2 != nullptr) {
-#pragma omp simd reduction(+ : s0, s1, s2)
-      for (int64_t j = 0; j < w; ++j) {
-        const double p = detail::fast_exp(base + B[j] - static_cast<double>(c[j]) * inv_eps);
-        s0 += p;
-        s1 += p * V[j];
-        s2 += p * p * V2[j];
-      }
-    } else if (V != nullptr) {
-#pragma omp simd reduction(+ : s0, s1)
-      for (int64_t j = 0; j < w; ++j) {
-        const double p = detail::fast_exp(base + B[j] - static_cast<double>(c[j]) * inv_eps);
-        s0 += p;
-        s1 += p * V[j];
-      }
-    } else {
-#pragma omp simd reduction(+ : s0)
-      for (int64_t j = 0; j < w; ++j) s0 += detail::fast_exp(base + B[j] - static_cast<double>(c[j]) * inv_eps);
-    }
-    s[0] += s0;
-    s[1] += s1;
-    s[2] += s2;
-  }
-};
 
 // The points centred on their joint mean (which keeps the expansion's cancellation small), y
 // transposed, and both sides' squared norms: any tile of the cost from them (squared_euclidean
