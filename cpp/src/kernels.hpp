@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <Eigen/Cholesky>
@@ -16,6 +17,7 @@
 #include "segtransfer/errors.hpp"
 #include "segtransfer/fastexp.hpp"
 #include "segtransfer/sinkhorn.hpp"
+#include "lse_avx2.hpp"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -160,8 +162,18 @@ struct RowLse {
   // The exponent formed in float (Af: A in float): 16 lanes and one gather per 16 entries instead of
   // 8. Its terms reach ~10^3 at small eps, so each entry carries a relative error up to ~3e-4: only
   // for stages that stop at a loose error (see half_step).
-  SEGTRANSFER_HOT static double sum_lowp(const T* c, const int32_t* cols, int64_t len, const float* Af,
-                                         float inv_eps, float shift) {
+  static double sum_lowp(const T* c, const int32_t* cols, int64_t len, const float* Af, float inv_eps, float shift) {
+#ifdef SEGTRANSFER_AVX2_LSE
+    if constexpr (std::is_same<T, float>::value) {
+      if (avx2_lse_available())
+        return cols != nullptr ? lse_sum_avx2<true>(c, cols, len, Af, inv_eps, shift)
+                               : lse_sum_avx2<false>(c, nullptr, len, Af, inv_eps, shift);
+    }
+#endif
+    return sum_lowp_clones(c, cols, len, Af, inv_eps, shift);
+  }
+  SEGTRANSFER_HOT static double sum_lowp_clones(const T* c, const int32_t* cols, int64_t len, const float* Af,
+                                                float inv_eps, float shift) {
     return shifted_sum<float>(c, cols, len, Af, inv_eps, shift);
   }
 
@@ -227,7 +239,16 @@ struct ColLse {
     shifted_row<double>(c, m, Ai, inv_eps, mx, part);
   }
   // The exponent in float (see RowLse::sum_lowp).
-  SEGTRANSFER_HOT static void sum_row_lowp(const T* c, int64_t m, float Ai, float inv_eps, const float* mx, T* part) {
+  static void sum_row_lowp(const T* c, int64_t m, float Ai, float inv_eps, const float* mx, T* part) {
+#ifdef SEGTRANSFER_AVX2_LSE
+    if constexpr (std::is_same<T, float>::value) {
+      if (avx2_lse_available()) return col_lse_row_avx2(c, m, Ai, inv_eps, mx, part);
+    }
+#endif
+    sum_row_lowp_clones(c, m, Ai, inv_eps, mx, part);
+  }
+  SEGTRANSFER_HOT static void sum_row_lowp_clones(const T* c, int64_t m, float Ai, float inv_eps, const float* mx,
+                                                  T* part) {
     shifted_row<float>(c, m, Ai, inv_eps, mx, part);
   }
 };

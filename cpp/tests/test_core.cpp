@@ -14,6 +14,7 @@
 #include "segtransfer/fastexp.hpp"
 #include "segtransfer/otce.hpp"
 #include "segtransfer/sampling.hpp"
+#include "../src/kernels.hpp"  // the log-sum-exp loops themselves (internal)
 
 using namespace segtransfer;
 
@@ -89,6 +90,78 @@ static void check_squared_euclidean() {
 static void test_squared_euclidean() {
   check_squared_euclidean<float>();
   check_squared_euclidean<double>();
+}
+
+#ifdef SEGTRANSFER_AVX2_LSE
+// fast_exp8 against std::exp lane by lane: the same bound as fast_exp(float), zero below -87, e^88
+// above 88 (as fast_exp).
+__attribute__((target("avx2,fma"))) static void check_fast_exp8() {
+  for (float x0 = -90.f; x0 <= 88.f; x0 += 8 * 0.0131f) {
+    alignas(32) float x[8], e[8];
+    for (int l = 0; l < 8; ++l) x[l] = x0 + l * 0.0131f;
+    _mm256_store_ps(e, fast_exp8(_mm256_load_ps(x)));
+    for (int l = 0; l < 8; ++l) {
+      const double ref = x[l] < -87.f ? 0.0 : std::exp(std::min(88.0, static_cast<double>(x[l])));  // clamped
+      CHECK(std::fabs(e[l] - ref) <= 3e-7 * ref);
+    }
+  }
+}
+#endif
+
+// The float-exponent sums of the intermediate stages (RowLse::sum_lowp, ColLse::sum_row_lowp) --
+// AVX2 intrinsics where this CPU takes that path (lse_avx2.hpp), the compiler's clones otherwise --
+// against sums of std::exp in double, on dense and sparse rows whose lengths leave partial vectors
+// and 256-entry blocks, with entries flushed below e^-87. Bound: the exponent is formed in float
+// (|A|, |c / eps| <= ~60: 60 * 2^-24 = 4e-6 absolute, the same relative on each term), fast_exp's
+// 3e-7 and float partial sums of <= 256 terms (256 * 6e-8 = 1.5e-5 at worst, ~1e-6 typically):
+// 3e-5 relative. An overflowing row must come out infinite (the callers then take the exact path).
+static void test_lse_kernels() {
+#ifdef SEGTRANSFER_AVX2_LSE
+  if (avx2_lse_available()) check_fast_exp8();
+#endif
+  std::mt19937_64 rng(5);
+  std::uniform_real_distribution<float> uc(0.f, 60.f), ua(-5.f, 5.f);
+  const int64_t m = 4000;
+  std::vector<float> A(m);
+  for (float& v : A) v = ua(rng);
+  const float inv_eps = 0.9f, shift = -20.f;  // exponents in about [-59, 25]; some below -87 when c is large
+  for (int64_t len : {0, 1, 7, 8, 15, 16, 17, 255, 256, 257, 1000, 3001}) {
+    std::vector<float> c(len);
+    std::vector<int32_t> cols(len);
+    for (int64_t k = 0; k < len; ++k) {
+      c[k] = uc(rng) * (k % 5 == 0 ? 2.5f : 1.0f);  // every fifth far out: flushed or tiny
+      cols[k] = static_cast<int32_t>((k * 7919) % m);
+    }
+    for (bool sparse : {false, true}) {
+      double ref = 0.0;
+      for (int64_t k = 0; k < len; ++k) {
+        const double x = static_cast<double>(A[sparse ? cols[k] : k]) - static_cast<double>(c[k]) * inv_eps - shift;
+        if (x >= -87.0) ref += std::exp(x);
+      }
+      const double got = RowLse<float>::sum_lowp(c.data(), sparse ? cols.data() : nullptr, len, A.data(), inv_eps, shift);
+      const double clone =
+          RowLse<float>::sum_lowp_clones(c.data(), sparse ? cols.data() : nullptr, len, A.data(), inv_eps, shift);
+      CHECK(std::fabs(got - ref) <= 3e-5 * ref);
+      CHECK(std::fabs(clone - ref) <= 3e-5 * ref);
+    }
+    // Column form: part[j] += exp(Ai - c[j] * inv_eps - mx[j]) on a row of length len.
+    std::vector<float> mx(len), part(len), before(len);
+    for (int64_t j = 0; j < len; ++j) {
+      mx[j] = ua(rng) - 20.f;
+      part[j] = before[j] = static_cast<float>(j % 3);
+    }
+    const float Ai = 1.5f;
+    ColLse<float>::sum_row_lowp(c.data(), len, Ai, inv_eps, mx.data(), part.data());
+    for (int64_t j = 0; j < len; ++j) {
+      const double x = double(Ai) - double(c[j]) * inv_eps - double(mx[j]);
+      const double ref = before[j] + (x >= -87.0 ? std::exp(x) : 0.0);
+      CHECK(std::fabs(part[j] - ref) <= 3e-5 * ref + 1e-30);
+    }
+  }
+  // Overflow: terms clamped at e^88 (~1.7e38) sum past FLT_MAX to inf, never to a finite wrong value.
+  std::vector<float> c(40, 0.f);
+  std::vector<float> big(m, 150.f);
+  CHECK(std::isinf(RowLse<float>::sum_lowp(c.data(), nullptr, 40, big.data(), 1.f, 0.f)));
 }
 
 static void test_sampling() {
@@ -672,6 +745,7 @@ int main(int argc, char** argv) {
   const Test tests[] = {
       {"fast_exp", test_fast_exp},
       {"squared_euclidean", test_squared_euclidean},
+      {"lse_kernels", test_lse_kernels},
       {"sampling", test_sampling},
       {"otce_bijection", test_otce_bijection},
       {"conditional_entropy", test_conditional_entropy},
