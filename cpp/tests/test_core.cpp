@@ -468,6 +468,35 @@ static void test_float_stages() {
 // factor, without it and with the largest allowed factor (2, overshooting) all certify to tol and
 // agree (check_same_solution). Measured: 68 iterations against 119 without and 130 at factor 2 in
 // double, 66 / 117 / 128 in float.
+// The multiscale start (a strided subsample's epsilon-scaling, its potentials extended to every
+// point) only changes where the full problem starts: the same certified plan as without it, on
+// clusters of unequal sizes (so the subsample's class masses are off) at cost / eps up to ~5,000.
+// Compared through the plan (joint label masses within 4 tol, as in check_same_solution, and the
+// transport cost within tol times the largest cost), not the potentials: across clusters the
+// truncated plan is disconnected, so each cluster's potentials carry their own constant. Fewer
+// stages on the full problem show the multiscale path was taken.
+template <typename T>
+static void check_multiscale_same_plan() {
+  const double centre[3][2] = {{0, 0}, {3, 0}, {6, 0}};
+  const int64_t ns[3] = {700, 600, 500}, nt[3] = {600, 650, 550};
+  SinkhornOptions opt;
+  opt.epsilon = 0.01;
+  opt.tol = sizeof(T) == 8 ? 1e-7 : 1e-5;
+  opt.multiscale_points = 400;
+  const ClusterProblem<T> p = cluster_problem<T>(9, centre, ns, nt, 0.6, 0.2);
+  const TwoSolves s = solve_twice(p, opt, [](SinkhornOptions& o) { o.multiscale_points = 0; });
+  CHECK(s.on.converged && s.off.converged);
+  CHECK(s.on.stages < s.off.stages);
+  CHECK(s.on.joint.size() == 9 && s.off.joint.size() == 9);
+  for (size_t k = 0; k < s.on.joint.size() && k < s.off.joint.size(); ++k)
+    CHECK(std::fabs(s.on.joint[k] - s.off.joint[k]) <= 4 * opt.tol);
+  CHECK(std::fabs(s.on.transport_cost - s.off.transport_cost) <= opt.tol * static_cast<double>(p.cost.maxCoeff()));
+  if (std::getenv("SEGTRANSFER_DEBUG"))
+    std::fprintf(stderr, "multiscale on / off: %lld / %lld iterations, %d / %d stages, W_D %.9g / %.9g\n",
+                 static_cast<long long>(s.on.iterations), static_cast<long long>(s.off.iterations), s.on.stages,
+                 s.off.stages, s.on.transport_cost, s.off.transport_cost);
+}
+
 template <typename T>
 static void check_stage_extrapolation() {
   const double centre[3][2] = {{0, 0}, {6, 0}, {12, 0}};
@@ -493,6 +522,8 @@ static void check_stage_extrapolation() {
 static void test_stage_extrapolation() {
   check_stage_extrapolation<double>();
   check_stage_extrapolation<float>();
+  check_multiscale_same_plan<double>();
+  check_multiscale_same_plan<float>();
 }
 
 // The blocked solver (cost recomputed in panels, never stored) against sinkhorn_log on the stored
