@@ -22,6 +22,19 @@ namespace {
 // Columns per tile: a tile's slice of y^T (d x 256) stays in L1/L2 while a panel's rows use it.
 constexpr int64_t kCostTile = 256;
 
+// Whether this CPU runs cost_tile_avx2 (and so whether PointCost packs y for it).
+inline bool avx2_tiles_available() {
+#ifdef SEGTRANSFER_AVX2_TILES
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
 // The entries a tile's blocks left over (rows >= r, and columns >= wv of the rows < r), one at a
 // time with the blocks' operations in the same order.
 template <typename T>
@@ -104,8 +117,7 @@ SEGTRANSFER_HOT void cost_tile(const T* x, int64_t rows, int64_t d, const T* yt,
   constexpr int64_t kW = std::is_same<T, float>::value ? 16 : 32;  // float: cost_tile_avx2's width too
   const int64_t wv = d > 0 ? w - w % kW : 0;
 #ifdef SEGTRANSFER_AVX2_TILES
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (std::is_same<T, float>::value && avx2 && yp != nullptr) {
+  if (std::is_same<T, float>::value && yp != nullptr && avx2_tiles_available()) {
     const int64_t r = cost_tile_avx2(reinterpret_cast<const float*>(x), rows, d, reinterpret_cast<const float*>(yp),
                                      wv, reinterpret_cast<const float*>(xx), reinterpret_cast<const float*>(yy),
                                      reinterpret_cast<float*>(out), ldo);
@@ -194,10 +206,11 @@ struct PointCost {
   }
 
   // yp from yt: for each full group of 16 columns, its d x 16 values contiguous, in the order the
-  // register blocks read them. Float only (the intrinsics kernel's type).
+  // register blocks read them. Float only (the intrinsics kernel's type), and only where that
+  // kernel runs.
   void pack() {
     yp.clear();
-    if (!std::is_same<T, float>::value) return;
+    if (!std::is_same<T, float>::value || !avx2_tiles_available()) return;
     const int64_t groups = m / 16;
     yp.resize(static_cast<size_t>(groups) * 16 * d);
     for (int64_t gr = 0; gr < groups; ++gr)
