@@ -111,6 +111,13 @@ class StageExtrapolation {
     for (int64_t j = 0; j < m; ++j) g[j] = cur_g_[j] + t * (cur_g_[j] - prev_g_[j]);
   }
 
+  // The records: the last stage's potentials (last_*) and the one's before (prev_*).
+  double prev_eps() const { return prev_eps_; }
+  const std::vector<double>& prev_f() const { return prev_f_; }
+  const std::vector<double>& prev_g() const { return prev_g_; }
+  const double* last_f() const { return cur_f_.data(); }
+  const double* last_g() const { return cur_g_.data(); }
+
  private:
   std::vector<double> prev_f_, prev_g_, cur_f_, cur_g_;
   double prev_eps_ = 0.0, cur_eps_ = 0.0;
