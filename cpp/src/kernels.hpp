@@ -115,8 +115,8 @@ class StageExtrapolation {
   double prev_eps() const { return prev_eps_; }
   const std::vector<double>& prev_f() const { return prev_f_; }
   const std::vector<double>& prev_g() const { return prev_g_; }
-  const double* last_f() const { return cur_f_.data(); }
-  const double* last_g() const { return cur_g_.data(); }
+  const std::vector<double>& last_f() const { return cur_f_; }
+  const std::vector<double>& last_g() const { return cur_g_; }
 
  private:
   std::vector<double> prev_f_, prev_g_, cur_f_, cur_g_;

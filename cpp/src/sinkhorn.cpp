@@ -1114,17 +1114,28 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
         ++first_stage;
       if (first_stage > 0) --first_stage;
       const double eps = schedule[first_stage];
-      // f_i = -eps log sum_l sb_l exp((sg_l - C_{i, ci[l]}) / eps), then a full g half-step.
-      std::vector<double> lsb(ks);
-      for (int64_t l = 0; l < ks; ++l) lsb[l] = std::log(sb[l]);
-      std::vector<T> crow(ks);
-      std::vector<double> A;
-      exponent_offsets(sg.data(), lsb.data(), ks, 1.0 / eps, A);
-#pragma omp parallel for num_threads(nt) schedule(static) firstprivate(crow)
-      for (int64_t i = 0; i < n; ++i) {
-        for (int64_t l = 0; l < ks; ++l) crow[l] = cost(i, ci[l]);
-        f[i] = -eps * RowLse<T>::run(crow.data(), nullptr, ks, A.data(), 1.0 / eps);
+      // Subsample potentials extended to every point by the c-transform at epsilon e: to the rows
+      // from the subsample's column potentials, f_i = -e log sum_l sb_l exp((sg_l - C_{i, ci[l]}) / e),
+      // to the columns likewise from its row potentials (over the rows ri). `guess` (optional): the
+      // points' potentials the result is expected near, which shift a one-pass sum (RowLse::run).
+      std::vector<double> lsa(ks), lsb(ks);
+      for (int64_t k = 0; k < ks; ++k) {
+        lsa[k] = std::log(sa[k]);
+        lsb[k] = std::log(sb[k]);
       }
+      auto extend = [&](bool to_cols, const double* sub_pot, double e, const double* guess, double* out) {
+        const double inv = 1.0 / e;
+        std::vector<double> A;
+        exponent_offsets(sub_pot, to_cols ? lsa.data() : lsb.data(), ks, inv, A);
+        const int64_t len = to_cols ? m : n;
+        std::vector<T> c(ks);
+#pragma omp parallel for num_threads(nt) schedule(static) firstprivate(c)
+        for (int64_t p = 0; p < len; ++p) {
+          for (int64_t k = 0; k < ks; ++k) c[k] = to_cols ? cost(ri[k], p) : cost(p, ci[k]);
+          out[p] = -e * RowLse<T>::run(c.data(), nullptr, ks, A.data(), inv, guess ? -guess[p] * inv : kNegInf);
+        }
+      };
+      extend(false, sg.data(), eps, nullptr, f);  // then a full g half-step
       half_step(cost, true, static_cast<const SparseRows<T>*>(nullptr), f, log_a.data(), b, eps, 1.0, g,
                 err_rows, nt);
       if (opt.stage_extrapolation > 0 && sub_trace.prev_eps() > eps * (1 + 1e-12) &&
@@ -1132,24 +1143,13 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
         // The full problem's second stage would start where its first ended (extrapolating needs
         // two stages), and took 21 iterations on the benchmark's logits where the extrapolated later
         // stages take 5-12. The subsample's potentials at the end of its stage before this one,
-        // extended to every point by c-transforms at that stage's epsilon (one pass each, shifted
-        // by the potentials just made), stand in for the full problem's previous stage. Whether the
-        // second stage uses them is decided after the first (see the stage loop).
-        const double pe = sub_trace.prev_eps(), inv = 1.0 / pe;
-        std::vector<double> fp(n), gp(m), A_rows, A_cols, lsa(ks);
-        for (int64_t k = 0; k < ks; ++k) lsa[k] = std::log(sa[k]);
-        exponent_offsets(sub_trace.prev_g().data(), lsb.data(), ks, inv, A_cols);
-        exponent_offsets(sub_trace.prev_f().data(), lsa.data(), ks, inv, A_rows);
-#pragma omp parallel for num_threads(nt) schedule(static) firstprivate(crow)
-        for (int64_t i = 0; i < n; ++i) {
-          for (int64_t l = 0; l < ks; ++l) crow[l] = cost(i, ci[l]);
-          fp[i] = -pe * RowLse<T>::run(crow.data(), nullptr, ks, A_cols.data(), inv, -f[i] * inv);
-        }
-#pragma omp parallel for num_threads(nt) schedule(static) firstprivate(crow)
-        for (int64_t j = 0; j < m; ++j) {
-          for (int64_t k = 0; k < ks; ++k) crow[k] = cost(ri[k], j);
-          gp[j] = -pe * RowLse<T>::run(crow.data(), nullptr, ks, A_rows.data(), inv, -g[j] * inv);
-        }
+        // extended to every point (one pass each, shifted by the potentials just made), stand in
+        // for the full problem's previous stage. Whether the second stage uses them is decided
+        // after the first (see the stage loop).
+        const double pe = sub_trace.prev_eps();
+        std::vector<double> fp(n), gp(m);
+        extend(false, sub_trace.prev_g().data(), pe, f, fp.data());
+        extend(true, sub_trace.prev_f().data(), pe, g, gp.data());
         extrapolation.record(pe, fp.data(), n, gp.data(), m);
         handover.assign(f, f + n);
         handover.insert(handover.end(), g, g + m);
@@ -1180,8 +1180,8 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
           return sum;
         };
         const double correction = moved(f, handover.data(), a, n) + moved(g, handover.data() + n, b, m);
-        const double trend = moved(handover.data(), extrapolation.last_f(), a, n) +
-                             moved(handover.data() + n, extrapolation.last_g(), b, m);
+        const double trend = moved(handover.data(), extrapolation.last_f().data(), a, n) +
+                             moved(handover.data() + n, extrapolation.last_g().data(), b, m);
         extrapolate = correction <= trend;
         if (debug)
           std::fprintf(stderr, "  multiscale slope: first stage moved %.3g, hand-over from the stage before %.3g: %s\n",
