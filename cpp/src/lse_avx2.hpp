@@ -20,6 +20,22 @@
 #define SEGTRANSFER_AVX2_LSE 1
 #endif
 
+#if defined(__x86_64__) && defined(__GNUC__)
+namespace segtransfer {
+namespace {
+// Whether this CPU has AVX2 and FMA, which every intrinsics kernel of the core needs (these loops
+// and the cost tiles of point_cost.hpp). Asked once.
+inline bool cpu_has_avx2_fma() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return yes;
+}
+}  // namespace
+}  // namespace segtransfer
+#endif
+
 #ifdef SEGTRANSFER_AVX2_LSE
 namespace segtransfer {
 namespace {
@@ -27,11 +43,10 @@ namespace {
 // True where the compiler's x86-64-v4 clone is not the one that runs but AVX2 + FMA are there.
 inline bool avx2_lse_available() {
   static const bool yes = [] {
-    __builtin_cpu_init();
     const bool v4 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                     __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
                     __builtin_cpu_supports("avx512vl");
-    return !v4 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return !v4 && cpu_has_avx2_fma();
   }();
   return yes;
 }

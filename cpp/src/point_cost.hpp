@@ -25,11 +25,7 @@ constexpr int64_t kCostTile = 256;
 // Whether this CPU runs cost_tile_avx2 (and so whether PointCost packs y for it).
 inline bool avx2_tiles_available() {
 #ifdef SEGTRANSFER_AVX2_TILES
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return yes;
+  return cpu_has_avx2_fma();
 #else
   return false;
 #endif
