@@ -15,6 +15,7 @@
 #include "segtransfer/otce.hpp"
 #include "segtransfer/sampling.hpp"
 #include "../src/kernels.hpp"  // the log-sum-exp loops themselves (internal)
+#include "../src/point_cost.hpp"  // the cost tiles (internal)
 
 using namespace segtransfer;
 
@@ -87,9 +88,37 @@ static void check_squared_euclidean() {
   }
 }
 
+// The stored and the blocked solver rely on every cost tile being bit-identical whichever kernel
+// computed it (AVX2 register blocks, where this CPU has them, or the portable loop) and for the
+// transposed problem: rows 0-38 (four-row blocks and leftover rows) x 301 columns (groups of 16 and
+// leftover columns), D = 19 and 256.
+static void check_cost_tiles_identical(int64_t d) {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> z(0.0f, 3.0f);
+  const int64_t n = 39, m = 301;
+  std::vector<float> x(n * d), y(m * d);
+  for (float& v : x) v = z(rng);
+  for (float& v : y) v = z(rng);
+  const PointCost<float> pc(x.data(), n, y.data(), m, d);
+  const PointCost<float> pt = PointCost<float>::transposed(pc);
+  std::vector<float> fast(n * m), portable(n * m), trans(m * n);
+  pc.rows(0, n, fast.data());
+  for (int64_t j0 = 0; j0 < m; j0 += kCostTile)
+    cost_tile(pc.x.data(), n, d, pc.yt.data() + j0, m, std::min(kCostTile, m - j0), pc.xx.data(), pc.yy.data() + j0,
+              portable.data() + j0, m);
+  pt.rows(0, m, trans.data());
+  bool same = true;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < m; ++j)
+      same = same && fast[i * m + j] == portable[i * m + j] && fast[i * m + j] == trans[j * n + i];
+  CHECK(same);
+}
+
 static void test_squared_euclidean() {
   check_squared_euclidean<float>();
   check_squared_euclidean<double>();
+  check_cost_tiles_identical(19);
+  check_cost_tiles_identical(256);
 }
 
 #ifdef SEGTRANSFER_AVX2_LSE
