@@ -37,10 +37,13 @@ constexpr double kSmallProblem = 1e6;  // entries (n x m) of a problem whose ker
 // used as the shifts of a single summing sweep, as in RowLse::run; only if some column's shifted
 // sum over- or underflows are the exact maxima found by a first sweep and the sum redone.
 // `lowp`: the guessed sweep forms its exponents in float (RowLse::sum_lowp), shifts rounded to float.
+// `row_sel` (optional, `n_sel` of them): only these rows of `mat`, A indexed by their position.
 template <typename T>
 void dense_column_lse(const RowMatrix<T>& mat, const double* A, double inv_eps, int nt, double* out,
-                      const double* guess = nullptr, bool lowp = false) {
-  const int64_t n = mat.rows(), m = mat.cols();
+                      const double* guess = nullptr, bool lowp = false, const int64_t* row_sel = nullptr,
+                      int64_t n_sel = 0) {
+  const int64_t n = row_sel != nullptr ? n_sel : mat.rows(), m = mat.cols();
+  const auto row = [&](int64_t i) { return mat.data() + (row_sel != nullptr ? row_sel[i] : i) * m; };
   constexpr int64_t kRows = 256;
   const int64_t nb = (n + kRows - 1) / kRows;
   std::vector<double> blk(static_cast<size_t>(nb) * m, kNegInf), mx(m, kNegInf);
@@ -52,9 +55,9 @@ void dense_column_lse(const RowMatrix<T>& mat, const double* A, double inv_eps, 
       std::vector<T> part(m, T(0));
       for (int64_t i = b * kRows; i < std::min(n, (b + 1) * kRows); ++i) {
         if (use_lowp)
-          ColLse<T>::sum_row_lowp(mat.data() + i * m, m, Af[i], static_cast<float>(inv_eps), mxf.data(), part.data());
+          ColLse<T>::sum_row_lowp(row(i), m, Af[i], static_cast<float>(inv_eps), mxf.data(), part.data());
         else
-          ColLse<T>::sum_row(mat.data() + i * m, m, A[i], inv_eps, mx.data(), part.data());
+          ColLse<T>::sum_row(row(i), m, A[i], inv_eps, mx.data(), part.data());
       }
       double* bs = blk.data() + b * m;
       for (int64_t j = 0; j < m; ++j) bs[j] = static_cast<double>(part[j]);
@@ -89,7 +92,7 @@ void dense_column_lse(const RowMatrix<T>& mat, const double* A, double inv_eps, 
   for (int64_t b = 0; b < nb; ++b) {
     double* bm = blk.data() + b * m;
     for (int64_t i = b * kRows; i < std::min(n, (b + 1) * kRows); ++i)
-      ColLse<T>::max_row(mat.data() + i * m, m, A[i], inv_eps, bm);
+      ColLse<T>::max_row(row(i), m, A[i], inv_eps, bm);
   }
   for (int64_t b = 0; b < nb; ++b)
     for (int64_t j = 0; j < m; ++j) mx[j] = std::max(mx[j], blk[b * m + j]);
@@ -1127,17 +1130,29 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
         const double inv = 1.0 / e;
         std::vector<double> A;
         exponent_offsets(sub_pot, to_cols ? lsa.data() : lsb.data(), ks, inv, A);
-        const int64_t len = to_cols ? m : n;
+        if (to_cols) {  // summed over the subsample's rows, read row by row (a column walk misses the cache)
+          std::vector<double> lse(2 * m);
+          if (guess != nullptr)
+            for (int64_t j = 0; j < m; ++j) lse[m + j] = -guess[j] * inv;
+          dense_column_lse(cost, A.data(), inv, nt, lse.data(), guess != nullptr ? lse.data() + m : nullptr, false,
+                           ri.data(), ks);
+          for (int64_t j = 0; j < m; ++j) out[j] = -e * lse[j];
+          return;
+        }
         std::vector<T> c(ks);
 #pragma omp parallel for num_threads(nt) schedule(static) firstprivate(c)
-        for (int64_t p = 0; p < len; ++p) {
-          for (int64_t k = 0; k < ks; ++k) c[k] = to_cols ? cost(ri[k], p) : cost(p, ci[k]);
+        for (int64_t p = 0; p < n; ++p) {
+          for (int64_t k = 0; k < ks; ++k) c[k] = cost(p, ci[k]);
           out[p] = -e * RowLse<T>::run(c.data(), nullptr, ks, A.data(), inv, guess ? -guess[p] * inv : kNegInf);
         }
       };
-      extend(false, sg.data(), eps, nullptr, f);  // then a full g half-step
+      // f extended, then g by a full half-step against it: one float sweep (as the stage that
+      // follows runs them) shifted by g extended too, where an unguessed sweep in double made two
+      // passes over the cost and took a third of the multiscale start.
+      extend(false, sg.data(), eps, nullptr, f);
+      extend(true, sf.data(), eps, nullptr, g);
       half_step(cost, true, static_cast<const SparseRows<T>*>(nullptr), f, log_a.data(), b, eps, 1.0, g,
-                err_rows, nt);
+                err_rows, nt, opt.float_stage_exponents);
       if (opt.stage_extrapolation > 0 && sub_trace.prev_eps() > eps * (1 + 1e-12) &&
           static_cast<int64_t>(sub_trace.prev_f().size()) == ks) {
         // The full problem's second stage would start where its first ended (extrapolating needs
