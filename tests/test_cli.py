@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 
@@ -49,3 +51,12 @@ def test_score_json_and_missing_key(tmp_path, capsys):
 def test_info(capsys):
     assert main(["info"]) == 0
     assert "CUDA built" in capsys.readouterr().out
+
+
+def test_python_dash_m_runs_the_same_cli():
+    # Where the console script is not on PATH (a venv not activated), `python -m segtransfer` is the way in.
+    out = subprocess.run([sys.executable, "-m", "segtransfer", "info"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "CUDA built" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "segtransfer", "nonsense"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
