@@ -115,3 +115,13 @@ def test_sinkhorn_result():
     assert p.shape == (20, 15) and p.dtype == np.float64
     assert p.sum() == pytest.approx(1.0, abs=2 * st.DEFAULT_TOL)
     assert "SinkhornResult(" in repr(r)
+
+
+def test_zero_entropy_scores_positive_zero():
+    # One pixel a side: Y_t is determined by Y_s, W_T = 0, and OTCE must print as 0, not -0.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(50, 3))
+    y = rng.integers(0, 3, 50)
+    res = st.otce(x, y, x, y, n_pixels=1, repeats=3)
+    assert np.all(res.conditional_entropy == 0.0)
+    assert not np.any(np.signbit(res.scores)) and not np.signbit(res.score)

@@ -274,7 +274,7 @@ def otce(
                     xt, tgt.codes, int(tgt.classes.size), np.ascontiguousarray(idx_t, dtype=np.int64),
                     opt, budget)
     ce = out["conditional_entropy"]
-    scores = -ce
+    scores = 0.0 - ce  # not -ce: a zero entropy scores 0.0, not -0.0
     res = OTCEResult(
         score=float(scores.mean()),
         scores=scores,
