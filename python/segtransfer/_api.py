@@ -383,7 +383,7 @@ def sinkhorn(
     return _sinkhorn_result(out, opt)
 
 
-def _sinkhorn_result(out: dict, opt: Any) -> SinkhornResult:
+def _sinkhorn_result(out: dict[str, Any], opt: Any) -> SinkhornResult:
     """The result of either solver (same keys), with the non-convergence warning."""
     res = SinkhornResult(
         f=out["f"], g=out["g"], transport_cost=float(out["transport_cost"]), iterations=int(out["iterations"]),

@@ -191,7 +191,7 @@ class DeviceArray:
         return len(self.shape)
 
 
-def _dlpack_dtype(info: dict, name: str) -> np.dtype:
+def _dlpack_dtype(info: dict[str, Any], name: str) -> np.dtype:
     code, bits, lanes = info["dtype_code"], info["dtype_bits"], info["dtype_lanes"]
     if lanes != 1:
         raise TypeError(f"{name} has a vector DLPack dtype ({lanes} lanes), which segtransfer cannot read")
@@ -290,8 +290,9 @@ def host_source(view: np.ndarray) -> Any:
     if view.ndim == 2:
         view = view[None, :, :]
     item = view.dtype.itemsize
-    return _source(view.__array_interface__["data"][0], view.dtype == np.float64, view.shape,
-                   tuple(s // item for s in view.strides), -1, 0)
+    b, p, d = view.shape
+    sb, sp, sd = (s // item for s in view.strides)
+    return _source(view.__array_interface__["data"][0], view.dtype == np.float64, (b, p, d), (sb, sp, sd), -1, 0)
 
 
 def device_source(dev: DeviceArray, name: str, channels_last: bool) -> Any:
@@ -357,13 +358,13 @@ class CudaPlacement:
         self._keep.append(table.features)
         return table
 
-    def otce(self, src: PixelTable, tgt: PixelTable, idx_s: np.ndarray, idx_t: np.ndarray, opt: Any) -> dict:
+    def otce(self, src: PixelTable, tgt: PixelTable, idx_s: np.ndarray, idx_t: np.ndarray, opt: Any) -> dict[str, Any]:
         return _core.otce_cuda(self.sources["source"], src.codes, int(src.classes.size),
                                np.ascontiguousarray(idx_s, dtype=np.int64), self.sources["target"], tgt.codes,
                                int(tgt.classes.size), np.ascontiguousarray(idx_t, dtype=np.int64), opt, self.index)
 
     def sinkhorn(self, x: Any, y: Any, a: Any, b: Any, opt: Any,
-                 weights: Callable[[Any, int, str], np.ndarray | None]) -> dict:
+                 weights: Callable[[Any, int, str], np.ndarray | None]) -> dict[str, Any]:
         """``sinkhorn`` on the device; ``weights`` is the API's weight validation (host arrays)."""
         shapes = {}
         for name, obj in (("x", x), ("y", y)):

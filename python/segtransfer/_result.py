@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -41,9 +42,9 @@ class OTCEResult:
     def all_converged(self) -> bool:
         return bool(np.all(self.converged))
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dictionary (lists instead of arrays)."""
-        out: dict = {}
+        out: dict[str, Any] = {}
         for k, v in self.__dict__.items():
             out[k] = v.tolist() if isinstance(v, np.ndarray) else v
         out["all_converged"] = self.all_converged
