@@ -603,7 +603,10 @@ def _ratio(x: float) -> str:
 def fmt_time(r) -> str:
     t = r.get("time_s")
     if t is None:
-        return "—"
+        # POT without an iteration count to reach (no segtransfer-draw0 in the run): its measured
+        # cost of one iteration is all there is to compare, so the table shows it.
+        per_iter = r.get("seconds_per_iter")
+        return "—" if per_iter is None else f"{fmt_num(float(per_iter))} s an iteration"
     s = fmt_num(float(t))
     if r.get("time_lower_bound"):
         s = f">= {s} (est.)"
