@@ -462,6 +462,15 @@ def test_torch_feature_maps_equal_numpy():
     assert_same_result(r_np, r_cl)
 
 
+def test_torch_half_precision_features_are_refused_with_a_torch_hint():
+    # bfloat16 is what mixed-precision encoders emit; NumPy cannot read it at all.
+    torch = pytest.importorskip("torch")
+    xs, ys, xt, yt = informative_pair(15, 150, 140)
+    for tdt in (torch.bfloat16, torch.float16):
+        with pytest.raises(TypeError, match=r"source_features has dtype .*float16.*float32 and float64.*\.float\(\)"):
+            st.otce(torch.tensor(xs, dtype=tdt), torch.tensor(ys), torch.tensor(xt), torch.tensor(yt), n_pixels=100)
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_strided_arrays_equal_contiguous_copies(dtype):
     xs, ys, xt, yt = informative_pair(16, 160, 150, d=6)

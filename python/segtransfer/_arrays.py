@@ -21,6 +21,10 @@ _DLPACK_NAMES = {2: "CUDA", 4: "OpenCL", 7: "Vulkan", 8: "Metal", 9: "VPI", 10: 
                  13: "CUDA managed", 14: "oneAPI", 15: "WebGPU", 16: "Hexagon", 17: "MAIA"}
 
 
+_CONVERT_HINT = ("convert it to float32 or float64 first (NumPy, JAX, CuPy: .astype(np.float32); "
+                 "PyTorch: .float())")
+
+
 def to_host_array(obj: Any, name: str) -> np.ndarray:
     """A NumPy view of ``obj`` without copying when possible; clear errors for device arrays."""
     if isinstance(obj, np.ndarray):
@@ -50,6 +54,10 @@ def to_host_array(obj: Any, name: str) -> np.ndarray:
     try:
         arr = np.asarray(obj)
     except Exception as exc:  # noqa: BLE001 - any conversion failure is the user's input problem
+        dtype = getattr(obj, "dtype", None)
+        if dtype is not None:  # e.g. torch.bfloat16, which neither DLPack to NumPy nor NumPy itself can read
+            raise TypeError(f"{name} has dtype {dtype}, which NumPy cannot read; only float32 and float64 "
+                            f"features are supported: {_CONVERT_HINT}") from None
         raise TypeError(f"{name} could not be read as an array: {exc}") from None
     return arr
 
@@ -67,7 +75,7 @@ def check_features(arr: np.ndarray, name: str) -> np.ndarray:
         if not arr.flags.aligned or any(s % dt.itemsize for s in arr.strides):
             return np.array(arr, dtype=dt, order="C")
         return arr
-    hint = "convert it with .astype(np.float32) or .astype(np.float64)"
+    hint = _CONVERT_HINT
     if dt.kind == "f":
         raise TypeError(f"{name} has dtype {dt}; only float32 and float64 are supported: {hint}")
     if dt.kind in "iub":
