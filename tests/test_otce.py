@@ -427,7 +427,7 @@ def test_negative_label_values_are_ordinary_classes():
 
 
 # --------------------------------------------------------------------------------------------------
-# Array flavours: torch, strides
+# Array flavours: torch, JAX, strides
 # --------------------------------------------------------------------------------------------------
 
 def test_torch_cpu_tensors_equal_numpy():
@@ -469,6 +469,25 @@ def test_torch_half_precision_features_are_refused_with_a_torch_hint():
     for tdt in (torch.bfloat16, torch.float16):
         with pytest.raises(TypeError, match=r"source_features has dtype .*float16.*float32 and float64.*\.float\(\)"):
             st.otce(torch.tensor(xs, dtype=tdt), torch.tensor(ys), torch.tensor(xt), torch.tensor(yt), n_pixels=100)
+
+
+def test_jax_arrays_equal_numpy():
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    xs, ys, xt, yt = informative_pair(15, 150, 140)
+    kw = dict(n_pixels=100, repeats=2, epsilon=0.3)
+    r_np = run(xs.astype(np.float32), ys.astype(np.int32), xt.astype(np.float32), yt.astype(np.int32), **kw)
+    r_j = run(jnp.asarray(xs, dtype=jnp.float32), jnp.asarray(ys, dtype=jnp.int32),
+              jnp.asarray(xt, dtype=jnp.float32), jnp.asarray(yt, dtype=jnp.int32), **kw)
+    assert_same_result(r_np, r_j)
+    fs, ls = feature_maps(5, 2, 3, 6, 6, 12, 12, 3)
+    ft, lt = feature_maps(6, 2, 3, 6, 6, 12, 12, 3)
+    r_np = run(fs.astype(np.float32), ls.astype(np.int32), ft.astype(np.float32), lt.astype(np.int32), n_pixels=None)
+    r_j = run(jnp.asarray(fs, dtype=jnp.float32), jnp.asarray(ls, dtype=jnp.int32),
+              jnp.asarray(ft, dtype=jnp.float32), jnp.asarray(lt, dtype=jnp.int32), n_pixels=None)
+    assert_same_result(r_np, r_j)
+    with pytest.raises(TypeError, match=r"source_features has dtype bfloat16; only float32 and float64"):
+        st.otce(jnp.asarray(xs, dtype=jnp.bfloat16), ys, xt, yt, n_pixels=100)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

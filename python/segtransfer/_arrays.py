@@ -76,7 +76,7 @@ def check_features(arr: np.ndarray, name: str) -> np.ndarray:
             return np.array(arr, dtype=dt, order="C")
         return arr
     hint = _CONVERT_HINT
-    if dt.kind == "f":
+    if dt.kind == "f" or "float" in dt.name:  # ml_dtypes' bfloat16 (JAX) has kind 'V'
         raise TypeError(f"{name} has dtype {dt}; only float32 and float64 are supported: {hint}")
     if dt.kind in "iub":
         raise TypeError(f"{name} has integer/bool dtype {dt}; features must be floating point: {hint}")
