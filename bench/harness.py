@@ -617,6 +617,11 @@ def fmt_time(r) -> str:
     return s
 
 
+def _progress_time(r) -> str:
+    t = fmt_time(r)
+    return t if t.endswith("an iteration") else f"{t} s"
+
+
 def build_table(results: list[dict], args) -> str:
     lines = ["| N | D | contender | time/solve (s) | time K solves (s) | iterations | marginal error (L1) | "
              "OTCE score | abs(score - ref) | peak RSS, MB (after data) | time ÷ segtransfer | RSS ÷ segtransfer | status |",
@@ -827,7 +832,7 @@ def main(argv=None) -> int:
                 case.append(r)
                 report["results"].append(r)
                 save()
-                print(f"[N={n} D={d}] {c}: {r.get('status')}; time/solve {fmt_time(r)} s; iterations "
+                print(f"[N={n} D={d}] {c}: {r.get('status')}; time/solve {_progress_time(r)}; iterations "
                       f"{r.get('iterations')}; marginal error {fmt_num(r.get('marginal_error'))}; score "
                       f"{fmt_num(r.get('score'), 6)}; peak RSS {fmt_num(r.get('peak_rss_mb'), 4)} MB "
                       f"({time.perf_counter() - t0:.0f} s wall)", flush=True)
