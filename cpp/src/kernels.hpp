@@ -137,6 +137,16 @@ constexpr double kShiftedMin = 1e-10;
 #define SEGTRANSFER_INLINE inline
 #endif
 
+// The exponential of a loop whose exponent is formed in E: fast_exp_lowp where that is float (the
+// intermediate stages' loops, float storage only), else fast_exp.
+template <typename E, typename T>
+SEGTRANSFER_INLINE T stage_exp(T x) {
+  if constexpr (std::is_same<E, float>::value && std::is_same<T, float>::value)
+    return detail::fast_exp_lowp(x);
+  else
+    return detail::fast_exp(x);
+}
+
 template <typename T>
 struct RowLse {
   // sum_j exp(A[col_j] - c_j * inv_eps - shift), in blocks whose partial sums in T stay exact enough.
@@ -152,11 +162,11 @@ struct RowLse {
       if (cols == nullptr) {
 #pragma omp simd reduction(+ : part)
         for (int64_t j = j0; j < j1; ++j)
-          part += detail::fast_exp(static_cast<T>(A[j] - static_cast<E>(c[j]) * inv_eps - shift));
+          part += stage_exp<E>(static_cast<T>(A[j] - static_cast<E>(c[j]) * inv_eps - shift));
       } else {
 #pragma omp simd reduction(+ : part)
         for (int64_t k = j0; k < j1; ++k)
-          part += detail::fast_exp(static_cast<T>(A[cols[k]] - static_cast<E>(c[k]) * inv_eps - shift));
+          part += stage_exp<E>(static_cast<T>(A[cols[k]] - static_cast<E>(c[k]) * inv_eps - shift));
       }
       total += static_cast<double>(part);
     }
@@ -240,7 +250,7 @@ struct ColLse {
   SEGTRANSFER_INLINE static void shifted_row(const T* c, int64_t m, E Ai, E inv_eps, const E* mx, T* part) {
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j)
-      part[j] += detail::fast_exp(static_cast<T>(Ai - static_cast<E>(c[j]) * inv_eps - mx[j]));
+      part[j] += stage_exp<E>(static_cast<T>(Ai - static_cast<E>(c[j]) * inv_eps - mx[j]));
   }
   SEGTRANSFER_HOT static void sum_row(const T* c, int64_t m, double Ai, double inv_eps, const double* mx, T* part) {
     shifted_row<double>(c, m, Ai, inv_eps, mx, part);

@@ -8,7 +8,7 @@
 // an entry (bench/RESULTS.md, session 10). AVX-512 machines keep the compiler's x86-64-v4 clone,
 // whose mask registers make the clamps cheap and which this code could not match at 8 lanes.
 //
-// Each exponential is detail::fast_exp(float)'s operations in the same order (the AVX2 clone's
+// Each exponential is detail::fast_exp_lowp(float)'s operations in the same order (the AVX2 clone's
 // contraction of the multiply-adds into fma), so the values are those of that clone; only the
 // order in which a row's 256-entry blocks are summed differs (two accumulators instead of one),
 // a float rounding difference far inside what the lowp stages tolerate (kernels.hpp).
@@ -51,7 +51,7 @@ inline bool avx2_lse_available() {
   return yes;
 }
 
-// detail::fast_exp(float) on 8 lanes (see fastexp.hpp for the method and its error).
+// detail::fast_exp_lowp(float) on 8 lanes (see fastexp.hpp for the method and its error).
 __attribute__((target("avx2,fma"), always_inline)) inline __m256 fast_exp8(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-87.0f);
   const __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);  // below: flushed to 0
@@ -61,14 +61,11 @@ __attribute__((target("avx2,fma"), always_inline)) inline __m256 fast_exp8(__m25
   const __m256 n = _mm256_sub_ps(ns, shifter);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860682030941723212e-6f), r);
-  __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  __m256 p = _mm256_set1_ps(0.0414586067f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.167909071f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.500043571f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.999963403f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.999999285f));
   // ns's low mantissa bits hold n + 2^22 (the shifter is 1.5 * 2^23), so its bit pattern minus that
   // of the shifter is n: 2^n is (n + 127) << 23, without a float -> int conversion.
   const __m256i e = _mm256_slli_epi32(
