@@ -9,7 +9,10 @@
 
 namespace segtransfer::detail {
 
-inline float fast_exp(float x) {
+// fast_exp(float) (Lowp = false) and fast_exp_lowp (true): the same reduction, clamps and scale
+// around two polynomials for e^r.
+template <bool Lowp>
+inline float exp_float(float x) {
   const float lo = -87.0f;  // e^-87 ~ 1.6e-38, just above FLT_MIN
   const float keep = x >= lo ? 1.0f : 0.0f;
   x = x < lo ? lo : x;
@@ -19,47 +22,39 @@ inline float fast_exp(float x) {
   n -= shifter;
   float r = x - n * 0.693145751953125f;  // ln2 split in a high part exact in float ...
   r -= n * 1.42860682030941723212e-6f;   // ... and the rest
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  float p;
+  if constexpr (Lowp) {
+    p = 0.0414586067f;
+    p = p * r + 0.167909071f;
+    p = p * r + 0.500043571f;
+    p = p * r + 0.999963403f;
+    p = p * r + 0.999999285f;
+  } else {
+    p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+  }
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale * keep;
 }
 
+inline float fast_exp(float x) { return exp_float<false>(x); }
+
 // The intermediate stages' float-exponent loops (RowLse::sum_lowp, ColLse::sum_row_lowp and their
-// AVX2 form, fast_exp8): the same reduction and clamps, then a degree-4 polynomial fitted for the
+// AVX2 form, fast_exp8): fast_exp's reduction and clamps with a degree-4 polynomial fitted for the
 // least maximal relative error on |r| <= ln2/2 (Lawson-weighted least squares; 2.6e-6 in exact
 // arithmetic, 2.7e-6 measured in float against std::exp). Those stages stop at a 1e-2 marginal error
 // and form their exponents in float, which alone puts up to ~3e-4 relative on a term (kernels.hpp);
 // three fewer multiply-adds than fast_exp made the summed exponentials 27 % cheaper (0.435 -> 0.319 ns
 // an entry, AVX2 on Zen 3, bench/RESULTS.md session 12).
-inline float fast_exp_lowp(float x) {
-  const float lo = -87.0f;
-  const float keep = x >= lo ? 1.0f : 0.0f;
-  x = x < lo ? lo : x;
-  x = x > 88.0f ? 88.0f : x;
-  const float shifter = 12582912.0f;
-  float n = x * 1.44269504088896341f + shifter;
-  n -= shifter;
-  float r = x - n * 0.693145751953125f;
-  r -= n * 1.42860682030941723212e-6f;
-  float p = 0.0414586067f;
-  p = p * r + 0.167909071f;
-  p = p * r + 0.500043571f;
-  p = p * r + 0.999963403f;
-  p = p * r + 0.999999285f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale * keep;
-}
+inline float fast_exp_lowp(float x) { return exp_float<true>(x); }
 
 inline double fast_exp(double x) {
   const double lo = -708.0;
