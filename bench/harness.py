@@ -618,8 +618,8 @@ def fmt_time(r) -> str:
 
 
 def _progress_time(r) -> str:
-    t = fmt_time(r)
-    return t if t.endswith("an iteration") else f"{t} s"
+    per_iteration_only = r.get("time_s") is None and r.get("seconds_per_iter") is not None
+    return fmt_time(r) if per_iteration_only else f"{fmt_time(r)} s"  # that form carries its own unit
 
 
 def build_table(results: list[dict], args) -> str:

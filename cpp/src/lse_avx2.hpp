@@ -15,6 +15,8 @@
 #pragma once
 #include <cstdint>
 
+#include "segtransfer/fastexp.hpp"
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(SEGTRANSFER_NO_CLONES)
 #include <immintrin.h>
 #define SEGTRANSFER_AVX2_LSE 1
@@ -61,11 +63,12 @@ __attribute__((target("avx2,fma"), always_inline)) inline __m256 fast_exp8(__m25
   const __m256 n = _mm256_sub_ps(ns, shifter);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860682030941723212e-6f), r);
-  __m256 p = _mm256_set1_ps(0.0414586067f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.167909071f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.500043571f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.999963403f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.999999285f));
+  using detail::kExpLowpPoly;
+  __m256 p = _mm256_set1_ps(kExpLowpPoly[0]);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpLowpPoly[1]));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpLowpPoly[2]));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpLowpPoly[3]));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpLowpPoly[4]));
   // ns's low mantissa bits hold n + 2^22 (the shifter is 1.5 * 2^23), so its bit pattern minus that
   // of the shifter is n: 2^n is (n + 127) << 23, without a float -> int conversion.
   const __m256i e = _mm256_slli_epi32(

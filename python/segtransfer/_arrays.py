@@ -75,12 +75,11 @@ def check_features(arr: np.ndarray, name: str) -> np.ndarray:
         if not arr.flags.aligned or any(s % dt.itemsize for s in arr.strides):
             return np.array(arr, dtype=dt, order="C")
         return arr
-    hint = _CONVERT_HINT
     if dt.kind == "f" or "float" in dt.name:  # ml_dtypes' bfloat16 (JAX) has kind 'V'
-        raise TypeError(f"{name} has dtype {dt}; only float32 and float64 are supported: {hint}")
+        raise TypeError(f"{name} has dtype {dt}; only float32 and float64 are supported: {_CONVERT_HINT}")
     if dt.kind in "iub":
-        raise TypeError(f"{name} has integer/bool dtype {dt}; features must be floating point: {hint}")
-    raise TypeError(f"{name} has unsupported dtype {dt} (kind {dt.kind!r}); {hint}")
+        raise TypeError(f"{name} has integer/bool dtype {dt}; features must be floating point: {_CONVERT_HINT}")
+    raise TypeError(f"{name} has unsupported dtype {dt} (kind {dt.kind!r}); {_CONVERT_HINT}")
 
 
 def check_labels(arr: np.ndarray, name: str) -> np.ndarray:

@@ -9,6 +9,10 @@
 
 namespace segtransfer::detail {
 
+// fast_exp_lowp's polynomial for e^r, highest degree first (see fast_exp_lowp); also read by its
+// AVX2 form (fast_exp8 in cpp/src/lse_avx2.hpp), so the two cannot drift apart.
+constexpr float kExpLowpPoly[5] = {0.0414586067f, 0.167909071f, 0.500043571f, 0.999963403f, 0.999999285f};
+
 // fast_exp(float) (Lowp = false) and fast_exp_lowp (true): the same reduction, clamps and scale
 // around two polynomials for e^r.
 template <bool Lowp>
@@ -24,11 +28,11 @@ inline float exp_float(float x) {
   r -= n * 1.42860682030941723212e-6f;   // ... and the rest
   float p;
   if constexpr (Lowp) {
-    p = 0.0414586067f;
-    p = p * r + 0.167909071f;
-    p = p * r + 0.500043571f;
-    p = p * r + 0.999963403f;
-    p = p * r + 0.999999285f;
+    p = kExpLowpPoly[0];
+    p = p * r + kExpLowpPoly[1];
+    p = p * r + kExpLowpPoly[2];
+    p = p * r + kExpLowpPoly[3];
+    p = p * r + kExpLowpPoly[4];
   } else {
     p = 1.0f / 5040.0f;
     p = p * r + 1.0f / 720.0f;
