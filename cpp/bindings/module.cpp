@@ -121,6 +121,7 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("overrelaxation", &SinkhornOptions::overrelaxation)
       .def_readwrite("newton", &SinkhornOptions::newton)
       .def_readwrite("newton_switch", &SinkhornOptions::newton_switch)
+      .def_readwrite("newton_cg_floor", &SinkhornOptions::newton_cg_floor)
       .def_readwrite("multiscale_points", &SinkhornOptions::multiscale_points)
       .def_readwrite("class_balance", &SinkhornOptions::class_balance)
       .def_readwrite("stage_truncation", &SinkhornOptions::stage_truncation)

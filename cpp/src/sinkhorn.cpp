@@ -670,6 +670,41 @@ struct SparseDot {
   }
 };
 
+// The plan's entries above `floor` in one layout (CSR from the rows' values, or CSC from the
+// columns'): the operator of Newton's CG loop. Counted, then filled, in parallel over rows.
+struct PlanEntries {
+  std::vector<int64_t> ptr;
+  std::vector<int32_t> col;
+  std::vector<float> val;
+};
+
+inline void plan_entries_above(const std::vector<int64_t>& ptr, const std::vector<int32_t>& col,
+                               const std::vector<float>& val, float floor, int nt, PlanEntries& out) {
+  const int64_t n = static_cast<int64_t>(ptr.size()) - 1;
+  out.ptr.resize(n + 1);
+  out.ptr[0] = 0;
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t c = 0;
+#pragma omp simd reduction(+ : c)
+    for (int64_t k = ptr[i]; k < ptr[i + 1]; ++k) c += val[k] > floor ? 1 : 0;
+    out.ptr[i + 1] = c;
+  }
+  for (int64_t i = 0; i < n; ++i) out.ptr[i + 1] += out.ptr[i];
+  out.col.resize(out.ptr[n]);
+  out.val.resize(out.ptr[n]);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t at = out.ptr[i];
+    for (int64_t k = ptr[i]; k < ptr[i + 1]; ++k) {
+      if (!(val[k] > floor)) continue;
+      out.col[at] = col[k];
+      out.val[at] = val[k];
+      ++at;
+    }
+  }
+}
+
 // Newton's method on the dual: the Hessian of the dual objective is -M / eps with
 // M = [[D1, P], [P^T, D2]], D1 = diag(P 1), D2 = diag(P^T 1), so the ascent step solves
 // M (d1, d2) = (a - P1, b - P^T 1) and moves (f, g) by eps (d1, d2). The column block is eliminated
@@ -694,7 +729,8 @@ template <typename T, typename Poll, typename Keeps, typename Relocate>
 double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const double* a, const double* b,
                      const double* log_a, const double* log_b, double eps, double target, double* f, double* g,
                      SparsePlan& p, SinkhornReport& rep, Poll& poll, const Keeps& keeps_pattern,
-                     const Relocate& relocate, const PlanClasses& cls, int64_t max_iter, bool debug, int nt) {
+                     const Relocate& relocate, const PlanClasses& cls, int64_t max_iter, double& floor, bool debug,
+                     int nt) {
   // Inexact Newton with a constant forcing term: each outer step then cuts the error by roughly
   // this factor while CG stops long before resolving the near-null cluster modes exactly.
   constexpr double opt_forcing = 0.1;
@@ -718,18 +754,36 @@ double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
   const auto mv_threads = [&]() { return R.col.size() > 200000 ? nt : 1; };
   int nt_mv = mv_threads();
   // q = S v (and returns v . q): w = D2^-1 P^T v over the columns, then q = D1 v - P w over the rows.
-  auto schur = [&](const std::vector<double>& v, std::vector<double>& out) {
+  // CG's operator leaves out the plan entries below `floor` of the smallest marginal mass: most of
+  // the pattern (it keeps every entry that may matter to the last stage's certificate, C - f - g up
+  // to 35 eps, where the Newton system sees nothing below ~14 eps). Each row and column of the
+  // operator then loses at most nnz x floor of its mass (the diagonal keeps the exact sums, so it
+  // stays positive semi-definite); the right-hand sides, the line search and the certificate use
+  // every entry. At N = 10^4 and the default 1e-6 it keeps 6 % (D = 19) and 17 % (D = 256) of the
+  // entries, and the last stage took 2.2-3.0 -> 0.9-1.8 s (D = 19) and 4.7-7.2 -> 2.4-4.6 s
+  // (D = 256), same Newton steps or fewer (RESULTS.md, session 13). Where the left-out entries do
+  // matter (clusters joined only by them look disconnected to CG), the direction's residual against
+  // every entry shows it, as does a step the line search rejects: `floor` is then set to 0 for the
+  // rest of the solve.
+  double min_mass = std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < n; ++i) min_mass = std::min(min_mass, a[i]);
+  for (int64_t j = 0; j < m; ++j) min_mass = std::min(min_mass, b[j]);
+  PlanEntries opr, opc;
+  // out = S v on the operator's entries (`all`: every entry of the pattern); returns v . out.
+  auto apply_schur = [&](bool all, const std::vector<double>& v, std::vector<double>& out) {
+    const int64_t *cp = all ? Cc.ptr.data() : opc.ptr.data(), *rp = all ? R.ptr.data() : opr.ptr.data();
+    const int32_t *cc = all ? Cc.col.data() : opc.col.data(), *rc = all ? R.col.data() : opr.col.data();
+    const float *cv = all ? p.by_col.data() : opc.val.data(), *rv = all ? p.by_row.data() : opr.val.data();
 #pragma omp parallel for num_threads(nt_mv) schedule(static)
-    for (int64_t j = 0; j < m; ++j)
-      w[j] = SparseDot::run(p.by_col.data(), Cc.col.data(), Cc.ptr[j], Cc.ptr[j + 1], v.data()) * inv_c[j];
+    for (int64_t j = 0; j < m; ++j) w[j] = SparseDot::run(cv, cc, cp[j], cp[j + 1], v.data()) * inv_c[j];
 #pragma omp parallel for num_threads(nt_mv) schedule(static)
     for (int64_t i = 0; i < n; ++i)
-      out[i] = (1.0 + lambda) * p.row_sum[i] * v[i] -
-               SparseDot::run(p.by_row.data(), R.col.data(), R.ptr[i], R.ptr[i + 1], w.data());
+      out[i] = (1.0 + lambda) * p.row_sum[i] * v[i] - SparseDot::run(rv, rc, rp[i], rp[i + 1], w.data());
     double vq = 0.0;  // serial, fixed order: results do not depend on the thread count
     for (int64_t i = 0; i < n; ++i) vq += v[i] * out[i];
     return vq;
   };
+  auto schur = [&](const std::vector<double>& v, std::vector<double>& out) { return apply_schur(false, v, out); };
   double err = evaluate_plan(R, Cc, a, b, log_a, log_b, eps, f, g, p, nt);
   for (int step = 0; step < 50 && err > target && rep.iterations < max_iter && !rep.timed_out; ++step) {
     const auto step_start = Clock::now();
@@ -751,6 +805,10 @@ double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
     }
     double rhs_norm2 = 0.0;
     for (int64_t i = 0; i < n; ++i) rhs_norm2 += rhs[i] * rhs[i];
+    const float cg_floor = static_cast<float>(floor * min_mass);
+    plan_entries_above(R.ptr, R.col, p.by_row, cg_floor, nt_mv, opr);
+    plan_entries_above(Cc.ptr, Cc.col, p.by_col, cg_floor, nt_mv, opc);
+
     // Two-level preconditioner: Jacobi plus an exact solve on the span of the row classes' indicator
     // vectors Z, z = D^-1 r + Z E^-1 Z^T r with E = Z^T S Z (additive, so still symmetric positive
     // definite for CG). The slow Newton directions are nearly constant on weakly coupled clusters,
@@ -763,7 +821,7 @@ double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
       for (int64_t i = 0; i < n; ++i) coarse.E(row_class[i], row_class[i]) += (1.0 + lambda) * p.row_sum[i];
       for (int64_t j = 0; j < m; ++j) {
         std::fill(u.begin(), u.end(), 0.0);
-        for (int64_t k = Cc.ptr[j]; k < Cc.ptr[j + 1]; ++k) u[row_class[Cc.col[k]]] += p.by_col[k];
+        for (int64_t k = opc.ptr[j]; k < opc.ptr[j + 1]; ++k) u[row_class[opc.col[k]]] += opc.val[k];
         for (int c = 0; c < Rc; ++c) {
           if (u[c] == 0.0) continue;
           const double uc = u[c] * inv_c[j];
@@ -784,6 +842,18 @@ double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
         },
         x, res, dir, q, zvec);
     rep.cg_iterations += cg;
+    if (cg_floor > 0.0f) {
+      // The direction against every entry: a residual well above what CG was asked for means the
+      // entries left out mattered (clusters joined only by them); every entry from here on.
+      apply_schur(true, x, q);
+      double r2 = 0.0;
+      for (int64_t i = 0; i < n; ++i) r2 += (rhs[i] - q[i]) * (rhs[i] - q[i]);
+      if (r2 > 9.0 * opt_forcing * opt_forcing * rhs_norm2) {
+        floor = 0.0;
+        if (debug) std::fprintf(stderr, "  CG operator: residual %.2g against every entry: all entries from now on\n",
+                                std::sqrt(r2 / rhs_norm2));
+      }
+    }
     // d2 = D2^-1 (b - P^T 1 - P^T d1), kept in w.
 #pragma omp parallel for num_threads(nt_mv) schedule(static)
     for (int64_t j = 0; j < m; ++j) {
@@ -842,12 +912,13 @@ double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
     ++rep.iterations;  // a Newton step is charged as one iteration against max_iter
     poll();
     if (debug)
-      std::fprintf(stderr, "  newton step %d: lambda=%g cg=%d t=%g err %.3e -> %.3e%s (%d rebuilds, %.0f ms)\n", step,
-                   lambda, cg, t, err, err_try, ascent ? " (dual ascent)" : "", relocations,
+      std::fprintf(stderr, "  newton step %d: lambda=%g cg=%d (on %.3f of the entries) t=%g err %.3e -> %.3e%s (%d rebuilds, %.0f ms)\n", step,
+                   lambda, cg, static_cast<double>(opr.ptr[n]) / static_cast<double>(R.ptr[n]), t, err, err_try, ascent ? " (dual ascent)" : "", relocations,
                    1e3 * std::chrono::duration<double>(Clock::now() - step_start).count());
     if (!(err_try < err) && !ascent) {
       evaluate_plan(R, Cc, a, b, log_a, log_b, eps, f, g, p, nt);  // p must describe (f, g) again
       lambda = std::max(1e-3, 10.0 * lambda);
+      floor = 0.0;
       if (lambda > 1e2) return err;  // no progress even on a short leash: leave it to Sinkhorn
       continue;
     }
@@ -1012,16 +1083,23 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
   // refreshes the pattern and carries on.
   // The margin demanded keeps the mass the truncation may drop below 1e-3 of the stage's target
   // (an intermediate stage, which only needs stage_tol, tolerates far more drift than the last).
+  // Below that margin the pattern is stale only if its weighted bound on the dropped mass
+  // (Pattern::outside_mass) exceeds the same level too: the margin takes the largest moves of f and
+  // of g, which a few points make while the rest stay put (after an extrapolated stage start at
+  // N = 10^4, D = 256, a refresh that cost 1.3 s left the next iterations and the score unchanged).
   bool stale = false;
-  double min_margin = 0.0;
+  double min_margin = 0.0, stage_eps = 1.0;
   auto pattern_stale = [&]() {
-    stale = stale || (pattern.valid && pattern.margin(f, g) < min_margin);
+    stale = stale || (pattern.valid && pattern.margin(f, g) < min_margin &&
+                      pattern.outside_mass(f, g, log_a.data(), log_b.data(), stage_eps) >
+                          std::exp(-min_margin / stage_eps));
     return stale;
   };
   // The over-relaxation state lives for a whole stage, so that a stage whose Sinkhorn phases are
   // interleaved with Newton rounds does not restart from omega = 1 after each of them.
   double omega = 1.0, cap = opt.overrelaxation;
   bool lowp = false;  // set per stage below
+  double cg_floor = opt.newton_cg_floor;  // newton_polish lowers it to 0 for good when it fails
   auto sinkhorn_loop = [&](double eps, double target, const SparseRows<T>* sr, const SparseRows<T>* sc,
                            int64_t iter_limit) {
     double block_err = std::numeric_limits<double>::infinity();
@@ -1233,6 +1311,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     for (;;) {
       stale = false;
       min_margin = std::min(0.8 * trunc, std::log(1e3 / target)) * eps;
+      stage_eps = eps;
       if (eps < opt.stop_below) {  // before the pattern scan, whose result would go unused
         rep.final_epsilon = eps;
         return rep;
@@ -1281,7 +1360,8 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
             return std::numeric_limits<double>::infinity();
           };
           const double err = newton_polish(rows, cols, a, b, log_a.data(), log_b.data(), eps, target, f, g,
-                                           plan, rep, poll, keeps, relocate, grp, opt.max_iter, debug, nt);
+                                           plan, rep, poll, keeps, relocate, grp, opt.max_iter,
+                                           cg_floor, debug, nt);
           if (err <= target || pattern_stale()) break;
           // A round that ended on a rejected first step (the truncated problem's Newton system can
           // be inconsistent far from the solution) leaves the work to longer Sinkhorn phases.

@@ -510,6 +510,43 @@ static void test_float_stages() {
         std::expm1(2 * worst / opt.epsilon) * s.off.transport_cost);
 }
 
+// Newton's CG operator on the plan entries above newton_cg_floor of the smallest mass changes the
+// steps, not the answer: the hard regime of test_float_stages (a sparse last stage whose Newton
+// rounds move mass between clusters joined by entries of ~e^-300), solved with every entry, with
+// the default floor and with one 5000x higher (whose operator drops more than it keeps: the line
+// search, and the switch to every entry after a failed step, must still bring it to tol). Both
+// certify to tol and agree (check_same_solution).
+template <typename T>
+static void check_newton_cg_floor() {
+  const double centre[3][2] = {{0, 0}, {6, 0}, {12, 0}};
+  const int64_t ns[3] = {400, 300, 200}, nt[3] = {250, 300, 250};
+  SinkhornOptions opt;
+  opt.epsilon = 0.01;
+  opt.tol = cluster_tol<T>();
+  opt.multiscale_points = 0;
+  const ClusterProblem<T> p = cluster_problem<T>(8, centre, ns, nt, 0.5, 0.2);
+  for (double floor : {SinkhornOptions{}.newton_cg_floor, 5e-3}) {
+    SinkhornOptions o = opt;
+    o.newton_cg_floor = floor;
+    const TwoSolves s = solve_twice(p, o, [](SinkhornOptions& q) { q.newton_cg_floor = 0.0; });
+    check_same_solution(s, o);
+    CHECK(s.on.newton_steps > 0 && s.off.newton_steps > 0);
+    if (std::getenv("SEGTRANSFER_DEBUG"))
+      std::fprintf(stderr, "newton_cg_floor %g vs 0: %lld vs %lld Newton steps, %lld vs %lld CG iterations\n", floor,
+                   static_cast<long long>(s.on.newton_steps), static_cast<long long>(s.off.newton_steps),
+                   static_cast<long long>(s.on.cg_iterations), static_cast<long long>(s.off.cg_iterations));
+  }
+  SinkhornOptions bad = opt;
+  bad.newton_cg_floor = -1e-6;
+  std::vector<double> f(p.n), g(p.m);
+  CHECK(throws<InvalidArgument>([&]() { sinkhorn_log<T>(p.cost, p.a.data(), p.b.data(), bad, f.data(), g.data()); }));
+}
+
+static void test_newton_cg_floor() {
+  check_newton_cg_floor<double>();
+  check_newton_cg_floor<float>();
+}
+
 // The multiscale start (a strided subsample's epsilon-scaling, its potentials extended to every
 // point) only changes where the full problem starts: the same certified plan as without it, on
 // clusters of unequal sizes (so the subsample's class masses are off) at cost / eps up to ~6,000.
@@ -878,6 +915,7 @@ int main(int argc, char** argv) {
       {"multiscale_path", test_multiscale_path},
       {"class_balance", test_class_balance},
       {"float_stages", test_float_stages},
+      {"newton_cg_floor", test_newton_cg_floor},
       {"stage_extrapolation", test_stage_extrapolation},
       {"blocked", test_blocked},
       {"transport_grouping", test_transport_grouping},
