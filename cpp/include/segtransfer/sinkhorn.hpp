@@ -53,8 +53,8 @@ struct SinkhornOptions {
   bool newton = true;          // finish the last stage with Newton-CG steps on the sparse plan
   double newton_switch = 1e-1;  // Sinkhorn hands over to Newton below this marginal error
   // Newton's CG operator leaves out plan entries below this fraction of the smallest marginal mass
-  // (0: every entry); its right-hand sides, line search and the certificate use them all. See
-  // newton_polish (sinkhorn.cpp).
+  // (0: every entry); the residuals, the line search and the certificate use them all. See
+  // newton_polish (sinkhorn.cpp). The blocked solver keeps its own rule (entries below 20 eps).
   double newton_cg_floor = 1e-6;
   // Dense early stages run on a subsample of this many points per side (0: off); see sinkhorn.cpp.
   int64_t multiscale_points = 2000;
