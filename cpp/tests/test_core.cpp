@@ -513,9 +513,10 @@ static void test_float_stages() {
 // Newton's CG operator on the plan entries above newton_cg_floor of the smallest mass changes the
 // steps, not the answer: the hard regime of test_float_stages (a sparse last stage whose Newton
 // rounds move mass between clusters joined by entries of ~e^-300), solved with every entry, with
-// the default floor and with one 5000x higher (whose operator drops more than it keeps: the line
-// search, and the switch to every entry after a failed step, must still bring it to tol). Both
-// certify to tol and agree (check_same_solution).
+// the default floor and with one 5000x higher (whose operator drops entries that matter: the
+// direction's residual against every entry must send the solve back to all of them, as it does
+// after its first step: 13 vs 12 Newton steps in double, where without that check it took 897).
+// Both certify to tol and agree (check_same_solution).
 template <typename T>
 static void check_newton_cg_floor() {
   const double centre[3][2] = {{0, 0}, {6, 0}, {12, 0}};
