@@ -515,7 +515,7 @@ static void test_float_stages() {
 // rounds move mass between clusters joined by entries of ~e^-300), solved with every entry, with
 // the default floor and with one 5000x higher (whose operator drops entries that matter: the
 // direction's residual against every entry must send the solve back to all of them, as it does
-// after its first step: 13 vs 12 Newton steps in double, where without that check it took 897).
+// after its second step: 13 vs 12 Newton steps in double, where without that check it took 897).
 // Both certify to tol and agree (check_same_solution).
 template <typename T>
 static void check_newton_cg_floor() {
