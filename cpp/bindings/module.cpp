@@ -127,6 +127,7 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("stage_truncation", &SinkhornOptions::stage_truncation)
       .def_readwrite("float_stage_exponents", &SinkhornOptions::float_stage_exponents)
       .def_readwrite("multiscale_resolution", &SinkhornOptions::multiscale_resolution)
+      .def_readwrite("handover_tol", &SinkhornOptions::handover_tol)
       .def_readwrite("blocked", &SinkhornOptions::blocked)
       .def_readwrite("stage_extrapolation", &SinkhornOptions::stage_extrapolation)
       .def_readwrite("num_threads", &SinkhornOptions::num_threads);

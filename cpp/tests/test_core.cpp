@@ -575,6 +575,16 @@ static void check_multiscale_same_plan() {
     std::fprintf(stderr, "multiscale on / off: %lld / %lld iterations, %d / %d stages, W_D %.9g / %.9g\n",
                  static_cast<long long>(s.on.iterations), static_cast<long long>(s.off.iterations), s.on.stages,
                  s.off.stages, s.on.transport_cost, s.off.transport_cost);
+  // The first full stage's looser target (handover_tol) against stage_tol there: the same plan.
+  const TwoSolves h = solve_twice(p, opt, [](SinkhornOptions& o) { o.handover_tol = o.stage_tol; });
+  CHECK(h.on.converged && h.off.converged);
+  for (size_t k = 0; k < h.on.joint.size() && k < h.off.joint.size(); ++k)
+    CHECK(std::fabs(h.on.joint[k] - h.off.joint[k]) <= 4 * opt.tol);
+  CHECK(std::fabs(h.on.transport_cost - h.off.transport_cost) <= opt.tol * static_cast<double>(p.cost.maxCoeff()));
+  SinkhornOptions bad = opt;
+  bad.handover_tol = 0.0;
+  std::vector<double> f(p.n), g(p.m);
+  CHECK(throws<InvalidArgument>([&]() { sinkhorn_log<T>(p.cost, p.a.data(), p.b.data(), bad, f.data(), g.data()); }));
 }
 
 // The same on logit-like points (as the benchmark's: 19 classes, each a prototype with one dominant

@@ -60,6 +60,9 @@ struct SinkhornOptions {
   int64_t multiscale_points = 2000;
   // ... down to this multiple of the subsample's resolution (see sinkhorn.cpp), not below.
   double multiscale_resolution = 2.0;
+  // Marginal error at which the full problem's first stage after a multiscale start hands over
+  // (the other intermediate stages stop at stage_tol); see sinkhorn.cpp.
+  double handover_tol = 3e-2;
   bool stop_when_sparse = false;  // internal: return at the first stage with a sparse kernel
   double stop_below = 0.0;        // internal: ... or at the first stage with epsilon below this
   double schedule_from = 0.0;     // internal: first stage epsilon (0: the largest cost)
