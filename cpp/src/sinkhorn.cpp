@@ -814,7 +814,6 @@ double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
     }
     double rhs_norm2 = 0.0;
     for (int64_t i = 0; i < n; ++i) rhs_norm2 += rhs[i] * rhs[i];
-
     // Two-level preconditioner: Jacobi plus an exact solve on the span of the row classes' indicator
     // vectors Z, z = D^-1 r + Z E^-1 Z^T r with E = Z^T S Z (additive, so still symmetric positive
     // definite for CG). The slow Newton directions are nearly constant on weakly coupled clusters,
@@ -848,9 +847,10 @@ double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
         },
         x, res, dir, q, zvec);
     rep.cg_iterations += cg;
-    if (cg_floor > 0.0f) {
+    if (opr.col.size() < R.col.size() || opc.col.size() < Cc.col.size()) {
       // The direction against every entry: a residual well above what CG was asked for means the
-      // entries left out mattered (clusters joined only by them); every entry from here on.
+      // entries left out mattered (clusters joined only by them); every entry from here on. Only
+      // when some were left out: otherwise that product is the one CG already used.
       apply_schur(true, x, q);
       double r2 = 0.0;
       for (int64_t i = 0; i < n; ++i) r2 += (rhs[i] - q[i]) * (rhs[i] - q[i]);

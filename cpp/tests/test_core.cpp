@@ -489,19 +489,27 @@ static void test_class_balance() {
   check_class_balance<float>();
 }
 
+// The hard regime of test_float_stages and test_newton_cg_floor: three clusters 6 apart (cost / eps
+// up to ~10^4 at eps = 0.01), of unequal sizes, so that mass crosses between them through entries
+// of ~e^-300.
+template <typename T>
+static ClusterProblem<T> separated_clusters() {
+  const double centre[3][2] = {{0, 0}, {6, 0}, {12, 0}};
+  const int64_t ns[3] = {400, 300, 200}, nt[3] = {250, 300, 250};
+  return cluster_problem<T>(8, centre, ns, nt, 0.5, 0.2);
+}
+
 // Intermediate stages of a float problem form their exponents in float (float_stage_exponents):
 // that changes the path to the last stage, not the answer, which the last stage (in double
 // exponents) and the certificate fix. Hard regime: clusters 6 apart at eps = 0.01 (cost / eps up to
 // ~10^4), 11 dense and 4 sparse intermediate stages. Both runs certify to tol and agree
 // (check_same_solution).
 static void test_float_stages() {
-  const double centre[3][2] = {{0, 0}, {6, 0}, {12, 0}};
-  const int64_t ns[3] = {400, 300, 200}, nt[3] = {250, 300, 250};
   SinkhornOptions opt;
   opt.epsilon = 0.01;
   opt.tol = 1e-5;
   opt.multiscale_points = 0;  // every stage on the full problem
-  const TwoSolves s = solve_twice(cluster_problem<float>(8, centre, ns, nt, 0.5, 0.2), opt,
+  const TwoSolves s = solve_twice(separated_clusters<float>(), opt,
                                   [](SinkhornOptions& o) { o.float_stage_exponents = false; });
   CHECK(s.on.stages > s.on.dense_stages + 1);  // sparse stages before the last one
   const double worst = check_same_solution(s, opt);
@@ -519,13 +527,11 @@ static void test_float_stages() {
 // Both certify to tol and agree (check_same_solution).
 template <typename T>
 static void check_newton_cg_floor() {
-  const double centre[3][2] = {{0, 0}, {6, 0}, {12, 0}};
-  const int64_t ns[3] = {400, 300, 200}, nt[3] = {250, 300, 250};
   SinkhornOptions opt;
   opt.epsilon = 0.01;
   opt.tol = cluster_tol<T>();
   opt.multiscale_points = 0;
-  const ClusterProblem<T> p = cluster_problem<T>(8, centre, ns, nt, 0.5, 0.2);
+  const ClusterProblem<T> p = separated_clusters<T>();
   for (double floor : {SinkhornOptions{}.newton_cg_floor, 5e-3}) {
     SinkhornOptions o = opt;
     o.newton_cg_floor = floor;
@@ -564,23 +570,22 @@ static void check_multiscale_same_plan() {
   opt.tol = cluster_tol<T>();
   opt.multiscale_points = 400;
   const ClusterProblem<T> p = cluster_problem<T>(9, centre, ns, nt, 0.6, 0.2);
+  const auto same_plan = [&](const TwoSolves& t) {
+    CHECK(t.on.converged && t.off.converged);
+    CHECK(t.on.joint.size() == 9 && t.off.joint.size() == 9);
+    for (size_t k = 0; k < t.on.joint.size() && k < t.off.joint.size(); ++k)
+      CHECK(std::fabs(t.on.joint[k] - t.off.joint[k]) <= 4 * opt.tol);
+    CHECK(std::fabs(t.on.transport_cost - t.off.transport_cost) <= opt.tol * static_cast<double>(p.cost.maxCoeff()));
+  };
   const TwoSolves s = solve_twice(p, opt, [](SinkhornOptions& o) { o.multiscale_points = 0; });
-  CHECK(s.on.converged && s.off.converged);
+  same_plan(s);
   CHECK(s.on.stages < s.off.stages);
-  CHECK(s.on.joint.size() == 9 && s.off.joint.size() == 9);
-  for (size_t k = 0; k < s.on.joint.size() && k < s.off.joint.size(); ++k)
-    CHECK(std::fabs(s.on.joint[k] - s.off.joint[k]) <= 4 * opt.tol);
-  CHECK(std::fabs(s.on.transport_cost - s.off.transport_cost) <= opt.tol * static_cast<double>(p.cost.maxCoeff()));
   if (std::getenv("SEGTRANSFER_DEBUG"))
     std::fprintf(stderr, "multiscale on / off: %lld / %lld iterations, %d / %d stages, W_D %.9g / %.9g\n",
                  static_cast<long long>(s.on.iterations), static_cast<long long>(s.off.iterations), s.on.stages,
                  s.off.stages, s.on.transport_cost, s.off.transport_cost);
   // The first full stage's looser target (handover_tol) against stage_tol there: the same plan.
-  const TwoSolves h = solve_twice(p, opt, [](SinkhornOptions& o) { o.handover_tol = o.stage_tol; });
-  CHECK(h.on.converged && h.off.converged);
-  for (size_t k = 0; k < h.on.joint.size() && k < h.off.joint.size(); ++k)
-    CHECK(std::fabs(h.on.joint[k] - h.off.joint[k]) <= 4 * opt.tol);
-  CHECK(std::fabs(h.on.transport_cost - h.off.transport_cost) <= opt.tol * static_cast<double>(p.cost.maxCoeff()));
+  same_plan(solve_twice(p, opt, [](SinkhornOptions& o) { o.handover_tol = o.stage_tol; }));
   SinkhornOptions bad = opt;
   bad.handover_tol = 0.0;
   std::vector<double> f(p.n), g(p.m);
