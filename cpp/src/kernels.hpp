@@ -18,6 +18,7 @@
 #include "segtransfer/fastexp.hpp"
 #include "segtransfer/sinkhorn.hpp"
 #include "lse_avx2.hpp"
+#include "lse_avx512.hpp"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -185,7 +186,10 @@ struct RowLse {
   static double sum_lowp(const T* c, const int32_t* cols, int64_t len, const float* Af, float inv_eps, float shift) {
 #ifdef SEGTRANSFER_AVX2_LSE
     if constexpr (std::is_same<T, float>::value) {
-      if (avx2_lse_available())
+      if (avx512_lse_available())
+        return cols != nullptr ? lse_sum_avx512<true>(c, cols, len, Af, inv_eps, shift)
+                               : lse_sum_avx512<false>(c, nullptr, len, Af, inv_eps, shift);
+      if (cpu_has_avx2_fma())
         return cols != nullptr ? lse_sum_avx2<true>(c, cols, len, Af, inv_eps, shift)
                                : lse_sum_avx2<false>(c, nullptr, len, Af, inv_eps, shift);
     }
@@ -262,7 +266,8 @@ struct ColLse {
   static void sum_row_lowp(const T* c, int64_t m, float Ai, float inv_eps, const float* mx, T* part) {
 #ifdef SEGTRANSFER_AVX2_LSE
     if constexpr (std::is_same<T, float>::value) {
-      if (avx2_lse_available()) return col_lse_row_avx2(c, m, Ai, inv_eps, mx, part);
+      if (avx512_lse_available()) return col_lse_row_avx512(c, m, Ai, inv_eps, mx, part);
+      if (cpu_has_avx2_fma()) return col_lse_row_avx2(c, m, Ai, inv_eps, mx, part);
     }
 #endif
     sum_row_lowp_clones(c, m, Ai, inv_eps, mx, part);

@@ -1,12 +1,11 @@
 // Internal to the core (not installed): the float log-sum-exp loops of the intermediate stages
 // (RowLse::sum_lowp, ColLse::sum_row_lowp in kernels.hpp) written with AVX2 + FMA intrinsics, for
-// CPUs that have AVX2 but not AVX-512.
+// CPUs that have AVX2 but not AVX-512 (lse_avx512.hpp has the AVX-512 form).
 //
 // Why by hand: GCC 12's AVX2 clone of those loops if-converts fast_exp's two clamps into three
 // compares, four masks and three blends per vector (45 instructions for 8 exponentials), where
 // max/min and one mask do (31). On the 2-vCPU Zen 3 VM the sum of 8 exponentials went 0.78 -> 0.52 ns
-// an entry (bench/RESULTS.md, session 10). AVX-512 machines keep the compiler's x86-64-v4 clone,
-// whose mask registers make the clamps cheap and which this code could not match at 8 lanes.
+// an entry (bench/RESULTS.md, session 10).
 //
 // Each exponential is detail::fast_exp_lowp(float)'s operations in the same order (the AVX2 clone's
 // contraction of the multiply-adds into fma), so the values are those of that clone; only the
@@ -18,7 +17,13 @@
 #include "segtransfer/fastexp.hpp"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(SEGTRANSFER_NO_CLONES)
+// GCC 12's AVX-512 intrinsics pass an undefined vector as the unused merge source of their
+// unmasked forms, which -Wmaybe-uninitialized reports where they are inlined (GCC bug 105593,
+// fixed in 13); the state that counts is the header's, so it is set around the include.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+#pragma GCC diagnostic pop
 #define SEGTRANSFER_AVX2_LSE 1
 #endif
 
@@ -42,17 +47,6 @@ inline bool cpu_has_avx2_fma() {
 namespace segtransfer {
 namespace {
 
-// True where the compiler's x86-64-v4 clone is not the one that runs but AVX2 + FMA are there.
-inline bool avx2_lse_available() {
-  static const bool yes = [] {
-    const bool v4 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                    __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
-                    __builtin_cpu_supports("avx512vl");
-    return !v4 && cpu_has_avx2_fma();
-  }();
-  return yes;
-}
-
 // detail::fast_exp_lowp(float) on 8 lanes (see fastexp.hpp for the method and its error).
 __attribute__((target("avx2,fma"), always_inline)) inline __m256 fast_exp8(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-87.0f);
@@ -74,6 +68,24 @@ __attribute__((target("avx2,fma"), always_inline)) inline __m256 fast_exp8(__m25
   const __m256i e = _mm256_slli_epi32(
       _mm256_add_epi32(_mm256_castps_si256(ns), _mm256_set1_epi32(127 - 0x4B400000)), 23);
   return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
+}
+
+// Software prefetch for the sparse sums: the entries [j0 + kPrefetchAhead, j1 + kPrefetchAhead) of
+// the values and their column indices, which lie past the row's end when the row is short (the CSR
+// storage is contiguous, so that is the next rows; past the whole array a prefetch is a no-op, as
+// x86 prefetches never fault: the address is formed as an integer so that no out-of-range pointer
+// exists). The gathers' scalar loads keep the hardware prefetchers from following the two streams:
+// a 10^4 x 3000 sparse sum (240 MB) took 1.11 -> 0.75 ns an entry with AVX2, 0.82 -> 0.65 with
+// AVX-512 (bench/RESULTS.md, session 14).
+constexpr int64_t kPrefetchAhead = 512;
+
+__attribute__((always_inline)) inline void prefetch_ahead(const float* c, const int32_t* cols, int64_t j0,
+                                                          int64_t j1) {
+  const uintptr_t cv = reinterpret_cast<uintptr_t>(c), cc = reinterpret_cast<uintptr_t>(cols);
+  for (int64_t q = j0 + kPrefetchAhead; q < j1 + kPrefetchAhead; q += 16) {  // 16 entries: a 64-byte line
+    _mm_prefetch(reinterpret_cast<const char*>(cv + 4 * q), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(cc + 4 * q), _MM_HINT_T0);
+  }
 }
 
 // Lanes [0, k) of 8 set.
@@ -128,6 +140,7 @@ __attribute__((target("avx2,fma"))) double lse_sum_avx2(const float* c, const in
   constexpr int64_t kBlock = 256;
   for (int64_t j0 = 0; j0 < len; j0 += kBlock) {
     const int64_t j1 = j0 + kBlock < len ? j0 + kBlock : len;
+    if (Sparse) prefetch_ahead(c, cols, j0, j1);
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
     int64_t k = j0;
     for (; k + 16 <= j1; k += 16) {

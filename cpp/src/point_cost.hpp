@@ -12,7 +12,11 @@
 #include "kernels.hpp"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(SEGTRANSFER_NO_CLONES)
+// -Wmaybe-uninitialized off for the intrinsics header: see lse_avx2.hpp.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+#pragma GCC diagnostic pop
 #define SEGTRANSFER_AVX2_TILES 1
 #endif
 

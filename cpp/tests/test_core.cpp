@@ -149,16 +149,55 @@ __attribute__((target("avx2,fma"))) static void check_fast_exp8() {
 }
 #endif
 
+#ifdef SEGTRANSFER_AVX512_LSE
+// fast_exp16 against std::exp lane by lane, as check_fast_exp8.
+SEGTRANSFER_AVX512_TARGET static void check_fast_exp16() {
+  for (float x0 = -90.f; x0 <= 88.f; x0 += 16 * 0.0131f) {
+    alignas(64) float x[16], e[16];
+    for (int l = 0; l < 16; ++l) x[l] = x0 + l * 0.0131f;
+    _mm512_store_ps(e, fast_exp16(_mm512_load_ps(x)));
+    for (int l = 0; l < 16; ++l) {
+      const double ref = x[l] < -87.f ? 0.0 : std::exp(std::min(88.0, static_cast<double>(x[l])));
+      CHECK(std::fabs(e[l] - ref) <= 3e-6 * ref);
+    }
+  }
+}
+#endif
+
 // The float-exponent sums of the intermediate stages (RowLse::sum_lowp, ColLse::sum_row_lowp) --
-// AVX2 intrinsics where this CPU takes that path (lse_avx2.hpp), the compiler's clones otherwise --
-// against sums of std::exp in double, on dense and sparse rows whose lengths leave partial vectors
+// the path this CPU takes, and every other one it can run: the AVX-512 and AVX2 intrinsics
+// (lse_avx512.hpp, lse_avx2.hpp) and the compiler's clones -- against sums of std::exp in double, on dense and sparse rows whose lengths leave partial vectors
 // and 256-entry blocks, with entries flushed below e^-87. Bound: the exponent is formed in float
 // (|A|, |c / eps| <= ~60: 60 * 2^-24 = 4e-6 absolute, the same relative on each term), fast_exp_lowp's
 // 3e-6 and float partial sums of <= 256 terms (256 * 6e-8 = 1.5e-5 at worst, ~1e-6 typically):
 // 3e-5 relative. An overflowing row must come out infinite (the callers then take the exact path).
 static void test_lse_kernels() {
 #ifdef SEGTRANSFER_AVX2_LSE
-  if (avx2_lse_available()) check_fast_exp8();
+  if (cpu_has_avx2_fma()) check_fast_exp8();
+#endif
+#ifdef SEGTRANSFER_AVX512_LSE
+  if (avx512_lse_available()) check_fast_exp16();
+#endif
+  // Every form of the row sum this CPU can run (cols null: a dense row), and of the column row update.
+  using RowSum = double (*)(const float*, const int32_t*, int64_t, const float*, float, float);
+  using ColRow = void (*)(const float*, int64_t, float, float, const float*, float*);
+  std::vector<RowSum> row_sums{&RowLse<float>::sum_lowp, &RowLse<float>::sum_lowp_clones};
+  std::vector<ColRow> col_rows{&ColLse<float>::sum_row_lowp, &ColLse<float>::sum_row_lowp_clones};
+#ifdef SEGTRANSFER_AVX2_LSE
+  if (cpu_has_avx2_fma()) {
+    row_sums.push_back([](const float* c, const int32_t* q, int64_t len, const float* A, float ie, float sh) {
+      return q ? lse_sum_avx2<true>(c, q, len, A, ie, sh) : lse_sum_avx2<false>(c, q, len, A, ie, sh);
+    });
+    col_rows.push_back(&col_lse_row_avx2);
+  }
+#endif
+#ifdef SEGTRANSFER_AVX512_LSE
+  if (avx512_lse_available()) {
+    row_sums.push_back([](const float* c, const int32_t* q, int64_t len, const float* A, float ie, float sh) {
+      return q ? lse_sum_avx512<true>(c, q, len, A, ie, sh) : lse_sum_avx512<false>(c, q, len, A, ie, sh);
+    });
+    col_rows.push_back(&col_lse_row_avx512);
+  }
 #endif
   std::mt19937_64 rng(5);
   std::uniform_real_distribution<float> uc(0.f, 60.f), ua(-5.f, 5.f);
@@ -179,30 +218,37 @@ static void test_lse_kernels() {
         const double x = static_cast<double>(A[sparse ? cols[k] : k]) - static_cast<double>(c[k]) * inv_eps - shift;
         if (x >= -87.0) ref += std::exp(x);
       }
-      const double got = RowLse<float>::sum_lowp(c.data(), sparse ? cols.data() : nullptr, len, A.data(), inv_eps, shift);
-      const double clone =
-          RowLse<float>::sum_lowp_clones(c.data(), sparse ? cols.data() : nullptr, len, A.data(), inv_eps, shift);
-      CHECK(std::fabs(got - ref) <= 3e-5 * ref);
-      CHECK(std::fabs(clone - ref) <= 3e-5 * ref);
+      for (RowSum sum : row_sums) {
+        const double got = sum(c.data(), sparse ? cols.data() : nullptr, len, A.data(), inv_eps, shift);
+        CHECK(std::fabs(got - ref) <= 3e-5 * ref);
+      }
     }
     // Column form: part[j] += exp(Ai - c[j] * inv_eps - mx[j]) on a row of length len.
-    std::vector<float> mx(len), part(len), before(len);
+    std::vector<float> mx(len), before(len);
     for (int64_t j = 0; j < len; ++j) {
       mx[j] = ua(rng) - 20.f;
-      part[j] = before[j] = static_cast<float>(j % 3);
+      before[j] = static_cast<float>(j % 3);
     }
     const float Ai = 1.5f;
-    ColLse<float>::sum_row_lowp(c.data(), len, Ai, inv_eps, mx.data(), part.data());
-    for (int64_t j = 0; j < len; ++j) {
-      const double x = double(Ai) - double(c[j]) * inv_eps - double(mx[j]);
-      const double ref = before[j] + (x >= -87.0 ? std::exp(x) : 0.0);
-      CHECK(std::fabs(part[j] - ref) <= 3e-5 * ref + 1e-30);
+    for (ColRow row : col_rows) {
+      std::vector<float> part = before;
+      row(c.data(), len, Ai, inv_eps, mx.data(), part.data());
+      for (int64_t j = 0; j < len; ++j) {
+        const double x = double(Ai) - double(c[j]) * inv_eps - double(mx[j]);
+        const double ref = before[j] + (x >= -87.0 ? std::exp(x) : 0.0);
+        CHECK(std::fabs(part[j] - ref) <= 3e-5 * ref + 1e-30);
+      }
     }
   }
   // Overflow: terms clamped at e^88 (~1.7e38) sum past FLT_MAX to inf, never to a finite wrong value.
   std::vector<float> c(40, 0.f);
   std::vector<float> big(m, 150.f);
-  CHECK(std::isinf(RowLse<float>::sum_lowp(c.data(), nullptr, 40, big.data(), 1.f, 0.f)));
+  std::vector<int32_t> cols(40);
+  for (int k = 0; k < 40; ++k) cols[k] = 3 * k;
+  for (RowSum sum : row_sums) {
+    CHECK(std::isinf(sum(c.data(), nullptr, 40, big.data(), 1.f, 0.f)));
+    CHECK(std::isinf(sum(c.data(), cols.data(), 40, big.data(), 1.f, 0.f)));
+  }
 }
 
 static void test_sampling() {

@@ -1,0 +1,134 @@
+// Internal to the core (not installed): the float log-sum-exp loops of the intermediate stages
+// (RowLse::sum_lowp, ColLse::sum_row_lowp in kernels.hpp) written with AVX-512 intrinsics, for CPUs
+// with the x86-64-v4 feature set.
+//
+// Why by hand: GCC 12's x86-64-v4 clone of the sparse sum loads its 16 gathered potentials one by
+// one and spills the block's partial sums to the stack, and nothing prefetches the value and index
+// streams, whose scalar-load gathers hide them from the hardware prefetchers. On the 2-vCPU Xeon
+// (Sapphire Rapids class) VM a 10^4 x 3000 sparse sum (240 MB, out of cache) took 1.08 ns an entry
+// with the clone and 0.65 here (0.82 without the prefetch); the dense form 1.02 -> 0.69
+// (bench/RESULTS.md, session 14). The potentials are still loaded one by one: vgatherdps was no
+// faster there (0.72 ns), and CPUs with the Gather Data Sampling microcode fix run it several times
+// slower.
+//
+// Each exponential is detail::fast_exp_lowp(float)'s operations in the order of fast_exp8
+// (lse_avx2.hpp) on 16 lanes; only the order in which partial sums are added differs from the
+// other paths, a float rounding difference far inside what the lowp stages tolerate (kernels.hpp).
+#pragma once
+#include <cstdint>
+
+#include "lse_avx2.hpp"
+#include "segtransfer/fastexp.hpp"
+
+#ifdef SEGTRANSFER_AVX2_LSE
+#define SEGTRANSFER_AVX512_LSE 1
+#define SEGTRANSFER_AVX512_TARGET __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512cd,fma")))
+
+namespace segtransfer {
+namespace {
+
+// True where this CPU has what the compiler's x86-64-v4 clones need (and these loops use).
+inline bool avx512_lse_available() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
+  }();
+  return yes;
+}
+
+// detail::fast_exp_lowp(float) on 16 lanes (see fastexp.hpp for the method and its error).
+SEGTRANSFER_AVX512_TARGET __attribute__((always_inline)) inline __m512 fast_exp16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.0f);
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);  // below: flushed to 0
+  x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.0f));
+  const __m512 shifter = _mm512_set1_ps(12582912.0f);
+  const __m512 ns = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), shifter);
+  const __m512 n = _mm512_sub_ps(ns, shifter);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
+  using detail::kExpLowpPoly;
+  __m512 p = _mm512_set1_ps(kExpLowpPoly[0]);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpLowpPoly[1]));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpLowpPoly[2]));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpLowpPoly[3]));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpLowpPoly[4]));
+  // 2^n from ns's low mantissa bits, as in fast_exp8.
+  const __m512i e = _mm512_slli_epi32(
+      _mm512_add_epi32(_mm512_castps_si512(ns), _mm512_set1_epi32(127 - 0x4B400000)), 23);
+  return _mm512_maskz_mul_ps(keep, p, _mm512_castsi512_ps(e));
+}
+
+// A[q[l]] for the lanes l that `mask` sets (0 elsewhere).
+SEGTRANSFER_AVX512_TARGET __attribute__((always_inline)) inline __m512 load_gathered16(const float* A,
+                                                                                       const int32_t* q,
+                                                                                       __mmask16 mask) {
+  if (mask == 0xFFFF) {
+    const __m128 a0 = _mm_setr_ps(A[q[0]], A[q[1]], A[q[2]], A[q[3]]);
+    const __m128 a1 = _mm_setr_ps(A[q[4]], A[q[5]], A[q[6]], A[q[7]]);
+    const __m128 a2 = _mm_setr_ps(A[q[8]], A[q[9]], A[q[10]], A[q[11]]);
+    const __m128 a3 = _mm_setr_ps(A[q[12]], A[q[13]], A[q[14]], A[q[15]]);
+    const __m512 lo = _mm512_insertf32x4(_mm512_castps128_ps512(a0), a1, 1);
+    return _mm512_insertf32x4(_mm512_insertf32x4(lo, a2, 2), a3, 3);
+  }
+  alignas(64) float g[16] = {};
+  for (int l = 0; l < 16; ++l)
+    if ((mask >> l) & 1) g[l] = A[q[l]];
+  return _mm512_load_ps(g);
+}
+
+// 16 exponents A[col] - c * inv_eps - shift from entries [k, k + 16) where `mask` is set.
+template <bool Sparse>
+SEGTRANSFER_AVX512_TARGET __attribute__((always_inline)) inline __m512 row_exponents16(
+    const float* c, const int32_t* cols, const float* A, int64_t k, __m512 inv, __m512 shift, __mmask16 mask) {
+  const __m512 cv = mask == 0xFFFF ? _mm512_loadu_ps(c + k) : _mm512_maskz_loadu_ps(mask, c + k);
+  __m512 av;
+  if (Sparse)
+    av = load_gathered16(A, cols + k, mask);
+  else
+    av = mask == 0xFFFF ? _mm512_loadu_ps(A + k) : _mm512_maskz_loadu_ps(mask, A + k);
+  return _mm512_sub_ps(_mm512_fnmadd_ps(cv, inv, av), shift);
+}
+
+// RowLse<float>::shifted_sum<float>: sum_k exp(A[cols[k]] - c[k] * inv_eps - shift) (cols null:
+// A[k]), partial sums in float over blocks of 256 entries, the blocks added in double.
+template <bool Sparse>
+SEGTRANSFER_AVX512_TARGET double lse_sum_avx512(const float* c, const int32_t* cols, int64_t len, const float* A,
+                                                float inv_eps, float shift) {
+  const __m512 inv = _mm512_set1_ps(inv_eps), sh = _mm512_set1_ps(shift);
+  double total = 0.0;
+  constexpr int64_t kBlock = 256;
+  for (int64_t j0 = 0; j0 < len; j0 += kBlock) {
+    const int64_t j1 = j0 + kBlock < len ? j0 + kBlock : len;
+    if (Sparse) prefetch_ahead(c, cols, j0, j1);
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t k = j0;
+    for (; k + 32 <= j1; k += 32) {
+      s0 = _mm512_add_ps(s0, fast_exp16(row_exponents16<Sparse>(c, cols, A, k, inv, sh, 0xFFFF)));
+      s1 = _mm512_add_ps(s1, fast_exp16(row_exponents16<Sparse>(c, cols, A, k + 16, inv, sh, 0xFFFF)));
+    }
+    for (; k < j1; k += 16) {
+      const __mmask16 mask = j1 - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (j1 - k)) - 1);
+      s0 = _mm512_mask_add_ps(s0, mask, s0, fast_exp16(row_exponents16<Sparse>(c, cols, A, k, inv, sh, mask)));
+    }
+    total += static_cast<double>(_mm512_reduce_add_ps(_mm512_add_ps(s0, s1)));
+  }
+  return total;
+}
+
+// ColLse<float>::shifted_row<float>: part[j] += exp(Ai - c[j] * inv_eps - mx[j]), j in [0, m).
+SEGTRANSFER_AVX512_TARGET inline void col_lse_row_avx512(const float* c, int64_t m, float Ai, float inv_eps,
+                                                         const float* mx, float* part) {
+  const __m512 inv = _mm512_set1_ps(inv_eps), a = _mm512_set1_ps(Ai);
+  for (int64_t j = 0; j < m; j += 16) {
+    const __mmask16 mask = m - j >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (m - j)) - 1);
+    const __m512 x =
+        _mm512_sub_ps(_mm512_fnmadd_ps(_mm512_maskz_loadu_ps(mask, c + j), inv, a), _mm512_maskz_loadu_ps(mask, mx + j));
+    _mm512_mask_storeu_ps(part + j, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, part + j), fast_exp16(x)));
+  }
+}
+
+}  // namespace
+}  // namespace segtransfer
+#endif
