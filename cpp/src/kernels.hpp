@@ -18,6 +18,7 @@
 #include "segtransfer/fastexp.hpp"
 #include "segtransfer/sinkhorn.hpp"
 #include "lse_avx2.hpp"
+#include "prefetch.hpp"
 #include "lse_avx512.hpp"
 
 #ifdef _OPENMP

@@ -14,6 +14,7 @@
 #pragma once
 #include <cstdint>
 
+#include "prefetch.hpp"
 #include "segtransfer/fastexp.hpp"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(SEGTRANSFER_NO_CLONES)
@@ -68,24 +69,6 @@ __attribute__((target("avx2,fma"), always_inline)) inline __m256 fast_exp8(__m25
   const __m256i e = _mm256_slli_epi32(
       _mm256_add_epi32(_mm256_castps_si256(ns), _mm256_set1_epi32(127 - 0x4B400000)), 23);
   return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
-}
-
-// Software prefetch for the sparse sums: the entries [j0 + kPrefetchAhead, j1 + kPrefetchAhead) of
-// the values and their column indices, which lie past the row's end when the row is short (the CSR
-// storage is contiguous, so that is the next rows; past the whole array a prefetch is a no-op, as
-// x86 prefetches never fault: the address is formed as an integer so that no out-of-range pointer
-// exists). The gathers' scalar loads keep the hardware prefetchers from following the two streams:
-// a 10^4 x 3000 sparse sum (240 MB) took 1.11 -> 0.75 ns an entry with AVX2, 0.82 -> 0.65 with
-// AVX-512 (bench/RESULTS.md, session 14).
-constexpr int64_t kPrefetchAhead = 512;
-
-__attribute__((always_inline)) inline void prefetch_ahead(const float* c, const int32_t* cols, int64_t j0,
-                                                          int64_t j1) {
-  const uintptr_t cv = reinterpret_cast<uintptr_t>(c), cc = reinterpret_cast<uintptr_t>(cols);
-  for (int64_t q = j0 + kPrefetchAhead; q < j1 + kPrefetchAhead; q += 16) {  // 16 entries: a 64-byte line
-    _mm_prefetch(reinterpret_cast<const char*>(cv + 4 * q), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(cc + 4 * q), _MM_HINT_T0);
-  }
 }
 
 // Lanes [0, k) of 8 set.

@@ -306,6 +306,7 @@ bool count_kept(const SparseRows<T>& in, const double* p_row, const double* p_co
   for (int64_t i = 0; i < n; ++i) {
     const double th = p_row[i] + cutoff;
     int64_t k = 0;
+    prefetch_ahead(in.val.data(), in.col.data(), in.ptr[i], in.ptr[i + 1]);
     for (int64_t e = in.ptr[i]; e < in.ptr[i + 1]; ++e)
       k += (static_cast<double>(in.val[e]) - p_col[in.col[e]] < th) ? 1 : 0;
     ptr[i + 1] = k;
@@ -328,6 +329,7 @@ int64_t move_kept(const SparseRows<T>& in, int64_t i0, int64_t i1, const double*
   for (int64_t i = i0; i < i1; ++i) {
     const double th = p_row[i] + cutoff;
     const int64_t stop = at + (kept[i + 1] - kept[i]), end = in.ptr[i + 1];
+    prefetch_ahead(in.val.data(), in.col.data(), in.ptr[i], end);
     for (int64_t e = in.ptr[i]; e < end && at < stop; ++e) {
       const int32_t c = in.col[e];
       const T v = in.val[e];
@@ -610,11 +612,15 @@ struct PlanRow {
   SEGTRANSFER_HOT static double fill(const T* c, const int32_t* cols, int64_t len, double base, const double* B,
                                      double inv_eps, float* out) {
     double s = 0.0;
+    for (int64_t k0 = 0; k0 < len; k0 += kPrefetchBlock) {
+      const int64_t k1 = std::min(len, k0 + kPrefetchBlock);
+      prefetch_ahead(c, cols, k0, k1);
 #pragma omp simd reduction(+ : s)
-    for (int64_t k = 0; k < len; ++k) {
-      const double v = detail::fast_exp(base + B[cols[k]] - static_cast<double>(c[k]) * inv_eps);
-      out[k] = static_cast<float>(v);
-      s += v;
+      for (int64_t k = k0; k < k1; ++k) {
+        const double v = detail::fast_exp(base + B[cols[k]] - static_cast<double>(c[k]) * inv_eps);
+        out[k] = static_cast<float>(v);
+        s += v;
+      }
     }
     return s;
   }
@@ -664,8 +670,12 @@ double evaluate_plan(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
 struct SparseDot {
   SEGTRANSFER_HOT static double run(const float* val, const int32_t* col, int64_t k0, int64_t k1, const double* x) {
     double s = 0.0;
+    for (int64_t b0 = k0; b0 < k1; b0 += kPrefetchBlock) {
+      const int64_t b1 = std::min(k1, b0 + kPrefetchBlock);
+      prefetch_ahead(val, col, b0, b1);
 #pragma omp simd reduction(+ : s)
-    for (int64_t k = k0; k < k1; ++k) s += static_cast<double>(val[k]) * x[col[k]];
+      for (int64_t k = b0; k < b1; ++k) s += static_cast<double>(val[k]) * x[col[k]];
+    }
     return s;
   }
 };
