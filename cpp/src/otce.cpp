@@ -14,6 +14,7 @@
 
 #include "segtransfer/blocked.hpp"
 #include "segtransfer/errors.hpp"
+#include "pool.hpp"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -304,6 +305,7 @@ OTCEResult otce(const PixelView<T>& src, const int32_t* src_code, int source_cla
 
 #pragma omp parallel num_threads(workers)
   {
+    const detail::PoolScope scope;  // this worker's solves reuse each other's kernel storage
     std::vector<double> a(ns, 1.0 / ns), b(nt, 1.0 / nt), f(ns), g(nt);
     std::vector<int64_t> is(ns), it(nt), col_start(ct + 1);
     std::vector<int32_t> row_class(ns), row_group(ns), cells_s, cells_t;

@@ -15,6 +15,7 @@
 #include "segtransfer/errors.hpp"
 #include "segtransfer/fastexp.hpp"
 #include "kernels.hpp"
+#include "pool.hpp"
 #include "point_cost.hpp"
 
 #ifdef _OPENMP
@@ -105,8 +106,8 @@ void dense_column_lse(const RowMatrix<T>& mat, const double* A, double inv_eps, 
 template <typename T>
 struct SparseRows {
   std::vector<int64_t> ptr;
-  std::vector<int32_t> col;
-  std::vector<T> val;
+  detail::KernelVector<int32_t> col;
+  detail::KernelVector<T> val;
 };
 
 // One dense row of build_sparse: entries with c_j - p_col_j < th. Target-cloned like the
@@ -598,7 +599,7 @@ struct SparsePlan {
   // Entries in float: they only enter the Newton system (an inexact solve to a 10 % residual), and
   // the matrix-vector products of its CG loop are bound by the bytes they read. The sums, which
   // carry the marginal error, are accumulated in double before rounding.
-  std::vector<float> by_row, by_col;
+  detail::KernelVector<float> by_row, by_col;
   std::vector<double> row_sum, col_sum;
 };
 
@@ -629,7 +630,7 @@ struct PlanRow {
 template <typename T>
 double plan_side(const SparseRows<T>& S, int64_t m_other, const double* w_self, const double* log_w_self,
                  const double* log_w_other, const double* pot_self, const double* pot_other, double inv_eps,
-                 std::vector<float>& values, std::vector<double>& sums, int nt) {
+                 detail::KernelVector<float>& values, std::vector<double>& sums, int nt) {
   const int64_t n = static_cast<int64_t>(S.ptr.size()) - 1;
   thread_local std::vector<double> B, row_err;
   B.resize(m_other);
@@ -684,12 +685,12 @@ struct SparseDot {
 // columns'): the operator of Newton's CG loop. Counted, then filled, in parallel over rows.
 struct PlanEntries {
   std::vector<int64_t> ptr;
-  std::vector<int32_t> col;
-  std::vector<float> val;
+  detail::KernelVector<int32_t> col;
+  detail::KernelVector<float> val;
 };
 
-inline void plan_entries_above(const std::vector<int64_t>& ptr, const std::vector<int32_t>& col,
-                               const std::vector<float>& val, float floor, int nt, PlanEntries& out) {
+inline void plan_entries_above(const std::vector<int64_t>& ptr, const detail::KernelVector<int32_t>& col,
+                               const detail::KernelVector<float>& val, float floor, int nt, PlanEntries& out) {
   const int64_t n = static_cast<int64_t>(ptr.size()) - 1;
   out.ptr.resize(n + 1);
   out.ptr[0] = 0;
@@ -1437,6 +1438,7 @@ template <typename T>
 SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const double* b,
                             const SinkhornOptions& opt, double* f, double* g, const PlanClasses* classes,
                             const PlanClasses* groups) {
+  const detail::PoolScope scope;
   return sinkhorn_log_traced(cost, a, b, opt, f, g, classes, groups, nullptr);
 }
 

@@ -16,6 +16,7 @@
 #include "segtransfer/sampling.hpp"
 #include "../src/kernels.hpp"  // the log-sum-exp loops themselves (internal)
 #include "../src/point_cost.hpp"  // the cost tiles (internal)
+#include "../src/pool.hpp"  // the kernel storage pool (internal)
 
 using namespace segtransfer;
 
@@ -249,6 +250,52 @@ static void test_lse_kernels() {
     CHECK(std::isinf(sum(c.data(), nullptr, 40, big.data(), 1.f, 0.f)));
     CHECK(std::isinf(sum(c.data(), cols.data(), 40, big.data(), 1.f, 0.f)));
   }
+}
+
+// The pool behind the kernels' storage (pool.hpp): a block freed inside a scope serves the next
+// request it fits (a slightly larger one too, not one under a quarter of it); a request no kept
+// block fits gives back the smaller kept blocks; nothing is kept outside a scope or after it.
+static void test_block_pool() {
+  using detail::BlockPool;
+  using detail::KernelVector;
+  BlockPool& pool = BlockPool::local();
+  const size_t mb = size_t(1) << 20, n = 8 * mb / sizeof(float);
+  {
+    KernelVector<float> v(n);
+  }
+  CHECK(pool.kept_bytes() == 0);  // no scope: freed
+  {
+    const detail::PoolScope scope;
+    const float* first;
+    {
+      KernelVector<float> v(n, 1.f);
+      first = v.data();
+    }
+    CHECK(pool.kept_bytes() >= 8 * mb);
+    {
+      KernelVector<float> v(n + n / 20);  // 5 % larger: the same block
+      CHECK(v.data() == first);
+      CHECK(pool.kept_bytes() == 0);
+    }
+    {
+      KernelVector<float> v(n / 5);  // under a quarter: a block of its own, the kept one stays
+      CHECK(v.data() != first);
+      CHECK(pool.kept_bytes() >= 8 * mb);
+    }
+    {
+      const detail::PoolScope inner;  // nested: the outer scope still owns what is kept
+    }
+    CHECK(pool.kept_bytes() >= 8 * mb);
+    {
+      KernelVector<int32_t> big(4 * n);  // no kept block fits: the smaller ones are given back
+      CHECK(pool.kept_bytes() < 8 * mb);
+      big[4 * n - 1] = 7;
+    }
+    CHECK(pool.kept_bytes() >= 32 * mb);
+    KernelVector<float> small(10);  // below the pooled size: plain allocation
+    CHECK(small.size() == 10);
+  }
+  CHECK(pool.kept_bytes() == 0);  // released with the outermost scope
 }
 
 static void test_sampling() {
@@ -969,6 +1016,7 @@ int main(int argc, char** argv) {
       {"fast_exp", test_fast_exp},
       {"squared_euclidean", test_squared_euclidean},
       {"lse_kernels", test_lse_kernels},
+      {"block_pool", test_block_pool},
       {"sampling", test_sampling},
       {"otce_bijection", test_otce_bijection},
       {"conditional_entropy", test_conditional_entropy},

@@ -1,0 +1,143 @@
+// Internal to the core (not installed): a per-thread cache of the large blocks a solve allocates
+// for its truncated kernels and plans, reused by the next allocations of the same call.
+//
+// Why: fresh pages are expensive. Each N = 10^4 draw allocated ~1 GB of pattern storage (the first
+// sparse kernel in two layouts, Newton's relocated patterns, the plan's values) and touched every
+// page for the first time: on the 2-vCPU VMs a K = 4 call spent 16-19 % of its CPU time in the
+// kernel's page faults, and the first pattern Newton relocated took 0.72 s to build against 0.18 s
+// for the next one, in the same pages (bench/RESULTS.md, session 14). glibc gives such blocks
+// (> 32 MB, always mmapped) back to the system on free, so every draw paid again.
+//
+// A block freed inside a PoolScope is kept by the freeing thread and handed to a later request
+// that fits it (the smallest that fits, and at most 4x the request, so that a small vector does not
+// hold a block a later pattern needs). A request that no kept block serves first gives back the
+// kept blocks too small for it: the resident memory (live + kept) then never exceeds what the call
+// has already needed at its largest. Everything kept goes back to the system when the outermost
+// scope on the thread ends: nothing is held between calls.
+#pragma once
+#include <cstddef>
+#include <cstdlib>
+#include <new>
+#include <utility>
+#include <vector>
+
+// In a named namespace (not internal linkage like the other internal headers): the pool of a
+// thread must be the same one in every file, so that otce.cpp's scope covers sinkhorn.cpp's blocks.
+namespace segtransfer::detail {
+
+class BlockPool {
+ public:
+  // Blocks below this go to malloc directly (glibc keeps small freed memory itself).
+  static constexpr std::size_t kMinPooled = std::size_t(1) << 20;
+
+  static BlockPool& local() {
+    thread_local BlockPool pool;
+    return pool;
+  }
+  BlockPool() = default;
+  BlockPool(const BlockPool&) = delete;
+  BlockPool& operator=(const BlockPool&) = delete;
+  ~BlockPool() { release(); }
+
+  void enter() { ++depth_; }
+  void leave() {
+    if (--depth_ == 0) release();
+  }
+
+  void* take(std::size_t bytes) {
+    std::size_t best = kept_.size();
+    for (std::size_t k = 0; k < kept_.size(); ++k)
+      if (kept_[k].first >= bytes && kept_[k].first / 4 <= bytes &&
+          (best == kept_.size() || kept_[k].first < kept_[best].first))
+        best = k;
+    if (best < kept_.size()) {
+      void* p = kept_[best].second;
+      kept_[best] = kept_.back();
+      kept_.pop_back();
+      return p;
+    }
+    // Gives back kept blocks too small for this request, the largest first, until they add up to
+    // it: the new block then takes no more memory than they held.
+    std::size_t freed = 0;
+    while (freed < bytes) {
+      std::size_t k = kept_.size();
+      for (std::size_t q = 0; q < kept_.size(); ++q)
+        if (kept_[q].first < bytes && (k == kept_.size() || kept_[q].first > kept_[k].first)) k = q;
+      if (k == kept_.size()) break;
+      freed += kept_[k].first;
+      std::free(header(kept_[k].second));
+      kept_[k] = kept_.back();
+      kept_.pop_back();
+    }
+    // Room to grow: the next draw's kernel is a few percent larger or smaller than this one's, and
+    // pages never touched cost nothing.
+    const std::size_t size = ((bytes + bytes / 8) | (kGranule - 1)) + 1;
+    void* base = std::malloc(size + kHeader);
+    if (base == nullptr) throw std::bad_alloc();
+    *static_cast<std::size_t*>(base) = size;
+    return static_cast<char*>(base) + kHeader;
+  }
+
+  std::size_t kept_bytes() const {
+    std::size_t total = 0;
+    for (const auto& block : kept_) total += block.first;
+    return total;
+  }
+
+  void give(void* p) noexcept {
+    if (depth_ > 0) {
+      try {
+        kept_.emplace_back(*static_cast<std::size_t*>(header(p)), p);
+        return;
+      } catch (...) {  // no room to remember it: free it
+      }
+    }
+    std::free(header(p));
+  }
+
+ private:
+  static constexpr std::size_t kHeader = 64;  // keeps the blocks 64-byte aligned (malloc gives 16)
+  static constexpr std::size_t kGranule = std::size_t(1) << 16;
+  static void* header(void* p) { return static_cast<char*>(p) - kHeader; }
+  void release() {
+    for (auto& [size, p] : kept_) std::free(header(p));
+    kept_.clear();
+  }
+  std::vector<std::pair<std::size_t, void*>> kept_;  // (usable bytes, block)
+  int depth_ = 0;
+};
+
+// Keeps the blocks freed on this thread for reuse while it lives (scopes nest).
+struct PoolScope {
+  PoolScope() { BlockPool::local().enter(); }
+  ~PoolScope() { BlockPool::local().leave(); }
+  PoolScope(const PoolScope&) = delete;
+  PoolScope& operator=(const PoolScope&) = delete;
+};
+
+// std::allocator, except that blocks of kMinPooled bytes or more come from and go to the pool.
+template <typename T>
+struct PoolAllocator {
+  using value_type = T;
+  PoolAllocator() = default;
+  template <typename U>
+  PoolAllocator(const PoolAllocator<U>&) noexcept {}
+  T* allocate(std::size_t n) {
+    if (n * sizeof(T) < BlockPool::kMinPooled) return std::allocator<T>().allocate(n);
+    return static_cast<T*>(BlockPool::local().take(n * sizeof(T)));
+  }
+  void deallocate(T* p, std::size_t n) noexcept {
+    if (n * sizeof(T) < BlockPool::kMinPooled) return std::allocator<T>().deallocate(p, n);
+    BlockPool::local().give(p);
+  }
+  template <typename U>
+  bool operator==(const PoolAllocator<U>&) const noexcept { return true; }
+  template <typename U>
+  bool operator!=(const PoolAllocator<U>&) const noexcept { return false; }
+};
+
+// The vectors whose size follows the number of kernel entries.
+template <typename T>
+using KernelVector = std::vector<T, PoolAllocator<T>>;
+
+}  // namespace segtransfer::detail
