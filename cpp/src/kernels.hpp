@@ -128,6 +128,16 @@ class StageExtrapolation {
   double prev_eps_ = 0.0, cur_eps_ = 0.0;
 };
 
+// The threshold a dense scan compares c - T(p) against, formed in T, for the exact test
+// c - p < th (c of type T, p and th double) when |c|, 2|p| and |th| add up to at most `magnitude`:
+// in float the three roundings (of p, of the difference, of the threshold) are each below
+// 2^-24 magnitude, so th is raised by 2^-21 magnitude. Then every entry the exact test keeps passes,
+// and every entry that fails satisfies c - p >= th. In double the test is the exact one.
+template <typename T>
+inline T scan_threshold(double th, double magnitude) {
+  return static_cast<T>(std::is_same<T, float>::value ? th + std::ldexp(magnitude, -21) : th);
+}
+
 // Exponentials are evaluated in the storage precision T (float: 8 or 16 lanes per vector op), but
 // their arguments are formed in double: A_j - C_ij / eps is a small difference of values that can
 // be 10^3 times larger, and forming it in float would put ~1e-4 noise on every exponent.

@@ -110,39 +110,39 @@ struct SparseRows {
   detail::KernelVector<T> val;
 };
 
-// One dense row of build_sparse: entries with c_j - p_col_j < th. Target-cloned like the
-// log-sum-exp loops (the predicate is formed in double: 4 lanes with AVX2, 2 in baseline x86-64).
+// One dense row of build_sparse: entries with c_j - p_col_j < th, the difference formed in the
+// storage precision T (see build_sparse for why that still keeps every entry the cutoff asks for).
+// Target-cloned like the log-sum-exp loops.
 template <typename T>
 struct DenseRowScan {
-  SEGTRANSFER_HOT static int64_t count(const T* c, int64_t m, const double* p_col, double th) {
+  SEGTRANSFER_HOT static int64_t count(const T* c, int64_t m, const T* p_col, T th) {
     int64_t k = 0;
 #pragma omp simd reduction(+ : k)
-    for (int64_t j = 0; j < m; ++j) k += (static_cast<double>(c[j]) - p_col[j] < th) ? 1 : 0;
+    for (int64_t j = 0; j < m; ++j) k += (c[j] - p_col[j] < th) ? 1 : 0;
     return k;
   }
   // Writes the row's first k kept entries (k from count) in column order. Branch-free compaction
   // (every entry up to the last kept one is written, the cursor advances on the kept ones: at 15 %
   // density a branchy loop mispredicts often), except that blocks of 16 entries with none kept,
   // found by a vectorised count, are skipped: at the last stage's 3 % density most blocks are.
-  SEGTRANSFER_HOT static void fill(const T* c, int64_t m, const double* p_col, double th, int64_t k, int32_t* oc,
-                                   T* ov) {
+  SEGTRANSFER_HOT static void fill(const T* c, int64_t m, const T* p_col, T th, int64_t k, int32_t* oc, T* ov) {
     constexpr int64_t kSpan = 16;
     int64_t pos = 0, j = 0;
     for (; j + kSpan <= m && pos < k; j += kSpan) {
       int hits = 0;
 #pragma omp simd reduction(+ : hits)
-      for (int64_t t = j; t < j + kSpan; ++t) hits += (static_cast<double>(c[t]) - p_col[t] < th) ? 1 : 0;
+      for (int64_t t = j; t < j + kSpan; ++t) hits += (c[t] - p_col[t] < th) ? 1 : 0;
       if (hits == 0) continue;
       for (int64_t t = j; t < j + kSpan && pos < k; ++t) {
         oc[pos] = static_cast<int32_t>(t);
         ov[pos] = c[t];
-        pos += (static_cast<double>(c[t]) - p_col[t] < th) ? 1 : 0;
+        pos += (c[t] - p_col[t] < th) ? 1 : 0;
       }
     }
     for (; j < m && pos < k; ++j) {
       oc[pos] = static_cast<int32_t>(j);
       ov[pos] = c[j];
-      pos += (static_cast<double>(c[j]) - p_col[j] < th) ? 1 : 0;
+      pos += (c[j] - p_col[j] < th) ? 1 : 0;
     }
   }
 };
@@ -153,17 +153,35 @@ struct DenseRowScan {
 // from one build to the next (fresh pages cost this VM more than the scan). Returns false when the
 // kernel is denser than `max_density` (the dense loop is then faster, and a nearly dense pattern is
 // not worth its memory) or a row would be empty.
+// The test c_ij - p_col_j < p_row_i + cutoff runs in T: in float the scan reads 4-byte potentials
+// that stay in L1 and tests 16 lanes at once, 0.45 -> 0.32 ns an entry on the 10^4 x 10^4 cost
+// (bench/RESULTS.md, session 14). scan_threshold raises the threshold past its roundings, so every
+// entry left out satisfies C - p_row - p_col >= cutoff exactly, which Pattern's margins rely on
+// (cost_bound: max |C|).
 template <typename T>
-bool build_sparse(const RowMatrix<T>& mat, const double* p_row, const double* p_col, double cutoff,
+bool build_sparse(const RowMatrix<T>& mat, const double* p_row, const double* p_col, double cutoff, double cost_bound,
                   double max_density, int nt, SparseRows<T>& out) {
   const int64_t n = mat.rows(), m = mat.cols();
+  thread_local std::vector<T> pc, th;
+  pc.resize(m);
+  th.resize(n);
+  double p_max = 0.0, th_max = 0.0;
+  for (int64_t j = 0; j < m; ++j) {
+    pc[j] = static_cast<T>(p_col[j]);
+    p_max = std::max(p_max, std::fabs(p_col[j]));
+  }
+  for (int64_t i = 0; i < n; ++i) th_max = std::max(th_max, std::fabs(p_row[i] + cutoff));
+  const double magnitude = cost_bound + 2.0 * p_max + th_max;
+  for (int64_t i = 0; i < n; ++i) th[i] = scan_threshold<T>(p_row[i] + cutoff, magnitude);
+  const T* pcp = pc.data();
+  const T* thp = th.data();
   out.ptr.resize(n + 1);
   int64_t* count = out.ptr.data();
   count[0] = 0;
   bool empty_row = false;
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(|| : empty_row)
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t k = DenseRowScan<T>::count(mat.data() + i * m, m, p_col, p_row[i] + cutoff);
+    const int64_t k = DenseRowScan<T>::count(mat.data() + i * m, m, pcp, thp[i]);
     count[i + 1] = k;
     empty_row = empty_row || k == 0;
   }
@@ -174,8 +192,8 @@ bool build_sparse(const RowMatrix<T>& mat, const double* p_row, const double* p_
   out.val.resize(count[n]);
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t i = 0; i < n; ++i)
-    DenseRowScan<T>::fill(mat.data() + i * m, m, p_col, p_row[i] + cutoff, count[i + 1] - count[i],
-                          out.col.data() + count[i], out.val.data() + count[i]);
+    DenseRowScan<T>::fill(mat.data() + i * m, m, pcp, thp[i], count[i + 1] - count[i], out.col.data() + count[i],
+                          out.val.data() + count[i]);
   return true;
 }
 
@@ -190,6 +208,7 @@ struct Pattern {
   SparseRows<T> rows, cols;  // the same entries as CSR and CSC
   std::vector<double> f0, g0;
   double cutoff = 0.0;
+  double cost_bound = 0.0;  // max |C|, for build_sparse
   bool valid = false;
   // A candidate pattern (see prepare_pattern); after a commit it holds the previous pattern's
   // storage, whose capacity the next candidate reuses.
@@ -411,7 +430,7 @@ bool prepare_pattern(const RowMatrix<T>& cost, const double* f, const double* g,
     return true;
   }
   const double cutoff = keep + slack;
-  if (!build_sparse(cost, f, g, cutoff, max_density, nt, p.next_rows) ||
+  if (!build_sparse(cost, f, g, cutoff, p.cost_bound, max_density, nt, p.next_rows) ||
       !transpose_rows(p.next_rows, m, nt, p.next_cols))
     return false;
   p.next_cutoff = cutoff;
@@ -1058,7 +1077,22 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
   for (int64_t i = 0; i < n; ++i) log_a[i] = std::log(a[i]);
   for (int64_t j = 0; j < m; ++j) log_b[j] = std::log(b[j]);
 
-  const std::vector<double> schedule = stage_schedule(static_cast<double>(cost.maxCoeff()), opt);
+  // The largest cost (where the schedule starts) and the largest magnitude (for build_sparse), in
+  // one pass.
+  double cmax = -std::numeric_limits<double>::infinity(), cmin = std::numeric_limits<double>::infinity();
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(max : cmax) reduction(min : cmin)
+  for (int64_t i = 0; i < n; ++i) {
+    T hi = cost(i, 0), lo = cost(i, 0);
+    const T* row = cost.data() + i * m;
+#pragma omp simd reduction(max : hi) reduction(min : lo)
+    for (int64_t j = 0; j < m; ++j) {
+      hi = row[j] > hi ? row[j] : hi;
+      lo = row[j] < lo ? row[j] : lo;
+    }
+    cmax = std::max(cmax, static_cast<double>(hi));
+    cmin = std::min(cmin, static_cast<double>(lo));
+  }
+  const std::vector<double> schedule = stage_schedule(cmax, opt);
   std::fill(f, f + n, 0.0);
   std::fill(g, g + m, 0.0);
 
@@ -1078,6 +1112,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
 
   const bool debug = std::getenv("SEGTRANSFER_DEBUG") != nullptr;
   Pattern<T> pattern;
+  pattern.cost_bound = std::max(std::fabs(cmax), std::fabs(cmin));
   const SparseRows<T>& rows = pattern.rows;
   const SparseRows<T>& cols = pattern.cols;
   SparsePlan plan;

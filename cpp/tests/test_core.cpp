@@ -252,6 +252,31 @@ static void test_lse_kernels() {
   }
 }
 
+// build_sparse's test in float (scan_threshold): on values where the exact test c - p < th is
+// decided within a few float roundings, an entry left out must fail the exact test, and an entry
+// the exact test keeps must be kept; a far-off threshold stays far off.
+static void test_scan_threshold() {
+  std::mt19937_64 rng(17);
+  std::uniform_real_distribution<double> mag(-3.0, 4.0), unit(-1.0, 1.0), tiny(-64.0, 64.0);
+  int64_t wrong = 0, near = 0;
+  for (int trial = 0; trial < 200000; ++trial) {
+    const double scale = std::pow(10.0, mag(rng));
+    const float c = static_cast<float>(std::fabs(unit(rng)) * scale);
+    const double p = unit(rng) * scale;
+    // A threshold within a few ulps of the difference, or at either side of it.
+    const double th = static_cast<double>(c) - p + tiny(rng) * std::ldexp(std::max(static_cast<double>(std::fabs(c)), std::fabs(p)), -24);
+    const double magnitude = std::fabs(c) + 2.0 * std::fabs(p) + std::fabs(th);
+    const bool kept = c - static_cast<float>(p) < scan_threshold<float>(th, magnitude);
+    const bool exact = static_cast<double>(c) - p < th;
+    near += kept != exact ? 1 : 0;
+    wrong += (!kept && exact) ? 1 : 0;
+  }
+  CHECK(wrong == 0);
+  CHECK(near > 0);  // the cases did probe the rounding (the raise keeps a few extra entries)
+  CHECK(!(10.0f - 1.0f < scan_threshold<float>(8.0, 20.0)));
+  CHECK(scan_threshold<double>(0.1, 1e6) == 0.1);
+}
+
 // The pool behind the kernels' storage (pool.hpp): a block freed inside a scope serves the next
 // request it fits (a slightly larger one too, not one under a quarter of it); a request no kept
 // block fits gives back the smaller kept blocks; nothing is kept outside a scope or after it.
@@ -1017,6 +1042,7 @@ int main(int argc, char** argv) {
       {"squared_euclidean", test_squared_euclidean},
       {"lse_kernels", test_lse_kernels},
       {"block_pool", test_block_pool},
+      {"scan_threshold", test_scan_threshold},
       {"sampling", test_sampling},
       {"otce_bijection", test_otce_bijection},
       {"conditional_entropy", test_conditional_entropy},
