@@ -1,6 +1,7 @@
 // Internal to the core (not installed): the float log-sum-exp loops of the intermediate stages
-// (RowLse::sum_lowp, ColLse::sum_row_lowp in kernels.hpp) written with AVX-512 intrinsics, for CPUs
-// with the x86-64-v4 feature set.
+// (RowLse::sum_lowp, ColLse::sum_row_lowp in kernels.hpp), and the compaction of Newton's operator
+// (plan_entries_above in sinkhorn.cpp), written with AVX-512 intrinsics, for CPUs with the
+// x86-64-v4 feature set.
 //
 // Why by hand: GCC 12's x86-64-v4 clone of the sparse sum loads its 16 gathered potentials one by
 // one and spills the block's partial sums to the stack, and nothing prefetches the value and index
@@ -127,6 +128,28 @@ SEGTRANSFER_AVX512_TARGET inline void col_lse_row_avx512(const float* c, int64_t
         _mm512_sub_ps(_mm512_fnmadd_ps(_mm512_maskz_loadu_ps(mask, c + j), inv, a), _mm512_maskz_loadu_ps(mask, mx + j));
     _mm512_mask_storeu_ps(part + j, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, part + j), fast_exp16(x)));
   }
+}
+
+// The entries of val[0, len) above `floor`, with their indices col[], written in order to
+// out_val / out_col (Newton's operator, plan_entries_above in sinkhorn.cpp); returns how many.
+// Each group of 16 is compressed in registers and stored under a mask, so nothing is written past
+// the kept entries (the next row's share); compress-to-memory is microcoded and slow on some CPUs.
+SEGTRANSFER_AVX512_TARGET inline int64_t compact_above_avx512(const float* val, const int32_t* col, int64_t len,
+                                                              float floor, int32_t* out_col, float* out_val) {
+  const __m512 fl = _mm512_set1_ps(floor);
+  int64_t at = 0;
+  for (int64_t k = 0; k < len; k += 16) {
+    const __mmask16 in = len - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (len - k)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(in, val + k);
+    const __mmask16 keep = _mm512_mask_cmp_ps_mask(in, v, fl, _CMP_GT_OQ);
+    if (keep == 0) continue;
+    const int cnt = __builtin_popcount(keep);
+    const __mmask16 out = cnt == 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << cnt) - 1);
+    _mm512_mask_storeu_ps(out_val + at, out, _mm512_maskz_compress_ps(keep, v));
+    _mm512_mask_storeu_epi32(out_col + at, out, _mm512_maskz_compress_epi32(keep, _mm512_maskz_loadu_epi32(in, col + k)));
+    at += cnt;
+  }
+  return at;
 }
 
 }  // namespace

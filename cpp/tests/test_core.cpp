@@ -252,6 +252,42 @@ static void test_lse_kernels() {
   }
 }
 
+// Newton's operator compaction in AVX-512 (compact_above_avx512) against the plain filter: the
+// same entries in order, nothing written past them, on lengths that leave partial vectors and
+// densities from none to all kept.
+static void test_compact_above() {
+#ifdef SEGTRANSFER_AVX512_LSE
+  if (!avx512_lse_available()) return;
+  std::mt19937_64 rng(23);
+  std::uniform_real_distribution<float> uv(0.f, 1.f);
+  for (int64_t len : {0, 1, 15, 16, 17, 33, 1000}) {
+    std::vector<float> val(len);
+    std::vector<int32_t> col(len);
+    for (int64_t k = 0; k < len; ++k) {
+      val[k] = uv(rng);
+      col[k] = static_cast<int32_t>(3 * k + 1);
+    }
+    for (float floor : {-1.f, 0.1f, 0.5f, 0.97f, 2.f}) {
+      std::vector<float> want_val;
+      std::vector<int32_t> want_col;
+      for (int64_t k = 0; k < len; ++k)
+        if (val[k] > floor) {
+          want_val.push_back(val[k]);
+          want_col.push_back(col[k]);
+        }
+      const int64_t kept = static_cast<int64_t>(want_val.size());
+      std::vector<float> out_val(kept + 20, -5.f);
+      std::vector<int32_t> out_col(kept + 20, -5);
+      CHECK(compact_above_avx512(val.data(), col.data(), len, floor, out_col.data(), out_val.data()) == kept);
+      bool same = true;
+      for (int64_t q = 0; q < kept; ++q) same = same && out_val[q] == want_val[q] && out_col[q] == want_col[q];
+      for (int64_t q = kept; q < kept + 20; ++q) same = same && out_val[q] == -5.f && out_col[q] == -5;
+      CHECK(same);
+    }
+  }
+#endif
+}
+
 // build_sparse's test in float (scan_threshold): on values where the exact test c - p < th is
 // decided within a few float roundings, an entry left out must fail the exact test, and an entry
 // the exact test keeps must be kept; a far-off threshold stays far off.
@@ -1043,6 +1079,7 @@ int main(int argc, char** argv) {
       {"lse_kernels", test_lse_kernels},
       {"block_pool", test_block_pool},
       {"scan_threshold", test_scan_threshold},
+      {"compact_above", test_compact_above},
       {"sampling", test_sampling},
       {"otce_bijection", test_otce_bijection},
       {"conditional_entropy", test_conditional_entropy},
