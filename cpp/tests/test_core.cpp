@@ -125,6 +125,23 @@ static void check_cost_tiles_identical(int64_t d) {
     for (int64_t j = 0; j < m; ++j)
       same = same && fast[i * m + j] == portable[i * m + j] && fast[i * m + j] == trans[j * n + i];
   CHECK(same);
+#ifdef SEGTRANSFER_AVX2_TILES
+  // Each intrinsics form this CPU can run, whichever `fast` took (AVX-512 where there is AVX-512).
+  if (!pc.yp.empty()) {
+    using Tile = int64_t (*)(const float*, int64_t, int64_t, const float*, int64_t, const float*, const float*, float*,
+                             int64_t);
+    std::vector<Tile> forms{&cost_tile_avx2};
+    if (avx512_tiles_available()) forms.push_back(&cost_tile_avx512);
+    for (Tile form : forms) {
+      std::vector<float> out(n * m);
+      const int64_t wv = m - m % 16;
+      const int64_t r = form(pc.x.data(), n, d, pc.yp.data(), wv, pc.xx.data(), pc.yy.data(), out.data(), m);
+      cost_tile_rest(pc.x.data(), n, d, pc.yt.data(), m, m, pc.xx.data(), pc.yy.data(), out.data(), m, r, wv);
+      CHECK(r > 0);
+      CHECK(out == portable);
+    }
+  }
+#endif
 }
 
 static void test_squared_euclidean() {
