@@ -10,7 +10,8 @@
 namespace segtransfer::detail {
 
 // fast_exp_lowp's polynomial for e^r, highest degree first (see fast_exp_lowp); also read by its
-// AVX2 form (fast_exp8 in cpp/src/lse_avx2.hpp), so the two cannot drift apart.
+// AVX2 and AVX-512 forms (fast_exp8 in cpp/src/lse_avx2.hpp, fast_exp16 in cpp/src/lse_avx512.hpp),
+// so they cannot drift apart.
 constexpr float kExpLowpPoly[5] = {0.0414586067f, 0.167909071f, 0.500043571f, 0.999963403f, 0.999999285f};
 
 // fast_exp(float) (Lowp = false) and fast_exp_lowp (true): the same reduction, clamps and scale
@@ -52,7 +53,7 @@ inline float exp_float(float x) {
 inline float fast_exp(float x) { return exp_float<false>(x); }
 
 // The intermediate stages' float-exponent loops (RowLse::sum_lowp, ColLse::sum_row_lowp and their
-// AVX2 form, fast_exp8): fast_exp's reduction and clamps with a degree-4 polynomial fitted for the
+// AVX2 and AVX-512 forms, fast_exp8 and fast_exp16): fast_exp's reduction and clamps with a degree-4 polynomial fitted for the
 // least maximal relative error on |r| <= ln2/2 (Lawson-weighted least squares; 2.6e-6 in exact
 // arithmetic, 2.7e-6 measured in float against std::exp). Those stages stop at a 1e-2 marginal error
 // and form their exponents in float, which alone puts up to ~3e-4 relative on a term (kernels.hpp);
