@@ -1054,14 +1054,26 @@ static void test_early_exits() {
   opt.max_iter = 3;
   TransportResult r = transport_points<double>(x.data(), n, y.data(), n, d, nullptr, nullptr, opt, 0.0);
   CHECK(!r.report.converged && r.report.iterations <= 3);
+  // tol = 1e-12 is below this problem's float64 floor, so a solve with unbounded max_iter stops
+  // where its error stalls, not converged, without timing out (SinkhornReport has no flag for it).
   opt.max_iter = 1000000000;
-  opt.timeout = 0.01;  // this problem converges in ~0.1 s here
+  const auto t_stall = std::chrono::steady_clock::now();
   r = transport_points<double>(x.data(), n, y.data(), n, d, nullptr, nullptr, opt, 0.0);
+  CHECK(!r.report.converged && !r.report.timed_out && r.report.iterations < opt.max_iter);
+  const double stall_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_stall).count();
+  // The timeout and the interrupt on a larger problem, whose stall takes far longer than either.
+  const int64_t nl = 1200;
+  std::vector<double> xl = normal(rng, nl * d, 3.0), yl = normal(rng, nl * d, 3.0);
+  opt.timeout = 0.05;
+  const auto t_long = std::chrono::steady_clock::now();
+  r = transport_points<double>(xl.data(), nl, yl.data(), nl, d, nullptr, nullptr, opt, 0.0);
   CHECK(r.report.timed_out && !r.report.converged);
+  std::fprintf(stderr, "  (stall of the small problem after %.3f s; the larger one timed out after %.3f s)\n", stall_s,
+               std::chrono::duration<double>(std::chrono::steady_clock::now() - t_long).count());
   opt.timeout = 0.0;
   int polls = 0;
   opt.interrupt = [&polls]() { return ++polls >= 2; };
-  CHECK(throws<Interrupted>([&] { transport_points<double>(x.data(), n, y.data(), n, d, nullptr, nullptr, opt, 0.0); }));
+  CHECK(throws<Interrupted>([&] { transport_points<double>(xl.data(), nl, yl.data(), nl, d, nullptr, nullptr, opt, 0.0); }));
   opt.interrupt = nullptr;
   opt.max_iter = 100;
   CHECK(throws<OutOfMemory>([&] { transport_points<double>(x.data(), n, y.data(), n, d, nullptr, nullptr, opt, 1e3); }));

@@ -299,7 +299,12 @@ def otce(
     )
     if not res.all_converged:
         bad = np.flatnonzero(~res.converged)
-        why = "timeout reached" if res.timed_out.any() else f"max_iter={opt.max_iter} reached"
+        if res.timed_out.any():
+            why = "timeout reached"
+        elif np.all(res.iterations[bad] < opt.max_iter) and np.all(np.isfinite(res.marginal_error[bad])):
+            why = _STALLED
+        else:
+            why = f"max_iter={opt.max_iter} reached"
         worst = float(np.max(res.marginal_error))
         # A marginal error above 1 (the plan's total mass) means the iterate diverged or was stopped
         # before it reached epsilon: the plan is no coupling at all. Say so plainly.
@@ -383,6 +388,13 @@ def sinkhorn(
     return _sinkhorn_result(out, opt)
 
 
+#: Why a solve that neither timed out nor spent max_iter stopped unconverged: the last stage's error
+#: stopped falling close to float64's resolution for the cost scale (rounding of order
+#: largest cost / epsilon * 2**-52 in every exponent), where no iteration can lower it.
+_STALLED = ("the marginal error stopped falling at float64's resolution for this cost scale; "
+            "a larger epsilon or tol, or smaller features, would help")
+
+
 def _sinkhorn_result(out: dict[str, Any], opt: Any) -> SinkhornResult:
     """The result of either solver (same keys), with the non-convergence warning."""
     res = SinkhornResult(
@@ -392,9 +404,11 @@ def _sinkhorn_result(out: dict[str, Any], opt: Any) -> SinkhornResult:
     )
     if not res.converged:
         effect = "the plan is far from feasible; " if not res.marginal_error <= 1.0 else ""
+        stalled = (f" ({_STALLED})" if not res.timed_out and res.iterations < opt.max_iter
+                   and math.isfinite(res.marginal_error) else "")
         warnings.warn(
             f"sinkhorn: did not reach tol={opt.tol:g} (marginal error {res.marginal_error:.3g} after "
-            f"{res.iterations} iterations); {effect}raise max_iter or timeout, or loosen tol.",
+            f"{res.iterations} iterations{stalled}); {effect}raise max_iter or timeout, or loosen tol.",
             RuntimeWarning,
             stacklevel=3,
         )
