@@ -915,13 +915,9 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
     // a Sinkhorn phase (doubling each time) before the next, as in sinkhorn_log.
     double target = 0.5 * opt.tol;
     int64_t phase = 300;
-    // Stops, not converged, once three rounds in a row left the certified error above 0.999 of its
-    // best and it lies within 10^3 of float64's resolution at this cost scale, max|C| / eps * 2^-52
-    // (see noise_floor in sinkhorn_log): there no iteration lowers it, and with a large max_iter
-    // the loop would not end.
-    const double noise_floor = solver.max_cost() / eps * std::numeric_limits<double>::epsilon();
-    double best_error = kPosInf;
-    int stalled_rounds = 0;
+    // Ends, not converged, once three certified rounds in a row made no progress near float64's
+    // resolution at this cost scale (FloorWatch, kernels.hpp).
+    FloorWatch rounds(solver.max_cost(), eps, 3);
     for (;;) {
       double estimate = kPosInf;
       if (newton) {
@@ -948,9 +944,7 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
                      std::chrono::duration<double>(Clock::now() - start).count());
       if (rep.converged || rep.iterations >= opt.max_iter || rep.timed_out || !std::isfinite(chk.marginal_error))
         break;
-      stalled_rounds = chk.marginal_error < 0.999 * best_error ? 0 : stalled_rounds + 1;
-      best_error = std::min(best_error, chk.marginal_error);
-      if (stalled_rounds >= 3 && chk.marginal_error < 1e3 * noise_floor) break;
+      if (rounds.stuck(chk.marginal_error)) break;
       if (estimate <= target) target *= 0.1;  // the estimate was optimistic: ask more of it
     }
   }

@@ -128,6 +128,36 @@ class StageExtrapolation {
   double prev_eps_ = 0.0, cur_eps_ = 0.0;
 };
 
+// Watches a last stage's marginal error for float64's resolution at its cost scale: exponents
+// (f + g - C) / eps carry rounding of about max|C| / eps * 2^-52, and errors near that are noise no
+// iteration removes. A stage whose error stops falling that close to the floor ends there and
+// reports what it has, rather than iterating until max_iter (with max_iter = 2^62, a 2-point draw of
+// features ~10^5, max|C| / eps ~ 10^11, never returned: bench/RESULTS.md, session 14). Shared by the
+// stored solver (Sinkhorn blocks, Newton rounds) and the blocked one (certified rounds).
+class FloorWatch {
+ public:
+  FloorWatch(double cost_bound, double eps, int patience)
+      : floor_(cost_bound / eps * std::numeric_limits<double>::epsilon()), patience_(patience) {}
+  // Records an error. Progress is a fall below 0.999 of the error at the last progress; true once
+  // `patience` records in a row made none and the error lies within 10^3 of the floor.
+  bool stuck(double err) {
+    progressed_ = err < 0.999 * reference_;
+    if (progressed_) {
+      reference_ = err;
+      stalled_ = 0;
+    } else {
+      ++stalled_;
+    }
+    return stalled_ >= patience_ && err < 1e3 * floor_;
+  }
+  bool progressed() const { return progressed_; }  // by the last record
+
+ private:
+  double floor_, reference_ = std::numeric_limits<double>::infinity();
+  int patience_, stalled_ = 0;
+  bool progressed_ = false;
+};
+
 // The threshold a dense scan compares c - T(p) against, formed in T, for the exact test
 // c - p < th (c of type T, p and th double) when |c|, 2|p| and |th| add up to at most `magnitude`:
 // in float the three roundings (of p, of the difference, of the threshold) are each below

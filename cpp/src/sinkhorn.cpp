@@ -1160,20 +1160,16 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
   // interleaved with Newton rounds does not restart from omega = 1 after each of them.
   double omega = 1.0, cap = opt.overrelaxation;
   bool lowp = false;  // set per stage below
-  // The last stage's float64 resolution: exponents (f + g - C) / eps carry rounding errors of about
-  // max|C| / eps * 2^-52, and marginal errors near that are noise no iteration removes. A last stage
-  // whose error has stopped falling that close to it stops there and reports what it has
-  // (at_floor), rather than iterating until max_iter: with max_iter = 2^62 a 2-point draw of
-  // features ~10^5 (max|C| / eps ~ 10^11, its error stuck at 5.7e-6 against tol 1e-6) never returned.
-  double noise_floor = 0.0;
+  // Set when the last stage's error stalled at float64's resolution (FloorWatch): it then ends there.
   bool at_floor = false;
   double cg_floor = opt.newton_cg_floor;  // newton_polish lowers it to 0 for good when it fails
   // `floor_stop`: the loop may end at the noise floor (at_floor), for the last stage without Newton;
   // with Newton, its rounds watch for that instead.
   auto sinkhorn_loop = [&](double eps, double target, const SparseRows<T>* sr, const SparseRows<T>* sc,
                            int64_t iter_limit, bool floor_stop = false) {
-    double block_err = std::numeric_limits<double>::infinity(), best_err = block_err;
-    int64_t block_left = 0, stalled_blocks = 0;
+    double block_err = std::numeric_limits<double>::infinity();
+    int64_t block_left = 0;
+    FloorWatch blocks(pattern.cost_bound, eps, 450);  // 450 blocks without progress, near the floor
     constexpr int64_t kBlock = 10;
     std::copy(f, f + n, f_snap.begin());
     std::copy(g, g + m, g_snap.begin());
@@ -1210,14 +1206,9 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
       block_left = kBlock;
       balance();
       if (sr != nullptr && pattern_stale()) return;
-      if (floor_stop && std::isfinite(err)) {  // 450 blocks without a 0.1 % gain, near the floor
-        if (err < 0.999 * best_err) {
-          best_err = err;
-          stalled_blocks = 0;
-        } else if (++stalled_blocks >= 450 && err < 1e3 * noise_floor) {
-          at_floor = true;
-          return;
-        }
+      if (floor_stop && std::isfinite(err) && blocks.stuck(err)) {
+        at_floor = true;
+        return;
       }
       if (debug && rep.iterations % 500 < kBlock)
         std::fprintf(stderr, "  eps=%g it=%lld err=%.3e omega=%.3f\n", eps, (long long)rep.iterations, err, omega);
@@ -1388,7 +1379,6 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     // session-13 machine; 5e-2 and 1e-1 were slower again (RESULTS.md).
     if (!last && resumed && s == first_stage) target = std::max(target, opt.handover_tol);
     lowp = opt.float_stage_exponents && !last && target >= 1e-3;
-    noise_floor = last ? pattern.cost_bound / eps * std::numeric_limits<double>::epsilon() : 0.0;
     at_floor = false;
     ++rep.stages;
     omega = 1.0;
@@ -1397,8 +1387,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     // next round, and the phase doubles each time: futile rounds then cost O(log iterations).
     int64_t sinkhorn_phase = 300;
     bool newton_futile = false;
-    double round_err = std::numeric_limits<double>::infinity();  // Newton rounds' errors, for at_floor
-    int stalled_rounds = 0;
+    FloorWatch rounds(pattern.cost_bound, eps, 4);  // Newton rounds, for at_floor
     for (;;) {
       stale = false;
       min_margin = std::min(0.8 * trunc, std::log(1e3 / target)) * eps;
@@ -1469,20 +1458,17 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
                                            plan, rep, poll, keeps, relocate, grp, opt.max_iter,
                                            cg_floor, debug, nt);
           if (err <= target || pattern_stale()) break;
-          // A round that did not lower the error by 0.1 % counts as futile too (a stalled Newton can
-          // take several rejected steps a round, and the next Sinkhorn phase must then run in full).
-          // Four such rounds in a row (Sinkhorn phases of 300, 600, 1200 and 2400 iterations between
-          // them) near the noise floor end the stage.
-          const bool progressed = err < 0.999 * round_err;
-          stalled_rounds = progressed ? 0 : stalled_rounds + 1;
-          round_err = std::min(round_err, err);
-          if (stalled_rounds >= 4 && err < 1e3 * noise_floor) {
+          // A round without progress counts as futile too (a stalled Newton can take several
+          // rejected steps a round, and the next Sinkhorn phase must then run in full). Four such
+          // rounds in a row (Sinkhorn phases of 300, 600, 1200 and 2400 iterations between them) near
+          // the noise floor end the stage.
+          if (rounds.stuck(err)) {
             at_floor = true;
             break;
           }
           // A round that ended on a rejected first step (the truncated problem's Newton system can
           // be inconsistent far from the solution) leaves the work to longer Sinkhorn phases.
-          newton_futile = rep.newton_steps - steps_before <= 1 || !progressed;
+          newton_futile = rep.newton_steps - steps_before <= 1 || !rounds.progressed();
           if (newton_futile) sinkhorn_phase *= 2;
         }
       } else {
