@@ -130,6 +130,17 @@ SEGTRANSFER_AVX512_TARGET inline void col_lse_row_avx512(const float* c, int64_t
   }
 }
 
+// How many of val[0, len) are above `floor` (plan_entries_above's count, sinkhorn.cpp).
+SEGTRANSFER_AVX512_TARGET inline int64_t count_above_avx512(const float* val, int64_t len, float floor) {
+  const __m512 fl = _mm512_set1_ps(floor);
+  int64_t c = 0;
+  for (int64_t k = 0; k < len; k += 16) {
+    const __mmask16 in = len - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (len - k)) - 1);
+    c += __builtin_popcount(_mm512_mask_cmp_ps_mask(in, _mm512_maskz_loadu_ps(in, val + k), fl, _CMP_GT_OQ));
+  }
+  return c;
+}
+
 // The entries of val[0, len) above `floor`, with their indices col[], written in order to
 // out_val / out_col (Newton's operator, plan_entries_above in sinkhorn.cpp); returns how many.
 // Each group of 16 is compressed in registers and stored under a mask, so nothing is written past

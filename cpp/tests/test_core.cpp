@@ -269,9 +269,9 @@ static void test_lse_kernels() {
   }
 }
 
-// Newton's operator compaction in AVX-512 (compact_above_avx512) against the plain filter: the
-// same entries in order, nothing written past them, on lengths that leave partial vectors and
-// densities from none to all kept.
+// Newton's operator count and compaction in AVX-512 (count_above_avx512, compact_above_avx512)
+// against the plain filter: the same count, the same entries in order, nothing written past them,
+// on lengths that leave partial vectors and densities from none to all kept.
 static void test_compact_above() {
 #ifdef SEGTRANSFER_AVX512_LSE
   if (!avx512_lse_available()) return;
@@ -296,6 +296,7 @@ static void test_compact_above() {
       std::vector<float> out_val(kept + 20, -5.f);
       std::vector<int32_t> out_col(kept + 20, -5);
       CHECK(compact_above_avx512(val.data(), col.data(), len, floor, out_col.data(), out_val.data()) == kept);
+      CHECK(count_above_avx512(val.data(), len, floor) == kept);
       bool same = true;
       for (int64_t q = 0; q < kept; ++q) same = same && out_val[q] == want_val[q] && out_col[q] == want_col[q];
       for (int64_t q = kept; q < kept + 20; ++q) same = same && out_val[q] == -5.f && out_col[q] == -5;
