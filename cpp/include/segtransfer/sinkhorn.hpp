@@ -23,9 +23,11 @@ struct SinkhornOptions {
   double stage_tol = 1e-2;    // marginal error at which an intermediate stage hands over
   double truncation = 30.0;   // keep kernel entries with C - f - g < truncation * eps; <= 0: dense
   // The same for the intermediate stages, which stop at stage_tol (1e-2): a dropped entry is below
-  // a_i b_j e^-15, so row i loses less than e^-15 = 3e-7 of its mass a_i (near the stage's fixed
-  // point). Sparser kernels there took 7 % off a draw at N = 10^4, same iterations (RESULTS.md).
-  double stage_truncation = 15.0;
+  // a_i b_j e^-10, so row i loses less than e^-10 = 4.5e-5 of its mass a_i (near the stage's fixed
+  // point), 2e-4 of stage_tol in L1 over all rows and columns. 10 rather than 15: the intermediate
+  // patterns thin by 10-35 %, same iterations, a draw 5-8 % faster at N = 10^4 (RESULTS.md,
+  // session 15); below 10 the patterns hardly thin further (they keep 5 eps of slack).
+  double stage_truncation = 10.0;
   // Above this kernel density the dense loop is used. Sparse rows cost ~2x a dense entry, but only
   // a sparse last stage gets Newton steps: at D = 256, eps = 0.1 the kernel holds 16-21 % of the
   // entries and a dense last stage took > 5,000 plain iterations where the sparse one took 14.
