@@ -16,6 +16,7 @@
 // (lse_avx2.hpp) on 16 lanes; only the order in which partial sums are added differs from the
 // other paths, a float rounding difference far inside what the lowp stages tolerate (kernels.hpp).
 #pragma once
+#include <algorithm>
 #include <cstdint>
 
 #include "lse_avx2.hpp"
@@ -127,6 +128,30 @@ SEGTRANSFER_AVX512_TARGET inline void col_lse_row_avx512(const float* c, int64_t
     const __m512 x =
         _mm512_sub_ps(_mm512_fnmadd_ps(_mm512_maskz_loadu_ps(mask, c + j), inv, a), _mm512_maskz_loadu_ps(mask, mx + j));
     _mm512_mask_storeu_ps(part + j, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, part + j), fast_exp16(x)));
+  }
+}
+
+// DenseRowScan<float>::fill (sinkhorn.cpp) in AVX-512: the first k entries of the dense row c[0, m)
+// with c[j] - p_col[j] < th, their columns to oc and values to ov, in column order. The same float
+// subtraction and comparison as DenseRowScan's count, so the two agree on every entry; each group
+// of 16 is compressed in registers and stored under a mask, so nothing is written past the k-th.
+SEGTRANSFER_AVX512_TARGET inline void dense_fill_avx512(const float* c, int64_t m, const float* p_col, float th,
+                                                        int64_t k, int32_t* oc, float* ov) {
+  const __m512 t = _mm512_set1_ps(th);
+  const __m512i step = _mm512_set1_epi32(16);
+  __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t pos = 0;
+  for (int64_t j = 0; j < m && pos < k; j += 16, idx = _mm512_add_epi32(idx, step)) {
+    const __mmask16 in = m - j >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (m - j)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(in, c + j);
+    const __mmask16 keep =
+        _mm512_mask_cmp_ps_mask(in, _mm512_sub_ps(v, _mm512_maskz_loadu_ps(in, p_col + j)), t, _CMP_LT_OQ);
+    if (keep == 0) continue;
+    const int cnt = static_cast<int>(std::min<int64_t>(__builtin_popcount(keep), k - pos));
+    const __mmask16 out = cnt == 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << cnt) - 1);
+    _mm512_mask_storeu_ps(ov + pos, out, _mm512_maskz_compress_ps(keep, v));
+    _mm512_mask_storeu_epi32(oc + pos, out, _mm512_maskz_compress_epi32(keep, idx));
+    pos += cnt;
   }
 }
 

@@ -18,6 +18,7 @@
 #include <cstddef>
 #include <cstdlib>
 #include <new>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -129,6 +130,18 @@ struct PoolAllocator {
   void deallocate(T* p, std::size_t n) noexcept {
     if (n * sizeof(T) < BlockPool::kMinPooled) return std::allocator<T>().deallocate(p, n);
     BlockPool::local().give(p);
+  }
+  // resize() default-initialises: new elements of the kernel vectors are left as they are, not
+  // zeroed. Every resize of one is followed by a fill of every element (scan, transposition,
+  // filter, plan values), and the zeroing was a pass of its own over up to 200 MB (80 ms of a
+  // 180 ms pattern build at N = 10^4; RESULTS.md, session 15).
+  template <typename U>
+  void construct(U* p) noexcept(std::is_nothrow_default_constructible_v<U>) {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
   }
   template <typename U>
   bool operator==(const PoolAllocator<U>&) const noexcept { return true; }

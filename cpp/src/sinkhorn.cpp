@@ -190,6 +190,17 @@ bool build_sparse(const RowMatrix<T>& mat, const double* p_row, const double* p_
   if (static_cast<double>(count[n]) > max_density * static_cast<double>(n) * static_cast<double>(m)) return false;
   out.col.resize(count[n]);
   out.val.resize(count[n]);
+#ifdef SEGTRANSFER_AVX512_LSE
+  if constexpr (std::is_same_v<T, float>) {
+    if (avx512_lse_available()) {  // compress in registers, as compact_above_avx512
+#pragma omp parallel for num_threads(nt) schedule(static)
+      for (int64_t i = 0; i < n; ++i)
+        dense_fill_avx512(mat.data() + i * m, m, pcp, thp[i], count[i + 1] - count[i], out.col.data() + count[i],
+                          out.val.data() + count[i]);
+      return true;
+    }
+  }
+#endif
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t i = 0; i < n; ++i)
     DenseRowScan<T>::fill(mat.data() + i * m, m, pcp, thp[i], count[i + 1] - count[i], out.col.data() + count[i],
@@ -269,10 +280,17 @@ bool transpose_rows(const SparseRows<T>& R, int64_t m, int nt, SparseRows<T>& C)
   // after those of chunks < q, so every column keeps its rows ascending whatever the thread count.
   const int64_t nq = std::min<int64_t>(std::max(nt, 1), n);
   std::vector<int64_t> next(static_cast<size_t>(nq) * m, 0);
+  // Every array through a local pointer, every bound computed once: the counts (int64_t) may alias
+  // R.ptr and the output vectors' members, so the compiler otherwise reloads them per entry, and the
+  // count loop redid its bound's division per entry (7 -> 2 ns an entry, RESULTS.md, session 15).
+  const int64_t* rptr = R.ptr.data();
+  const int32_t* rcol = R.col.data();
+  const T* rval = R.val.data();
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t q = 0; q < nq; ++q) {
     int64_t* cnt = next.data() + q * m;
-    for (int64_t k = R.ptr[n * q / nq]; k < R.ptr[n * (q + 1) / nq]; ++k) ++cnt[R.col[k]];
+    const int64_t k0 = rptr[n * q / nq], k1 = rptr[n * (q + 1) / nq];
+    for (int64_t k = k0; k < k1; ++k) ++cnt[rcol[k]];
   }
   // Column starts, and each chunk's first slot in every column, from the chunks' counts.
   C.ptr.assign(m + 1, 0);
@@ -290,22 +308,41 @@ bool transpose_rows(const SparseRows<T>& R, int64_t m, int nt, SparseRows<T>& C)
   C.val.resize(nnz);
   // The scatter runs over tiles of kTile columns: a row's entries are sorted by column, so a cursor
   // per row walks them tile by tile, and the writes of a tile go to kTile streams that stay in cache
-  // and the TLB. Whole rows at once wrote to m streams: 0.49 s for 2.8e7 entries on one thread, now
+  // and the TLB. Whole rows at once wrote to m streams: 0.49 s for 2.8e7 entries on one thread, then
   // 0.30 s (0.11 s of it the first touch of the output). Same entry order as before.
-  constexpr int64_t kTile = 256;
+  // A tile holds ~kSegment entries of an average row (128 columns at least): at 3 % density 256-column
+  // tiles left ~8 entries a row visit, and the visits' overhead dominated. The next rows' segments
+  // are prefetched: they lie a row's length apart, where the hardware prefetchers do not look.
+  // Scratch benchmark (10^4 x 10^4, one thread): 10.4 -> 8.0 ns an entry at 25 % density, 11.8 ->
+  // 8.5 at 3 % (RESULTS.md, session 15).
+  constexpr int64_t kSegment = 32, kAhead = 8;
+  const int64_t avg_row = std::max<int64_t>(1, nnz / std::max<int64_t>(n, 1));
+  const int64_t kTile = std::clamp<int64_t>(kSegment * m / avg_row, 128, std::max<int64_t>(m, 128));
+  int32_t* ccol = C.col.data();
+  T* cval = C.val.data();
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t q = 0; q < nq; ++q) {
     int64_t* nx = next.data() + q * m;
     const int64_t i0 = n * q / nq, i1 = n * (q + 1) / nq;
-    std::vector<int64_t> cur(R.ptr.begin() + i0, R.ptr.begin() + i1);
+    std::vector<int64_t> cur_v(rptr + i0, rptr + i1);
+    int64_t* cur = cur_v.data();
     for (int64_t j1 = kTile; j1 < m + kTile; j1 += kTile) {
       for (int64_t i = i0; i < i1; ++i) {
+        if (i + kAhead < i1) {  // the rows' segments are far apart: the hardware prefetchers miss them
+          const int64_t kp = cur[i + kAhead - i0];
+          for (int64_t o = 0; o < kSegment; o += 16) {
+            __builtin_prefetch(rcol + kp + o);
+            __builtin_prefetch(rval + kp + o);
+          }
+        }
         int64_t k = cur[i - i0];
-        const int64_t end = R.ptr[i + 1];
-        for (; k < end && R.col[k] < j1; ++k) {
-          const int64_t dst = nx[R.col[k]]++;
-          C.col[dst] = static_cast<int32_t>(i);
-          C.val[dst] = R.val[k];
+        const int64_t end = rptr[i + 1];
+        for (; k < end; ++k) {
+          const int32_t j = rcol[k];
+          if (j >= j1) break;
+          const int64_t dst = nx[j]++;
+          ccol[dst] = static_cast<int32_t>(i);
+          cval[dst] = rval[k];
         }
         cur[i - i0] = k;
       }
@@ -1406,10 +1443,20 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
         rep.final_epsilon = eps;
         return rep;
       }
+      // The stage before the last keeps, where its pattern allows, every entry the last stage would
+      // build its own from (truncation + slack at the last epsilon, 3.5 against 2.2 at the paper's
+      // 0.1): the last stage then filters it instead of rescanning the dense cost, which is otherwise
+      // the one stage change that always rescans (the truncation rises from stage_truncation to
+      // truncation there). At N = 10^4 the stage before holds 3-100 % more entries for its ~12
+      // iterations, and a draw saves one dense scan and transposition, 0.1-0.25 s (RESULTS.md,
+      // session 15).
+      double stage_slack = kPatternSlack * eps;
+      if (s + 2 == schedule.size())
+        stage_slack = std::max(stage_slack, (opt.truncation + kPatternSlack) * schedule.back() - cutoff);
       // Pattern from the current potentials; by symmetry the transpose keeps the same entries.
       const auto scan_start = Clock::now();
       const bool sparse = opt.truncation > 0 &&
-                          refresh_pattern(cost, f, g, cutoff, kPatternSlack * eps, density_cap, nt, pattern);
+                          refresh_pattern(cost, f, g, cutoff, stage_slack, density_cap, nt, pattern);
       const double scan_s = std::chrono::duration<double>(Clock::now() - scan_start).count();
       if (!sparse) ++rep.dense_stages;
       if (sparse && opt.stop_when_sparse) {

@@ -269,6 +269,43 @@ static void test_lse_kernels() {
   }
 }
 
+// The pattern scan's fill in AVX-512 (dense_fill_avx512) against the plain test c - p < th in float:
+// the same columns and values in order, nothing written past the k asked for, on row lengths that
+// leave partial vectors, thresholds from none to all kept, and k below the row's count.
+static void test_dense_fill() {
+#ifdef SEGTRANSFER_AVX512_LSE
+  if (!avx512_lse_available()) return;
+  std::mt19937_64 rng(29);
+  std::uniform_real_distribution<float> uv(0.f, 10.f);
+  for (int64_t m : {1, 15, 16, 17, 100, 1000}) {
+    std::vector<float> c(m), p(m);
+    for (int64_t j = 0; j < m; ++j) {
+      c[j] = uv(rng);
+      p[j] = uv(rng) - 5.f;
+    }
+    for (float th : {-100.f, 0.f, 3.f, 8.f, 100.f}) {
+      std::vector<int32_t> want_col;
+      std::vector<float> want_val;
+      for (int64_t j = 0; j < m; ++j)
+        if (c[j] - p[j] < th) {
+          want_col.push_back(static_cast<int32_t>(j));
+          want_val.push_back(c[j]);
+        }
+      const int64_t kept = static_cast<int64_t>(want_col.size());
+      for (int64_t k : {kept, kept / 2}) {
+        std::vector<int32_t> oc(k + 20, -5);
+        std::vector<float> ov(k + 20, -5.f);
+        dense_fill_avx512(c.data(), m, p.data(), th, k, oc.data(), ov.data());
+        bool same = true;
+        for (int64_t q = 0; q < k; ++q) same = same && oc[q] == want_col[q] && ov[q] == want_val[q];
+        for (int64_t q = k; q < k + 20; ++q) same = same && oc[q] == -5 && ov[q] == -5.f;
+        CHECK(same);
+      }
+    }
+  }
+#endif
+}
+
 // Newton's operator count and compaction in AVX-512 (count_above_avx512, compact_above_avx512)
 // against the plain filter: the same count, the same entries in order, nothing written past them,
 // on lengths that leave partial vectors and densities from none to all kept.
@@ -1110,6 +1147,7 @@ int main(int argc, char** argv) {
       {"block_pool", test_block_pool},
       {"scan_threshold", test_scan_threshold},
       {"compact_above", test_compact_above},
+      {"dense_fill", test_dense_fill},
       {"sampling", test_sampling},
       {"otce_bijection", test_otce_bijection},
       {"conditional_entropy", test_conditional_entropy},
