@@ -89,22 +89,19 @@ class BlockPool {
         if (kept_[q].first < bytes && (k == kept_.size() || kept_[q].first > kept_[k].first)) k = q;
       if (k == kept_.size()) break;
       freed += kept_[k].first;
-      std::free(header(kept_[k].second));
+      free_block(kept_[k].second);
       kept_[k] = kept_.back();
       kept_.pop_back();
     }
     // Room to grow: the next draw's kernel is a few percent larger or smaller than this one's, and
     // pages never touched cost nothing.
     const std::size_t size = ((bytes + bytes / 8) | (kGranule - 1)) + 1;
-    void* base = nullptr;
-    if (size >= kHugeAligned) {  // 2 MB aligned, so that the kernel can back it with huge pages
-      if (posix_memalign(&base, kHugePage, size + kHeader) != 0) base = nullptr;
-      if (base != nullptr) advise_huge_pages(base, size + kHeader);
-    } else {
-      base = std::malloc(size + kHeader);
-    }
+    std::size_t mapped = 0;
+    void* base = size >= kHugeAligned ? map_huge(size + kHeader, mapped) : nullptr;
+    if (base == nullptr) base = std::malloc(size + kHeader);
     if (base == nullptr) throw std::bad_alloc();
-    *static_cast<std::size_t*>(base) = size;
+    static_cast<std::size_t*>(base)[0] = size;
+    static_cast<std::size_t*>(base)[1] = mapped;
     return static_cast<char*>(base) + kHeader;
   }
 
@@ -122,7 +119,7 @@ class BlockPool {
       } catch (...) {  // no room to remember it: free it
       }
     }
-    std::free(header(p));
+    free_block(p);
   }
 
  private:
@@ -130,8 +127,41 @@ class BlockPool {
   static constexpr std::size_t kGranule = std::size_t(1) << 16;
   static constexpr std::size_t kHugeAligned = std::size_t(8) << 20;  // blocks from here on: 2 MB aligned
   static void* header(void* p) { return static_cast<char*>(p) - kHeader; }
+  // A block of its own mapping, 2 MB aligned and advised for huge pages (see advise_huge_pages);
+  // `mapped`: its length, for munmap. Its own mapping, not malloc's: a huge-page advice on a range
+  // of malloc's heap outlives the block and covers whatever the heap puts there next (a single
+  // draw then spent 2.8 instead of 0.4 s in the kernel zeroing huge pages; RESULTS.md, session 15).
+  static void* map_huge(std::size_t bytes, std::size_t& mapped) noexcept {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    bytes = (bytes + 4095) & ~std::size_t(4095);
+    const std::size_t len = bytes + kHugePage;
+    void* raw = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw == MAP_FAILED) return nullptr;
+    const auto r = reinterpret_cast<std::uintptr_t>(raw);
+    const auto at = (r + kHugePage - 1) & ~(kHugePage - 1);
+    if (at > r) munmap(raw, at - r);
+    if (r + len > at + bytes) munmap(reinterpret_cast<void*>(at + bytes), r + len - (at + bytes));
+    madvise(reinterpret_cast<void*>(at), bytes, MADV_HUGEPAGE);
+    mapped = bytes;
+    return reinterpret_cast<void*>(at);
+#else
+    (void)bytes;
+    mapped = 0;
+    return nullptr;
+#endif
+  }
+  static void free_block(void* p) noexcept {
+    void* base = header(p);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (const std::size_t mapped = static_cast<std::size_t*>(base)[1]; mapped != 0) {
+      munmap(base, mapped);
+      return;
+    }
+#endif
+    std::free(base);
+  }
   void release() {
-    for (auto& [size, p] : kept_) std::free(header(p));
+    for (auto& [size, p] : kept_) free_block(p);
     kept_.clear();
   }
   std::vector<std::pair<std::size_t, void*>> kept_;  // (usable bytes, block)

@@ -556,6 +556,90 @@ double half_step(const RowMatrix<T>& mat, bool by_cols, const SparseRows<T>* sp,
   return err;
 }
 
+// A dense Sinkhorn iteration in one pass over the cost (float storage only, exponents in float: the
+// intermediate stages), the same arithmetic as half_step on the rows, then on the columns: each row
+// updates its f_i, then, while the row is still in cache, adds its terms at the new f_i to the
+// columns' partial sums (dense_column_lse's guessed sweep: the same blocks of 256 rows, the same
+// shifts, the blocks' sums added in order). The results are bit-identical to the two half-steps;
+// the cost is read once instead of twice, and the two passes were bound by memory bandwidth
+// (0.69 ns an entry each at 10^4 x 10^4; RESULTS.md, session 15). Returns false, with f updated and
+// g untouched, when some column's shifted sum over- or underflows: the caller then runs the
+// column half-step, whose exact sweep handles it. Call it only with finite g (fused_guess_finite).
+template <typename T>
+bool fused_guess_finite(const double* g, int64_t m, double eps) {
+  const double inv_eps = 1.0 / eps;
+  for (int64_t j = 0; j < m; ++j)
+    if (!std::isfinite(static_cast<float>(-g[j] * inv_eps))) return false;
+  return true;
+}
+
+template <typename T>
+bool fused_dense_iteration(const RowMatrix<T>& mat, const double* log_a, const double* log_b, const double* a,
+                           const double* b, double eps, double omega, double* f, double* g,
+                           std::vector<double>& err_rows, int nt, double& err_r, double& err_c) {
+  const int64_t n = mat.rows(), m = mat.cols();
+  const double inv_eps = 1.0 / eps;
+  const float inv_eps_f = static_cast<float>(inv_eps);
+  constexpr int64_t kRows = 256;  // dense_column_lse's blocks
+  const int64_t nb = (n + kRows - 1) / kRows;
+  thread_local std::vector<double> A, blk, mx;
+  thread_local std::vector<float> Af, mxf;
+  exponent_offsets(g, log_b, m, inv_eps, A);
+  Af.resize(m);
+  mxf.resize(m);
+  mx.resize(m);
+  for (int64_t j = 0; j < m; ++j) {
+    Af[j] = static_cast<float>(A[j]);
+    mxf[j] = static_cast<float>(-g[j] * inv_eps);
+    mx[j] = static_cast<double>(mxf[j]);  // the shift actually subtracted (finite: fused_guess_finite)
+  }
+  blk.resize(static_cast<size_t>(nb) * m);
+  const double* Ap = A.data();
+  const float* Afp = Af.data();
+  const float* mxfp = mxf.data();
+  double* blkp = blk.data();
+  double* errp = err_rows.data();
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t q = 0; q < nb; ++q) {
+    std::vector<T> part(m, T(0));
+    for (int64_t i = q * kRows; i < std::min(n, (q + 1) * kRows); ++i) {
+      const T* c = mat.data() + i * m;
+      // Row i, as half_step (rows, dense, lowp).
+      double lse = kNegInf;
+      const float shift = static_cast<float>(-f[i] * inv_eps);
+      const double total = RowLse<T>::sum_lowp(c, nullptr, m, Afp, inv_eps_f, shift);
+      if (total >= kShiftedMin && total < kPosInf) lse = static_cast<double>(shift) + std::log(total);
+      if (lse == kNegInf) lse = RowLse<T>::run(c, nullptr, m, Ap, inv_eps, -f[i] * inv_eps);
+      lse += f[i] * inv_eps;
+      errp[i] = a[i] * std::fabs(std::expm1(lse));
+      f[i] -= omega * eps * lse;
+      // Its terms in the columns' sums, as dense_column_lse's guessed sweep (exponent offsets as
+      // exponent_offsets forms them).
+      ColLse<T>::sum_row_lowp(c, m, static_cast<float>(f[i] * inv_eps + log_a[i]), inv_eps_f, mxfp, part.data());
+    }
+    double* bs = blkp + q * m;
+    for (int64_t j = 0; j < m; ++j) bs[j] = static_cast<double>(part[j]);
+  }
+  err_r = 0.0;
+  for (int64_t i = 0; i < n; ++i) err_r += err_rows[i];
+  std::vector<double> lse_col(m);
+  for (int64_t j = 0; j < m; ++j) {
+    double total = 0.0;
+    for (int64_t q = 0; q < nb; ++q) total += blk[q * m + j];
+    if (!(total >= kShiftedMin && total < kPosInf)) return false;
+    lse_col[j] = mx[j] + std::log(total);
+  }
+  // The columns, as half_step (columns, dense).
+  for (int64_t j = 0; j < m; ++j) {
+    const double lse = lse_col[j] + g[j] * inv_eps;
+    err_rows[j] = b[j] * std::fabs(std::expm1(lse));
+    g[j] -= omega * eps * lse;
+  }
+  err_c = 0.0;
+  for (int64_t j = 0; j < m; ++j) err_c += err_rows[j];
+  return true;
+}
+
 // Coarse correction on the class level (a two-grid step): shifts every potential by a constant per
 // class, f_i += alpha_c(i), g_j += beta_d(j), with (alpha, beta) the exact maximiser of the dual over
 // such shifts. That maximiser solves a small scaling problem: find alpha, beta with
@@ -1236,8 +1320,14 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     };
     balance();
     while (rep.iterations < iter_limit && !rep.timed_out) {
-      const double err_r = half_step(cost, false, sr, g, log_b.data(), a, eps, omega, f, err_rows, nt_loop, lowp);
-      const double err_c = half_step(cost, true, sc, f, log_a.data(), b, eps, omega, g, err_rows, nt_loop, lowp);
+      double err_r = 0.0, err_c = 0.0;
+      // Dense with exponents in float: one pass (fused_dense_iteration).
+      const bool fused = std::is_same_v<T, float> && sr == nullptr && lowp && fused_guess_finite<T>(g, m, eps);
+      if (!fused || !fused_dense_iteration(cost, log_a.data(), log_b.data(), a, b, eps, omega, f, g, err_rows,
+                                           nt_loop, err_r, err_c)) {
+        if (!fused) err_r = half_step(cost, false, sr, g, log_b.data(), a, eps, omega, f, err_rows, nt_loop, lowp);
+        err_c = half_step(cost, true, sc, f, log_a.data(), b, eps, omega, g, err_rows, nt_loop, lowp);
+      }
       ++rep.iterations;
       poll();
       const double err = err_r + err_c;
