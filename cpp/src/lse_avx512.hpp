@@ -93,6 +93,21 @@ SEGTRANSFER_AVX512_TARGET __attribute__((always_inline)) inline __m512 row_expon
   return _mm512_sub_ps(_mm512_fnmadd_ps(cv, inv, av), shift);
 }
 
+// Lanes [0, min(count, 16)) of 16 set (first_lanes, lse_avx2.hpp, for 8): a loop's last group.
+inline __mmask16 first_lanes16(int64_t count) {
+  return count >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << count) - 1);
+}
+
+// Stores the lanes of v and ids that `keep` selects, packed at the front, to ov and oc: `count` of
+// them (at most popcount(keep)), so nothing is written past them. Compressed in registers and
+// stored under a mask: compress-to-memory is microcoded and slow on some CPUs.
+SEGTRANSFER_AVX512_TARGET __attribute__((always_inline)) inline void store_packed(__mmask16 keep, int64_t count, __m512 v,
+                                                                               __m512i ids, float* ov, int32_t* oc) {
+  const __mmask16 out = first_lanes16(count);
+  _mm512_mask_storeu_ps(ov, out, _mm512_maskz_compress_ps(keep, v));
+  _mm512_mask_storeu_epi32(oc, out, _mm512_maskz_compress_epi32(keep, ids));
+}
+
 // RowLse<float>::shifted_sum<float>: sum_k exp(A[cols[k]] - c[k] * inv_eps - shift) (cols null:
 // A[k]), partial sums in float over blocks of 256 entries, the blocks added in double.
 template <bool Sparse>
@@ -111,7 +126,7 @@ SEGTRANSFER_AVX512_TARGET double lse_sum_avx512(const float* c, const int32_t* c
       s1 = _mm512_add_ps(s1, fast_exp16(row_exponents16<Sparse>(c, cols, A, k + 16, inv, sh, 0xFFFF)));
     }
     for (; k < j1; k += 16) {
-      const __mmask16 mask = j1 - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (j1 - k)) - 1);
+      const __mmask16 mask = first_lanes16(j1 - k);
       s0 = _mm512_mask_add_ps(s0, mask, s0, fast_exp16(row_exponents16<Sparse>(c, cols, A, k, inv, sh, mask)));
     }
     total += static_cast<double>(_mm512_reduce_add_ps(_mm512_add_ps(s0, s1)));
@@ -124,7 +139,7 @@ SEGTRANSFER_AVX512_TARGET inline void col_lse_row_avx512(const float* c, int64_t
                                                          const float* mx, float* part) {
   const __m512 inv = _mm512_set1_ps(inv_eps), a = _mm512_set1_ps(Ai);
   for (int64_t j = 0; j < m; j += 16) {
-    const __mmask16 mask = m - j >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (m - j)) - 1);
+    const __mmask16 mask = first_lanes16(m - j);
     const __m512 x =
         _mm512_sub_ps(_mm512_fnmadd_ps(_mm512_maskz_loadu_ps(mask, c + j), inv, a), _mm512_maskz_loadu_ps(mask, mx + j));
     _mm512_mask_storeu_ps(part + j, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, part + j), fast_exp16(x)));
@@ -133,8 +148,8 @@ SEGTRANSFER_AVX512_TARGET inline void col_lse_row_avx512(const float* c, int64_t
 
 // DenseRowScan<float>::fill (sinkhorn.cpp) in AVX-512: the first k entries of the dense row c[0, m)
 // with c[j] - p_col[j] < th, their columns to oc and values to ov, in column order. The same float
-// subtraction and comparison as DenseRowScan's count, so the two agree on every entry; each group
-// of 16 is compressed in registers and stored under a mask, so nothing is written past the k-th.
+// subtraction and comparison as DenseRowScan's count, so the two agree on every entry; nothing is
+// written past the k-th (store_packed).
 SEGTRANSFER_AVX512_TARGET inline void dense_fill_avx512(const float* c, int64_t m, const float* p_col, float th,
                                                         int64_t k, int32_t* oc, float* ov) {
   const __m512 t = _mm512_set1_ps(th);
@@ -142,15 +157,13 @@ SEGTRANSFER_AVX512_TARGET inline void dense_fill_avx512(const float* c, int64_t 
   __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   int64_t pos = 0;
   for (int64_t j = 0; j < m && pos < k; j += 16, idx = _mm512_add_epi32(idx, step)) {
-    const __mmask16 in = m - j >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (m - j)) - 1);
+    const __mmask16 in = first_lanes16(m - j);
     const __m512 v = _mm512_maskz_loadu_ps(in, c + j);
     const __mmask16 keep =
         _mm512_mask_cmp_ps_mask(in, _mm512_sub_ps(v, _mm512_maskz_loadu_ps(in, p_col + j)), t, _CMP_LT_OQ);
     if (keep == 0) continue;
-    const int cnt = static_cast<int>(std::min<int64_t>(__builtin_popcount(keep), k - pos));
-    const __mmask16 out = cnt == 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << cnt) - 1);
-    _mm512_mask_storeu_ps(ov + pos, out, _mm512_maskz_compress_ps(keep, v));
-    _mm512_mask_storeu_epi32(oc + pos, out, _mm512_maskz_compress_epi32(keep, idx));
+    const int64_t cnt = std::min<int64_t>(__builtin_popcount(keep), k - pos);
+    store_packed(keep, cnt, v, idx, ov + pos, oc + pos);
     pos += cnt;
   }
 }
@@ -160,7 +173,7 @@ SEGTRANSFER_AVX512_TARGET inline int64_t count_above_avx512(const float* val, in
   const __m512 fl = _mm512_set1_ps(floor);
   int64_t c = 0;
   for (int64_t k = 0; k < len; k += 16) {
-    const __mmask16 in = len - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (len - k)) - 1);
+    const __mmask16 in = first_lanes16(len - k);
     c += __builtin_popcount(_mm512_mask_cmp_ps_mask(in, _mm512_maskz_loadu_ps(in, val + k), fl, _CMP_GT_OQ));
   }
   return c;
@@ -168,21 +181,18 @@ SEGTRANSFER_AVX512_TARGET inline int64_t count_above_avx512(const float* val, in
 
 // The entries of val[0, len) above `floor`, with their indices col[], written in order to
 // out_val / out_col (Newton's operator, plan_entries_above in sinkhorn.cpp); returns how many.
-// Each group of 16 is compressed in registers and stored under a mask, so nothing is written past
-// the kept entries (the next row's share); compress-to-memory is microcoded and slow on some CPUs.
+// Nothing is written past the kept entries (the next row's share; store_packed).
 SEGTRANSFER_AVX512_TARGET inline int64_t compact_above_avx512(const float* val, const int32_t* col, int64_t len,
                                                               float floor, int32_t* out_col, float* out_val) {
   const __m512 fl = _mm512_set1_ps(floor);
   int64_t at = 0;
   for (int64_t k = 0; k < len; k += 16) {
-    const __mmask16 in = len - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (len - k)) - 1);
+    const __mmask16 in = first_lanes16(len - k);
     const __m512 v = _mm512_maskz_loadu_ps(in, val + k);
     const __mmask16 keep = _mm512_mask_cmp_ps_mask(in, v, fl, _CMP_GT_OQ);
     if (keep == 0) continue;
     const int cnt = __builtin_popcount(keep);
-    const __mmask16 out = cnt == 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << cnt) - 1);
-    _mm512_mask_storeu_ps(out_val + at, out, _mm512_maskz_compress_ps(keep, v));
-    _mm512_mask_storeu_epi32(out_col + at, out, _mm512_maskz_compress_epi32(keep, _mm512_maskz_loadu_epi32(in, col + k)));
+    store_packed(keep, cnt, v, _mm512_maskz_loadu_epi32(in, col + k), out_val + at, out_col + at);
     at += cnt;
   }
   return at;

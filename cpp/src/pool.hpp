@@ -129,8 +129,7 @@ class BlockPool {
   static void* header(void* p) { return static_cast<char*>(p) - kHeader; }
   // A block of its own mapping, 2 MB aligned and advised for huge pages (see advise_huge_pages);
   // `mapped`: its length, for munmap. Its own mapping, not malloc's: a huge-page advice on a range
-  // of malloc's heap outlives the block and covers whatever the heap puts there next (a single
-  // draw then spent 2.8 instead of 0.4 s in the kernel zeroing huge pages; RESULTS.md, session 15).
+  // of malloc's heap would outlive the block and cover whatever the heap puts there next.
   static void* map_huge(std::size_t bytes, std::size_t& mapped) noexcept {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     bytes = (bytes + 4095) & ~std::size_t(4095);
@@ -141,7 +140,7 @@ class BlockPool {
     const auto at = (r + kHugePage - 1) & ~(kHugePage - 1);
     if (at > r) munmap(raw, at - r);
     if (r + len > at + bytes) munmap(reinterpret_cast<void*>(at + bytes), r + len - (at + bytes));
-    madvise(reinterpret_cast<void*>(at), bytes, MADV_HUGEPAGE);
+    advise_huge_pages(reinterpret_cast<void*>(at), bytes);
     mapped = bytes;
     return reinterpret_cast<void*>(at);
 #else

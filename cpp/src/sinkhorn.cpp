@@ -498,6 +498,29 @@ bool refresh_pattern(const RowMatrix<T>& cost, const double* f, const double* g,
   return true;
 }
 
+// log sum_k exp(A[cols[k]] - c[k] / eps) over one row (cols null: A[k]), shifted by the row's own
+// potential: in float when `lowp` (the shift rounded to float is the one subtracted, and added
+// back), exactly when not, or when that float sum over- or underflows. The one form of a row's sum
+// for half_step and fused_dense_iteration, which must agree to the bit.
+template <typename T>
+double row_lse(const T* c, const int32_t* cols, int64_t len, const double* A, const float* Af, double inv_eps,
+               double pot, bool lowp) {
+  if (lowp) {
+    const float shift = static_cast<float>(-pot * inv_eps);
+    const double total = RowLse<T>::sum_lowp(c, cols, len, Af, static_cast<float>(inv_eps), shift);
+    if (total >= kShiftedMin && total < kPosInf) return static_cast<double>(shift) + std::log(total);
+  }
+  return RowLse<T>::run(c, cols, len, A, inv_eps, -pot * inv_eps);
+}
+
+// The scaling update of one potential from its sum `lse` (row_lse, or a column's): returns the
+// marginal error term w |e^x - 1| of x = lse + pot / eps, before the update pot -= omega eps x.
+inline double scale_potential(double lse, double w, double eps, double omega, double& pot) {
+  lse += pot * (1.0 / eps);
+  pot -= omega * eps * lse;
+  return w * std::fabs(std::expm1(lse));
+}
+
 // One half-step: pot_i <- pot_i - omega * eps * log sum_j w_j exp((pot_i + other_j - C_ij) / eps),
 // over the rows of `mat` (by_cols = false) or its columns (by_cols = true); a sparse pattern `sp`
 // is given in the matching layout (CSR for rows, CSC for columns). Returns the L1 error of this
@@ -538,17 +561,9 @@ double half_step(const RowMatrix<T>& mat, bool by_cols, const SparseRows<T>* sp,
       const int64_t k0 = sp ? sp->ptr[i] : i * m, len = sp ? sp->ptr[i + 1] - k0 : m;
       const T* c = sp ? sp->val.data() + k0 : mat.data() + k0;
       const int32_t* cols = sp ? sp->col.data() + k0 : nullptr;
-      lse = kNegInf;
-      if (lowp) {  // the shift rounded to float is the one subtracted, and added back
-        const float shift = static_cast<float>(-pot[i] * inv_eps);
-        const double total = RowLse<T>::sum_lowp(c, cols, len, Afp, static_cast<float>(inv_eps), shift);
-        if (total >= kShiftedMin && total < kPosInf) lse = static_cast<double>(shift) + std::log(total);
-      }
-      if (lse == kNegInf) lse = RowLse<T>::run(c, cols, len, Ap, inv_eps, -pot[i] * inv_eps);
+      lse = row_lse(c, cols, len, Ap, Afp, inv_eps, pot[i], lowp);
     }
-    lse += pot[i] * inv_eps;
-    err_rows[i] = w_self[i] * std::fabs(std::expm1(lse));
-    pot[i] -= omega * eps * lse;
+    err_rows[i] = scale_potential(lse, w_self[i], eps, omega, pot[i]);
   }
   // Summed in a fixed order so that the result does not depend on the thread count.
   double err = 0.0;
@@ -564,15 +579,7 @@ double half_step(const RowMatrix<T>& mat, bool by_cols, const SparseRows<T>* sp,
 // the cost is read once instead of twice, and the two passes were bound by memory bandwidth
 // (0.69 ns an entry each at 10^4 x 10^4; RESULTS.md, session 15). Returns false, with f updated and
 // g untouched, when some column's shifted sum over- or underflows: the caller then runs the
-// column half-step, whose exact sweep handles it. Call it only with finite g (fused_guess_finite).
-template <typename T>
-bool fused_guess_finite(const double* g, int64_t m, double eps) {
-  const double inv_eps = 1.0 / eps;
-  for (int64_t j = 0; j < m; ++j)
-    if (!std::isfinite(static_cast<float>(-g[j] * inv_eps))) return false;
-  return true;
-}
-
+// column half-step, whose exact sweep handles it. Call it only with finite shifts (fused_guess_finite).
 template <typename T>
 bool fused_dense_iteration(const RowMatrix<T>& mat, const double* log_a, const double* log_b, const double* a,
                            const double* b, double eps, double omega, double* f, double* g,
@@ -604,15 +611,7 @@ bool fused_dense_iteration(const RowMatrix<T>& mat, const double* log_a, const d
     std::vector<T> part(m, T(0));
     for (int64_t i = q * kRows; i < std::min(n, (q + 1) * kRows); ++i) {
       const T* c = mat.data() + i * m;
-      // Row i, as half_step (rows, dense, lowp).
-      double lse = kNegInf;
-      const float shift = static_cast<float>(-f[i] * inv_eps);
-      const double total = RowLse<T>::sum_lowp(c, nullptr, m, Afp, inv_eps_f, shift);
-      if (total >= kShiftedMin && total < kPosInf) lse = static_cast<double>(shift) + std::log(total);
-      if (lse == kNegInf) lse = RowLse<T>::run(c, nullptr, m, Ap, inv_eps, -f[i] * inv_eps);
-      lse += f[i] * inv_eps;
-      errp[i] = a[i] * std::fabs(std::expm1(lse));
-      f[i] -= omega * eps * lse;
+      errp[i] = scale_potential(row_lse(c, nullptr, m, Ap, Afp, inv_eps, f[i], true), a[i], eps, omega, f[i]);
       // Its terms in the columns' sums, as dense_column_lse's guessed sweep (exponent offsets as
       // exponent_offsets forms them).
       ColLse<T>::sum_row_lowp(c, m, static_cast<float>(f[i] * inv_eps + log_a[i]), inv_eps_f, mxfp, part.data());
@@ -629,14 +628,18 @@ bool fused_dense_iteration(const RowMatrix<T>& mat, const double* log_a, const d
     if (!(total >= kShiftedMin && total < kPosInf)) return false;
     lse_col[j] = mx[j] + std::log(total);
   }
-  // The columns, as half_step (columns, dense).
-  for (int64_t j = 0; j < m; ++j) {
-    const double lse = lse_col[j] + g[j] * inv_eps;
-    err_rows[j] = b[j] * std::fabs(std::expm1(lse));
-    g[j] -= omega * eps * lse;
-  }
+  for (int64_t j = 0; j < m; ++j) err_rows[j] = scale_potential(lse_col[j], b[j], eps, omega, g[j]);
   err_c = 0.0;
   for (int64_t j = 0; j < m; ++j) err_c += err_rows[j];
+  return true;
+}
+
+// Whether every column's guessed shift -g_j / eps (in float, as fused_dense_iteration forms it) is
+// finite; dense_column_lse makes the same check before its guessed sweep.
+inline bool fused_guess_finite(const double* g, int64_t m, double eps) {
+  const double inv_eps = 1.0 / eps;
+  for (int64_t j = 0; j < m; ++j)
+    if (!std::isfinite(static_cast<float>(-g[j] * inv_eps))) return false;
   return true;
 }
 
@@ -833,10 +836,13 @@ struct PlanEntries {
 // vectoriser gives up on the 64-bit reduction): 2.1 ns an entry, a third of a D = 256 Newton step
 // (RESULTS.md, session 15). Hence the 32-bit count in the clones, and AVX-512's popcount of masks.
 struct CountAbove {
-  SEGTRANSFER_HOT static int64_t run(const float* val, int64_t len, float floor) {
+  static int64_t run(const float* val, int64_t len, float floor) {
 #ifdef SEGTRANSFER_AVX512_LSE
     if (avx512_lse_available()) return count_above_avx512(val, len, floor);
 #endif
+    return run_clones(val, len, floor);
+  }
+  SEGTRANSFER_HOT static int64_t run_clones(const float* val, int64_t len, float floor) {
     int32_t c = 0;  // a row of the pattern holds fewer than 2^31 entries (int32_t column indices)
 #pragma omp simd reduction(+ : c)
     for (int64_t k = 0; k < len; ++k) c += val[k] > floor ? 1 : 0;
@@ -1321,13 +1327,14 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     balance();
     while (rep.iterations < iter_limit && !rep.timed_out) {
       double err_r = 0.0, err_c = 0.0;
+      bool cols_done = false;
       // Dense with exponents in float: one pass (fused_dense_iteration).
-      const bool fused = std::is_same_v<T, float> && sr == nullptr && lowp && fused_guess_finite<T>(g, m, eps);
-      if (!fused || !fused_dense_iteration(cost, log_a.data(), log_b.data(), a, b, eps, omega, f, g, err_rows,
-                                           nt_loop, err_r, err_c)) {
-        if (!fused) err_r = half_step(cost, false, sr, g, log_b.data(), a, eps, omega, f, err_rows, nt_loop, lowp);
-        err_c = half_step(cost, true, sc, f, log_a.data(), b, eps, omega, g, err_rows, nt_loop, lowp);
-      }
+      if (std::is_same_v<T, float> && sr == nullptr && lowp && fused_guess_finite(g, m, eps))
+        cols_done = fused_dense_iteration(cost, log_a.data(), log_b.data(), a, b, eps, omega, f, g, err_rows, nt_loop,
+                                          err_r, err_c);
+      else
+        err_r = half_step(cost, false, sr, g, log_b.data(), a, eps, omega, f, err_rows, nt_loop, lowp);
+      if (!cols_done) err_c = half_step(cost, true, sc, f, log_a.data(), b, eps, omega, g, err_rows, nt_loop, lowp);
       ++rep.iterations;
       poll();
       const double err = err_r + err_c;
