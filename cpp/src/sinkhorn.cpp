@@ -214,35 +214,45 @@ bool build_sparse(const RowMatrix<T>& mat, const double* p_row, const double* p_
 // (a constant moved between f and g cancels). That one number says, without looking at the dense
 // cost, (a) whether a later stage's pattern is a subset of this one, so it can be filtered from it
 // in O(nnz), and (b) how much plan mass the truncation can have dropped: at most exp(-margin / eps).
+// The CSC copy exists only where something reads columns (`has_cols`): the last stage's column
+// half-steps, Newton, a fused iteration's fallback (csc() makes it then). The intermediate stages
+// on float storage update the columns from the rows (fused_iteration), and their patterns were
+// transposed and filtered twice for nothing: 9 % of a K = 10 call's CPU time (RESULTS.md, session 16).
 template <typename T>
 struct Pattern {
-  SparseRows<T> rows, cols;  // the same entries as CSR and CSC
+  SparseRows<T> rows, cols;  // the same entries as CSR and, where has_cols, CSC
   std::vector<double> f0, g0;
+  int64_t n_cols = 0;  // columns of the cost
   double cutoff = 0.0;
   double cost_bound = 0.0;  // max |C|, for build_sparse
   bool valid = false;
+  bool has_cols = false;
   // A candidate pattern (see prepare_pattern); after a commit it holds the previous pattern's
   // storage, whose capacity the next candidate reuses.
   SparseRows<T> next_rows, next_cols;
   double next_cutoff = 0.0;
+  bool next_has_cols = false;
 
   // Makes the candidate the pattern, built against (f, g). Swaps: `rows` and `cols` keep their
   // addresses, so references to them stay valid.
   void commit(const double* f, const double* g) {
     std::swap(rows, next_rows);
     std::swap(cols, next_cols);
-    f0.assign(f, f + (static_cast<int64_t>(rows.ptr.size()) - 1));
-    g0.assign(g, g + (static_cast<int64_t>(cols.ptr.size()) - 1));
-    cutoff = next_cutoff;
+    std::swap(has_cols, next_has_cols);
+    rebase(f, g, next_cutoff);
     valid = true;
   }
 
   // The pattern now describes (f, g) with this cutoff (it was filtered in place for them).
   void rebase(const double* f, const double* g, double new_cutoff) {
     f0.assign(f, f + (static_cast<int64_t>(rows.ptr.size()) - 1));
-    g0.assign(g, g + (static_cast<int64_t>(cols.ptr.size()) - 1));
+    g0.assign(g, g + n_cols);
     cutoff = new_cutoff;
   }
+
+  // The CSC copy, transposed from the rows on first use (every column has an entry: the patterns
+  // are only installed when they cover every column).
+  const SparseRows<T>& csc(int nt);
 
   double margin(const double* f, const double* g) const {
     double df = -std::numeric_limits<double>::infinity(), dg = df;
@@ -351,6 +361,33 @@ bool transpose_rows(const SparseRows<T>& R, int64_t m, int nt, SparseRows<T>& C)
   return true;
 }
 
+template <typename T>
+const SparseRows<T>& Pattern<T>::csc(int nt) {
+  if (!has_cols) has_cols = transpose_rows(rows, n_cols, nt, cols);
+  return cols;
+}
+
+// Whether every one of the m columns holds an entry of R (what transpose_rows checks too).
+template <typename T>
+bool columns_covered(const SparseRows<T>& R, int64_t m, int nt) {
+  const int64_t n = static_cast<int64_t>(R.ptr.size()) - 1;
+  const int64_t nq = std::min<int64_t>(std::max(nt, 1), n);
+  std::vector<char> seen(static_cast<size_t>(nq) * m, 0);
+  const int64_t* rptr = R.ptr.data();
+  const int32_t* rcol = R.col.data();
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t q = 0; q < nq; ++q) {
+    char* s = seen.data() + q * m;
+    for (int64_t k = rptr[n * q / nq]; k < rptr[n * (q + 1) / nq]; ++k) s[rcol[k]] = 1;
+  }
+  for (int64_t j = 0; j < m; ++j) {
+    char any = 0;
+    for (int64_t q = 0; q < nq; ++q) any |= seen[q * m + j];
+    if (!any) return false;
+  }
+  return true;
+}
+
 // Row pointers (ptr[0] = 0) of the entries of `in` with C - p_row - p_col < cutoff. The same
 // function filters the CSC copy with the potentials swapped. Returns false if a row would be empty.
 template <typename T>
@@ -438,57 +475,88 @@ void filter_in_place(SparseRows<T>& s, std::vector<int64_t>& kept_ptr, const dou
 
 // The cutoff a pattern filtered from p may use for iterations at (f, g) that need every entry with
 // C - f - g < keep: keep + slack, lowered to p's margin; none when p cannot vouch for those entries
-// (no pattern, its CSC copy freed, or potentials drifted beyond its margin).
+// (no pattern, or potentials drifted beyond its margin).
 template <typename T>
-std::optional<double> filter_cutoff(const Pattern<T>& p, int64_t m, const double* f, const double* g, double keep,
+std::optional<double> filter_cutoff(const Pattern<T>& p, const double* f, const double* g, double keep,
                                     double slack) {
-  if (!p.valid || static_cast<int64_t>(p.cols.ptr.size()) != m + 1) return std::nullopt;
+  if (!p.valid) return std::nullopt;
   const double margin = p.margin(f, g);
   if (!(margin >= keep)) return std::nullopt;
   return std::min(keep + slack, margin);
 }
 
-// Candidate pattern (p.next_rows, p.next_cols) for iterations that need every entry with
-// C - f - g < keep: filtered from the current pattern when that provably contains them all
-// (margin >= keep), else rebuilt from the dense cost with some slack above `keep`, so that the next
-// stages (smaller eps, hence smaller `keep`) can filter instead of rescanning N x M entries. Returns
-// false when the kernel is too dense or a row or column would be empty: the caller then runs a
-// dense stage. The current pattern is left as it was; p.commit(f, g) installs the candidate.
+// The candidate's columns: the CSC copy when `with_cols` (filtered from p's own when it has one:
+// the criterion is symmetric, so that filters to the transpose of the filtered CSR, rows still
+// ascending in each column, at half the cost of a transposition), else only the check that every
+// column keeps an entry. Returns false if one does not.
+template <typename T>
+bool prepare_columns(Pattern<T>& p, const double* f, const double* g, const std::optional<double>& filtered,
+                     bool with_cols, int nt) {
+  p.next_has_cols = with_cols;
+  if (!with_cols) {
+    p.next_cols.ptr.clear();  // keeps the storage's capacity for a later candidate
+    return columns_covered(p.next_rows, p.n_cols, nt);
+  }
+  if (filtered && p.has_cols) return filter_rows(p.cols, g, f, *filtered, nt, p.next_cols);
+  return transpose_rows(p.next_rows, p.n_cols, nt, p.next_cols);
+}
+
+// Candidate pattern (p.next_rows, and p.next_cols if `with_cols`) for iterations that need every
+// entry with C - f - g < keep: filtered from the current pattern when that provably contains them
+// all (margin >= keep), else rebuilt from the dense cost with some slack above `keep`, so that the
+// next stages (smaller eps, hence smaller `keep`) can filter instead of rescanning N x M entries.
+// Returns false when the kernel is too dense or a row or column would be empty: the caller then
+// runs a dense stage. The current pattern is left as it was; p.commit(f, g) installs the candidate.
 template <typename T>
 bool prepare_pattern(const RowMatrix<T>& cost, const double* f, const double* g, double keep, double slack,
-                     double max_density, int nt, Pattern<T>& p) {
-  const int64_t m = cost.cols();
-  // The criterion is symmetric, so the CSC copy filters to the transpose of the filtered CSR, rows
-  // still ascending in each column: no transposition (half the cost of a filtered pattern).
-  const std::optional<double> filtered = filter_cutoff(p, m, f, g, keep, slack);
+                     double max_density, bool with_cols, int nt, Pattern<T>& p) {
+  const std::optional<double> filtered = filter_cutoff(p, f, g, keep, slack);
   if (filtered && filter_rows(p.rows, f, g, *filtered, nt, p.next_rows) &&
-      filter_rows(p.cols, g, f, *filtered, nt, p.next_cols)) {
+      prepare_columns(p, f, g, filtered, with_cols, nt)) {
     p.next_cutoff = *filtered;
     return true;
   }
   const double cutoff = keep + slack;
   if (!build_sparse(cost, f, g, cutoff, p.cost_bound, max_density, nt, p.next_rows) ||
-      !transpose_rows(p.next_rows, m, nt, p.next_cols))
+      !prepare_columns(p, f, g, std::nullopt, with_cols, nt))
     return false;
   p.next_cutoff = cutoff;
   return true;
 }
 
+// The pattern for a stage's iterations (see prepare_pattern), filtered in place where it can be.
 template <typename T>
 bool refresh_pattern(const RowMatrix<T>& cost, const double* f, const double* g, double keep, double slack,
-                     double max_density, int nt, Pattern<T>& p) {
-  const std::optional<double> cutoff = filter_cutoff(p, cost.cols(), f, g, keep, slack);
+                     double max_density, bool with_cols, int nt, Pattern<T>& p) {
+  const std::optional<double> cutoff = filter_cutoff(p, f, g, keep, slack);
   std::vector<int64_t> row_ptr, col_ptr;
-  if (cutoff && count_kept(p.rows, f, g, *cutoff, nt, row_ptr) && count_kept(p.cols, g, f, *cutoff, nt, col_ptr)) {
+  const bool filter_cols = with_cols && p.has_cols;
+  if (cutoff && count_kept(p.rows, f, g, *cutoff, nt, row_ptr) &&
+      (!filter_cols || count_kept(p.cols, g, f, *cutoff, nt, col_ptr))) {
     filter_in_place(p.rows, row_ptr, f, g, *cutoff, nt);
-    filter_in_place(p.cols, col_ptr, g, f, *cutoff, nt);
+    if (filter_cols) {
+      filter_in_place(p.cols, col_ptr, g, f, *cutoff, nt);
+    } else {
+      p.cols = SparseRows<T>();
+      p.has_cols = false;
+    }
     p.rebase(f, g, *cutoff);
-    return true;
+    // Every column must keep an entry; if one does not, the rebuild below decides (dense stage).
+    bool covered;
+    if (with_cols) {
+      p.csc(nt);
+      covered = p.has_cols;
+    } else {
+      covered = columns_covered(p.rows, p.n_cols, nt);
+    }
+    if (covered) return true;
+    p.valid = false;
   }
   // The old pattern's columns (CSC) are not needed to make the next one, nor by a dense stage,
   // should the next one be too dense: freed first, they do not add to the peak.
   p.cols = SparseRows<T>();
-  if (!prepare_pattern(cost, f, g, keep, slack, max_density, nt, p)) return false;
+  p.has_cols = false;
+  if (!prepare_pattern(cost, f, g, keep, slack, max_density, with_cols, nt, p)) return false;
   p.commit(f, g);
   // A stage's pattern replaces the previous one for good: its storage goes back to the system (at
   // N = 3 x 10^4 keeping it doubled the peak memory). Newton's relocations keep theirs (prepare and
@@ -501,7 +569,7 @@ bool refresh_pattern(const RowMatrix<T>& cost, const double* f, const double* g,
 // log sum_k exp(A[cols[k]] - c[k] / eps) over one row (cols null: A[k]), shifted by the row's own
 // potential: in float when `lowp` (the shift rounded to float is the one subtracted, and added
 // back), exactly when not, or when that float sum over- or underflows. The one form of a row's sum
-// for half_step and fused_dense_iteration, which must agree to the bit.
+// for half_step and fused_iteration, which must agree to the bit.
 template <typename T>
 double row_lse(const T* c, const int32_t* cols, int64_t len, const double* A, const float* Af, double inv_eps,
                double pot, bool lowp) {
@@ -571,19 +639,24 @@ double half_step(const RowMatrix<T>& mat, bool by_cols, const SparseRows<T>* sp,
   return err;
 }
 
-// A dense Sinkhorn iteration in one pass over the cost (float storage only, exponents in float: the
+// A Sinkhorn iteration in one pass over the cost (float storage only, exponents in float: the
 // intermediate stages), the same arithmetic as half_step on the rows, then on the columns: each row
 // updates its f_i, then, while the row is still in cache, adds its terms at the new f_i to the
-// columns' partial sums (dense_column_lse's guessed sweep: the same blocks of 256 rows, the same
-// shifts, the blocks' sums added in order). The results are bit-identical to the two half-steps;
-// the cost is read once instead of twice, and the two passes were bound by memory bandwidth
-// (0.69 ns an entry each at 10^4 x 10^4; RESULTS.md, session 15). Returns false, with f updated and
-// g untouched, when some column's shifted sum over- or underflows: the caller then runs the
-// column half-step, whose exact sweep handles it. Call it only with finite shifts (fused_guess_finite).
+// columns' partial sums (dense_column_lse's guessed sweep: blocks of 256 rows, the same shifts, the
+// blocks' sums added in order, so the result does not depend on the thread count). The cost is read
+// once instead of twice; the two passes were bound by memory bandwidth (0.69 ns an entry each at
+// 10^4 x 10^4; RESULTS.md, session 15).
+// Dense (sp null): bit-identical to the two half-steps. On a truncated kernel (sp: CSR) the row's
+// terms are scattered to the columns' sums, which then need no CSC pass: the same terms as the
+// column half-step on the CSC copy, added in another order (a float rounding difference, far inside
+// what the lowp stages tolerate).
+// Returns false, with f updated and g untouched, when some column's shifted sum over- or
+// underflows: the caller then runs the column half-step, whose exact sweep handles it. Call it only
+// with finite shifts (fused_guess_finite).
 template <typename T>
-bool fused_dense_iteration(const RowMatrix<T>& mat, const double* log_a, const double* log_b, const double* a,
-                           const double* b, double eps, double omega, double* f, double* g,
-                           std::vector<double>& err_rows, int nt, double& err_r, double& err_c) {
+bool fused_iteration(const RowMatrix<T>& mat, const SparseRows<T>* sp, const double* log_a, const double* log_b,
+                     const double* a, const double* b, double eps, double omega, double* f, double* g,
+                     std::vector<double>& err_rows, int nt, double& err_r, double& err_c) {
   const int64_t n = mat.rows(), m = mat.cols();
   const double inv_eps = 1.0 / eps;
   const float inv_eps_f = static_cast<float>(inv_eps);
@@ -610,11 +683,17 @@ bool fused_dense_iteration(const RowMatrix<T>& mat, const double* log_a, const d
   for (int64_t q = 0; q < nb; ++q) {
     std::vector<T> part(m, T(0));
     for (int64_t i = q * kRows; i < std::min(n, (q + 1) * kRows); ++i) {
-      const T* c = mat.data() + i * m;
-      errp[i] = scale_potential(row_lse(c, nullptr, m, Ap, Afp, inv_eps, f[i], true), a[i], eps, omega, f[i]);
+      const int64_t k0 = sp ? sp->ptr[i] : i * m, len = sp ? sp->ptr[i + 1] - k0 : m;
+      const T* c = sp ? sp->val.data() + k0 : mat.data() + k0;
+      const int32_t* cols = sp ? sp->col.data() + k0 : nullptr;
+      errp[i] = scale_potential(row_lse(c, cols, len, Ap, Afp, inv_eps, f[i], true), a[i], eps, omega, f[i]);
       // Its terms in the columns' sums, as dense_column_lse's guessed sweep (exponent offsets as
       // exponent_offsets forms them).
-      ColLse<T>::sum_row_lowp(c, m, static_cast<float>(f[i] * inv_eps + log_a[i]), inv_eps_f, mxfp, part.data());
+      const float Ai = static_cast<float>(f[i] * inv_eps + log_a[i]);
+      if (cols)
+        ColLse<T>::sum_sparse_row_lowp(c, cols, len, Ai, inv_eps_f, mxfp, part.data());
+      else
+        ColLse<T>::sum_row_lowp(c, m, Ai, inv_eps_f, mxfp, part.data());
     }
     double* bs = blkp + q * m;
     for (int64_t j = 0; j < m; ++j) bs[j] = static_cast<double>(part[j]);
@@ -634,7 +713,7 @@ bool fused_dense_iteration(const RowMatrix<T>& mat, const double* log_a, const d
   return true;
 }
 
-// Whether every column's guessed shift -g_j / eps (in float, as fused_dense_iteration forms it) is
+// Whether every column's guessed shift -g_j / eps (in float, as fused_iteration forms it) is
 // finite; dense_column_lse makes the same check before its guessed sweep.
 inline bool fused_guess_finite(const double* g, int64_t m, double eps) {
   const double inv_eps = 1.0 / eps;
@@ -653,7 +732,10 @@ inline bool fused_guess_finite(const double* g, int64_t m, double eps) {
 // error sat between classes, and the full problem spent 250 dense iterations (18 s) removing it.
 // The step is an exact block-coordinate ascent, so it never lowers the dual objective. `sp` (CSR)
 // restricts the plan to a truncated pattern; its rows keep their columns in ascending order. One
-// pass costs about a dense half-step. Returns false (and changes nothing) if the coarse problem is
+// pass costs about a half-step: a row's sums are taken over its non-empty group segments only, and
+// the masses are added in the linear domain (a binary search, a logarithm and an exponential per
+// row and column group, ~190 groups at N = 10^4, had made a call cost five half-steps and 17 % of a
+// draw; RESULTS.md, session 16). Returns false (and changes nothing) if the coarse problem is
 // degenerate (a class without mass, non-finite masses).
 template <typename T>
 bool balance_classes(const RowMatrix<T>& mat, const SparseRows<T>* sp, const double* log_a, const double* log_b,
@@ -662,10 +744,11 @@ bool balance_classes(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
   const int R = cls.row_classes, Q = cls.col_classes;
   if (R < 2 && Q < 2) return false;
   const double inv_eps = 1.0 / eps;
-  thread_local std::vector<double> A, L;
+  thread_local std::vector<double> A, M;
   thread_local std::vector<float> Af;
+  thread_local std::vector<int32_t> col_group;
+  thread_local std::vector<char> redo;
   exponent_offsets(g, log_b, m, inv_eps, A);
-  L.assign(static_cast<size_t>(n) * Q, kNegInf);
   const double* Ap = A.data();
   lowp = lowp && std::is_same<T, float>::value;
   if (lowp) {
@@ -673,67 +756,109 @@ bool balance_classes(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
     for (int64_t j = 0; j < m; ++j) Af[j] = static_cast<float>(A[j]);
   }
   const float* Afp = Af.data();
-  double* Lp = L.data();
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 16)
-  for (int64_t i = 0; i < n; ++i) {
-    const double base = log_a[i] + f[i] * inv_eps;
-    // Segment d of row i: its entries, dense or on the pattern (whose columns ascend).
-    struct Segment {
-      const T* c;
-      const int32_t* cols;
-      int64_t len;
-      const double* A;
-    };
-    // Segments are visited in order d = 0, 1, ...: the column classes are contiguous and ascending,
-    // so segment d starts where d - 1 ended (`cur`) and one binary search finds its end.
-    const int32_t* const row_end = sp ? sp->col.data() + sp->ptr[i + 1] : nullptr;
-    const int32_t* cur = nullptr;
-    auto segment = [&](int d) {
-      const int64_t j0 = cls.col_class_start[d], j1 = cls.col_class_start[d + 1];
-      if (sp == nullptr) return Segment{mat.data() + i * m + j0, nullptr, j1 - j0, Ap + j0};
-      if (d == 0) cur = std::lower_bound(sp->col.data() + sp->ptr[i], row_end, static_cast<int32_t>(j0));
-      const int32_t* k0 = cur;
-      cur = std::lower_bound(k0, row_end, static_cast<int32_t>(j1));
-      return Segment{sp->val.data() + (k0 - sp->col.data()), k0, cur - k0, Ap};
-    };
-    // One pass shifted by the row's expected total (-f_i / eps, as in half_step): segments whose
-    // share of the row underflows the float exponential (below ~e^-87 of it) count as empty, which
-    // the coarse problem does not notice. When the row total itself leaves [kShiftedMin, inf), the
-    // row is redone safely, segment by segment, with their maxima.
-    // `lowp` (the stage's own setting, see half_step): exponents formed in float, the shift rounded
-    // to float being the one subtracted and added back. The coarse shift it feeds is a heuristic
-    // step that the following iterations refine; its masses need no more than float's 1e-4.
-    const double guess = lowp ? static_cast<double>(static_cast<float>(-f[i] * inv_eps)) : -f[i] * inv_eps;
-    double total = 0.0;
-    for (int d = 0; d < Q; ++d) {
-      const Segment sg = segment(d);
-      if (sg.len == 0) continue;
-      const double sd =
-          lowp ? RowLse<T>::sum_lowp(sg.c, sg.cols, sg.len, Afp + (sg.A - Ap), static_cast<float>(inv_eps),
-                                     static_cast<float>(guess))
-               : RowLse<T>::sum(sg.c, sg.cols, sg.len, sg.A, inv_eps, guess);
-      total += sd;
-      Lp[i * Q + d] = sd > 0 ? base + guess + std::log(sd) : kNegInf;
-    }
-    if (total >= kShiftedMin && total < kPosInf) continue;
-    for (int d = 0; d < Q; ++d) {
-      const Segment sg = segment(d);
-      Lp[i * Q + d] = sg.len == 0 ? kNegInf : base + RowLse<T>::run(sg.c, sg.cols, sg.len, sg.A, inv_eps);
-    }
-  }
-  // log M_cd, a log-sum-exp over the class's rows.
-  std::vector<double> logM(static_cast<size_t>(R) * Q, kNegInf), sum(static_cast<size_t>(R) * Q, 0.0);
-  for (int64_t i = 0; i < n; ++i) {
-    const int c = cls.row_class[i];
-    for (int d = 0; d < Q; ++d) logM[c * Q + d] = std::max(logM[c * Q + d], L[i * Q + d]);
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    const int c = cls.row_class[i];
+  if (sp != nullptr) {
+    col_group.resize(m);
     for (int d = 0; d < Q; ++d)
-      if (logM[c * Q + d] > kNegInf) sum[c * Q + d] += std::exp(L[i * Q + d] - logM[c * Q + d]);
+      std::fill(col_group.begin() + cls.col_class_start[d], col_group.begin() + cls.col_class_start[d + 1], d);
   }
-  for (size_t k = 0; k < logM.size(); ++k)
-    if (logM[k] > kNegInf) logM[k] += std::log(sum[k]);
+  const int32_t* groupp = col_group.data();
+  // The masses accumulate in fixed chunks of rows, each into its own R x Q table, and the tables are
+  // added in order: the result does not depend on the thread count.
+  const int64_t chunks = std::min<int64_t>(n, 64);
+  const size_t RQ = static_cast<size_t>(R) * Q;
+  M.assign(static_cast<size_t>(chunks) * RQ, 0.0);
+  redo.assign(n, 0);
+  double* Mp = M.data();
+  char* redop = redo.data();
+  // Segment d of row i: its entries, dense or on the pattern (whose columns ascend).
+  struct Segment {
+    const T* c;
+    const int32_t* cols;
+    int64_t len;
+    const double* A;
+  };
+  auto dense_segment = [&](int64_t i, int d) {
+    const int64_t j0 = cls.col_class_start[d], j1 = cls.col_class_start[d + 1];
+    return Segment{mat.data() + i * m + j0, nullptr, j1 - j0, Ap + j0};
+  };
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t q = 0; q < chunks; ++q) {
+    std::vector<std::pair<int, double>> seg;  // the row's non-empty segments and their shifted sums
+    seg.reserve(Q);
+    for (int64_t i = q * n / chunks; i < (q + 1) * n / chunks; ++i) {
+      // One pass shifted by the row's expected total (-f_i / eps, as in half_step): segments whose
+      // share of the row underflows the float exponential (below ~e^-87 of it) count as empty, which
+      // the coarse problem does not notice. A row whose total leaves [kShiftedMin, inf) is redone
+      // below, in the log domain, segment by segment with their maxima.
+      // `lowp` (the stage's own setting, see half_step): exponents formed in float, the shift
+      // rounded to float being the one subtracted. The coarse shift it feeds is a heuristic step
+      // that the following iterations refine; its masses need no more than float's 1e-4.
+      const double guess = lowp ? static_cast<double>(static_cast<float>(-f[i] * inv_eps)) : -f[i] * inv_eps;
+      auto shifted = [&](const Segment& sg) {
+        return lowp ? RowLse<T>::sum_lowp(sg.c, sg.cols, sg.len, Afp + (sg.A - Ap), static_cast<float>(inv_eps),
+                                          static_cast<float>(guess))
+                    : RowLse<T>::sum(sg.c, sg.cols, sg.len, sg.A, inv_eps, guess);
+      };
+      seg.clear();
+      double total = 0.0;
+      if (sp == nullptr) {
+        for (int d = 0; d < Q; ++d) {
+          const Segment sg = dense_segment(i, d);
+          if (sg.len > 0) seg.emplace_back(d, shifted(sg));
+        }
+      } else {
+        // Only the non-empty segments: the next one is the group of the next entry's column, and its
+        // end is found by a galloping search (segments hold a few to a few hundred entries; a
+        // binary search per group, empty or not, took most of a call with ~190 column groups).
+        const int32_t* k = sp->col.data() + sp->ptr[i];
+        const int32_t* const row_end = sp->col.data() + sp->ptr[i + 1];
+        while (k < row_end) {
+          const int d = groupp[*k];
+          const int32_t j1 = static_cast<int32_t>(cls.col_class_start[d + 1]);
+          const int32_t* lo = k + 1;
+          int64_t step = 1;
+          while (row_end - lo > step && lo[step - 1] < j1) {
+            lo += step;
+            step *= 2;
+          }
+          const int32_t* e = std::lower_bound(lo, std::min(lo + step, row_end), j1);
+          seg.emplace_back(d, shifted(Segment{sp->val.data() + (k - sp->col.data()), k, e - k, Ap}));
+          k = e;
+        }
+      }
+      for (const auto& sd : seg) total += sd.second;
+      if (!(total >= kShiftedMin && total < kPosInf)) {
+        redop[i] = 1;
+        continue;
+      }
+      // exp(L) with L = log a_i + f_i / eps + guess + log(sum): the row's mass in each segment.
+      const double scale = std::exp(log_a[i] + f[i] * inv_eps + guess);
+      double* Mrow = Mp + q * RQ + static_cast<size_t>(cls.row_class[i]) * Q;
+      for (const auto& sd : seg) Mrow[sd.first] += scale * sd.second;
+    }
+  }
+  std::vector<double> logM(RQ, kNegInf);
+  for (size_t k = 0; k < RQ; ++k) {
+    double total = 0.0;
+    for (int64_t q = 0; q < chunks; ++q) total += M[q * RQ + k];
+    if (total > 0) logM[k] = std::log(total);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    if (!redop[i]) continue;
+    const double base = log_a[i] + f[i] * inv_eps;
+    double* Lrow = logM.data() + static_cast<size_t>(cls.row_class[i]) * Q;
+    const int32_t* cur = sp ? sp->col.data() + sp->ptr[i] : nullptr;
+    const int32_t* const row_end = sp ? sp->col.data() + sp->ptr[i + 1] : nullptr;
+    for (int d = 0; d < Q; ++d) {
+      Segment sg = dense_segment(i, d);
+      if (sp != nullptr) {
+        const int32_t* e = std::lower_bound(cur, row_end, static_cast<int32_t>(cls.col_class_start[d + 1]));
+        sg = Segment{sp->val.data() + (cur - sp->col.data()), cur, e - cur, Ap};
+        cur = e;
+      }
+      if (sg.len > 0) lse_add(Lrow[d], base + RowLse<T>::run(sg.c, sg.cols, sg.len, sg.A, inv_eps));
+    }
+  }
   return coarse_shift(logM, log_a, log_b, n, eps, cls, f, g);
 }
 
@@ -1260,8 +1385,8 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
   const bool debug = std::getenv("SEGTRANSFER_DEBUG") != nullptr;
   Pattern<T> pattern;
   pattern.cost_bound = std::max(std::fabs(cmax), std::fabs(cmin));
+  pattern.n_cols = m;
   const SparseRows<T>& rows = pattern.rows;
-  const SparseRows<T>& cols = pattern.cols;
   SparsePlan plan;
   std::vector<int64_t> one_class{0, m};
   std::vector<int32_t> zero_class(n, 0);
@@ -1303,8 +1428,9 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
   double cg_floor = opt.newton_cg_floor;  // newton_polish lowers it to 0 for good when it fails
   // `floor_stop`: the loop may end at the noise floor (at_floor), for the last stage without Newton;
   // with Newton, its rounds watch for that instead.
-  auto sinkhorn_loop = [&](double eps, double target, const SparseRows<T>* sr, const SparseRows<T>* sc,
-                           int64_t iter_limit, bool floor_stop = false) {
+  // `sr`: the pattern's rows (pattern.rows), or null for a dense loop.
+  auto sinkhorn_loop = [&](double eps, double target, const SparseRows<T>* sr, int64_t iter_limit,
+                           bool floor_stop = false) {
     double block_err = std::numeric_limits<double>::infinity();
     int64_t block_left = 0;
     FloorWatch blocks(pattern.cost_bound, eps, 450);  // 450 blocks without progress, near the floor
@@ -1328,13 +1454,15 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     while (rep.iterations < iter_limit && !rep.timed_out) {
       double err_r = 0.0, err_c = 0.0;
       bool cols_done = false;
-      // Dense with exponents in float: one pass (fused_dense_iteration).
-      if (std::is_same_v<T, float> && sr == nullptr && lowp && fused_guess_finite(g, m, eps))
-        cols_done = fused_dense_iteration(cost, log_a.data(), log_b.data(), a, b, eps, omega, f, g, err_rows, nt_loop,
-                                          err_r, err_c);
+      // Exponents in float: one pass over the rows (fused_iteration).
+      if (std::is_same_v<T, float> && lowp && fused_guess_finite(g, m, eps))
+        cols_done = fused_iteration(cost, sr, log_a.data(), log_b.data(), a, b, eps, omega, f, g, err_rows, nt_loop,
+                                    err_r, err_c);
       else
         err_r = half_step(cost, false, sr, g, log_b.data(), a, eps, omega, f, err_rows, nt_loop, lowp);
-      if (!cols_done) err_c = half_step(cost, true, sc, f, log_a.data(), b, eps, omega, g, err_rows, nt_loop, lowp);
+      if (!cols_done)
+        err_c = half_step(cost, true, sr ? &pattern.csc(nt) : sr, f, log_a.data(), b, eps, omega, g, err_rows, nt_loop,
+                          lowp);
       ++rep.iterations;
       poll();
       const double err = err_r + err_c;
@@ -1553,8 +1681,10 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
         stage_slack = std::max(stage_slack, (opt.truncation + kPatternSlack) * schedule.back() - cutoff);
       // Pattern from the current potentials; by symmetry the transpose keeps the same entries.
       const auto scan_start = Clock::now();
+      // Columns (CSC) only where the stage reads them: not where fused_iteration updates them.
+      const bool with_cols = !(std::is_same_v<T, float> && lowp) && !opt.stop_when_sparse;
       const bool sparse = opt.truncation > 0 &&
-                          refresh_pattern(cost, f, g, cutoff, stage_slack, density_cap, nt, pattern);
+                          refresh_pattern(cost, f, g, cutoff, stage_slack, density_cap, with_cols, nt, pattern);
       const double scan_s = std::chrono::duration<double>(Clock::now() - scan_start).count();
       if (!sparse) ++rep.dense_stages;
       if (sparse && opt.stop_when_sparse) {
@@ -1566,7 +1696,6 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
                      sparse ? double(rows.ptr[n]) / n : double(m), (long long)rep.iterations,
                      std::chrono::duration<double>(Clock::now() - start).count(), scan_s);
       const SparseRows<T>* sr = sparse ? &rows : nullptr;
-      const SparseRows<T>* sc = sparse ? &cols : nullptr;
       if (last && sparse && opt.newton) {
         // Sinkhorn removes the fast error modes cheaply; the slow ones (mass balance between
         // nearly disconnected clusters, rate 1 - 1e-5 per iteration on clustered logits) are left
@@ -1574,7 +1703,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
         // Alternate: a bounded Sinkhorn phase (it can stall above the switch level on clustered
         // data), then Newton; if Newton stops progressing, Sinkhorn again, until the budget is spent.
         while (rep.iterations < opt.max_iter && !rep.timed_out) {
-          sinkhorn_loop(eps, newton_futile ? target : std::max(target, opt.newton_switch), sr, sc,
+          sinkhorn_loop(eps, newton_futile ? target : std::max(target, opt.newton_switch), sr,
                         std::min(opt.max_iter, rep.iterations + sinkhorn_phase));
           if (stale || at_floor) break;
           const int64_t steps_before = rep.newton_steps;
@@ -1592,13 +1721,13 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
           // On six N = 10^4 draws every rejected rebuild (5, each 0.1-0.35 s on 2 threads) was
           // foreseen so, for a plan evaluation of 20-60 ms (bench/RESULTS.md, session 14).
           const auto relocate = [&](const double* ft, const double* gt, double err_now) {
-            evaluate_plan(rows, cols, a, b, log_a.data(), log_b.data(), eps, ft, gt, plan, nt);
+            evaluate_plan(rows, pattern.csc(nt), a, b, log_a.data(), log_b.data(), eps, ft, gt, plan, nt);
             double excess = 0.0;
             for (int64_t i = 0; i < n; ++i) excess += std::max(0.0, plan.row_sum[i] - a[i]);
             for (int64_t j = 0; j < m; ++j) excess += std::max(0.0, plan.col_sum[j] - b[j]);
             if (excess - 2.0 * std::exp(-cutoff / eps) >= err_now * (1.0 + 1e-9))
               return std::numeric_limits<double>::infinity();
-            if (prepare_pattern(cost, ft, gt, cutoff, kPatternSlack * eps, density_cap, nt, pattern)) {
+            if (prepare_pattern(cost, ft, gt, cutoff, kPatternSlack * eps, density_cap, true, nt, pattern)) {
               const double e = evaluate_plan(pattern.next_rows, pattern.next_cols, a, b, log_a.data(), log_b.data(),
                                              eps, ft, gt, plan, nt);
               if (e < err_now) {
@@ -1609,7 +1738,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
             }
             return std::numeric_limits<double>::infinity();
           };
-          const double err = newton_polish(rows, cols, a, b, log_a.data(), log_b.data(), eps, target, f, g,
+          const double err = newton_polish(rows, pattern.csc(nt), a, b, log_a.data(), log_b.data(), eps, target, f, g,
                                            plan, rep, poll, keeps, relocate, grp, opt.max_iter,
                                            cg_floor, debug, nt);
           if (err <= target || pattern_stale()) break;
@@ -1627,7 +1756,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
           if (newton_futile) sinkhorn_phase *= 2;
         }
       } else {
-        sinkhorn_loop(eps, target, sr, sc, opt.max_iter, true);
+        sinkhorn_loop(eps, target, sr, opt.max_iter, true);
       }
       if (stale && rep.iterations < opt.max_iter && !rep.timed_out) {
         ++rep.pattern_refreshes;

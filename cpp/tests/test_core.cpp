@@ -199,8 +199,10 @@ static void test_lse_kernels() {
   // Every form of the row sum this CPU can run (cols null: a dense row), and of the column row update.
   using RowSum = double (*)(const float*, const int32_t*, int64_t, const float*, float, float);
   using ColRow = void (*)(const float*, int64_t, float, float, const float*, float*);
+  using ColScatter = void (*)(const float*, const int32_t*, int64_t, float, float, const float*, float*);
   std::vector<RowSum> row_sums{&RowLse<float>::sum_lowp, &RowLse<float>::sum_lowp_clones};
   std::vector<ColRow> col_rows{&ColLse<float>::sum_row_lowp, &ColLse<float>::sum_row_lowp_clones};
+  std::vector<ColScatter> col_scatters{&ColLse<float>::sum_sparse_row_lowp, &ColLse<float>::sum_sparse_row_lowp_clones};
 #ifdef SEGTRANSFER_AVX2_LSE
   if (cpu_has_avx2_fma()) {
     row_sums.push_back([](const float* c, const int32_t* q, int64_t len, const float* A, float ie, float sh) {
@@ -215,6 +217,7 @@ static void test_lse_kernels() {
       return q ? lse_sum_avx512<true>(c, q, len, A, ie, sh) : lse_sum_avx512<false>(c, q, len, A, ie, sh);
     });
     col_rows.push_back(&col_lse_row_avx512);
+    col_scatters.push_back(&col_lse_scatter_avx512);
   }
 #endif
   std::mt19937_64 rng(5);
@@ -256,6 +259,28 @@ static void test_lse_kernels() {
         const double ref = before[j] + (x >= -87.0 ? std::exp(x) : 0.0);
         CHECK(std::fabs(part[j] - ref) <= 3e-5 * ref + 1e-30);
       }
+    }
+    // Sparse column form: part[cols[k]] += exp(Ai - c[k] * inv_eps - mx[cols[k]]) over a row whose
+    // columns are distinct (ascending, as a pattern's); the other slots stay as they were.
+    std::vector<int32_t> asc(len);
+    for (int64_t k = 0; k < len; ++k) asc[k] = static_cast<int32_t>(2 * k + (k % 3 == 0));
+    const int64_t width = len > 0 ? asc[len - 1] + 1 : 1;
+    std::vector<float> wide_mx(width), wide_before(width);
+    for (int64_t j = 0; j < width; ++j) {
+      wide_mx[j] = ua(rng) - 20.f;
+      wide_before[j] = static_cast<float>(j % 4);
+    }
+    for (ColScatter scatter : col_scatters) {
+      std::vector<float> part = wide_before;
+      scatter(c.data(), asc.data(), len, Ai, inv_eps, wide_mx.data(), part.data());
+      std::vector<double> ref(wide_before.begin(), wide_before.end());
+      for (int64_t k = 0; k < len; ++k) {
+        const double x = double(Ai) - double(c[k]) * inv_eps - double(wide_mx[asc[k]]);
+        if (x >= -87.0) ref[asc[k]] += std::exp(x);
+      }
+      bool close = true;
+      for (int64_t j = 0; j < width; ++j) close = close && std::fabs(part[j] - ref[j]) <= 3e-5 * ref[j] + 1e-30;
+      CHECK(close);
     }
   }
   // Overflow: terms clamped at e^88 (~1.7e38) sum past FLT_MAX to inf, never to a finite wrong value.
