@@ -377,8 +377,11 @@ bool columns_covered(const SparseRows<T>& R, int64_t m, int nt) {
   const int32_t* rcol = R.col.data();
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t q = 0; q < nq; ++q) {
+    // Bounds in locals: the char stores may alias everything, and the loop bound (a division) was
+    // otherwise recomputed for every entry.
     char* s = seen.data() + q * m;
-    for (int64_t k = rptr[n * q / nq]; k < rptr[n * (q + 1) / nq]; ++k) s[rcol[k]] = 1;
+    const int64_t k0 = rptr[n * q / nq], k1 = rptr[n * (q + 1) / nq];
+    for (int64_t k = k0; k < k1; ++k) s[rcol[k]] = 1;
   }
   for (int64_t j = 0; j < m; ++j) {
     char any = 0;
