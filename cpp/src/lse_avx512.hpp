@@ -109,10 +109,11 @@ SEGTRANSFER_AVX512_TARGET __attribute__((always_inline)) inline void store_packe
 }
 
 // RowLse<float>::shifted_sum<float>: sum_k exp(A[cols[k]] - c[k] * inv_eps - shift) (cols null:
-// A[k]), partial sums in float over blocks of 256 entries, the blocks added in double.
-template <bool Sparse>
+// A[k]), partial sums in float over blocks of 256 entries, the blocks added in double. `Keep`: the
+// terms are also stored to terms[0, len) (KeptTerms, kernels.hpp), the sum unchanged to the bit.
+template <bool Sparse, bool Keep = false>
 SEGTRANSFER_AVX512_TARGET double lse_sum_avx512(const float* c, const int32_t* cols, int64_t len, const float* A,
-                                                float inv_eps, float shift) {
+                                                float inv_eps, float shift, float* terms = nullptr) {
   const __m512 inv = _mm512_set1_ps(inv_eps), sh = _mm512_set1_ps(shift);
   double total = 0.0;
   constexpr int64_t kBlock = 256;
@@ -122,12 +123,20 @@ SEGTRANSFER_AVX512_TARGET double lse_sum_avx512(const float* c, const int32_t* c
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
     int64_t k = j0;
     for (; k + 32 <= j1; k += 32) {
-      s0 = _mm512_add_ps(s0, fast_exp16(row_exponents16<Sparse>(c, cols, A, k, inv, sh, 0xFFFF)));
-      s1 = _mm512_add_ps(s1, fast_exp16(row_exponents16<Sparse>(c, cols, A, k + 16, inv, sh, 0xFFFF)));
+      const __m512 e0 = fast_exp16(row_exponents16<Sparse>(c, cols, A, k, inv, sh, 0xFFFF));
+      const __m512 e1 = fast_exp16(row_exponents16<Sparse>(c, cols, A, k + 16, inv, sh, 0xFFFF));
+      if (Keep) {
+        _mm512_storeu_ps(terms + k, e0);
+        _mm512_storeu_ps(terms + k + 16, e1);
+      }
+      s0 = _mm512_add_ps(s0, e0);
+      s1 = _mm512_add_ps(s1, e1);
     }
     for (; k < j1; k += 16) {
       const __mmask16 mask = first_lanes16(j1 - k);
-      s0 = _mm512_mask_add_ps(s0, mask, s0, fast_exp16(row_exponents16<Sparse>(c, cols, A, k, inv, sh, mask)));
+      const __m512 e = fast_exp16(row_exponents16<Sparse>(c, cols, A, k, inv, sh, mask));
+      if (Keep) _mm512_mask_storeu_ps(terms + k, mask, e);
+      s0 = _mm512_mask_add_ps(s0, mask, s0, e);
     }
     total += static_cast<double>(_mm512_reduce_add_ps(_mm512_add_ps(s0, s1)));
   }
@@ -143,6 +152,19 @@ SEGTRANSFER_AVX512_TARGET inline void col_lse_row_avx512(const float* c, int64_t
     const __m512 x =
         _mm512_sub_ps(_mm512_fnmadd_ps(_mm512_maskz_loadu_ps(mask, c + j), inv, a), _mm512_maskz_loadu_ps(mask, mx + j));
     _mm512_mask_storeu_ps(part + j, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, part + j), fast_exp16(x)));
+  }
+}
+
+// KeptTerms::add_scaled: part[cols[k]] += r * terms[k], k in [0, len), the columns distinct (as
+// col_lse_scatter_avx512's).
+SEGTRANSFER_AVX512_TARGET inline void scatter_scaled_avx512(const float* terms, const int32_t* cols, int64_t len,
+                                                            float r, float* part) {
+  const __m512 rv = _mm512_set1_ps(r);
+  for (int64_t k = 0; k < len; k += 16) {
+    const __mmask16 mask = first_lanes16(len - k);
+    const __m512i idx = _mm512_maskz_loadu_epi32(mask, cols + k);
+    const __m512 old = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, idx, part, 4);
+    _mm512_mask_i32scatter_ps(part, mask, idx, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, terms + k), rv, old), 4);
   }
 }
 

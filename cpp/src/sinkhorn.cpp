@@ -573,13 +573,24 @@ bool refresh_pattern(const RowMatrix<T>& cost, const double* f, const double* g,
 // potential: in float when `lowp` (the shift rounded to float is the one subtracted, and added
 // back), exactly when not, or when that float sum over- or underflows. The one form of a row's sum
 // for half_step and fused_iteration, which must agree to the bit.
+// `terms` (float storage, lowp, a truncated row, KeptTerms::available()): the float sum's terms are
+// kept there, and `kept` says whether that sum was the one used.
 template <typename T>
 double row_lse(const T* c, const int32_t* cols, int64_t len, const double* A, const float* Af, double inv_eps,
-               double pot, bool lowp) {
+               double pot, bool lowp, float* terms = nullptr, bool* kept = nullptr) {
   if (lowp) {
     const float shift = static_cast<float>(-pot * inv_eps);
-    const double total = RowLse<T>::sum_lowp(c, cols, len, Af, static_cast<float>(inv_eps), shift);
-    if (total >= kShiftedMin && total < kPosInf) return static_cast<double>(shift) + std::log(total);
+    double total;
+    if constexpr (std::is_same_v<T, float>) {
+      total = terms != nullptr ? KeptTerms::sum(c, cols, len, Af, static_cast<float>(inv_eps), shift, terms)
+                               : RowLse<T>::sum_lowp(c, cols, len, Af, static_cast<float>(inv_eps), shift);
+    } else {
+      total = RowLse<T>::sum_lowp(c, cols, len, Af, static_cast<float>(inv_eps), shift);
+    }
+    if (total >= kShiftedMin && total < kPosInf) {
+      if (kept != nullptr) *kept = terms != nullptr;
+      return static_cast<double>(shift) + std::log(total);
+    }
   }
   return RowLse<T>::run(c, cols, len, A, inv_eps, -pot * inv_eps);
 }
@@ -671,11 +682,14 @@ bool fused_iteration(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
   Af.resize(m);
   mxf.resize(m);
   mx.resize(m);
+  // The columns' shifts: dense, -g_j / eps in float, as dense_column_lse's; truncated, -Af_j, which
+  // KeptTerms' products carry (the sums are then near b_j, not 1).
   for (int64_t j = 0; j < m; ++j) {
     Af[j] = static_cast<float>(A[j]);
-    mxf[j] = static_cast<float>(-g[j] * inv_eps);
+    mxf[j] = sp ? -Af[j] : static_cast<float>(-g[j] * inv_eps);
     mx[j] = static_cast<double>(mxf[j]);  // the shift actually subtracted (finite: fused_guess_finite)
   }
+  const bool keep_terms = sp != nullptr && std::is_same_v<T, float> && KeptTerms::available();
   blk.resize(static_cast<size_t>(nb) * m);
   const double* Ap = A.data();
   const float* Afp = Af.data();
@@ -685,14 +699,27 @@ bool fused_iteration(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t q = 0; q < nb; ++q) {
     std::vector<T> part(m, T(0));
+    std::vector<float> terms(keep_terms ? m : 0);
     for (int64_t i = q * kRows; i < std::min(n, (q + 1) * kRows); ++i) {
       const int64_t k0 = sp ? sp->ptr[i] : i * m, len = sp ? sp->ptr[i + 1] - k0 : m;
       const T* c = sp ? sp->val.data() + k0 : mat.data() + k0;
       const int32_t* cols = sp ? sp->col.data() + k0 : nullptr;
-      errp[i] = scale_potential(row_lse(c, cols, len, Ap, Afp, inv_eps, f[i], true), a[i], eps, omega, f[i]);
+      const float shift = static_cast<float>(-f[i] * inv_eps);  // row_lse's
+      bool kept = false;
+      errp[i] = scale_potential(row_lse(c, cols, len, Ap, Afp, inv_eps, f[i], true, keep_terms ? terms.data() : nullptr,
+                                        &kept),
+                                a[i], eps, omega, f[i]);
       // Its terms in the columns' sums, as dense_column_lse's guessed sweep (exponent offsets as
-      // exponent_offsets forms them).
+      // exponent_offsets forms them): exp(Ai - c / eps - mx_j), which for a truncated row is its
+      // kept term exp(Af_j - c / eps - shift) times exp(Ai + shift).
       const float Ai = static_cast<float>(f[i] * inv_eps + log_a[i]);
+      if constexpr (std::is_same_v<T, float>) {
+        if (kept) {
+          const double r = std::exp(static_cast<double>(Ai) + static_cast<double>(shift));
+          KeptTerms::add_scaled(terms.data(), cols, len, static_cast<float>(r), part.data());
+          continue;
+        }
+      }
       if (cols)
         ColLse<T>::sum_sparse_row_lowp(c, cols, len, Ai, inv_eps_f, mxfp, part.data());
       else
@@ -707,7 +734,7 @@ bool fused_iteration(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
   for (int64_t j = 0; j < m; ++j) {
     double total = 0.0;
     for (int64_t q = 0; q < nb; ++q) total += blk[q * m + j];
-    if (!(total >= kShiftedMin && total < kPosInf)) return false;
+    if (!(total >= kShiftedMin * (sp ? b[j] : 1.0) && total < kPosInf)) return false;
     lse_col[j] = mx[j] + std::log(total);
   }
   for (int64_t j = 0; j < m; ++j) err_rows[j] = scale_potential(lse_col[j], b[j], eps, omega, g[j]);

@@ -282,6 +282,29 @@ static void test_lse_kernels() {
       for (int64_t j = 0; j < width; ++j) close = close && std::fabs(part[j] - ref[j]) <= 3e-5 * ref[j] + 1e-30;
       CHECK(close);
     }
+    // KeptTerms: its sum is sum_lowp's to the bit, its terms are that sum's, and add_scaled adds
+    // r times them to their columns.
+    if (KeptTerms::available()) {
+      std::vector<float> terms(len + 1, -7.f);
+      const double kept = KeptTerms::sum(c.data(), cols.data(), len, A.data(), inv_eps, shift, terms.data());
+      CHECK(kept == RowLse<float>::sum_lowp(c.data(), cols.data(), len, A.data(), inv_eps, shift));
+      bool same = terms[len] == -7.f;  // nothing past the row
+      double total = 0.0;
+      for (int64_t k = 0; k < len; ++k) {
+        const double x = static_cast<double>(A[cols[k]]) - static_cast<double>(c[k]) * inv_eps - shift;
+        same = same && std::fabs(terms[k] - (x >= -87.0 ? std::exp(x) : 0.0)) <= 3e-5 * std::exp(x) + 1e-30;
+        total += terms[k];
+      }
+      CHECK(same);
+      CHECK(std::fabs(total - kept) <= 1e-6 * kept);
+      std::vector<float> part = wide_before;
+      KeptTerms::add_scaled(terms.data(), asc.data(), len, 0.25f, part.data());
+      std::vector<double> ref(wide_before.begin(), wide_before.end());
+      for (int64_t k = 0; k < len; ++k) ref[asc[k]] += 0.25 * terms[k];
+      bool close = true;
+      for (int64_t j = 0; j < width; ++j) close = close && std::fabs(part[j] - ref[j]) <= 1e-6 * ref[j] + 1e-30;
+      CHECK(close);
+    }
   }
   // Overflow: terms clamped at e^88 (~1.7e38) sum past FLT_MAX to inf, never to a finite wrong value.
   std::vector<float> c(40, 0.f);
