@@ -214,10 +214,11 @@ bool build_sparse(const RowMatrix<T>& mat, const double* p_row, const double* p_
 // (a constant moved between f and g cancels). That one number says, without looking at the dense
 // cost, (a) whether a later stage's pattern is a subset of this one, so it can be filtered from it
 // in O(nnz), and (b) how much plan mass the truncation can have dropped: at most exp(-margin / eps).
-// The CSC copy exists only where something reads columns (`has_cols`): the last stage's column
-// half-steps, Newton, a fused iteration's fallback (csc() makes it then). The intermediate stages
-// on float storage update the columns from the rows (fused_iteration), and their patterns were
-// transposed and filtered twice for nothing: 9 % of a K = 10 call's CPU time (RESULTS.md, session 16).
+// The CSC copy exists only where something reads columns (`has_cols`): the last stage's Sinkhorn
+// column half-steps, a fused iteration's fallback (csc() makes it then). The intermediate stages
+// on float storage update the columns from the rows (fused_iteration) and Newton scatters its
+// column products from the rows (column_products); their patterns had been transposed and
+// filtered twice for nothing, 9 % of a K = 10 call's CPU time (RESULTS.md, session 16).
 template <typename T>
 struct Pattern {
   SparseRows<T> rows, cols;  // the same entries as CSR and, where has_cols, CSC
@@ -892,24 +893,30 @@ bool balance_classes(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
   return coarse_shift(logM, log_a, log_b, n, eps, cls, f, g);
 }
 
-// Plan values on the truncated pattern, in CSR order (rows) and CSC order (cols), with its sums.
+// Plan values on the truncated pattern, in CSR order, with its row and column sums.
 struct SparsePlan {
   // Entries in float: they only enter the Newton system (an inexact solve to a 10 % residual), and
   // the matrix-vector products of its CG loop are bound by the bytes they read. The sums, which
   // carry the marginal error, are accumulated in double before rounding.
-  detail::KernelVector<float> by_row, by_col;
+  detail::KernelVector<float> by_row;
   std::vector<double> row_sum, col_sum;
 };
 
-// One side of the plan on the pattern S (CSR over this side): values in S's order and their sums.
-// The exponent is symmetric in (self, other), so the same code serves rows (CSR) and columns (CSC).
-// Rows in parallel; the error is summed in a fixed order (independent of the thread count).
+// Rows of a CSR matrix with nnz entries and m columns cut into this many fixed blocks for a
+// column-scattering pass, each block adding into its own m partial sums, the blocks then added in
+// order: the result does not depend on the thread count. Few blocks for few entries, since each
+// costs 2m (its partial sums zeroed and added).
+inline int64_t column_blocks(int64_t n, int64_t nnz, int64_t m) {
+  return std::max<int64_t>(1, std::min<int64_t>({16, n, nnz / (32 * std::max<int64_t>(m, 1))}));
+}
+
 template <typename T>
 struct PlanRow {
   // Entries of one row: exp(base + B[col] - c * inv_eps), in double (the Newton system and the
-  // line search compare errors down to 1e-8 of the mass); returns their sum.
+  // line search compare errors down to 1e-8 of the mass); returns their sum, and adds each to its
+  // column's partial sum col_part[col] (the row's columns are distinct).
   SEGTRANSFER_HOT static double fill(const T* c, const int32_t* cols, int64_t len, double base, const double* B,
-                                     double inv_eps, float* out) {
+                                     double inv_eps, float* out, double* col_part) {
     double s = 0.0;
     for (int64_t k0 = 0; k0 < len; k0 += kPrefetchBlock) {
       const int64_t k1 = std::min(len, k0 + kPrefetchBlock);
@@ -918,6 +925,7 @@ struct PlanRow {
       for (int64_t k = k0; k < k1; ++k) {
         const double v = detail::fast_exp(base + B[cols[k]] - static_cast<double>(c[k]) * inv_eps);
         out[k] = static_cast<float>(v);
+        col_part[cols[k]] += v;
         s += v;
       }
     }
@@ -925,43 +933,63 @@ struct PlanRow {
   }
 };
 
+// The plan on the pattern R (CSR) at (f, g): its values in R's order and its row and column sums
+// (the columns' from the rows' values, in fixed blocks: see column_blocks). Returns the L1
+// marginal error on the pattern, summed in a fixed order (independent of the thread count).
 template <typename T>
-double plan_side(const SparseRows<T>& S, int64_t m_other, const double* w_self, const double* log_w_self,
-                 const double* log_w_other, const double* pot_self, const double* pot_other, double inv_eps,
-                 detail::KernelVector<float>& values, std::vector<double>& sums, int nt) {
-  const int64_t n = static_cast<int64_t>(S.ptr.size()) - 1;
-  thread_local std::vector<double> B, row_err;
-  B.resize(m_other);
-  for (int64_t j = 0; j < m_other; ++j) B[j] = log_w_other[j] + pot_other[j] * inv_eps;
-  values.resize(S.col.size());
-  sums.resize(n);
-  row_err.resize(n);
+double evaluate_plan(const SparseRows<T>& R, int64_t m, const double* a, const double* b, const double* log_a,
+                     const double* log_b, double eps, const double* f, const double* g, SparsePlan& p, int nt) {
+  const double inv_eps = 1.0 / eps;
+  const int64_t n = static_cast<int64_t>(R.ptr.size()) - 1;
+  const int t = R.col.size() > 200000 ? nt : 1;
+  thread_local std::vector<double> B, parts;
+  B.resize(m);
+  for (int64_t j = 0; j < m; ++j) B[j] = log_b[j] + g[j] * inv_eps;
+  p.by_row.resize(R.col.size());
+  p.row_sum.resize(n);
+  p.col_sum.assign(m, 0.0);
+  const int64_t nb = column_blocks(n, static_cast<int64_t>(R.col.size()), m);
+  parts.assign(static_cast<size_t>(nb) * m, 0.0);
   const double* Bp = B.data();
-  float* vp = values.data();
-  double* sp = sums.data();
-  double* ep = row_err.data();
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 64)
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t k0 = S.ptr[i], len = S.ptr[i + 1] - k0;
-    const double s = PlanRow<T>::fill(S.val.data() + k0, S.col.data() + k0, len, log_w_self[i] + pot_self[i] * inv_eps,
-                                      Bp, inv_eps, vp + k0);
-    sp[i] = s;
-    ep[i] = std::fabs(s - w_self[i]);
-  }
+  float* vp = p.by_row.data();
+  double* sp = p.row_sum.data();
+  double* pp = parts.data();
+#pragma omp parallel for num_threads(t) schedule(dynamic, 1)
+  for (int64_t q = 0; q < nb; ++q)
+    for (int64_t i = n * q / nb; i < n * (q + 1) / nb; ++i) {
+      const int64_t k0 = R.ptr[i], len = R.ptr[i + 1] - k0;
+      sp[i] = PlanRow<T>::fill(R.val.data() + k0, R.col.data() + k0, len, log_a[i] + f[i] * inv_eps, Bp, inv_eps,
+                               vp + k0, pp + q * m);
+    }
   double err = 0.0;
-  for (int64_t i = 0; i < n; ++i) err += row_err[i];
+  for (int64_t i = 0; i < n; ++i) err += std::fabs(p.row_sum[i] - a[i]);
+  for (int64_t q = 0; q < nb; ++q)
+    for (int64_t j = 0; j < m; ++j) p.col_sum[j] += parts[q * m + j];
+  for (int64_t j = 0; j < m; ++j) err += std::fabs(p.col_sum[j] - b[j]);
   return err;
 }
 
-template <typename T>
-double evaluate_plan(const SparseRows<T>& R, const SparseRows<T>& Cc, const double* a, const double* b,
-                     const double* log_a, const double* log_b, double eps, const double* f, const double* g,
-                     SparsePlan& p, int nt) {
-  const double inv_eps = 1.0 / eps;
-  const int64_t n = static_cast<int64_t>(R.ptr.size()) - 1, m = static_cast<int64_t>(Cc.ptr.size()) - 1;
-  const int t = R.col.size() > 200000 ? nt : 1;
-  return plan_side(R, m, a, log_a, log_b, f, g, inv_eps, p.by_row, p.row_sum, t) +
-         plan_side(Cc, n, b, log_b, log_a, g, f, inv_eps, p.by_col, p.col_sum, t);
+// out_j = sum_i val_ij v_i over the entries of a CSR matrix (ptr, col, val; n rows, m columns):
+// the product with its transpose, scattered from the rows in fixed blocks (column_blocks).
+inline void column_products(const int64_t* ptr, const int32_t* col, const float* val, int64_t n, int64_t m,
+                            const double* v, int nt, double* out) {
+  thread_local std::vector<double> parts;
+  const int64_t nb = column_blocks(n, ptr[n], m);
+  parts.assign(static_cast<size_t>(nb) * m, 0.0);
+  double* pp = parts.data();
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t q = 0; q < nb; ++q) {
+    double* part = pp + q * m;
+    for (int64_t i = n * q / nb; i < n * (q + 1) / nb; ++i) {
+      const double vi = v[i];
+      const int64_t k1 = ptr[i + 1];
+#pragma omp simd
+      for (int64_t k = ptr[i]; k < k1; ++k) part[col[k]] += static_cast<double>(val[k]) * vi;
+    }
+  }
+  std::fill(out, out + m, 0.0);
+  for (int64_t q = 0; q < nb; ++q)
+    for (int64_t j = 0; j < m; ++j) out[j] += parts[q * m + j];
 }
 
 // sum_k val[k] x[col[k]] over k in [k0, k1): the CG loop's inner product, a gather that AVX-512
@@ -1057,11 +1085,12 @@ inline void plan_entries_above(const std::vector<int64_t>& ptr, const detail::Ke
 // beyond what a pattern built around the old potentials covers) is tried on a pattern rebuilt
 // around the trial point: `relocate(f, g, err)` rebuilds it, evaluates the plan there into `p` and,
 // when that error is below `err`, installs the new pattern and returns the error; otherwise it
-// keeps the old pattern and returns inf (`p` is then stale: the search re-evaluates it). R and Cc
-// are the pattern's own rows and columns, so they follow a relocation. The certification at the
-// end decides, on the dense plan if the pattern cannot vouch for the result.
+// keeps the old pattern and returns inf (`p` is then stale: the search re-evaluates it). R is the
+// pattern's own rows (m columns), so it follows a relocation; the products with P^T scatter from
+// its rows (column_products), so no CSC copy is needed. The certification at the end decides, on
+// the dense plan if the pattern cannot vouch for the result.
 template <typename T, typename Poll, typename Keeps, typename Relocate>
-double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const double* a, const double* b,
+double newton_polish(const SparseRows<T>& R, int64_t m, const double* a, const double* b,
                      const double* log_a, const double* log_b, double eps, double target, double* f, double* g,
                      SparsePlan& p, SinkhornReport& rep, Poll& poll, const Keeps& keeps_pattern,
                      const Relocate& relocate, const PlanClasses& cls, int64_t max_iter, double& floor, bool debug,
@@ -1069,7 +1098,7 @@ double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
   // Inexact Newton with a constant forcing term: each outer step then cuts the error by roughly
   // this factor while CG stops long before resolving the near-null cluster modes exactly.
   constexpr double opt_forcing = 0.1;
-  const int64_t n = static_cast<int64_t>(R.ptr.size()) - 1, m = static_cast<int64_t>(Cc.ptr.size()) - 1;
+  const int64_t n = static_cast<int64_t>(R.ptr.size()) - 1;
   std::vector<double> rhs(n), x(n), res(n), dir(n), q(n), dinv(n), w(m), inv_c(m), f_try(n), g_try(m);
   // Levenberg-Marquardt damping: M + lambda diag(M). On a truncated pattern whose components do not
   // balance their masses the Newton system is inconsistent; CG then runs off along the null
@@ -1103,14 +1132,14 @@ double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
   double min_mass = std::numeric_limits<double>::infinity();
   for (int64_t i = 0; i < n; ++i) min_mass = std::min(min_mass, a[i]);
   for (int64_t j = 0; j < m; ++j) min_mass = std::min(min_mass, b[j]);
-  PlanEntries opr, opc;
+  PlanEntries opr;
   // out = S v on the operator's entries (`all`: every entry of the pattern); returns v . out.
   auto apply_schur = [&](bool all, const std::vector<double>& v, std::vector<double>& out) {
-    const int64_t *cp = all ? Cc.ptr.data() : opc.ptr.data(), *rp = all ? R.ptr.data() : opr.ptr.data();
-    const int32_t *cc = all ? Cc.col.data() : opc.col.data(), *rc = all ? R.col.data() : opr.col.data();
-    const float *cv = all ? p.by_col.data() : opc.val.data(), *rv = all ? p.by_row.data() : opr.val.data();
-#pragma omp parallel for num_threads(nt_mv) schedule(static)
-    for (int64_t j = 0; j < m; ++j) w[j] = SparseDot::run(cv, cc, cp[j], cp[j + 1], v.data()) * inv_c[j];
+    const int64_t* rp = all ? R.ptr.data() : opr.ptr.data();
+    const int32_t* rc = all ? R.col.data() : opr.col.data();
+    const float* rv = all ? p.by_row.data() : opr.val.data();
+    column_products(rp, rc, rv, n, m, v.data(), nt_mv, w.data());
+    for (int64_t j = 0; j < m; ++j) w[j] *= inv_c[j];
 #pragma omp parallel for num_threads(nt_mv) schedule(static)
     for (int64_t i = 0; i < n; ++i)
       out[i] = (1.0 + lambda) * p.row_sum[i] * v[i] - SparseDot::run(rv, rc, rp[i], rp[i + 1], w.data());
@@ -1119,7 +1148,7 @@ double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
     return vq;
   };
   auto schur = [&](const std::vector<double>& v, std::vector<double>& out) { return apply_schur(false, v, out); };
-  double err = evaluate_plan(R, Cc, a, b, log_a, log_b, eps, f, g, p, nt);
+  double err = evaluate_plan(R, m, a, b, log_a, log_b, eps, f, g, p, nt);
   for (int step = 0; step < 50 && err > target && rep.iterations < max_iter && !rep.timed_out; ++step) {
     const auto step_start = Clock::now();
     for (int64_t j = 0; j < m; ++j) {
@@ -1130,7 +1159,6 @@ double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
     // as the operator sees them); the residuals a - P1 and b - P^T 1 are exact.
     const float cg_floor = static_cast<float>(floor * min_mass);
     plan_entries_above(R.ptr, R.col, p.by_row, cg_floor, nt_mv, opr);
-    plan_entries_above(Cc.ptr, Cc.col, p.by_col, cg_floor, nt_mv, opc);
 #pragma omp parallel for num_threads(nt_mv) schedule(static)
     for (int64_t i = 0; i < n; ++i) {
       double s = a[i] - p.row_sum[i], diag = (1.0 + lambda) * p.row_sum[i];
@@ -1150,14 +1178,16 @@ double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
     // definite for CG). The slow Newton directions are nearly constant on weakly coupled clusters,
     // which Jacobi leaves to many CG iterations; classes approximate those clusters. E is formed in
     // one pass over the columns: Z^T S Z = Z^T D1 Z - sum_j inv_c_j u_j u_j^T, u_j[c] = sum of
-    // column j's entries in rows of class c.
+    // column j's entries in rows of class c (all u_j from one pass over the operator's rows).
     if (use_coarse) {
       coarse.E.setZero(Rc, Rc);
-      std::vector<double> u(Rc);
       for (int64_t i = 0; i < n; ++i) coarse.E(row_class[i], row_class[i]) += (1.0 + lambda) * p.row_sum[i];
+      std::vector<double> U(static_cast<size_t>(m) * Rc, 0.0);
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t k = opr.ptr[i]; k < opr.ptr[i + 1]; ++k)
+          U[static_cast<size_t>(opr.col[k]) * Rc + row_class[i]] += opr.val[k];
       for (int64_t j = 0; j < m; ++j) {
-        std::fill(u.begin(), u.end(), 0.0);
-        for (int64_t k = opc.ptr[j]; k < opc.ptr[j + 1]; ++k) u[row_class[opc.col[k]]] += opc.val[k];
+        const double* u = U.data() + static_cast<size_t>(j) * Rc;
         for (int c = 0; c < Rc; ++c) {
           if (u[c] == 0.0) continue;
           const double uc = u[c] * inv_c[j];
@@ -1178,7 +1208,7 @@ double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
         },
         x, res, dir, q, zvec);
     rep.cg_iterations += cg;
-    if (opr.col.size() < R.col.size() || opc.col.size() < Cc.col.size()) {
+    if (opr.col.size() < R.col.size()) {
       // The direction against every entry: a residual well above what CG was asked for means the
       // entries left out mattered (clusters joined only by them); every entry from here on. Only
       // when some were left out: otherwise that product is the one CG already used.
@@ -1192,12 +1222,8 @@ double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
       }
     }
     // d2 = D2^-1 (b - P^T 1 - P^T d1), kept in w.
-#pragma omp parallel for num_threads(nt_mv) schedule(static)
-    for (int64_t j = 0; j < m; ++j) {
-      double s = b[j] - p.col_sum[j];
-      for (int64_t k = opc.ptr[j]; k < opc.ptr[j + 1]; ++k) s -= static_cast<double>(opc.val[k]) * x[opc.col[k]];
-      w[j] = s * inv_c[j];
-    }
+    column_products(opr.ptr.data(), opr.col.data(), opr.val.data(), n, m, x.data(), nt_mv, w.data());
+    for (int64_t j = 0; j < m; ++j) w[j] = (b[j] - p.col_sum[j] - w[j]) * inv_c[j];
     // Merit: the truncated problem's dual objective D = <a, f> + <b, g> - eps * sum(pi), concave, which
     // the Newton direction ascends with slope eps * (<a - P1, d1> + <b - P^T 1, d2>). Far from the
     // solution the L1 marginal error is a poor merit: the full step moves mass between clusters and
@@ -1229,7 +1255,7 @@ double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
         }
         continue;
       }
-      err_try = evaluate_plan(R, Cc, a, b, log_a, log_b, eps, f_try.data(), g_try.data(), p, nt);
+      err_try = evaluate_plan(R, m, a, b, log_a, log_b, eps, f_try.data(), g_try.data(), p, nt);
       if (err_try < err) break;
       if (t * slope > noise) {
         double gain = 0.0, mass_try = 0.0;  // D(trial) - D(current), divided by eps
@@ -1253,7 +1279,7 @@ double newton_polish(const SparseRows<T>& R, const SparseRows<T>& Cc, const doub
                    lambda, cg, static_cast<double>(opr.ptr[n]) / static_cast<double>(R.ptr[n]), t, err, err_try, ascent ? " (dual ascent)" : "", relocations,
                    1e3 * std::chrono::duration<double>(Clock::now() - step_start).count());
     if (!(err_try < err) && !ascent) {
-      evaluate_plan(R, Cc, a, b, log_a, log_b, eps, f, g, p, nt);  // p must describe (f, g) again
+      evaluate_plan(R, m, a, b, log_a, log_b, eps, f, g, p, nt);  // p must describe (f, g) again
       lambda = std::max(1e-3, 10.0 * lambda);
       floor = 0.0;
       if (lambda > 1e2) return err;  // no progress even on a short leash: leave it to Sinkhorn
@@ -1751,14 +1777,15 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
           // On six N = 10^4 draws every rejected rebuild (5, each 0.1-0.35 s on 2 threads) was
           // foreseen so, for a plan evaluation of 20-60 ms (bench/RESULTS.md, session 14).
           const auto relocate = [&](const double* ft, const double* gt, double err_now) {
-            evaluate_plan(rows, pattern.csc(nt), a, b, log_a.data(), log_b.data(), eps, ft, gt, plan, nt);
+            evaluate_plan(rows, m, a, b, log_a.data(), log_b.data(), eps, ft, gt, plan, nt);
             double excess = 0.0;
             for (int64_t i = 0; i < n; ++i) excess += std::max(0.0, plan.row_sum[i] - a[i]);
             for (int64_t j = 0; j < m; ++j) excess += std::max(0.0, plan.col_sum[j] - b[j]);
             if (excess - 2.0 * std::exp(-cutoff / eps) >= err_now * (1.0 + 1e-9))
               return std::numeric_limits<double>::infinity();
-            if (prepare_pattern(cost, ft, gt, cutoff, kPatternSlack * eps, density_cap, true, nt, pattern)) {
-              const double e = evaluate_plan(pattern.next_rows, pattern.next_cols, a, b, log_a.data(), log_b.data(),
+            // No CSC copy: Newton reads rows only; a later Sinkhorn phase transposes it (csc()).
+            if (prepare_pattern(cost, ft, gt, cutoff, kPatternSlack * eps, density_cap, false, nt, pattern)) {
+              const double e = evaluate_plan(pattern.next_rows, m, a, b, log_a.data(), log_b.data(),
                                              eps, ft, gt, plan, nt);
               if (e < err_now) {
                 pattern.commit(ft, gt);
@@ -1768,7 +1795,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
             }
             return std::numeric_limits<double>::infinity();
           };
-          const double err = newton_polish(rows, pattern.csc(nt), a, b, log_a.data(), log_b.data(), eps, target, f, g,
+          const double err = newton_polish(rows, m, a, b, log_a.data(), log_b.data(), eps, target, f, g,
                                            plan, rep, poll, keeps, relocate, grp, opt.max_iter,
                                            cg_floor, debug, nt);
           if (err <= target || pattern_stale()) break;
