@@ -657,14 +657,14 @@ double half_step(const RowMatrix<T>& mat, bool by_cols, const SparseRows<T>* sp,
 // A Sinkhorn iteration in one pass over the cost (float storage only, exponents in float: the
 // intermediate stages), the same arithmetic as half_step on the rows, then on the columns: each row
 // updates its f_i, then, while the row is still in cache, adds its terms at the new f_i to the
-// columns' partial sums (dense_column_lse's guessed sweep: blocks of 256 rows, the same shifts, the
-// blocks' sums added in order, so the result does not depend on the thread count). The cost is read
-// once instead of twice; the two passes were bound by memory bandwidth (0.69 ns an entry each at
-// 10^4 x 10^4; RESULTS.md, session 15).
-// Dense (sp null): bit-identical to the two half-steps. On a truncated kernel (sp: CSR) the row's
-// terms are scattered to the columns' sums, which then need no CSC pass: the same terms as the
-// column half-step on the CSC copy, added in another order (a float rounding difference, far inside
-// what the lowp stages tolerate).
+// columns' partial sums (in blocks of 256 rows whose sums are added in order, so the result does
+// not depend on the thread count). The cost is read once instead of twice; the two passes were
+// bound by memory bandwidth (0.69 ns an entry each at 10^4 x 10^4; RESULTS.md, session 15). On a
+// truncated kernel (sp: CSR) the row's terms are scattered to the columns' sums, which then need
+// no CSC pass. Where KeptTerms runs, a column's term is the row's own term times a per-row factor
+// (one exponential per entry for both half-steps). The row half-step is half_step's to the bit;
+// the column one has the same terms as half_step's, with other shifts (-Af_j) and added in another
+// order: a float rounding difference, far inside what the lowp stages tolerate.
 // Returns false, with f updated and g untouched, when some column's shifted sum over- or
 // underflows: the caller then runs the column half-step, whose exact sweep handles it. Call it only
 // with finite shifts (fused_guess_finite).
@@ -683,14 +683,13 @@ bool fused_iteration(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
   Af.resize(m);
   mxf.resize(m);
   mx.resize(m);
-  // The columns' shifts: dense, -g_j / eps in float, as dense_column_lse's; truncated, -Af_j, which
-  // KeptTerms' products carry (the sums are then near b_j, not 1).
+  // The columns' shifts: -Af_j, which KeptTerms' products carry (the sums are then near b_j, not 1).
   for (int64_t j = 0; j < m; ++j) {
     Af[j] = static_cast<float>(A[j]);
-    mxf[j] = sp ? -Af[j] : static_cast<float>(-g[j] * inv_eps);
+    mxf[j] = -Af[j];
     mx[j] = static_cast<double>(mxf[j]);  // the shift actually subtracted (finite: fused_guess_finite)
   }
-  const bool keep_terms = sp != nullptr && std::is_same_v<T, float> && KeptTerms::available();
+  const bool keep_terms = std::is_same_v<T, float> && KeptTerms::available();
   blk.resize(static_cast<size_t>(nb) * m);
   const double* Ap = A.data();
   const float* Afp = Af.data();
@@ -710,9 +709,8 @@ bool fused_iteration(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
       errp[i] = scale_potential(row_lse(c, cols, len, Ap, Afp, inv_eps, f[i], true, keep_terms ? terms.data() : nullptr,
                                         &kept),
                                 a[i], eps, omega, f[i]);
-      // Its terms in the columns' sums, as dense_column_lse's guessed sweep (exponent offsets as
-      // exponent_offsets forms them): exp(Ai - c / eps - mx_j), which for a truncated row is its
-      // kept term exp(Af_j - c / eps - shift) times exp(Ai + shift).
+      // Its terms in the columns' sums, exp(Ai - c / eps - mx_j) (exponent offsets as
+      // exponent_offsets forms them): the kept term exp(Af_j - c / eps - shift) times exp(Ai + shift).
       const float Ai = static_cast<float>(f[i] * inv_eps + log_a[i]);
       if constexpr (std::is_same_v<T, float>) {
         if (kept) {
@@ -735,7 +733,7 @@ bool fused_iteration(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
   for (int64_t j = 0; j < m; ++j) {
     double total = 0.0;
     for (int64_t q = 0; q < nb; ++q) total += blk[q * m + j];
-    if (!(total >= kShiftedMin * (sp ? b[j] : 1.0) && total < kPosInf)) return false;
+    if (!(total >= kShiftedMin * b[j] && total < kPosInf)) return false;
     lse_col[j] = mx[j] + std::log(total);
   }
   for (int64_t j = 0; j < m; ++j) err_rows[j] = scale_potential(lse_col[j], b[j], eps, omega, g[j]);
@@ -744,8 +742,8 @@ bool fused_iteration(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
   return true;
 }
 
-// Whether every column's guessed shift -g_j / eps (in float, as fused_iteration forms it) is
-// finite; dense_column_lse makes the same check before its guessed sweep.
+// Whether every -g_j / eps is finite in float (fused_iteration's shifts, -(g_j / eps + log b_j) in
+// float, then are too); dense_column_lse makes the same check before its guessed sweep.
 inline bool fused_guess_finite(const double* g, int64_t m, double eps) {
   const double inv_eps = 1.0 / eps;
   for (int64_t j = 0; j < m; ++j)
