@@ -282,6 +282,26 @@ struct Pattern {
   }
 };
 
+// The entries of every column in each of nq fixed chunks of R's rows (chunk q's counts at
+// counts[q * m, (q + 1) * m)), counted in parallel over the chunks.
+template <typename T>
+void chunk_column_counts(const SparseRows<T>& R, int64_t m, int64_t nq, int nt, std::vector<int64_t>& counts) {
+  const int64_t n = static_cast<int64_t>(R.ptr.size()) - 1;
+  counts.assign(static_cast<size_t>(nq) * m, 0);
+  // Every array through a local pointer, every bound computed once: the counts (int64_t) may alias
+  // R.ptr, so the compiler otherwise reloads it and redoes the bound's division per entry (7 -> 2 ns
+  // an entry, RESULTS.md, session 15).
+  const int64_t* rptr = R.ptr.data();
+  const int32_t* rcol = R.col.data();
+  int64_t* cp = counts.data();
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t q = 0; q < nq; ++q) {
+    int64_t* cnt = cp + q * m;
+    const int64_t k0 = rptr[n * q / nq], k1 = rptr[n * (q + 1) / nq];
+    for (int64_t k = k0; k < k1; ++k) ++cnt[rcol[k]];
+  }
+}
+
 // CSC from CSR by a counting sort over columns: rows stay ascending inside each column, which is
 // the order a scan of the transposed dense matrix gives. Returns false if a column is empty.
 template <typename T>
@@ -290,19 +310,12 @@ bool transpose_rows(const SparseRows<T>& R, int64_t m, int nt, SparseRows<T>& C)
   // Counted and scattered in parallel over fixed row chunks: chunk q writes each column's entries
   // after those of chunks < q, so every column keeps its rows ascending whatever the thread count.
   const int64_t nq = std::min<int64_t>(std::max(nt, 1), n);
-  std::vector<int64_t> next(static_cast<size_t>(nq) * m, 0);
-  // Every array through a local pointer, every bound computed once: the counts (int64_t) may alias
-  // R.ptr and the output vectors' members, so the compiler otherwise reloads them per entry, and the
-  // count loop redid its bound's division per entry (7 -> 2 ns an entry, RESULTS.md, session 15).
+  std::vector<int64_t> next;
+  chunk_column_counts(R, m, nq, nt, next);
+  // Local pointers for the scatter too: the output vectors' members may alias the counts.
   const int64_t* rptr = R.ptr.data();
   const int32_t* rcol = R.col.data();
   const T* rval = R.val.data();
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t q = 0; q < nq; ++q) {
-    int64_t* cnt = next.data() + q * m;
-    const int64_t k0 = rptr[n * q / nq], k1 = rptr[n * (q + 1) / nq];
-    for (int64_t k = k0; k < k1; ++k) ++cnt[rcol[k]];
-  }
   // Column starts, and each chunk's first slot in every column, from the chunks' counts.
   C.ptr.assign(m + 1, 0);
   for (int64_t j = 0; j < m; ++j) {
@@ -373,21 +386,12 @@ template <typename T>
 bool columns_covered(const SparseRows<T>& R, int64_t m, int nt) {
   const int64_t n = static_cast<int64_t>(R.ptr.size()) - 1;
   const int64_t nq = std::min<int64_t>(std::max(nt, 1), n);
-  std::vector<char> seen(static_cast<size_t>(nq) * m, 0);
-  const int64_t* rptr = R.ptr.data();
-  const int32_t* rcol = R.col.data();
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t q = 0; q < nq; ++q) {
-    // Bounds in locals: the char stores may alias everything, and the loop bound (a division) was
-    // otherwise recomputed for every entry.
-    char* s = seen.data() + q * m;
-    const int64_t k0 = rptr[n * q / nq], k1 = rptr[n * (q + 1) / nq];
-    for (int64_t k = k0; k < k1; ++k) s[rcol[k]] = 1;
-  }
+  thread_local std::vector<int64_t> counts;
+  chunk_column_counts(R, m, nq, nt, counts);
   for (int64_t j = 0; j < m; ++j) {
-    char any = 0;
-    for (int64_t q = 0; q < nq; ++q) any |= seen[q * m + j];
-    if (!any) return false;
+    int64_t total = 0;
+    for (int64_t q = 0; q < nq; ++q) total += counts[q * m + j];
+    if (total == 0) return false;
   }
   return true;
 }
