@@ -318,7 +318,8 @@ struct ColLse {
     shifted_row<float>(c, m, Ai, inv_eps, mx, part);
   }
   // The same for one row of a truncated kernel (CSR: `cols` distinct), its terms scattered to
-  // part[cols[k]] (fused_iteration's column sums, sinkhorn.cpp).
+  // part[cols[k]]: fused_iteration's column sums (sinkhorn.cpp) where KeptTerms does not run, or
+  // where a row's float sum left range.
   static void sum_sparse_row_lowp(const T* c, const int32_t* cols, int64_t len, float Ai, float inv_eps,
                                   const float* mx, T* part) {
 #ifdef SEGTRANSFER_AVX2_LSE

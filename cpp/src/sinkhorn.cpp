@@ -578,8 +578,8 @@ bool refresh_pattern(const RowMatrix<T>& cost, const double* f, const double* g,
 // potential: in float when `lowp` (the shift rounded to float is the one subtracted, and added
 // back), exactly when not, or when that float sum over- or underflows. The one form of a row's sum
 // for half_step and fused_iteration, which must agree to the bit.
-// `terms` (float storage, lowp, a truncated row, KeptTerms::available()): the float sum's terms are
-// kept there, and `kept` says whether that sum was the one used.
+// `terms` (float storage, lowp, KeptTerms::available()): the float sum's terms are kept there, and
+// `kept` says whether that sum was the one used.
 template <typename T>
 double row_lse(const T* c, const int32_t* cols, int64_t len, const double* A, const float* Af, double inv_eps,
                double pot, bool lowp, float* terms = nullptr, bool* kept = nullptr) {
