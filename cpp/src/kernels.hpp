@@ -319,18 +319,9 @@ struct ColLse {
   }
   // The same for one row of a truncated kernel (CSR: `cols` distinct), its terms scattered to
   // part[cols[k]]: fused_iteration's column sums (sinkhorn.cpp) where KeptTerms does not run, or
-  // where a row's float sum left range.
-  static void sum_sparse_row_lowp(const T* c, const int32_t* cols, int64_t len, float Ai, float inv_eps,
-                                  const float* mx, T* part) {
-#ifdef SEGTRANSFER_AVX2_LSE
-    if constexpr (std::is_same<T, float>::value) {
-      if (avx512_lse_available()) return col_lse_scatter_avx512(c, cols, len, Ai, inv_eps, mx, part);
-    }
-#endif
-    sum_sparse_row_lowp_clones(c, cols, len, Ai, inv_eps, mx, part);
-  }
-  SEGTRANSFER_HOT static void sum_sparse_row_lowp_clones(const T* c, const int32_t* cols, int64_t len, float Ai,
-                                                         float inv_eps, const float* mx, T* part) {
+  // where a row's float sum left range (rare: no hand-written form).
+  SEGTRANSFER_HOT static void sum_sparse_row_lowp(const T* c, const int32_t* cols, int64_t len, float Ai,
+                                                  float inv_eps, const float* mx, T* part) {
 #pragma omp simd
     for (int64_t k = 0; k < len; ++k)
       part[cols[k]] += stage_exp<float>(static_cast<T>(Ai - static_cast<float>(c[k]) * inv_eps - mx[cols[k]]));

@@ -155,8 +155,9 @@ SEGTRANSFER_AVX512_TARGET inline void col_lse_row_avx512(const float* c, int64_t
   }
 }
 
-// KeptTerms::add_scaled: part[cols[k]] += r * terms[k], k in [0, len), the columns distinct (as
-// col_lse_scatter_avx512's).
+// KeptTerms::add_scaled: part[cols[k]] += r * terms[k], k in [0, len), the columns distinct (a
+// truncated row's): the 16 lanes of a group never scatter to the same slot, so a gather, an add and
+// a scatter are the update.
 SEGTRANSFER_AVX512_TARGET inline void scatter_scaled_avx512(const float* terms, const int32_t* cols, int64_t len,
                                                             float r, float* part) {
   const __m512 rv = _mm512_set1_ps(r);
@@ -165,22 +166,6 @@ SEGTRANSFER_AVX512_TARGET inline void scatter_scaled_avx512(const float* terms, 
     const __m512i idx = _mm512_maskz_loadu_epi32(mask, cols + k);
     const __m512 old = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, idx, part, 4);
     _mm512_mask_i32scatter_ps(part, mask, idx, _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, terms + k), rv, old), 4);
-  }
-}
-
-// ColLse<float>::shifted_sparse_row<float>: part[cols[k]] += exp(Ai - c[k] * inv_eps - mx[cols[k]]),
-// k in [0, len), for one row of a truncated kernel (CSR), whose columns are distinct: the 16 lanes
-// of a group never scatter to the same slot, so a gather, an add and a scatter are the update.
-SEGTRANSFER_AVX512_TARGET inline void col_lse_scatter_avx512(const float* c, const int32_t* cols, int64_t len, float Ai,
-                                                             float inv_eps, const float* mx, float* part) {
-  const __m512 inv = _mm512_set1_ps(inv_eps), a = _mm512_set1_ps(Ai);
-  for (int64_t k = 0; k < len; k += 16) {
-    const __mmask16 mask = first_lanes16(len - k);
-    const __m512i idx = _mm512_maskz_loadu_epi32(mask, cols + k);
-    const __m512 x = _mm512_sub_ps(_mm512_fnmadd_ps(_mm512_maskz_loadu_ps(mask, c + k), inv, a),
-                                   load_gathered16(mx, cols + k, mask));
-    const __m512 old = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, idx, part, 4);
-    _mm512_mask_i32scatter_ps(part, mask, idx, _mm512_add_ps(old, fast_exp16(x)), 4);
   }
 }
 

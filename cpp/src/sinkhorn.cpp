@@ -681,17 +681,16 @@ bool fused_iteration(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
   const float inv_eps_f = static_cast<float>(inv_eps);
   constexpr int64_t kRows = 256;  // dense_column_lse's blocks
   const int64_t nb = (n + kRows - 1) / kRows;
-  thread_local std::vector<double> A, blk, mx;
+  thread_local std::vector<double> A, blk;
   thread_local std::vector<float> Af, mxf;
   exponent_offsets(g, log_b, m, inv_eps, A);
   Af.resize(m);
   mxf.resize(m);
-  mx.resize(m);
-  // The columns' shifts: -Af_j, which KeptTerms' products carry (the sums are then near b_j, not 1).
+  // The columns' shifts: -Af_j (finite: fused_guess_finite), which KeptTerms' products carry (the
+  // sums are then near b_j, not 1).
   for (int64_t j = 0; j < m; ++j) {
     Af[j] = static_cast<float>(A[j]);
     mxf[j] = -Af[j];
-    mx[j] = static_cast<double>(mxf[j]);  // the shift actually subtracted (finite: fused_guess_finite)
   }
   const bool keep_terms = std::is_same_v<T, float> && KeptTerms::available();
   blk.resize(static_cast<size_t>(nb) * m);
@@ -738,7 +737,7 @@ bool fused_iteration(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
     double total = 0.0;
     for (int64_t q = 0; q < nb; ++q) total += blk[q * m + j];
     if (!(total >= kShiftedMin * b[j] && total < kPosInf)) return false;
-    lse_col[j] = mx[j] + std::log(total);
+    lse_col[j] = static_cast<double>(mxf[j]) + std::log(total);  // the shift actually subtracted
   }
   for (int64_t j = 0; j < m; ++j) err_rows[j] = scale_potential(lse_col[j], b[j], eps, omega, g[j]);
   err_c = 0.0;
@@ -904,12 +903,22 @@ struct SparsePlan {
   std::vector<double> row_sum, col_sum;
 };
 
-// Rows of a CSR matrix with nnz entries and m columns cut into this many fixed blocks for a
-// column-scattering pass, each block adding into its own m partial sums, the blocks then added in
-// order: the result does not depend on the thread count. Few blocks for few entries, since each
-// costs 2m (its partial sums zeroed and added).
-inline int64_t column_blocks(int64_t n, int64_t nnz, int64_t m) {
-  return std::max<int64_t>(1, std::min<int64_t>({16, n, nnz / (32 * std::max<int64_t>(m, 1))}));
+// A pass over the n rows of a CSR matrix (nnz entries, m columns) that scatters to the columns:
+// the rows are cut into fixed blocks, body(i0, i1, part) handles rows [i0, i1) adding into that
+// block's own m partial sums `part` (zeroed), and out_j is the blocks' sums added in order, so the
+// result does not depend on the thread count. Few blocks for few entries, since each costs 2m (its
+// partial sums zeroed and added).
+template <typename Body>
+void scatter_row_blocks(int64_t n, int64_t nnz, int64_t m, int nt, double* out, const Body& body) {
+  thread_local std::vector<double> parts;
+  const int64_t nb = std::max<int64_t>(1, std::min<int64_t>({16, n, nnz / (32 * std::max<int64_t>(m, 1))}));
+  parts.assign(static_cast<size_t>(nb) * m, 0.0);
+  double* pp = parts.data();
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t q = 0; q < nb; ++q) body(n * q / nb, n * (q + 1) / nb, pp + q * m);
+  std::fill(out, out + m, 0.0);
+  for (int64_t q = 0; q < nb; ++q)
+    for (int64_t j = 0; j < m; ++j) out[j] += parts[q * m + j];
 }
 
 template <typename T>
@@ -936,7 +945,7 @@ struct PlanRow {
 };
 
 // The plan on the pattern R (CSR) at (f, g): its values in R's order and its row and column sums
-// (the columns' from the rows' values, in fixed blocks: see column_blocks). Returns the L1
+// (the columns' from the rows' values, scatter_row_blocks). Returns the L1
 // marginal error on the pattern, summed in a fixed order (independent of the thread count).
 template <typename T>
 double evaluate_plan(const SparseRows<T>& R, int64_t m, const double* a, const double* b, const double* log_a,
@@ -944,45 +953,35 @@ double evaluate_plan(const SparseRows<T>& R, int64_t m, const double* a, const d
   const double inv_eps = 1.0 / eps;
   const int64_t n = static_cast<int64_t>(R.ptr.size()) - 1;
   const int t = R.col.size() > 200000 ? nt : 1;
-  thread_local std::vector<double> B, parts;
+  thread_local std::vector<double> B;
   B.resize(m);
   for (int64_t j = 0; j < m; ++j) B[j] = log_b[j] + g[j] * inv_eps;
   p.by_row.resize(R.col.size());
   p.row_sum.resize(n);
-  p.col_sum.assign(m, 0.0);
-  const int64_t nb = column_blocks(n, static_cast<int64_t>(R.col.size()), m);
-  parts.assign(static_cast<size_t>(nb) * m, 0.0);
+  p.col_sum.resize(m);
   const double* Bp = B.data();
   float* vp = p.by_row.data();
   double* sp = p.row_sum.data();
-  double* pp = parts.data();
-#pragma omp parallel for num_threads(t) schedule(dynamic, 1)
-  for (int64_t q = 0; q < nb; ++q)
-    for (int64_t i = n * q / nb; i < n * (q + 1) / nb; ++i) {
-      const int64_t k0 = R.ptr[i], len = R.ptr[i + 1] - k0;
-      sp[i] = PlanRow<T>::fill(R.val.data() + k0, R.col.data() + k0, len, log_a[i] + f[i] * inv_eps, Bp, inv_eps,
-                               vp + k0, pp + q * m);
-    }
+  scatter_row_blocks(n, static_cast<int64_t>(R.col.size()), m, t, p.col_sum.data(),
+                     [&](int64_t i0, int64_t i1, double* part) {
+                       for (int64_t i = i0; i < i1; ++i) {
+                         const int64_t k0 = R.ptr[i], len = R.ptr[i + 1] - k0;
+                         sp[i] = PlanRow<T>::fill(R.val.data() + k0, R.col.data() + k0, len,
+                                                  log_a[i] + f[i] * inv_eps, Bp, inv_eps, vp + k0, part);
+                       }
+                     });
   double err = 0.0;
   for (int64_t i = 0; i < n; ++i) err += std::fabs(p.row_sum[i] - a[i]);
-  for (int64_t q = 0; q < nb; ++q)
-    for (int64_t j = 0; j < m; ++j) p.col_sum[j] += parts[q * m + j];
   for (int64_t j = 0; j < m; ++j) err += std::fabs(p.col_sum[j] - b[j]);
   return err;
 }
 
 // out_j = sum_i val_ij v_i over the entries of a CSR matrix (ptr, col, val; n rows, m columns):
-// the product with its transpose, scattered from the rows in fixed blocks (column_blocks).
+// the product with its transpose, scattered from the rows (scatter_row_blocks).
 inline void column_products(const int64_t* ptr, const int32_t* col, const float* val, int64_t n, int64_t m,
                             const double* v, int nt, double* out) {
-  thread_local std::vector<double> parts;
-  const int64_t nb = column_blocks(n, ptr[n], m);
-  parts.assign(static_cast<size_t>(nb) * m, 0.0);
-  double* pp = parts.data();
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-  for (int64_t q = 0; q < nb; ++q) {
-    double* part = pp + q * m;
-    for (int64_t i = n * q / nb; i < n * (q + 1) / nb; ++i) {
+  scatter_row_blocks(n, ptr[n], m, nt, out, [&](int64_t i0, int64_t i1, double* part) {
+    for (int64_t i = i0; i < i1; ++i) {
       const double vi = v[i];
       const int64_t k1 = ptr[i + 1];
       int64_t k = ptr[i];
@@ -998,10 +997,7 @@ inline void column_products(const int64_t* ptr, const int32_t* col, const float*
       }
       for (; k < k1; ++k) part[col[k]] += static_cast<double>(val[k]) * vi;
     }
-  }
-  std::fill(out, out + m, 0.0);
-  for (int64_t q = 0; q < nb; ++q)
-    for (int64_t j = 0; j < m; ++j) out[j] += parts[q * m + j];
+  });
 }
 
 // sum_k val[k] x[col[k]] over k in [k0, k1): the CG loop's inner product, a gather that AVX-512

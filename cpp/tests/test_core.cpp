@@ -202,7 +202,7 @@ static void test_lse_kernels() {
   using ColScatter = void (*)(const float*, const int32_t*, int64_t, float, float, const float*, float*);
   std::vector<RowSum> row_sums{&RowLse<float>::sum_lowp, &RowLse<float>::sum_lowp_clones};
   std::vector<ColRow> col_rows{&ColLse<float>::sum_row_lowp, &ColLse<float>::sum_row_lowp_clones};
-  std::vector<ColScatter> col_scatters{&ColLse<float>::sum_sparse_row_lowp, &ColLse<float>::sum_sparse_row_lowp_clones};
+  std::vector<ColScatter> col_scatters{&ColLse<float>::sum_sparse_row_lowp};
 #ifdef SEGTRANSFER_AVX2_LSE
   if (cpu_has_avx2_fma()) {
     row_sums.push_back([](const float* c, const int32_t* q, int64_t len, const float* A, float ie, float sh) {
@@ -217,7 +217,6 @@ static void test_lse_kernels() {
       return q ? lse_sum_avx512<true>(c, q, len, A, ie, sh) : lse_sum_avx512<false>(c, q, len, A, ie, sh);
     });
     col_rows.push_back(&col_lse_row_avx512);
-    col_scatters.push_back(&col_lse_scatter_avx512);
   }
 #endif
   std::mt19937_64 rng(5);
