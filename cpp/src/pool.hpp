@@ -15,6 +15,8 @@
 // has already needed at its largest. Everything kept goes back to the system when the outermost
 // scope on the thread ends: nothing is held between calls.
 #pragma once
+#include <algorithm>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -33,19 +35,46 @@ namespace segtransfer::detail {
 constexpr std::size_t kHugePage = std::size_t(2) << 20;
 
 // Asks the kernel to back [p, p + bytes) with transparent huge pages where whole 2 MB pages fit
-// (a no-op where THP is off or unknown). Why: the first touch of the solver's large arrays (the
-// cost, the first truncated kernels) cost ~250,000 page faults a draw in 4 kB pages, 5-8 % of a
-// K = 10 call's CPU time with two workers faulting into one address space; in 2 MB pages the
-// faults drop tenfold and the TLB covers the kernels' streams (K = 10: -3 to -7 %, RESULTS.md,
-// session 15). Only effective before the pages are first touched.
-inline void advise_huge_pages(void* p, std::size_t bytes) noexcept {
+// (a no-op where THP is off or unknown), unless a huge page turns out slow to fault in here.
+//
+// Why huge pages: the first touch of the solver's large arrays (the cost, the first truncated
+// kernels) cost ~250,000 page faults a draw in 4 kB pages, 5-8 % of a K = 10 call's CPU time with
+// two workers faulting into one address space; in 2 MB pages the faults drop tenfold and the TLB
+// covers the kernels' streams (K = 10: -3 to -7 %, RESULTS.md, session 15).
+//
+// Why the probe: in a VM whose guest reports free pages to its host (virtio free page reporting,
+// as on the 2-vCPU benchmark VMs), memory the host took back is slow to fault in by whole huge
+// pages: 400 MB took 1.1 s to first touch in 2 MB pages against 0.17 s in 4 kB pages (and 0.05 s in
+// huge pages the guest had freed just before). K = 10 at N = 10^4 then spent 5.4 s in the kernel
+// instead of 0.8 s, 17.2-17.5 s against 15.4-15.8 s end to end (RESULTS.md, session 17). The fast
+// pages come first (the guest hands out what it freed last), so one probe tells nothing: the huge
+// pages of [p, p + touch) are touched here in order and timed, and from the first slower than
+// kSlowHugeFault (bare metal zeroes 2 MB in ~0.1-0.3 ms; such a VM took ~5.7 ms) the rest of the
+// range is left to 4 kB pages. Where huge pages are fast, the range is then already faulted in,
+// which its first use would have done anyway (`touch`: the part of it that will be used). Only
+// effective before the pages are first touched; a probe writes back the byte it reads, so it is
+// harmless on memory already in use (a cost matrix reused by the next draw).
+inline void advise_huge_pages(void* p, std::size_t bytes, std::size_t touch) noexcept {
 #ifdef MADV_HUGEPAGE
+  constexpr double kSlowHugeFault = 1.5e-3;  // seconds
   const auto lo = (reinterpret_cast<std::uintptr_t>(p) + kHugePage - 1) & ~(kHugePage - 1);
   const auto hi = (reinterpret_cast<std::uintptr_t>(p) + bytes) & ~(kHugePage - 1);
-  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+  if (hi <= lo) return;
+  if (madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE) != 0) return;
+  const auto touch_end = std::min(hi, reinterpret_cast<std::uintptr_t>(p) + touch);
+  for (auto at = lo; at < touch_end; at += kHugePage) {
+    volatile char* probe = reinterpret_cast<volatile char*>(at);
+    const auto start = std::chrono::steady_clock::now();
+    *probe = *probe;
+    if (std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() > kSlowHugeFault) {
+      if (at + kHugePage < hi) madvise(reinterpret_cast<void*>(at + kHugePage), hi - at - kHugePage, MADV_NOHUGEPAGE);
+      break;
+    }
+  }
 #else
   (void)p;
   (void)bytes;
+  (void)touch;
 #endif
 }
 
@@ -97,7 +126,7 @@ class BlockPool {
     // pages never touched cost nothing.
     const std::size_t size = ((bytes + bytes / 8) | (kGranule - 1)) + 1;
     std::size_t mapped = 0;
-    void* base = size >= kHugeAligned ? map_huge(size + kHeader, mapped) : nullptr;
+    void* base = size >= kHugeAligned ? map_huge(size + kHeader, bytes + kHeader, mapped) : nullptr;
     if (base == nullptr) base = std::malloc(size + kHeader);
     if (base == nullptr) throw std::bad_alloc();
     static_cast<std::size_t*>(base)[0] = size;
@@ -128,9 +157,10 @@ class BlockPool {
   static constexpr std::size_t kHugeAligned = std::size_t(8) << 20;  // blocks from here on: 2 MB aligned
   static void* header(void* p) { return static_cast<char*>(p) - kHeader; }
   // A block of its own mapping, 2 MB aligned and advised for huge pages (see advise_huge_pages);
+  // `touch`: the bytes the request will use (the rest is room to grow; advise_huge_pages).
   // `mapped`: its length, for munmap. Its own mapping, not malloc's: a huge-page advice on a range
   // of malloc's heap would outlive the block and cover whatever the heap puts there next.
-  static void* map_huge(std::size_t bytes, std::size_t& mapped) noexcept {
+  static void* map_huge(std::size_t bytes, std::size_t touch, std::size_t& mapped) noexcept {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     bytes = (bytes + 4095) & ~std::size_t(4095);
     const std::size_t len = bytes + kHugePage;
@@ -140,11 +170,12 @@ class BlockPool {
     const auto at = (r + kHugePage - 1) & ~(kHugePage - 1);
     if (at > r) munmap(raw, at - r);
     if (r + len > at + bytes) munmap(reinterpret_cast<void*>(at + bytes), r + len - (at + bytes));
-    advise_huge_pages(reinterpret_cast<void*>(at), bytes);
+    advise_huge_pages(reinterpret_cast<void*>(at), bytes, touch);
     mapped = bytes;
     return reinterpret_cast<void*>(at);
 #else
     (void)bytes;
+    (void)touch;
     mapped = 0;
     return nullptr;
 #endif

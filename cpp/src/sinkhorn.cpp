@@ -1359,7 +1359,8 @@ void squared_euclidean(const T* x, int64_t n, const T* y, int64_t m, int64_t d, 
   // x86-64, ran SSE2 without FMA.
   const PointCost<T> points(x, n, y, m, d);
   cost.resize(n, m);
-  detail::advise_huge_pages(cost.data(), static_cast<std::size_t>(n * m) * sizeof(T));  // before its first touch
+  const auto bytes = static_cast<std::size_t>(n * m) * sizeof(T);
+  detail::advise_huge_pages(cost.data(), bytes, bytes);  // before its first touch
   constexpr int64_t kRows = 16;
   const int64_t panels = (n + kRows - 1) / kRows;
 #pragma omp parallel for schedule(static)
