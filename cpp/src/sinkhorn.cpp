@@ -1621,45 +1621,56 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
         lsa[k] = std::log(sa[k]);
         lsb[k] = std::log(sb[k]);
       }
-      auto extend = [&](bool to_cols, const double* sub_pot, double e, const double* guess, double* out) {
+      // To the columns: from the subsample's row potentials (over its rows ri), shifted by `guess`
+      // where given.
+      auto extend_cols = [&](const double* sub_pot, double e, const double* guess, double* out) {
         const double inv = 1.0 / e;
         std::vector<double> A;
-        exponent_offsets(sub_pot, to_cols ? lsa.data() : lsb.data(), ks, inv, A);
-        if (to_cols) {  // summed over the subsample's rows, read row by row (a column walk misses the cache)
-          std::vector<double> lse(2 * m);
-          if (guess != nullptr)
-            for (int64_t j = 0; j < m; ++j) lse[m + j] = -guess[j] * inv;
-          dense_column_lse(cost, A.data(), inv, nt, lse.data(), guess != nullptr ? lse.data() + m : nullptr, false,
-                           ri.data(), ks);
-          for (int64_t j = 0; j < m; ++j) out[j] = -e * lse[j];
-          return;
-        }
+        exponent_offsets(sub_pot, lsa.data(), ks, inv, A);
+        std::vector<double> lse(2 * m);  // read row by row (a column walk misses the cache)
+        if (guess != nullptr)
+          for (int64_t j = 0; j < m; ++j) lse[m + j] = -guess[j] * inv;
+        dense_column_lse(cost, A.data(), inv, nt, lse.data(), guess != nullptr ? lse.data() + m : nullptr, false,
+                         ri.data(), ks);
+        for (int64_t j = 0; j < m; ++j) out[j] = -e * lse[j];
+      };
+      // To the rows: from sub_pot at e into out, and (sub_pot2 non-null) from sub_pot2 at e2 into
+      // out2, shifted by out. One pass over the cost for both: a row's subsampled columns are
+      // strided across all of its cache lines, so each pass reads the whole cost (0.4 GB at
+      // N = 10^4) and a separate second one was 50-60 ms of a draw (RESULTS.md, session 17).
+      auto extend_rows = [&](const double* sub_pot, double e, double* out, const double* sub_pot2, double e2,
+                             double* out2) {
+        const double inv = 1.0 / e, inv2 = 1.0 / e2;
+        std::vector<double> A, A2;
+        exponent_offsets(sub_pot, lsb.data(), ks, inv, A);
+        if (sub_pot2 != nullptr) exponent_offsets(sub_pot2, lsb.data(), ks, inv2, A2);
         std::vector<T> c(ks);
 #pragma omp parallel for num_threads(nt) schedule(static) firstprivate(c)
         for (int64_t p = 0; p < n; ++p) {
           for (int64_t k = 0; k < ks; ++k) c[k] = cost(p, ci[k]);
-          out[p] = -e * RowLse<T>::run(c.data(), nullptr, ks, A.data(), inv, guess ? -guess[p] * inv : kNegInf);
+          out[p] = -e * RowLse<T>::run(c.data(), nullptr, ks, A.data(), inv);
+          if (sub_pot2 != nullptr) out2[p] = -e2 * RowLse<T>::run(c.data(), nullptr, ks, A2.data(), inv2, -out[p] * inv2);
         }
       };
       // f extended, then g by a full half-step against it: one float sweep (as the stage that
       // follows runs them) shifted by g extended too, where an unguessed sweep in double made two
       // passes over the cost and took a third of the multiscale start.
-      extend(false, sg.data(), eps, nullptr, f);
-      extend(true, sf.data(), eps, nullptr, g);
+      // The full problem's second stage would start where its first ended (extrapolating needs
+      // two stages), and took 21 iterations on the benchmark's logits where the extrapolated later
+      // stages take 5-12. The subsample's potentials at the end of its stage before this one,
+      // extended to every point (shifted by the potentials just made), stand in for the full
+      // problem's previous stage. Whether the second stage uses them is decided after the first
+      // (see the stage loop).
+      const bool previous = opt.stage_extrapolation > 0 && sub_trace.prev_eps() > eps * (1 + 1e-12) &&
+                            static_cast<int64_t>(sub_trace.prev_f().size()) == ks;
+      const double pe = sub_trace.prev_eps();
+      std::vector<double> fp(previous ? n : 0), gp(previous ? m : 0);
+      extend_rows(sg.data(), eps, f, previous ? sub_trace.prev_g().data() : nullptr, pe, fp.data());
+      extend_cols(sf.data(), eps, nullptr, g);
       half_step(cost, true, static_cast<const SparseRows<T>*>(nullptr), f, log_a.data(), b, eps, 1.0, g,
                 err_rows, nt, opt.float_stage_exponents);
-      if (opt.stage_extrapolation > 0 && sub_trace.prev_eps() > eps * (1 + 1e-12) &&
-          static_cast<int64_t>(sub_trace.prev_f().size()) == ks) {
-        // The full problem's second stage would start where its first ended (extrapolating needs
-        // two stages), and took 21 iterations on the benchmark's logits where the extrapolated later
-        // stages take 5-12. The subsample's potentials at the end of its stage before this one,
-        // extended to every point (one pass each, shifted by the potentials just made), stand in
-        // for the full problem's previous stage. Whether the second stage uses them is decided
-        // after the first (see the stage loop).
-        const double pe = sub_trace.prev_eps();
-        std::vector<double> fp(n), gp(m);
-        extend(false, sub_trace.prev_g().data(), pe, f, fp.data());
-        extend(true, sub_trace.prev_f().data(), pe, g, gp.data());
+      if (previous) {
+        extend_cols(sub_trace.prev_f().data(), pe, g, gp.data());
         extrapolation.record(pe, fp.data(), n, gp.data(), m);
         handover.assign(f, f + n);
         handover.insert(handover.end(), g, g + m);
