@@ -109,7 +109,8 @@ __attribute__((target("avx2,fma"))) int64_t cost_tile_avx2(const float* x, int64
 // The same with AVX-512: blocks of 8 rows x 16 columns, one register per row, so that each load of
 // y feeds eight multiply-adds (the AVX2 block's 4 x 16 in two halves fed four). Same fma chain per
 // entry, in the same order: bit-identical to the other forms. D = 256, the 10^4 x 10^4 cost on one
-// thread of the Xeon VM: 0.66-0.69 -> 0.49 s, 77 -> 104 GFLOP/s (bench/RESULTS.md, session 14).
+// thread of the Xeon VM: 0.66-0.69 -> 0.49 s, 77 -> 104 GFLOP/s (bench/RESULTS.md, session 14);
+// 32 columns a block: 0.47-0.50 -> 0.44-0.46 s (session 17).
 __attribute__((target("avx512f,fma"))) int64_t cost_tile_avx512(const float* x, int64_t rows, int64_t d,
                                                                 const float* yp, int64_t wv, const float* xx,
                                                                 const float* yy, float* out, int64_t ldo) {
@@ -123,7 +124,38 @@ __attribute__((target("avx512f,fma"))) int64_t cost_tile_avx512(const float* x, 
     const float* x0 = x + r * d;
     for (int64_t k = 0; k < d; ++k)
       for (int q = 0; q < kR; ++q) xs[kR * k + q] = -2.0f * x0[q * d + k];
-    for (int64_t j0 = 0; j0 < wv; j0 += kW) {
+    int64_t j0 = 0;
+    // Two groups of 16 columns at a time: 16 independent accumulators, where 8 barely covered the
+    // two FMA units' latency (4 cycles x 2), and two loads of y for 16 multiply-adds.
+    for (; j0 + 2 * kW <= wv; j0 += 2 * kW) {
+      const float* yb0 = yp + j0 * d;
+      const float* yb1 = yb0 + kW * d;
+      __m512 a0[kR], a1[kR];
+      {
+        const __m512 v0 = _mm512_loadu_ps(yb0), v1 = _mm512_loadu_ps(yb1);
+        for (int q = 0; q < kR; ++q) {
+          const __m512 u = _mm512_set1_ps(xs[q]);
+          a0[q] = _mm512_fmadd_ps(u, v0, zero);
+          a1[q] = _mm512_fmadd_ps(u, v1, zero);
+        }
+      }
+      for (int64_t k = 1; k < d; ++k) {
+        const __m512 v0 = _mm512_loadu_ps(yb0 + kW * k), v1 = _mm512_loadu_ps(yb1 + kW * k);
+        for (int q = 0; q < kR; ++q) {
+          const __m512 u = _mm512_set1_ps(xs[kR * k + q]);
+          a0[q] = _mm512_fmadd_ps(u, v0, a0[q]);
+          a1[q] = _mm512_fmadd_ps(u, v1, a1[q]);
+        }
+      }
+      const __m512 y0 = _mm512_loadu_ps(yy + j0), y1 = _mm512_loadu_ps(yy + j0 + kW);
+      for (int q = 0; q < kR; ++q) {
+        const __m512 xr = _mm512_set1_ps(xx[r + q]);
+        float* o = out + (r + q) * ldo + j0;
+        _mm512_storeu_ps(o, _mm512_max_ps(_mm512_add_ps(a0[q], _mm512_add_ps(xr, y0)), zero));  // NaN or -0 -> +0
+        _mm512_storeu_ps(o + kW, _mm512_max_ps(_mm512_add_ps(a1[q], _mm512_add_ps(xr, y1)), zero));
+      }
+    }
+    for (; j0 < wv; j0 += kW) {
       const float* yb = yp + j0 * d;
       __m512 a[kR];
       const __m512 v = _mm512_loadu_ps(yb);
