@@ -371,6 +371,94 @@ inline void lse_add(double& acc, double v) {
   acc = acc == kNegInf ? v : std::max(acc, v) + std::log1p(std::exp(-std::fabs(acc - v)));
 }
 
+// Newton's method on the coarse problem of coarse_shift: scalings eu (R), ev (Q) such that
+// P = diag(eu) K diag(ev) has row sums Aw and column sums Bw (rows and columns not `on` are left
+// at their scaling and carry no mass). The same elimination as newton_polish's (sinkhorn.cpp), on
+// dense R x Q matrices: S du = r - P D2^-1 s with S = D1 - P D2^-1 P^T, dv = D2^-1 (s - P^T du),
+// and a backtracking search on the concave dual <Aw, u> + <Bw, v> - sum(P) (or on the L1 error,
+// whose decrease is the test once the dual's gain is at rounding level). Why: the linear-domain
+// Sinkhorn it precedes took ~870 sweeps a call on the benchmark's groups (54 x 189), 8 ms a call
+// and 3 % of a K = 10 call's time; Newton converges in a few steps. Returns true when the L1
+// marginal error reached `tol`; otherwise eu, ev hold the last accepted point, which the caller's
+// Sinkhorn sweeps finish from.
+inline bool coarse_newton(const std::vector<double>& K, const std::vector<double>& Aw, const std::vector<double>& Bw,
+                          const std::vector<char>& row_on, const std::vector<char>& col_on, double tol,
+                          std::vector<double>& eu, std::vector<double>& ev) {
+  using Mat = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  const int R = static_cast<int>(eu.size()), Q = static_cast<int>(ev.size());
+  const Eigen::Map<const Mat> Km(K.data(), R, Q);
+  Eigen::VectorXd u(R), v(Q), A(R), B(Q), on_r(R), on_c(Q);
+  for (int c = 0; c < R; ++c) {
+    u[c] = std::log(eu[c]);
+    A[c] = row_on[c] ? Aw[c] : 0.0;
+    on_r[c] = row_on[c] ? 1.0 : 0.0;
+  }
+  for (int d = 0; d < Q; ++d) {
+    v[d] = std::log(ev[d]);
+    B[d] = col_on[d] ? Bw[d] : 0.0;
+    on_c[d] = col_on[d] ? 1.0 : 0.0;
+  }
+  Mat P;
+  Eigen::VectorXd rs, cs;
+  auto evaluate = [&](const Eigen::VectorXd& uu, const Eigen::VectorXd& vv, double& dual, double& err) {
+    P = uu.array().exp().matrix().asDiagonal() * Km * vv.array().exp().matrix().asDiagonal();
+    rs = P.rowwise().sum();
+    cs = P.colwise().sum().transpose();
+    dual = A.dot(uu) + B.dot(vv) - rs.sum();
+    err = (on_r.array() * (A - rs).array().abs()).sum() + (on_c.array() * (B - cs).array().abs()).sum();
+    return std::isfinite(dual) && std::isfinite(err);
+  };
+  double dual = 0.0, err = 0.0;
+  if (!evaluate(u, v, dual, err)) return false;
+  Eigen::LDLT<Eigen::MatrixXd> fact;
+  for (int step = 0; step < 50; ++step) {
+    if (err <= tol) break;
+    const Eigen::VectorXd r = on_r.cwiseProduct(A - rs), s = on_c.cwiseProduct(B - cs);
+    Eigen::VectorXd d2inv(Q);
+    for (int d = 0; d < Q; ++d) d2inv[d] = col_on[d] && cs[d] > 0 ? 1.0 / cs[d] : 0.0;
+    const Mat W = P * d2inv.cwiseSqrt().asDiagonal();
+    Eigen::MatrixXd S = -(W * W.transpose());
+    S.diagonal() += rs;
+    // A relative ridge keeps S definite (its constant null vector, and weakly linked groups).
+    const double ridge = 1e-12 * std::max(rs.maxCoeff(), 1e-300);
+    for (int c = 0; c < R; ++c) S(c, c) += row_on[c] ? ridge : 1.0;
+    fact.compute(S);
+    if (fact.info() != Eigen::Success) return false;
+    const Eigen::VectorXd du = on_r.cwiseProduct(fact.solve(r - P * d2inv.cwiseProduct(s)));
+    const Eigen::VectorXd dv = d2inv.cwiseProduct(s - P.transpose() * du);
+    const double slope = r.dot(du) + s.dot(dv);
+    if (!(slope > 0) || !du.allFinite() || !dv.allFinite()) return false;
+    // P, rs, cs describe the accepted point again after the search.
+    const Eigen::VectorXd u0 = u, v0 = v;
+    const double dual0 = dual, err0 = err;
+    bool accepted = false;
+    for (double t = 1.0; t > 1e-8; t *= 0.5) {
+      double dual_t = 0.0, err_t = 0.0;
+      if (evaluate(u0 + t * du, v0 + t * dv, dual_t, err_t) && (dual_t >= dual0 + 1e-4 * t * slope || err_t < err0)) {
+        u = u0 + t * du;
+        v = v0 + t * dv;
+        dual = dual_t;
+        err = err_t;
+        accepted = true;
+        break;
+      }
+    }
+    if (!accepted) {
+      evaluate(u0, v0, dual, err);
+      break;
+    }
+  }
+  // The gauge: (u + k, v - k) is the same plan. Sinkhorn's sweeps, which start from ev = 1, leave
+  // the columns' mean shift near 0, and so does this: the shift then goes where the mass moved,
+  // and the potentials do not drift by a constant from one balancing to the next.
+  const double k = B.dot(v) / std::max(B.sum(), 1e-300);
+  u.array() += k * on_r.array();
+  v.array() -= k * on_c.array();
+  for (int c = 0; c < R; ++c) eu[c] = std::exp(u[c]);
+  for (int d = 0; d < Q; ++d) ev[d] = std::exp(v[d]);
+  return err <= tol;
+}
+
 // The coarse step of class balancing (see balance_classes in sinkhorn.cpp): given logM (R x Q), the
 // log of the plan's mass between row group c and column group d at (f, g), shifts f and g by the
 // exact per-group constants that maximise the dual over such shifts. Returns false (and changes
@@ -415,7 +503,8 @@ inline bool coarse_shift(const std::vector<double>& logM, const double* log_a, c
     for (int d = 0; d < Q; ++d) rs += K[c * Q + d];
     if (row_on[c] && !(rs > 0)) return false;
   }
-  for (int it = 0; it < 5000; ++it) {
+  const bool solved = coarse_newton(K, Aw, Bw, row_on, col_on, 1e-12, eu, ev);
+  for (int it = 0; it < (solved ? 0 : 5000); ++it) {
     for (int c = 0; c < R; ++c) {
       if (!row_on[c]) continue;
       double acc = 0.0;

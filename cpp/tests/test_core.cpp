@@ -740,6 +740,76 @@ static void check_class_balance() {
   CHECK(5 * s.on.iterations < s.off.iterations);
 }
 
+// coarse_newton (the coarse step of class balancing) against plain linear-domain Sinkhorn run to
+// 1e-14 on the same small problem: 7 row and 11 column groups, couplings from e^-30 to 1, two
+// blocks joined only by couplings of e^-8 (what makes Sinkhorn slow), one row group and one column
+// group without mass (left alone). The plans must agree entry by entry (the scalings only up to
+// the gauge (u + k, v - k), which Newton fixes at a zero mass-weighted mean column shift).
+static void test_coarse_newton() {
+  const int R = 7, Q = 11;
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<double> uni(0.0, 1.0);
+  std::vector<double> K(R * Q), A(R), B(Q);
+  std::vector<char> row_on(R, 1), col_on(Q, 1);
+  row_on[3] = 0;
+  col_on[7] = 0;
+  for (int c = 0; c < R; ++c)
+    for (int d = 0; d < Q; ++d) {
+      double logk = -30.0 * uni(rng);
+      if ((c < 3) != (d < 5)) logk -= 8.0;  // the two blocks' weak links
+      K[c * Q + d] = row_on[c] && col_on[d] ? std::exp(logk) : 0.0;
+    }
+  double ta = 0.0, tb = 0.0;
+  for (int c = 0; c < R; ++c) ta += A[c] = row_on[c] ? 0.2 + uni(rng) : 0.0;
+  for (int d = 0; d < Q; ++d) tb += B[d] = col_on[d] ? 0.2 + uni(rng) : 0.0;
+  for (double& v : A) v /= ta;
+  for (double& v : B) v /= tb;
+  std::vector<double> eu(R, 1.0), ev(Q, 1.0);
+  CHECK(coarse_newton(K, A, B, row_on, col_on, 1e-12, eu, ev));
+  // The reference: Sinkhorn sweeps to 1e-14.
+  std::vector<double> ru(R, 1.0), rv(Q, 1.0);
+  double err = 1.0;
+  int sweeps = 0;
+  for (; sweeps < 5000000 && err > 1e-14; ++sweeps) {
+    for (int c = 0; c < R; ++c) {
+      if (!row_on[c]) continue;
+      double acc = 0.0;
+      for (int d = 0; d < Q; ++d) acc += K[c * Q + d] * rv[d];
+      ru[c] = A[c] / acc;
+    }
+    err = 0.0;
+    for (int d = 0; d < Q; ++d) {
+      if (!col_on[d]) continue;
+      double acc = 0.0;
+      for (int c = 0; c < R; ++c) acc += K[c * Q + d] * ru[c];
+      err += std::fabs(acc * rv[d] - B[d]);
+      rv[d] = B[d] / acc;
+    }
+  }
+  CHECK(err <= 1e-14);
+  CHECK(sweeps > 100);  // the weak links make it a problem worth solving by Newton
+  double row_err = 0.0, col_err = 0.0, worst = 0.0, gauge = 0.0;
+  for (int c = 0; c < R; ++c) {
+    double acc = 0.0;
+    for (int d = 0; d < Q; ++d) {
+      const double p = eu[c] * K[c * Q + d] * ev[d], q = ru[c] * K[c * Q + d] * rv[d];
+      acc += p;
+      if (q > 0) worst = std::max(worst, std::fabs(p - q) / q);
+    }
+    row_err += std::fabs(acc - A[c]);
+  }
+  for (int d = 0; d < Q; ++d) {
+    double acc = 0.0;
+    for (int c = 0; c < R; ++c) acc += eu[c] * K[c * Q + d] * ev[d];
+    col_err += std::fabs(acc - B[d]);
+    gauge += B[d] * std::log(ev[d]);
+  }
+  CHECK(row_err + col_err <= 1e-12);
+  CHECK(worst <= 1e-9);  // every coupling, relative (the plan is unique; the scalings are not)
+  CHECK(std::fabs(gauge) <= 1e-12);
+  CHECK(eu[3] == 1.0 && ev[7] == 1.0);  // the groups without mass keep their scaling
+}
+
 static void test_class_balance() {
   check_class_balance<double>();
   check_class_balance<float>();
@@ -1201,6 +1271,7 @@ int main(int argc, char** argv) {
       {"strided_views", test_strided_views},
       {"sparse_and_newton_paths", test_sparse_and_newton_paths},
       {"multiscale_path", test_multiscale_path},
+      {"coarse_newton", test_coarse_newton},
       {"class_balance", test_class_balance},
       {"float_stages", test_float_stages},
       {"newton_cg_floor", test_newton_cg_floor},
