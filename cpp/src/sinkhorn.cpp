@@ -1649,7 +1649,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
       // N = 10^4) and a separate second one was 50-60 ms of a draw (RESULTS.md, session 17).
       auto extend_rows = [&](const double* sub_pot, double e, double* out, const double* sub_pot2, double e2,
                              double* out2) {
-        const double inv = 1.0 / e, inv2 = 1.0 / e2;
+        const double inv = 1.0 / e, inv2 = sub_pot2 != nullptr ? 1.0 / e2 : 0.0;
         std::vector<double> A, A2;
         exponent_offsets(sub_pot, lsb.data(), ks, inv, A);
         if (sub_pot2 != nullptr) exponent_offsets(sub_pot2, lsb.data(), ks, inv2, A2);
@@ -1658,7 +1658,8 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
         for (int64_t p = 0; p < n; ++p) {
           for (int64_t k = 0; k < ks; ++k) c[k] = cost(p, ci[k]);
           out[p] = -e * RowLse<T>::run(c.data(), nullptr, ks, A.data(), inv);
-          if (sub_pot2 != nullptr) out2[p] = -e2 * RowLse<T>::run(c.data(), nullptr, ks, A2.data(), inv2, -out[p] * inv2);
+          if (sub_pot2 != nullptr)
+            out2[p] = -e2 * RowLse<T>::run(c.data(), nullptr, ks, A2.data(), inv2, -out[p] * inv2);
         }
       };
       // f extended, then g by a full half-step against it: one float sweep (as the stage that
