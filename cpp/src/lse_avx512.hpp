@@ -44,9 +44,10 @@ inline bool avx512_lse_available() {
 // the scale 2^n applied by vscalefps instead of built in the exponent bits: that makes the lower
 // clamp (which kept the bit construction in range) and three integer and multiply operations
 // unnecessary, 14 -> 10 operations; in cache, a dense sum ran at 0.15 instead of 0.19 ns an entry
-// (bench/RESULTS.md, session 17). Results are bit-identical to that form wherever e^x is a normal
-// float (the same n, r and polynomial; p 2^n is exact either way); below e^-87 both give 0 (the `keep` mask), and
-// above 89 this gives +inf where the clamped form gave e^88 (a sum there has left range anyway).
+// (bench/RESULTS.md, session 17). Results are bit-identical to that form wherever e^x is a
+// normal float (the same n, r and polynomial; p 2^n is exact either way); below e^-87 both give 0
+// (the `keep` mask), and above 89 this gives +inf where the clamped form gave e^88 (a sum there
+// has left range anyway).
 SEGTRANSFER_AVX512_TARGET __attribute__((always_inline)) inline __m512 fast_exp16(__m512 x) {
   const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);  // below: flushed to 0
   x = _mm512_min_ps(x, _mm512_set1_ps(89.0f));  // keeps the rounding trick below exact
