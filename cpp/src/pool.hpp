@@ -50,18 +50,21 @@ constexpr std::size_t kHugePage = std::size_t(2) << 20;
 // pages come first (the guest hands out what it freed last), so one probe tells nothing: the huge
 // pages of [p, p + touch) are touched here in order and timed, and from the first slower than
 // kSlowHugeFault (bare metal zeroes 2 MB in ~0.1-0.3 ms; such a VM took ~5.7 ms) the rest of the
-// range is left to 4 kB pages. Where huge pages are fast, the range is then already faulted in,
-// which its first use would have done anyway (`touch`: the part of it that will be used). Only
-// effective before the pages are first touched; a probe writes back the byte it reads, so it is
-// harmless on memory already in use (a cost matrix reused by the next draw).
+// range is left to 4 kB pages. The probes stop after kProbeSpan (the slow pages began within the
+// first 0-12 MB of every block on that VM): where huge pages are fast (bare metal), the rest keeps
+// the advice and is faulted in by its first use, and no more than kProbeSpan of a block is touched
+// ahead of time (`touch`: the part of the range that will be used; a vector's spare capacity is
+// not). Only effective before the pages are first touched; a probe writes back the byte it reads,
+// so it is harmless on memory already in use (a cost matrix reused by the next draw).
 inline void advise_huge_pages(void* p, std::size_t bytes, std::size_t touch) noexcept {
 #ifdef MADV_HUGEPAGE
   constexpr double kSlowHugeFault = 1.5e-3;  // seconds
+  constexpr std::size_t kProbeSpan = std::size_t(64) << 20;
   const auto lo = (reinterpret_cast<std::uintptr_t>(p) + kHugePage - 1) & ~(kHugePage - 1);
   const auto hi = (reinterpret_cast<std::uintptr_t>(p) + bytes) & ~(kHugePage - 1);
   if (hi <= lo) return;
   if (madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE) != 0) return;
-  const auto touch_end = std::min(hi, reinterpret_cast<std::uintptr_t>(p) + touch);
+  const auto touch_end = std::min({hi, reinterpret_cast<std::uintptr_t>(p) + touch, lo + kProbeSpan});
   for (auto at = lo; at < touch_end; at += kHugePage) {
     volatile char* probe = reinterpret_cast<volatile char*>(at);
     const auto start = std::chrono::steady_clock::now();
