@@ -1678,7 +1678,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
       extend_rows(sg.data(), eps, f, previous ? sub_trace.prev_g().data() : nullptr, pe, fp.data());
       extend_cols(sf.data(), eps, nullptr, g);
       half_step(cost, true, static_cast<const SparseRows<T>*>(nullptr), f, log_a.data(), b, eps, 1.0, g,
-                err_rows, nt, opt.float_stage_exponents);
+                err_rows, nt, opt.float_stage_exponents && float_exponents_fit(pattern.cost_bound, f, n, g, m, eps));
       if (previous) {
         extend_cols(sub_trace.prev_f().data(), pe, g, gp.data());
         extrapolation.record(pe, fp.data(), n, gp.data(), m);
@@ -1744,7 +1744,8 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     // the job: K = 10 at N = 10^4 took 48.1 -> 41.6 s (D = 19) and 71.9 -> 68.9 s (D = 256) on the
     // session-13 machine; 5e-2 and 1e-1 were slower again (RESULTS.md).
     if (!last && resumed && s == first_stage) target = std::max(target, opt.handover_tol);
-    lowp = opt.float_stage_exponents && !last && target >= 1e-3;
+    lowp = opt.float_stage_exponents && !last && target >= 1e-3 &&
+           float_exponents_fit(pattern.cost_bound, f, n, g, m, eps);
     at_floor = false;
     ++rep.stages;
     omega = 1.0;
