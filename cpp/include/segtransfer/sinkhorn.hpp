@@ -47,7 +47,9 @@ struct SinkhornOptions {
   // multiscale subsample's too) form their exponents in float (16 lanes, half the gathered bytes), each entry
   // then off by up to ~3e-4 relative, far inside the stage_tol those stages stop at; the last stage,
   // Newton and every certificate stay in double. Same iterations and scores on the benchmark's
-  // draws; K = 10 at D = 256 131 -> 122 s (RESULTS.md, session 6).
+  // draws; K = 10 at D = 256 131 -> 122 s (RESULTS.md, session 6). Only where float resolves the
+  // stage's exponents (float_exponents_fit, kernels.hpp: their magnitude up to ~1.7e4); beyond,
+  // in double (large features had stalled those stages; RESULTS.md, session 17).
   bool float_stage_exponents = true;
   // Each stage starts from the previous two stages' potentials extrapolated linearly in epsilon
   // (scaled by this factor; 0: from the previous stage's end). See StageExtrapolation, kernels.hpp.
