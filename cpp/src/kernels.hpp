@@ -445,7 +445,8 @@ inline bool coarse_newton(const std::vector<double>& K, const std::vector<double
     const Eigen::VectorXd dv = d2inv.cwiseProduct(s - P.transpose() * du);
     const double slope = r.dot(du) + s.dot(dv);
     if (!(slope > 0) || !du.allFinite() || !dv.allFinite()) return false;
-    // P, rs, cs describe the accepted point again after the search.
+    // After an accepted search P, rs and cs describe the new point (its evaluation was the last);
+    // after a failed one they are stale, and only u, v and err, unchanged, are used below.
     const Eigen::VectorXd u0 = u, v0 = v;
     const double dual0 = dual, err0 = err;
     bool accepted = false;
@@ -460,10 +461,7 @@ inline bool coarse_newton(const std::vector<double>& K, const std::vector<double
         break;
       }
     }
-    if (!accepted) {
-      evaluate(u0, v0, dual, err);
-      break;
-    }
+    if (!accepted) break;
   }
   // The gauge: (u + k, v - k) is the same plan. Sinkhorn's sweeps, which start from ev = 1, leave
   // the columns' mean shift near 0, and so does this: the shift then goes where the mass moved,
