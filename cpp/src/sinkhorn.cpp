@@ -935,8 +935,16 @@ struct PlanRow {
   // Entries of one row: exp(base + B[col] - c * inv_eps), in double (the Newton system and the
   // line search compare errors down to 1e-8 of the mass); returns their sum, and adds each to its
   // column's partial sum col_part[col] (the row's columns are distinct).
-  SEGTRANSFER_HOT static double fill(const T* c, const int32_t* cols, int64_t len, double base, const double* B,
-                                     double inv_eps, float* out, double* col_part) {
+  static double fill(const T* c, const int32_t* cols, int64_t len, double base, const double* B, double inv_eps,
+                     float* out, double* col_part) {
+#ifdef SEGTRANSFER_AVX512_LSE
+    if constexpr (std::is_same_v<T, float>)
+      if (avx512_lse_available()) return plan_row_avx512(c, cols, len, base, B, inv_eps, out, col_part);
+#endif
+    return fill_clones(c, cols, len, base, B, inv_eps, out, col_part);
+  }
+  SEGTRANSFER_HOT static double fill_clones(const T* c, const int32_t* cols, int64_t len, double base, const double* B,
+                                            double inv_eps, float* out, double* col_part) {
     double s = 0.0;
     for (int64_t k0 = 0; k0 < len; k0 += kPrefetchBlock) {
       const int64_t k1 = std::min(len, k0 + kPrefetchBlock);

@@ -1,5 +1,6 @@
 // C++ unit tests of the core, without Python: built with SEGTRANSFER_TESTS=ON (and under the
 // sanitizers). Each check compares with an independent formula or a known exact answer.
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -417,6 +418,67 @@ static void test_compact_above() {
       CHECK(same);
     }
   }
+#endif
+}
+
+// Newton's plan rows in AVX-512 (plan_row_avx512) against std::exp in double: each value (rounded
+// to float), the column sums accumulated over several rows, and the row sums, on lengths that leave
+// partial groups of 8 and prefetch blocks of 256, with exponents from below the flush (-708) to a
+// little above 0. Bound: fast_exp's 4e-16 relative (test_fast_exp) plus the roundings of forming
+// the exponent (|x| <= 800: 800 * 2^-53 ~ 1e-13 absolute in x, the same relative on the value) and
+// of adding <= ~1000 positive terms in double (1e-13): 4e-13 relative on every sum. Entries below
+// e^-708 must come out 0 exactly.
+static void test_plan_rows() {
+#ifdef SEGTRANSFER_AVX512_LSE
+  if (!avx512_lse_available()) return;
+  std::mt19937_64 rng(29);
+  const int64_t m = 1500;
+  std::uniform_real_distribution<double> uB(-3.0, 3.0);
+  std::uniform_real_distribution<float> uc(0.f, 80.f);
+  std::vector<double> B(m);
+  for (double& v : B) v = uB(rng);
+  const double inv_eps = 9.5;  // c * inv_eps reaches 760: some entries below the flush
+  std::vector<double> col_part(m, 0.0), want_col(m, 0.0);
+  bool values_ok = true, sums_ok = true, flushed_ok = true;
+  int64_t flushed = 0;
+  for (int64_t len : {0, 1, 7, 8, 9, 255, 256, 257, 600, 1000}) {
+    std::vector<int32_t> cols(m);
+    for (int64_t j = 0; j < m; ++j) cols[j] = static_cast<int32_t>(j);
+    std::shuffle(cols.begin(), cols.end(), rng);
+    cols.resize(len);  // distinct columns, in no particular order
+    std::vector<float> c(len), out(len + 8, -7.f);
+    for (float& v : c) v = uc(rng);
+    const double base = uB(rng);
+    double want = 0.0;
+    for (int64_t k = 0; k < len; ++k) {
+      const double x = base + B[cols[k]] - static_cast<double>(c[k]) * inv_eps;
+      const double e = x < -708.0 ? 0.0 : std::exp(x);
+      want += e;
+      want_col[cols[k]] += e;
+    }
+    const double got = plan_row_avx512(c.data(), cols.data(), len, base, B.data(), inv_eps, out.data(), col_part.data());
+    sums_ok = sums_ok && std::fabs(got - want) <= 4e-13 * want;
+    for (int64_t k = 0; k < len; ++k) {
+      const double x = base + B[cols[k]] - static_cast<double>(c[k]) * inv_eps;
+      if (x < -708.5) {
+        ++flushed;
+        flushed_ok = flushed_ok && out[k] == 0.0f;
+      } else if (x > -708.0) {
+        const float ref = static_cast<float>(std::exp(x));
+        // float rounding of a value within 4e-13 of e^x: the nearest float, or its neighbour
+        // where e^x sits within 4e-13 of a rounding boundary.
+        values_ok = values_ok && (out[k] == ref || std::fabs(out[k] - ref) <= 1.2e-7 * ref);
+      }
+    }
+    for (int64_t k = len; k < len + 8; ++k) values_ok = values_ok && out[k] == -7.f;  // nothing past the row
+  }
+  CHECK(values_ok);
+  CHECK(sums_ok);
+  CHECK(flushed_ok);
+  CHECK(flushed > 100);  // the flush was exercised
+  bool cols_ok = true;
+  for (int64_t j = 0; j < m; ++j) cols_ok = cols_ok && std::fabs(col_part[j] - want_col[j]) <= 4e-13 * want_col[j];
+  CHECK(cols_ok);
 #endif
 }
 
@@ -1294,6 +1356,7 @@ int main(int argc, char** argv) {
       {"block_pool", test_block_pool},
       {"scan_threshold", test_scan_threshold},
       {"compact_above", test_compact_above},
+      {"plan_rows", test_plan_rows},
       {"dense_fill", test_dense_fill},
       {"sampling", test_sampling},
       {"otce_bijection", test_otce_bijection},
