@@ -172,11 +172,12 @@ SEGTRANSFER_AVX512_TARGET inline void scatter_scaled_avx512(const float* terms, 
 }
 
 // DenseRowScan<float>::fill (sinkhorn.cpp) in AVX-512: the first k entries of the dense row c[0, m)
-// with c[j] - p_col[j] < th, their columns to oc and values to ov, in column order. The same float
-// subtraction and comparison as DenseRowScan's count, so the two agree on every entry; nothing is
-// written past the k-th (store_packed).
-SEGTRANSFER_AVX512_TARGET inline void dense_fill_avx512(const float* c, int64_t m, const float* p_col, float th,
-                                                        int64_t k, int32_t* oc, float* ov) {
+// with c[j] - p_col[j] < th, their columns to oc and values to ov, in column order; returns how many
+// were written (k, or the row's count if smaller). The same float subtraction and comparison as
+// DenseRowScan's count, so the two agree on every entry; nothing is written past the last one
+// (store_packed).
+SEGTRANSFER_AVX512_TARGET inline int64_t dense_fill_avx512(const float* c, int64_t m, const float* p_col, float th,
+                                                           int64_t k, int32_t* oc, float* ov) {
   const __m512 t = _mm512_set1_ps(th);
   const __m512i step = _mm512_set1_epi32(16);
   __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -191,6 +192,7 @@ SEGTRANSFER_AVX512_TARGET inline void dense_fill_avx512(const float* c, int64_t 
     store_packed(keep, cnt, v, idx, ov + pos, oc + pos);
     pos += cnt;
   }
+  return pos;
 }
 
 // detail::fast_exp(double) on 8 lanes: the same reduction and polynomial, the scale 2^n applied by

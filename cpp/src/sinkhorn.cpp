@@ -15,6 +15,7 @@
 #include "segtransfer/errors.hpp"
 #include "segtransfer/fastexp.hpp"
 #include "kernels.hpp"
+#include "pattern_scan.hpp"
 #include "pool.hpp"
 #include "point_cost.hpp"
 
@@ -100,112 +101,6 @@ void dense_column_lse(const RowMatrix<T>& mat, const double* A, double inv_eps, 
   for (int64_t j = 0; j < m; ++j)
     if (!std::isfinite(mx[j])) mx[j] = std::isnan(mx[j]) ? mx[j] : 0.0;  // all -inf (or +inf) columns
   sum_sweep();
-}
-
-// Kernel rows kept after truncation: entries with C_ij - f_i - g_j < tau * eps (CSR layout).
-template <typename T>
-struct SparseRows {
-  std::vector<int64_t> ptr;
-  detail::KernelVector<int32_t> col;
-  detail::KernelVector<T> val;
-};
-
-// One dense row of build_sparse: entries with c_j - p_col_j < th, the difference formed in the
-// storage precision T (see build_sparse for why that still keeps every entry the cutoff asks for).
-// Target-cloned like the log-sum-exp loops.
-template <typename T>
-struct DenseRowScan {
-  SEGTRANSFER_HOT static int64_t count(const T* c, int64_t m, const T* p_col, T th) {
-    int64_t k = 0;
-#pragma omp simd reduction(+ : k)
-    for (int64_t j = 0; j < m; ++j) k += (c[j] - p_col[j] < th) ? 1 : 0;
-    return k;
-  }
-  // Writes the row's first k kept entries (k from count) in column order. Branch-free compaction
-  // (every entry up to the last kept one is written, the cursor advances on the kept ones: at 15 %
-  // density a branchy loop mispredicts often), except that blocks of 16 entries with none kept,
-  // found by a vectorised count, are skipped: at the last stage's 3 % density most blocks are.
-  SEGTRANSFER_HOT static void fill(const T* c, int64_t m, const T* p_col, T th, int64_t k, int32_t* oc, T* ov) {
-    constexpr int64_t kSpan = 16;
-    int64_t pos = 0, j = 0;
-    for (; j + kSpan <= m && pos < k; j += kSpan) {
-      int hits = 0;
-#pragma omp simd reduction(+ : hits)
-      for (int64_t t = j; t < j + kSpan; ++t) hits += (c[t] - p_col[t] < th) ? 1 : 0;
-      if (hits == 0) continue;
-      for (int64_t t = j; t < j + kSpan && pos < k; ++t) {
-        oc[pos] = static_cast<int32_t>(t);
-        ov[pos] = c[t];
-        pos += (c[t] - p_col[t] < th) ? 1 : 0;
-      }
-    }
-    for (; j < m && pos < k; ++j) {
-      oc[pos] = static_cast<int32_t>(j);
-      ov[pos] = c[j];
-      pos += (c[j] - p_col[j] < th) ? 1 : 0;
-    }
-  }
-};
-
-// Builds the truncated pattern of `mat` (rows x cols) for potentials (p_row, p_col) in two passes
-// over the dense matrix: every row is counted (vectorised), then filled at its final place, both in
-// parallel over rows, so the result is identical for any thread count. `out` keeps its capacity
-// from one build to the next (fresh pages cost this VM more than the scan). Returns false when the
-// kernel is denser than `max_density` (the dense loop is then faster, and a nearly dense pattern is
-// not worth its memory) or a row would be empty.
-// The test c_ij - p_col_j < p_row_i + cutoff runs in T: in float the scan reads 4-byte potentials
-// that stay in L1 and tests 16 lanes at once, 0.45 -> 0.32 ns an entry on the 10^4 x 10^4 cost
-// (bench/RESULTS.md, session 14). scan_threshold raises the threshold past its roundings, so every
-// entry left out satisfies C - p_row - p_col >= cutoff exactly, which Pattern's margins rely on
-// (cost_bound: max |C|).
-template <typename T>
-bool build_sparse(const RowMatrix<T>& mat, const double* p_row, const double* p_col, double cutoff, double cost_bound,
-                  double max_density, int nt, SparseRows<T>& out) {
-  const int64_t n = mat.rows(), m = mat.cols();
-  thread_local std::vector<T> pc, th;
-  pc.resize(m);
-  th.resize(n);
-  double p_max = 0.0, th_max = 0.0;
-  for (int64_t j = 0; j < m; ++j) {
-    pc[j] = static_cast<T>(p_col[j]);
-    p_max = std::max(p_max, std::fabs(p_col[j]));
-  }
-  for (int64_t i = 0; i < n; ++i) th_max = std::max(th_max, std::fabs(p_row[i] + cutoff));
-  const double magnitude = cost_bound + 2.0 * p_max + th_max;
-  for (int64_t i = 0; i < n; ++i) th[i] = scan_threshold<T>(p_row[i] + cutoff, magnitude);
-  const T* pcp = pc.data();
-  const T* thp = th.data();
-  out.ptr.resize(n + 1);
-  int64_t* count = out.ptr.data();
-  count[0] = 0;
-  bool empty_row = false;
-#pragma omp parallel for num_threads(nt) schedule(static) reduction(|| : empty_row)
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t k = DenseRowScan<T>::count(mat.data() + i * m, m, pcp, thp[i]);
-    count[i + 1] = k;
-    empty_row = empty_row || k == 0;
-  }
-  if (empty_row) return false;
-  for (int64_t i = 0; i < n; ++i) count[i + 1] += count[i];
-  if (static_cast<double>(count[n]) > max_density * static_cast<double>(n) * static_cast<double>(m)) return false;
-  out.col.resize(count[n]);
-  out.val.resize(count[n]);
-#ifdef SEGTRANSFER_AVX512_LSE
-  if constexpr (std::is_same_v<T, float>) {
-    if (avx512_lse_available()) {  // compress in registers, as compact_above_avx512
-#pragma omp parallel for num_threads(nt) schedule(static)
-      for (int64_t i = 0; i < n; ++i)
-        dense_fill_avx512(mat.data() + i * m, m, pcp, thp[i], count[i + 1] - count[i], out.col.data() + count[i],
-                          out.val.data() + count[i]);
-      return true;
-    }
-  }
-#endif
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t i = 0; i < n; ++i)
-    DenseRowScan<T>::fill(mat.data() + i * m, m, pcp, thp[i], count[i + 1] - count[i], out.col.data() + count[i],
-                          out.val.data() + count[i]);
-  return true;
 }
 
 // The truncated kernel and the potentials it was built against. Every entry left out satisfies

@@ -16,6 +16,7 @@
 #include "segtransfer/otce.hpp"
 #include "segtransfer/sampling.hpp"
 #include "../src/kernels.hpp"  // the log-sum-exp loops themselves (internal)
+#include "../src/pattern_scan.hpp"  // the truncated kernel's build (internal)
 #include "../src/point_cost.hpp"  // the cost tiles (internal)
 #include "../src/pool.hpp"  // the kernel storage pool (internal)
 
@@ -348,8 +349,9 @@ static void test_lse_kernels() {
 }
 
 // The pattern scan's fill in AVX-512 (dense_fill_avx512) against the plain test c - p < th in float:
-// the same columns and values in order, nothing written past the k asked for, on row lengths that
-// leave partial vectors, thresholds from none to all kept, and k below the row's count.
+// the same columns and values in order, nothing written past the k asked for, and the count
+// returned, on row lengths that leave partial vectors, thresholds from none to all kept, and k at,
+// below and above (m: every kept entry, as the one-pass build asks) the row's count.
 static void test_dense_fill() {
 #ifdef SEGTRANSFER_AVX512_LSE
   if (!avx512_lse_available()) return;
@@ -370,10 +372,11 @@ static void test_dense_fill() {
           want_val.push_back(c[j]);
         }
       const int64_t kept = static_cast<int64_t>(want_col.size());
-      for (int64_t k : {kept, kept / 2}) {
+      for (int64_t limit : {kept, kept / 2, m}) {  // m: as many as the row keeps (the one-pass build)
+        const int64_t k = std::min(limit, kept);
         std::vector<int32_t> oc(k + 20, -5);
         std::vector<float> ov(k + 20, -5.f);
-        dense_fill_avx512(c.data(), m, p.data(), th, k, oc.data(), ov.data());
+        CHECK(dense_fill_avx512(c.data(), m, p.data(), th, limit, oc.data(), ov.data()) == k);
         bool same = true;
         for (int64_t q = 0; q < k; ++q) same = same && oc[q] == want_col[q] && ov[q] == want_val[q];
         for (int64_t q = k; q < k + 20; ++q) same = same && oc[q] == -5 && ov[q] == -5.f;
@@ -480,6 +483,55 @@ static void test_plan_rows() {
   for (int64_t j = 0; j < m; ++j) cols_ok = cols_ok && std::fabs(col_part[j] - want_col[j]) <= 4e-13 * want_col[j];
   CHECK(cols_ok);
 #endif
+}
+
+// build_sparse on one thread (one pass into storage sized from every 16th row, or count first)
+// against the parallel two-pass build (two threads): the same return value and, when it succeeds,
+// the same pattern, entry for entry. Cases: densities from 1 % to past max_density (0.35), rows
+// that outgrow the sampled estimate (every 16th row nearly empty, the others not: the rest is then
+// counted and the storage grown), an empty row, and storage reused from a larger and a smaller
+// previous build. Sizes leave partial vectors and a last partial group of 16 rows.
+template <typename T>
+static void check_pattern_build() {
+  std::mt19937_64 rng(31);
+  const int64_t n = 301, m = 259;
+  std::uniform_real_distribution<double> uc(0.0, 10.0), up(-1.0, 1.0);
+  RowMatrix<T> cost(n, m);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < m; ++j) cost(i, j) = static_cast<T>(uc(rng));
+  std::vector<double> p_col(m), base(n);
+  for (double& v : p_col) v = up(rng);
+  for (double& v : base) v = up(rng);
+  for (int64_t i = 0; i < n; ++i) cost(i, (3 * i) % m) = T(-5);  // no row empty above cutoff -3
+  SparseRows<T> one, two;
+  int built = 0, refused = 0;
+  // (cutoff, sparse_rows): every 16th row's threshold far below the others' when sparse_rows.
+  const std::pair<double, bool> cases[] = {{-2.0, false}, {0.5, false}, {2.0, false}, {3.2, false}, {4.0, false},
+                                           {6.0, false}, {2.5, true},  {5.0, true},  {0.5, false}, {-12.0, false}};
+  for (const auto& [cutoff, sparse_rows] : cases) {
+    std::vector<double> p_row(n);
+    for (int64_t i = 0; i < n; ++i) p_row[i] = (sparse_rows && i % 16 == 0) ? base[i] - 3.0 : base[i];
+    const bool ok1 = build_sparse(cost, p_row.data(), p_col.data(), cutoff, 10.0, 0.35, 1, one);
+    const bool ok2 = build_sparse(cost, p_row.data(), p_col.data(), cutoff, 10.0, 0.35, 2, two);
+    CHECK(ok1 == ok2);
+    if (!(ok1 && ok2)) {
+      ++refused;
+      continue;
+    }
+    ++built;
+    CHECK(one.ptr == two.ptr);
+    CHECK(one.col.size() == static_cast<size_t>(two.ptr[n]) && one.val.size() == one.col.size());
+    bool same = one.col.size() == two.col.size();
+    for (size_t k = 0; same && k < one.col.size(); ++k) same = one.col[k] == two.col[k] && one.val[k] == two.val[k];
+    CHECK(same);
+  }
+  CHECK(built == 6);    // 1 % to 32 % dense (3.2: counted first), and outgrown (2.5 with sparse rows) ...
+  CHECK(refused == 4);  // ... too dense (4, 6, 5 with sparse rows: once outgrown) and empty rows (-12)
+}
+
+static void test_pattern_build() {
+  check_pattern_build<float>();
+  check_pattern_build<double>();
 }
 
 // build_sparse's test in float (scan_threshold): on values where the exact test c - p < th is
@@ -1357,6 +1409,7 @@ int main(int argc, char** argv) {
       {"scan_threshold", test_scan_threshold},
       {"compact_above", test_compact_above},
       {"plan_rows", test_plan_rows},
+      {"pattern_build", test_pattern_build},
       {"dense_fill", test_dense_fill},
       {"sampling", test_sampling},
       {"otce_bijection", test_otce_bijection},
