@@ -908,8 +908,7 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
     }
     if (!last) {
       const double stage_target = std::max(opt.stage_tol, opt.tol);
-      run(eps, stage_target, opt.max_iter,
-          opt.float_stage_exponents && stage_target >= 1e-3 && float_exponents_fit(solver.max_cost(), f, n, g, m, eps));
+      run(eps, stage_target, opt.max_iter, stage_float_exponents(opt, stage_target, solver.max_cost(), f, n, g, m, eps));
       continue;
     }
     // The last stage: Sinkhorn down to newton_switch, then Newton; when a Newton round stalls,

@@ -145,6 +145,14 @@ inline bool float_exponents_fit(double cost_bound, const double* f, int64_t n, c
   return (cost_bound + fm + gm) / eps <= kMaxFloatExponent;  // false for NaN, as for inf
 }
 
+// The one rule for whether an intermediate stage (or the multiscale hand-over's half-step, whose
+// target is handover_tol) forms its exponents in float: asked for, a target that float's rounding
+// (~3e-4 relative on a term) cannot spoil, and exponents float resolves. Both solvers.
+inline bool stage_float_exponents(const SinkhornOptions& opt, double target, double cost_bound, const double* f,
+                                  int64_t n, const double* g, int64_t m, double eps) {
+  return opt.float_stage_exponents && target >= 1e-3 && float_exponents_fit(cost_bound, f, n, g, m, eps);
+}
+
 // Watches a last stage's marginal error for float64's resolution at its cost scale: exponents
 // (f + g - C) / eps carry rounding of about max|C| / eps * 2^-52, and errors near that are noise no
 // iteration removes. A stage whose error stops falling that close to the floor ends there and

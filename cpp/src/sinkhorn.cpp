@@ -483,10 +483,14 @@ bool refresh_pattern(const RowMatrix<T>& cost, const double* f, const double* g,
 // back), exactly when not, or when that float sum over- or underflows. The one form of a row's sum
 // for half_step and fused_iteration, which must agree to the bit.
 // `terms` (float storage, lowp, KeptTerms::available()): the float sum's terms are kept there, and
-// `kept` says whether that sum was the one used.
+// `kept` says whether that sum was the one used and the shift its terms carry.
+struct KeptRow {
+  bool used = false;
+  float shift = 0.0f;  // each kept term is exp(Af[col] - c * inv_eps - shift)
+};
 template <typename T>
 double row_lse(const T* c, const int32_t* cols, int64_t len, const double* A, const float* Af, double inv_eps,
-               double pot, bool lowp, float* terms = nullptr, bool* kept = nullptr) {
+               double pot, bool lowp, float* terms = nullptr, KeptRow* kept = nullptr) {
   if (lowp) {
     const float shift = static_cast<float>(-pot * inv_eps);
     double total;
@@ -497,7 +501,7 @@ double row_lse(const T* c, const int32_t* cols, int64_t len, const double* A, co
       total = RowLse<T>::sum_lowp(c, cols, len, Af, static_cast<float>(inv_eps), shift);
     }
     if (total >= kShiftedMin && total < kPosInf) {
-      if (kept != nullptr) *kept = terms != nullptr;
+      if (kept != nullptr) *kept = KeptRow{terms != nullptr, shift};
       return static_cast<double>(shift) + std::log(total);
     }
   }
@@ -611,8 +615,7 @@ bool fused_iteration(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
       const int64_t k0 = sp ? sp->ptr[i] : i * m, len = sp ? sp->ptr[i + 1] - k0 : m;
       const T* c = sp ? sp->val.data() + k0 : mat.data() + k0;
       const int32_t* cols = sp ? sp->col.data() + k0 : nullptr;
-      const float shift = static_cast<float>(-f[i] * inv_eps);  // row_lse's
-      bool kept = false;
+      KeptRow kept;
       errp[i] = scale_potential(row_lse(c, cols, len, Ap, Afp, inv_eps, f[i], true, keep_terms ? terms.data() : nullptr,
                                         &kept),
                                 a[i], eps, omega, f[i]);
@@ -620,8 +623,8 @@ bool fused_iteration(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
       // exponent_offsets forms them): the kept term exp(Af_j - c / eps - shift) times exp(Ai + shift).
       const float Ai = static_cast<float>(f[i] * inv_eps + log_a[i]);
       if constexpr (std::is_same_v<T, float>) {
-        if (kept) {
-          const double r = std::exp(static_cast<double>(Ai) + static_cast<double>(shift));
+        if (kept.used) {
+          const double r = std::exp(static_cast<double>(Ai) + static_cast<double>(kept.shift));
           KeptTerms::add_scaled(terms.data(), cols, len, static_cast<float>(r), part.data());
           continue;
         }
@@ -1581,7 +1584,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
       extend_rows(sg.data(), eps, f, previous ? sub_trace.prev_g().data() : nullptr, pe, fp.data());
       extend_cols(sf.data(), eps, nullptr, g);
       half_step(cost, true, static_cast<const SparseRows<T>*>(nullptr), f, log_a.data(), b, eps, 1.0, g,
-                err_rows, nt, opt.float_stage_exponents && float_exponents_fit(pattern.cost_bound, f, n, g, m, eps));
+                err_rows, nt, stage_float_exponents(opt, opt.handover_tol, pattern.cost_bound, f, n, g, m, eps));
       if (previous) {
         extend_cols(sub_trace.prev_f().data(), pe, g, gp.data());
         extrapolation.record(pe, fp.data(), n, gp.data(), m);
@@ -1647,8 +1650,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     // the job: K = 10 at N = 10^4 took 48.1 -> 41.6 s (D = 19) and 71.9 -> 68.9 s (D = 256) on the
     // session-13 machine; 5e-2 and 1e-1 were slower again (RESULTS.md).
     if (!last && resumed && s == first_stage) target = std::max(target, opt.handover_tol);
-    lowp = opt.float_stage_exponents && !last && target >= 1e-3 &&
-           float_exponents_fit(pattern.cost_bound, f, n, g, m, eps);
+    lowp = !last && stage_float_exponents(opt, target, pattern.cost_bound, f, n, g, m, eps);
     at_floor = false;
     ++rep.stages;
     omega = 1.0;
