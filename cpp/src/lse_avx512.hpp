@@ -249,6 +249,48 @@ SEGTRANSFER_AVX512_TARGET inline double plan_row_avx512(const float* c, const in
   return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
 }
 
+// A pattern's filter (count_kept, move_kept and the one-pass filters in sinkhorn.cpp): the entries
+// k of a row with (double)val[k] - p_col[col[k]] < th, 8 at a time, the same double subtraction and
+// comparison as the plain loops, so they agree on every entry. `Store`: the kept entries are written
+// in order to out_col / out_val, and nothing else; out may be the row itself (in place), at or
+// before it: a group is loaded before its kept lanes are stored, at or before where it was read.
+// Returns how many were kept. The plain loops compare one entry at a time (count_kept and move_kept
+// were 1.8 % and 2.5 % of a K = 10 call's CPU time at D = 19); with this and the one-pass filter
+// (filter_serial) that call took 13.8 -> 13.2 s.
+template <bool Store>
+SEGTRANSFER_AVX512_TARGET inline int64_t keep_below_avx512(const float* val, const int32_t* col, int64_t len,
+                                                           const double* p_col, double th, int32_t* out_col,
+                                                           float* out_val) {
+  const __m512d t = _mm512_set1_pd(th);
+  int64_t at = 0;
+  for (int64_t j0 = 0; j0 < len; j0 += kPrefetchBlock) {
+    const int64_t j1 = j0 + kPrefetchBlock < len ? j0 + kPrefetchBlock : len;
+    prefetch_ahead(val, col, j0, j1);
+    for (int64_t k = j0; k < j1; k += 8) {
+      const __mmask8 in = j1 - k >= 8 ? __mmask8(0xFF) : static_cast<__mmask8>((1u << (j1 - k)) - 1);
+      const __m256i idx = _mm256_maskz_loadu_epi32(in, col + k);
+      const __m256 v = _mm256_maskz_loadu_ps(in, val + k);
+      __m512d pc;
+      if (in == 0xFF) {
+        const int32_t* q = col + k;
+        pc = _mm512_setr_pd(p_col[q[0]], p_col[q[1]], p_col[q[2]], p_col[q[3]], p_col[q[4]], p_col[q[5]],
+                            p_col[q[6]], p_col[q[7]]);
+      } else {
+        pc = _mm512_mask_i32gather_pd(_mm512_setzero_pd(), in, idx, p_col, 8);
+      }
+      const __mmask8 keep = _mm512_mask_cmp_pd_mask(in, _mm512_sub_pd(_mm512_cvtps_pd(v), pc), t, _CMP_LT_OQ);
+      const int cnt = __builtin_popcount(keep);
+      if (Store && cnt > 0) {
+        const __mmask8 out = static_cast<__mmask8>((1u << cnt) - 1);
+        _mm256_mask_storeu_ps(out_val + at, out, _mm256_maskz_compress_ps(keep, v));
+        _mm256_mask_storeu_epi32(out_col + at, out, _mm256_maskz_compress_epi32(keep, idx));
+      }
+      at += cnt;
+    }
+  }
+  return at;
+}
+
 // How many of val[0, len) are above `floor` (plan_entries_above's count, sinkhorn.cpp).
 SEGTRANSFER_AVX512_TARGET inline int64_t count_above_avx512(const float* val, int64_t len, float floor) {
   const __m512 fl = _mm512_set1_ps(floor);

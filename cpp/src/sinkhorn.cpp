@@ -300,91 +300,6 @@ bool columns_covered(const SparseRows<T>& R, int64_t m) {
   return left == 0;
 }
 
-// Row pointers (ptr[0] = 0) of the entries of `in` with C - p_row - p_col < cutoff. The same
-// function filters the CSC copy with the potentials swapped. Returns false if a row would be empty.
-template <typename T>
-bool count_kept(const SparseRows<T>& in, const double* p_row, const double* p_col, double cutoff, int nt,
-                std::vector<int64_t>& ptr) {
-  const int64_t n = static_cast<int64_t>(in.ptr.size()) - 1;
-  ptr.assign(n + 1, 0);
-  bool empty_row = false;
-#pragma omp parallel for num_threads(nt) schedule(static) reduction(|| : empty_row)
-  for (int64_t i = 0; i < n; ++i) {
-    const double th = p_row[i] + cutoff;
-    int64_t k = 0;
-    prefetch_ahead(in.val.data(), in.col.data(), in.ptr[i], in.ptr[i + 1]);
-    for (int64_t e = in.ptr[i]; e < in.ptr[i + 1]; ++e)
-      k += (static_cast<double>(in.val[e]) - p_col[in.col[e]] < th) ? 1 : 0;
-    ptr[i + 1] = k;
-    empty_row = empty_row || k == 0;
-  }
-  if (empty_row) return false;
-  for (int64_t i = 0; i < n; ++i) ptr[i + 1] += ptr[i];
-  return true;
-}
-
-// Moves the kept entries of rows [i0, i1) of `in` to out_col/out_val from `at` on, in order;
-// `kept` holds count_kept's row pointers. Branch-free, as build_sparse's fill: every entry is
-// written at the cursor, which advances on the kept ones, and a row stops at its last kept entry,
-// so nothing is written past the row's share of the output (another thread's). In place
-// (out = in) the cursor never passes the entry being read. The branchy form mispredicted on about
-// every other entry (a filter keeps 30-60 % of them).
-template <typename T>
-int64_t move_kept(const SparseRows<T>& in, int64_t i0, int64_t i1, const double* p_row, const double* p_col,
-                  double cutoff, const int64_t* kept, int32_t* out_col, T* out_val, int64_t at) {
-  for (int64_t i = i0; i < i1; ++i) {
-    const double th = p_row[i] + cutoff;
-    const int64_t stop = at + (kept[i + 1] - kept[i]), end = in.ptr[i + 1];
-    prefetch_ahead(in.val.data(), in.col.data(), in.ptr[i], end);
-    for (int64_t e = in.ptr[i]; e < end && at < stop; ++e) {
-      const int32_t c = in.col[e];
-      const T v = in.val[e];
-      out_col[at] = c;
-      out_val[at] = v;
-      at += (static_cast<double>(v) - p_col[c] < th) ? 1 : 0;
-    }
-  }
-  return at;
-}
-
-// Keeps the entries of `in` with C - p_row - p_col < cutoff, in a copy. Returns false if a row would
-// be empty.
-template <typename T>
-bool filter_rows(const SparseRows<T>& in, const double* p_row, const double* p_col, double cutoff, int nt,
-                 SparseRows<T>& out) {
-  const int64_t n = static_cast<int64_t>(in.ptr.size()) - 1;
-  if (!count_kept(in, p_row, p_col, cutoff, nt, out.ptr)) return false;
-  out.col.resize(out.ptr[n]);
-  out.val.resize(out.ptr[n]);
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t i = 0; i < n; ++i)
-    move_kept(in, i, i + 1, p_row, p_col, cutoff, out.ptr.data(), out.col.data(), out.val.data(), out.ptr[i]);
-  return true;
-}
-
-// The same in place, given count_kept's pointers. No second copy of the pattern exists at any time
-// (at N = 3 x 10^4 an early sparse stage's pattern is GBs). Each chunk of rows compacts towards
-// its own start (it never writes past what it has read), then the chunks close their gaps in order.
-template <typename T>
-void filter_in_place(SparseRows<T>& s, std::vector<int64_t>& kept_ptr, const double* p_row, const double* p_col,
-                     double cutoff, int nt) {
-  const int64_t n = static_cast<int64_t>(s.ptr.size()) - 1;
-  const int64_t nq = std::min<int64_t>(std::max(nt, 1), n);
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t q = 0; q < nq; ++q) {
-    const int64_t i0 = n * q / nq, i1 = n * (q + 1) / nq;
-    move_kept(s, i0, i1, p_row, p_col, cutoff, kept_ptr.data(), s.col.data(), s.val.data(), s.ptr[i0]);
-  }
-  for (int64_t q = 1; q < nq; ++q) {
-    const int64_t i0 = n * q / nq, i1 = n * (q + 1) / nq, len = kept_ptr[i1] - kept_ptr[i0];
-    std::memmove(s.col.data() + kept_ptr[i0], s.col.data() + s.ptr[i0], len * sizeof(int32_t));
-    std::memmove(s.val.data() + kept_ptr[i0], s.val.data() + s.ptr[i0], len * sizeof(T));
-  }
-  std::swap(s.ptr, kept_ptr);
-  s.col.resize(s.ptr[n]);
-  s.val.resize(s.ptr[n]);
-}
-
 // The cutoff a pattern filtered from p may use for iterations at (f, g) that need every entry with
 // C - f - g < keep: keep + slack, lowered to p's margin; none when p cannot vouch for those entries
 // (no pattern, or potentials drifted beyond its margin).
@@ -443,12 +358,20 @@ bool refresh_pattern(const RowMatrix<T>& cost, const double* f, const double* g,
   const std::optional<double> cutoff = filter_cutoff(p, f, g, keep, slack);
   std::vector<int64_t> row_ptr, col_ptr;
   const bool filter_cols = with_cols && p.has_cols;
-  if (cutoff && count_kept(p.rows, f, g, *cutoff, nt, row_ptr) &&
-      (!filter_cols || count_kept(p.cols, g, f, *cutoff, nt, col_ptr))) {
+  bool filtered = false;
+  if (cutoff && nt == 1) {
+    // One pass each (filter_serial); a row or column left empty leaves the pattern half-filtered,
+    // so it is rebuilt below from the dense cost.
+    filtered = filter_serial(p.rows, f, g, *cutoff, p.rows) && (!filter_cols || filter_serial(p.cols, g, f, *cutoff, p.cols));
+    if (!filtered) p.valid = false;
+  } else if (cutoff && count_kept(p.rows, f, g, *cutoff, nt, row_ptr) &&
+             (!filter_cols || count_kept(p.cols, g, f, *cutoff, nt, col_ptr))) {
     filter_in_place(p.rows, row_ptr, f, g, *cutoff, nt);
-    if (filter_cols) {
-      filter_in_place(p.cols, col_ptr, g, f, *cutoff, nt);
-    } else {
+    if (filter_cols) filter_in_place(p.cols, col_ptr, g, f, *cutoff, nt);
+    filtered = true;
+  }
+  if (filtered) {
+    if (!filter_cols) {
       p.cols = SparseRows<T>();
       p.has_cols = false;
     }

@@ -534,6 +534,78 @@ static void test_pattern_build() {
   check_pattern_build<double>();
 }
 
+// The pattern filters: on one thread in one pass (filter_serial, into a copy and in place) against
+// the parallel count-then-move forms on two threads (filter_rows, filter_in_place) and a plain
+// evaluation of the test (double)C - p_row - p_col < cutoff: the same pattern entry for entry, or
+// the same refusal when a row would be empty. Row lengths leave partial groups of 8 and prefetch
+// blocks of 256; cutoffs keep from a few entries to all of them.
+template <typename T>
+static void check_pattern_filters() {
+  std::mt19937_64 rng(37);
+  const int64_t n = 203, m = 700;
+  std::uniform_real_distribution<double> uc(0.0, 10.0), up(-1.0, 1.0);
+  SparseRows<T> in;
+  in.ptr.assign(1, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t len = 1 + static_cast<int64_t>(rng() % 600);
+    std::vector<int32_t> cols(m);
+    for (int64_t j = 0; j < m; ++j) cols[j] = static_cast<int32_t>(j);
+    std::shuffle(cols.begin(), cols.end(), rng);
+    std::sort(cols.begin(), cols.begin() + len);
+    for (int64_t k = 0; k < len; ++k) {
+      in.col.push_back(cols[k]);
+      in.val.push_back(static_cast<T>(k == 0 ? -5.0 : uc(rng)));  // each row's first entry kept above -3
+    }
+    in.ptr.push_back(static_cast<int64_t>(in.col.size()));
+  }
+  std::vector<double> p_row(n), p_col(m);
+  for (double& v : p_row) v = up(rng);
+  for (double& v : p_col) v = up(rng);
+  int kept_cases = 0, refused = 0;
+  for (double cutoff : {-2.0, 0.5, 3.0, 7.0, 20.0, -12.0}) {
+    SparseRows<T> want;  // the plain test
+    want.ptr.assign(1, 0);
+    bool empty = false;
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t e = in.ptr[i]; e < in.ptr[i + 1]; ++e)
+        if (static_cast<double>(in.val[e]) - p_col[in.col[e]] < p_row[i] + cutoff) {
+          want.col.push_back(in.col[e]);
+          want.val.push_back(in.val[e]);
+        }
+      empty = empty || static_cast<int64_t>(want.col.size()) == want.ptr.back();
+      want.ptr.push_back(static_cast<int64_t>(want.col.size()));
+    }
+    auto same = [&](const SparseRows<T>& got) {
+      bool ok = got.ptr == want.ptr && got.col.size() == want.col.size() && got.val.size() == want.val.size();
+      for (size_t k = 0; ok && k < want.col.size(); ++k) ok = got.col[k] == want.col[k] && got.val[k] == want.val[k];
+      return ok;
+    };
+    SparseRows<T> one, two, inplace1 = in, inplace2 = in;
+    const bool ok1 = filter_rows(in, p_row.data(), p_col.data(), cutoff, 1, one);
+    const bool ok2 = filter_rows(in, p_row.data(), p_col.data(), cutoff, 2, two);
+    const bool ok3 = filter_serial(inplace1, p_row.data(), p_col.data(), cutoff, inplace1);
+    std::vector<int64_t> kept_ptr;
+    const bool ok4 = count_kept(inplace2, p_row.data(), p_col.data(), cutoff, 2, kept_ptr);
+    if (ok4) filter_in_place(inplace2, kept_ptr, p_row.data(), p_col.data(), cutoff, 2);
+    CHECK(ok1 == !empty && ok2 == !empty && ok3 == !empty && ok4 == !empty);
+    if (empty) {
+      ++refused;
+      continue;
+    }
+    ++kept_cases;
+    CHECK(same(one));
+    CHECK(same(two));
+    CHECK(same(inplace1));
+    CHECK(same(inplace2));
+  }
+  CHECK(kept_cases == 5 && refused == 1);  // -12: rows left empty
+}
+
+static void test_pattern_filters() {
+  check_pattern_filters<float>();
+  check_pattern_filters<double>();
+}
+
 // build_sparse's test in float (scan_threshold): on values where the exact test c - p < th is
 // decided within a few float roundings, an entry left out must fail the exact test, and an entry
 // the exact test keeps must be kept; a far-off threshold stays far off.
@@ -1410,6 +1482,7 @@ int main(int argc, char** argv) {
       {"compact_above", test_compact_above},
       {"plan_rows", test_plan_rows},
       {"pattern_build", test_pattern_build},
+      {"pattern_filters", test_pattern_filters},
       {"dense_fill", test_dense_fill},
       {"sampling", test_sampling},
       {"otce_bijection", test_otce_bijection},
