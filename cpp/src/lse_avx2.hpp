@@ -123,7 +123,10 @@ __attribute__((target("avx2,fma"))) double lse_sum_avx2(const float* c, const in
   constexpr int64_t kBlock = 256;
   for (int64_t j0 = 0; j0 < len; j0 += kBlock) {
     const int64_t j1 = j0 + kBlock < len ? j0 + kBlock : len;
-    if (Sparse) prefetch_ahead(c, cols, j0, j1);
+    if (Sparse)
+      prefetch_ahead(c, cols, j0, j1);
+    else
+      prefetch_dense_ahead(c, j0, j1);
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
     int64_t k = j0;
     for (; k + 16 <= j1; k += 16) {

@@ -121,7 +121,10 @@ SEGTRANSFER_AVX512_TARGET double lse_sum_avx512(const float* c, const int32_t* c
   constexpr int64_t kBlock = 256;
   for (int64_t j0 = 0; j0 < len; j0 += kBlock) {
     const int64_t j1 = j0 + kBlock < len ? j0 + kBlock : len;
-    if (Sparse) prefetch_ahead(c, cols, j0, j1);
+    if (Sparse)
+      prefetch_ahead(c, cols, j0, j1);
+    else
+      prefetch_dense_ahead(c, j0, j1);
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
     int64_t k = j0;
     for (; k + 32 <= j1; k += 32) {
@@ -150,6 +153,7 @@ SEGTRANSFER_AVX512_TARGET inline void col_lse_row_avx512(const float* c, int64_t
                                                          const float* mx, float* part) {
   const __m512 inv = _mm512_set1_ps(inv_eps), a = _mm512_set1_ps(Ai);
   for (int64_t j = 0; j < m; j += 16) {
+    prefetch_dense_ahead(c, j, j + 1);  // one line, kPrefetchAhead entries ahead
     const __mmask16 mask = first_lanes16(m - j);
     const __m512 x =
         _mm512_sub_ps(_mm512_fnmadd_ps(_mm512_maskz_loadu_ps(mask, c + j), inv, a), _mm512_maskz_loadu_ps(mask, mx + j));
@@ -183,6 +187,7 @@ SEGTRANSFER_AVX512_TARGET inline int64_t dense_fill_avx512(const float* c, int64
   __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   int64_t pos = 0;
   for (int64_t j = 0; j < m && pos < k; j += 16, idx = _mm512_add_epi32(idx, step)) {
+    prefetch_dense_ahead(c, j, j + 1);
     const __mmask16 in = first_lanes16(m - j);
     const __m512 v = _mm512_maskz_loadu_ps(in, c + j);
     const __mmask16 keep =

@@ -29,5 +29,21 @@ inline __attribute__((always_inline)) void prefetch_ahead(const V* val, const in
 #endif
 }
 
+// The same for a loop over a dense row (one stream, contiguous): prefetches [k0, k1) + kPrefetchAhead,
+// a cache line at a time. The hardware prefetchers follow such a stream, but not far enough ahead
+// of these loops: a dense float log-sum-exp over the 400 MB cost of an N = 10^4 draw ran at 0.53 ns
+// an entry, 0.40 with this (scratch benchmark, AVX-512; 0.18 in cache, and a bare read of every
+// line 0.28).
+template <typename V>
+inline __attribute__((always_inline)) void prefetch_dense_ahead(const V* val, int64_t k0, int64_t k1) {
+#if defined(__GNUC__)
+  const uintptr_t pv = reinterpret_cast<uintptr_t>(val);
+  for (int64_t k = k0 + kPrefetchAhead; k < k1 + kPrefetchAhead; k += 64 / sizeof(V))
+    __builtin_prefetch(reinterpret_cast<const void*>(pv + sizeof(V) * k));
+#else
+  (void)val, (void)k0, (void)k1;
+#endif
+}
+
 }  // namespace
 }  // namespace segtransfer
