@@ -217,38 +217,57 @@ SEGTRANSFER_AVX512_TARGET __attribute__((always_inline)) inline __m512d fast_exp
   return _mm512_maskz_scalef_pd(keep, p, n);
 }
 
+// Lanes [0, min(count, 8)) of 8 set: a loop's last group of doubles.
+inline __mmask8 first_lanes8(int64_t count) {
+  return count >= 8 ? __mmask8(0xFF) : static_cast<__mmask8>((1u << count) - 1);
+}
+
+// A[q[l]] for the lanes l that `mask` sets (0 elsewhere), doubles; idx holds q[0, 8): scalar loads
+// for a full group (as load_gathered16), a masked gather for the last one.
+SEGTRANSFER_AVX512_TARGET __attribute__((always_inline)) inline __m512d load_gathered8d(const double* A,
+                                                                                        const int32_t* q,
+                                                                                        __m256i idx, __mmask8 mask) {
+  if (mask == 0xFF) return _mm512_setr_pd(A[q[0]], A[q[1]], A[q[2]], A[q[3]], A[q[4]], A[q[5]], A[q[6]], A[q[7]]);
+  return _mm512_mask_i32gather_pd(_mm512_setzero_pd(), mask, idx, A, 8);
+}
+
+// The loop of the double-precision sparse loops below: a row's entries [0, len) in groups of 8
+// (body(k, mask, idx): the group at k, its lanes, its columns), the value and index streams
+// prefetched a block at a time (prefetch_ahead).
+template <typename Body>
+SEGTRANSFER_AVX512_TARGET __attribute__((always_inline)) inline void sparse_groups8(const float* val,
+                                                                                    const int32_t* cols,
+                                                                                    int64_t len, Body&& body) {
+  for (int64_t j0 = 0; j0 < len; j0 += kPrefetchBlock) {
+    const int64_t j1 = j0 + kPrefetchBlock < len ? j0 + kPrefetchBlock : len;
+    prefetch_ahead(val, cols, j0, j1);
+    for (int64_t k = j0; k < j1; k += 8) {
+      const __mmask8 mask = first_lanes8(j1 - k);
+      body(k, mask, _mm256_maskz_loadu_epi32(mask, cols + k));
+    }
+  }
+}
+
 // PlanRow<float>::fill (sinkhorn.cpp): out[k] = exp(base + B[cols[k]] - c[k] * inv_eps) rounded to
 // float, each added in double to col_part[cols[k]] (a truncated row's columns are distinct, so the
 // 8 lanes of a group never update the same slot), and the row's sum returned. The compiler's clone
 // of the plain loop ran at 5.2 ns an entry (a 10^4 x 1500 pattern, scratch benchmark); this at 1.4.
-// B is read by scalar loads (as load_gathered16), col_part by a gather and a scatter (scalar
+// B is read by scalar loads (load_gathered8d), col_part by a gather and a scatter (scalar
 // read-modify-writes were slower there: 1.8 ns).
 SEGTRANSFER_AVX512_TARGET inline double plan_row_avx512(const float* c, const int32_t* cols, int64_t len, double base,
                                                         const double* B, double inv_eps, float* out,
                                                         double* col_part) {
   const __m512d inv = _mm512_set1_pd(inv_eps), bs = _mm512_set1_pd(base);
   __m512d s = _mm512_setzero_pd();
-  for (int64_t j0 = 0; j0 < len; j0 += kPrefetchBlock) {
-    const int64_t j1 = j0 + kPrefetchBlock < len ? j0 + kPrefetchBlock : len;
-    prefetch_ahead(c, cols, j0, j1);
-    for (int64_t k = j0; k < j1; k += 8) {
-      const __mmask8 mask = j1 - k >= 8 ? __mmask8(0xFF) : static_cast<__mmask8>((1u << (j1 - k)) - 1);
-      const __m256i idx = _mm256_maskz_loadu_epi32(mask, cols + k);
-      __m512d bv;
-      if (mask == 0xFF) {
-        const int32_t* q = cols + k;
-        bv = _mm512_setr_pd(B[q[0]], B[q[1]], B[q[2]], B[q[3]], B[q[4]], B[q[5]], B[q[6]], B[q[7]]);
-      } else {
-        bv = _mm512_mask_i32gather_pd(_mm512_setzero_pd(), mask, idx, B, 8);
-      }
-      const __m512d cv = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(mask, c + k));
-      const __m512d e = _mm512_maskz_mov_pd(mask, fast_exp8d(_mm512_fnmadd_pd(cv, inv, _mm512_add_pd(bs, bv))));
-      _mm256_mask_storeu_ps(out + k, mask, _mm512_cvtpd_ps(e));
-      const __m512d old = _mm512_mask_i32gather_pd(_mm512_setzero_pd(), mask, idx, col_part, 8);
-      _mm512_mask_i32scatter_pd(col_part, mask, idx, _mm512_add_pd(old, e), 8);
-      s = _mm512_add_pd(s, e);
-    }
-  }
+  sparse_groups8(c, cols, len, [&](int64_t k, __mmask8 mask, __m256i idx) SEGTRANSFER_AVX512_TARGET {
+    const __m512d bv = load_gathered8d(B, cols + k, idx, mask);
+    const __m512d cv = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(mask, c + k));
+    const __m512d e = _mm512_maskz_mov_pd(mask, fast_exp8d(_mm512_fnmadd_pd(cv, inv, _mm512_add_pd(bs, bv))));
+    _mm256_mask_storeu_ps(out + k, mask, _mm512_cvtpd_ps(e));
+    const __m512d old = _mm512_mask_i32gather_pd(_mm512_setzero_pd(), mask, idx, col_part, 8);
+    _mm512_mask_i32scatter_pd(col_part, mask, idx, _mm512_add_pd(old, e), 8);
+    s = _mm512_add_pd(s, e);
+  });
   alignas(64) double lanes[8];  // _mm512_reduce_add_pd trips GCC 12's -Wuninitialized in its header
   _mm512_store_pd(lanes, s);
   return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
@@ -268,31 +287,18 @@ SEGTRANSFER_AVX512_TARGET inline int64_t keep_below_avx512(const float* val, con
                                                            float* out_val) {
   const __m512d t = _mm512_set1_pd(th);
   int64_t at = 0;
-  for (int64_t j0 = 0; j0 < len; j0 += kPrefetchBlock) {
-    const int64_t j1 = j0 + kPrefetchBlock < len ? j0 + kPrefetchBlock : len;
-    prefetch_ahead(val, col, j0, j1);
-    for (int64_t k = j0; k < j1; k += 8) {
-      const __mmask8 in = j1 - k >= 8 ? __mmask8(0xFF) : static_cast<__mmask8>((1u << (j1 - k)) - 1);
-      const __m256i idx = _mm256_maskz_loadu_epi32(in, col + k);
-      const __m256 v = _mm256_maskz_loadu_ps(in, val + k);
-      __m512d pc;
-      if (in == 0xFF) {
-        const int32_t* q = col + k;
-        pc = _mm512_setr_pd(p_col[q[0]], p_col[q[1]], p_col[q[2]], p_col[q[3]], p_col[q[4]], p_col[q[5]],
-                            p_col[q[6]], p_col[q[7]]);
-      } else {
-        pc = _mm512_mask_i32gather_pd(_mm512_setzero_pd(), in, idx, p_col, 8);
-      }
-      const __mmask8 keep = _mm512_mask_cmp_pd_mask(in, _mm512_sub_pd(_mm512_cvtps_pd(v), pc), t, _CMP_LT_OQ);
-      const int cnt = __builtin_popcount(keep);
-      if (Store && cnt > 0) {
-        const __mmask8 out = static_cast<__mmask8>((1u << cnt) - 1);
-        _mm256_mask_storeu_ps(out_val + at, out, _mm256_maskz_compress_ps(keep, v));
-        _mm256_mask_storeu_epi32(out_col + at, out, _mm256_maskz_compress_epi32(keep, idx));
-      }
-      at += cnt;
+  sparse_groups8(val, col, len, [&](int64_t k, __mmask8 in, __m256i idx) SEGTRANSFER_AVX512_TARGET {
+    const __m256 v = _mm256_maskz_loadu_ps(in, val + k);
+    const __m512d pc = load_gathered8d(p_col, col + k, idx, in);
+    const __mmask8 keep = _mm512_mask_cmp_pd_mask(in, _mm512_sub_pd(_mm512_cvtps_pd(v), pc), t, _CMP_LT_OQ);
+    const int cnt = __builtin_popcount(keep);
+    if (Store && cnt > 0) {
+      const __mmask8 out = first_lanes8(cnt);
+      _mm256_mask_storeu_ps(out_val + at, out, _mm256_maskz_compress_ps(keep, v));
+      _mm256_mask_storeu_epi32(out_col + at, out, _mm256_maskz_compress_epi32(keep, idx));
     }
-  }
+    at += cnt;
+  });
   return at;
 }
 
