@@ -175,7 +175,7 @@ SEGTRANSFER_AVX512_TARGET inline void scatter_scaled_avx512(const float* terms, 
   }
 }
 
-// DenseRowScan<float>::fill (sinkhorn.cpp) in AVX-512: the first k entries of the dense row c[0, m)
+// DenseRowScan<float>::fill (pattern_scan.hpp) in AVX-512: the first k entries of the dense row c[0, m)
 // with c[j] - p_col[j] < th, their columns to oc and values to ov, in column order; returns how many
 // were written (k, or the row's count if smaller). The same float subtraction and comparison as
 // DenseRowScan's count, so the two agree on every entry; nothing is written past the last one
@@ -273,7 +273,7 @@ SEGTRANSFER_AVX512_TARGET inline double plan_row_avx512(const float* c, const in
   return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
 }
 
-// A pattern's filter (count_kept, move_kept and the one-pass filters in sinkhorn.cpp): the entries
+// A pattern's filter (KeepBelow, pattern_scan.hpp): the entries
 // k of a row with (double)val[k] - p_col[col[k]] < th, 8 at a time, the same double subtraction and
 // comparison as the plain loops, so they agree on every entry. `Store`: the kept entries are written
 // in order to out_col / out_val, and nothing else; out may be the row itself (in place), at or

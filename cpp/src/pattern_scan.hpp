@@ -69,7 +69,8 @@ struct DenseRowScan {
     }
     return pos;
   }
-  // fill's AVX-512 form where this CPU has it (nothing written past the kept entries there).
+  // fill, or its AVX-512 form where this CPU has it (compressed in registers, as
+  // compact_above_avx512; nothing written past the kept entries there).
   static int64_t fill_any(const T* c, int64_t m, const T* p_col, T th, int64_t k, int32_t* oc, T* ov) {
 #ifdef SEGTRANSFER_AVX512_LSE
     if constexpr (std::is_same_v<T, float>)
@@ -181,32 +182,49 @@ bool build_sparse(const RowMatrix<T>& mat, const double* p_row, const double* p_
   if (static_cast<double>(count[n]) > max_density * static_cast<double>(n) * static_cast<double>(m)) return false;
   out.col.resize(count[n]);
   out.val.resize(count[n]);
-#ifdef SEGTRANSFER_AVX512_LSE
-  if constexpr (std::is_same_v<T, float>) {
-    if (avx512_lse_available()) {  // compress in registers, as compact_above_avx512
-#pragma omp parallel for num_threads(nt) schedule(static)
-      for (int64_t i = 0; i < n; ++i)
-        dense_fill_avx512(mat.data() + i * m, m, pcp, thp[i], count[i + 1] - count[i], out.col.data() + count[i],
-                          out.val.data() + count[i]);
-      return true;
-    }
-  }
-#endif
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t i = 0; i < n; ++i)
-    DenseRowScan<T>::fill(mat.data() + i * m, m, pcp, thp[i], count[i + 1] - count[i], out.col.data() + count[i],
-                          out.val.data() + count[i]);
+    DenseRowScan<T>::fill_any(mat.data() + i * m, m, pcp, thp[i], count[i + 1] - count[i], out.col.data() + count[i],
+                              out.val.data() + count[i]);
   return true;
 }
 
-// Whether the filters take keep_below_avx512 (float storage, a CPU with AVX-512).
+// One row of the filters: the entries k with (double)val[k] - p_col[col[k]] < th, counted or moved
+// to oc / ov in order; keep_below_avx512 where this CPU has AVX-512 (float storage), else the plain
+// loops. `stop` (move): the branch-free plain loop writes every entry it reads at the cursor, which
+// advances on the kept ones, and ends once `stop` are kept, so with stop = the row's count nothing
+// is written past them; with stop = len the slot after them may be written, at or before the entry
+// just read (in place). The AVX-512 form writes the kept entries only. Returns how many.
 template <typename T>
-inline bool kept_avx512() {
+struct KeepBelow {
+  static int64_t count(const T* val, const int32_t* col, int64_t len, const double* p_col, double th) {
 #ifdef SEGTRANSFER_AVX512_LSE
-  if constexpr (std::is_same_v<T, float>) return avx512_lse_available();
+    if constexpr (std::is_same_v<T, float>)
+      if (avx512_lse_available()) return keep_below_avx512<false>(val, col, len, p_col, th, nullptr, nullptr);
 #endif
-  return false;
-}
+    int64_t k = 0;
+    prefetch_ahead(val, col, 0, len);
+    for (int64_t e = 0; e < len; ++e) k += (static_cast<double>(val[e]) - p_col[col[e]] < th) ? 1 : 0;
+    return k;
+  }
+  static int64_t move(const T* val, const int32_t* col, int64_t len, const double* p_col, double th, int64_t stop,
+                      int32_t* oc, T* ov) {
+#ifdef SEGTRANSFER_AVX512_LSE
+    if constexpr (std::is_same_v<T, float>)
+      if (avx512_lse_available()) return keep_below_avx512<true>(val, col, len, p_col, th, oc, ov);
+#endif
+    int64_t at = 0;
+    prefetch_ahead(val, col, 0, len);
+    for (int64_t e = 0; e < len && at < stop; ++e) {
+      const int32_t c = col[e];
+      const T v = val[e];
+      oc[at] = c;
+      ov[at] = v;
+      at += (static_cast<double>(v) - p_col[c] < th) ? 1 : 0;
+    }
+    return at;
+  }
+};
 
 // Row pointers (ptr[0] = 0) of the entries of `in` with C - p_row - p_col < cutoff. The same
 // function filters the CSC copy with the potentials swapped. Returns false if a row would be empty.
@@ -218,21 +236,9 @@ bool count_kept(const SparseRows<T>& in, const double* p_row, const double* p_co
   bool empty_row = false;
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(|| : empty_row)
   for (int64_t i = 0; i < n; ++i) {
-    const double th = p_row[i] + cutoff;
-    int64_t k = 0;
-#ifdef SEGTRANSFER_AVX512_LSE
-    if constexpr (std::is_same_v<T, float>) {
-      if (kept_avx512<T>()) {
-        ptr[i + 1] = k = keep_below_avx512<false>(in.val.data() + in.ptr[i], in.col.data() + in.ptr[i],
-                                                  in.ptr[i + 1] - in.ptr[i], p_col, th, nullptr, nullptr);
-        empty_row = empty_row || k == 0;
-        continue;
-      }
-    }
-#endif
-    prefetch_ahead(in.val.data(), in.col.data(), in.ptr[i], in.ptr[i + 1]);
-    for (int64_t e = in.ptr[i]; e < in.ptr[i + 1]; ++e)
-      k += (static_cast<double>(in.val[e]) - p_col[in.col[e]] < th) ? 1 : 0;
+    const int64_t b = in.ptr[i];
+    const int64_t k = KeepBelow<T>::count(in.val.data() + b, in.col.data() + b, in.ptr[i + 1] - b, p_col,
+                                          p_row[i] + cutoff);
     ptr[i + 1] = k;
     empty_row = empty_row || k == 0;
   }
@@ -242,34 +248,17 @@ bool count_kept(const SparseRows<T>& in, const double* p_row, const double* p_co
 }
 
 // Moves the kept entries of rows [i0, i1) of `in` to out_col/out_val from `at` on, in order;
-// `kept` holds count_kept's row pointers. Branch-free, as build_sparse's fill: every entry is
-// written at the cursor, which advances on the kept ones, and a row stops at its last kept entry,
-// so nothing is written past the row's share of the output (another thread's). In place
-// (out = in) the cursor never passes the entry being read. The branchy form mispredicted on about
-// every other entry (a filter keeps 30-60 % of them).
+// `kept` holds count_kept's row pointers, so no row writes past its share of the output (another
+// thread's; KeepBelow::move). In place (out = in) the cursor never passes the entry being read.
+// Branch-free: the branchy form mispredicted on about every other entry (a filter keeps 30-60 % of
+// them).
 template <typename T>
 int64_t move_kept(const SparseRows<T>& in, int64_t i0, int64_t i1, const double* p_row, const double* p_col,
                   double cutoff, const int64_t* kept, int32_t* out_col, T* out_val, int64_t at) {
   for (int64_t i = i0; i < i1; ++i) {
-    const double th = p_row[i] + cutoff;
-#ifdef SEGTRANSFER_AVX512_LSE
-    if constexpr (std::is_same_v<T, float>) {
-      if (kept_avx512<T>()) {  // writes the kept entries only
-        at += keep_below_avx512<true>(in.val.data() + in.ptr[i], in.col.data() + in.ptr[i],
-                                      in.ptr[i + 1] - in.ptr[i], p_col, th, out_col + at, out_val + at);
-        continue;
-      }
-    }
-#endif
-    const int64_t stop = at + (kept[i + 1] - kept[i]), end = in.ptr[i + 1];
-    prefetch_ahead(in.val.data(), in.col.data(), in.ptr[i], end);
-    for (int64_t e = in.ptr[i]; e < end && at < stop; ++e) {
-      const int32_t c = in.col[e];
-      const T v = in.val[e];
-      out_col[at] = c;
-      out_val[at] = v;
-      at += (static_cast<double>(v) - p_col[c] < th) ? 1 : 0;
-    }
+    const int64_t b = in.ptr[i];
+    at += KeepBelow<T>::move(in.val.data() + b, in.col.data() + b, in.ptr[i + 1] - b, p_col, p_row[i] + cutoff,
+                             kept[i + 1] - kept[i], out_col + at, out_val + at);
   }
   return at;
 }
@@ -291,34 +280,16 @@ bool filter_serial(const SparseRows<T>& in, const double* p_row, const double* p
     out.col.resize(in.ptr[n]);
     out.val.resize(in.ptr[n]);
   }
-  const bool avx = kept_avx512<T>();
   int64_t at = 0, begin = in.ptr[0];
   out.ptr[0] = 0;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t end = in.ptr[i + 1];  // read before out.ptr[i + 1] (in place: the same slot) is set
-    const double th = p_row[i] + cutoff;
-    const int64_t start = at;
-    int32_t* oc = out.col.data();
-    T* ov = out.val.data();
-#ifdef SEGTRANSFER_AVX512_LSE
-    if constexpr (std::is_same_v<T, float>) {
-      if (avx) at += keep_below_avx512<true>(in.val.data() + begin, in.col.data() + begin, end - begin, p_col, th,
-                                             oc + at, ov + at);
-    }
-#endif
-    if (!avx) {
-      // Branch-free as move_kept; the slot after the row's kept entries may be written, which is at
-      // or before the entry just read.
-      prefetch_ahead(in.val.data(), in.col.data(), begin, end);
-      for (int64_t e = begin; e < end; ++e) {
-        const int32_t c = in.col[e];
-        const T v = in.val[e];
-        oc[at] = c;
-        ov[at] = v;
-        at += (static_cast<double>(v) - p_col[c] < th) ? 1 : 0;
-      }
-    }
-    if (at == start) return false;
+    // stop = the row's length: the slot after its kept entries may be written (KeepBelow::move),
+    // which is at or before the entry just read.
+    const int64_t k = KeepBelow<T>::move(in.val.data() + begin, in.col.data() + begin, end - begin, p_col,
+                                         p_row[i] + cutoff, end - begin, out.col.data() + at, out.val.data() + at);
+    if (k == 0) return false;
+    at += k;
     out.ptr[i + 1] = at;
     begin = end;
   }
