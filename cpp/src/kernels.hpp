@@ -442,7 +442,10 @@ inline bool coarse_newton(const std::vector<double>& K, const std::vector<double
     Eigen::VectorXd d2inv(Q);
     for (int d = 0; d < Q; ++d) d2inv[d] = col_on[d] && cs[d] > 0 ? 1.0 / cs[d] : 0.0;
     const Mat W = P * d2inv.cwiseSqrt().asDiagonal();
-    Eigen::MatrixXd S = -(W * W.transpose());
+    // Only the lower triangle, which is all LDLT reads: half the flops of W W^T, the bulk of a
+    // step (R^2 Q; 5 % of a K = 10 call with 150 x 370 groups).
+    Eigen::MatrixXd S = Eigen::MatrixXd::Zero(R, R);
+    S.selfadjointView<Eigen::Lower>().rankUpdate(W, -1.0);
     S.diagonal() += rs;
     // A relative ridge keeps S definite (its constant null vector, and weakly linked groups).
     const double ridge = 1e-12 * std::max(rs.maxCoeff(), 1e-300);

@@ -626,9 +626,27 @@ bool balance_classes(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
   const int32_t* groupp = col_group.data();
   // The masses accumulate in fixed chunks of rows, each into its own R x Q table, and the tables are
   // added in order: the result does not depend on the thread count.
+  // A chunk's table covers only the range of row classes its rows belong to, at offset[q]. The
+  // callers sort rows by class, so that range is a class or a few: 64 full tables had been
+  // 64 x R x Q doubles to clear and add up per call (120 MB with 600 x 400 groups). A class outside
+  // a chunk's range adds only zeros to its total, so the totals are the same, bit for bit.
   const int64_t chunks = std::min<int64_t>(n, 64);
   const size_t RQ = static_cast<size_t>(R) * Q;
-  M.assign(static_cast<size_t>(chunks) * RQ, 0.0);
+  // (Plain locals, not thread_local like the buffers above: the parallel loop's threads read them.)
+  std::vector<size_t> offset(chunks + 1, 0);
+  std::vector<int> first_class(chunks), last_class(chunks);
+  for (int64_t q = 0; q < chunks; ++q) {
+    const int64_t i0 = q * n / chunks, i1 = (q + 1) * n / chunks;
+    int lo = R, hi = -1;
+    for (int64_t i = i0; i < i1; ++i) {
+      lo = std::min(lo, static_cast<int>(cls.row_class[i]));
+      hi = std::max(hi, static_cast<int>(cls.row_class[i]));
+    }
+    first_class[q] = lo;
+    last_class[q] = hi;
+    offset[q + 1] = offset[q] + (hi >= lo ? static_cast<size_t>(hi - lo + 1) * Q : 0);
+  }
+  M.assign(offset[chunks], 0.0);
   redo.assign(n, 0);
   double* Mp = M.data();
   char* redop = redo.data();
@@ -695,16 +713,17 @@ bool balance_classes(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
       }
       // exp(L) with L = log a_i + f_i / eps + guess + log(sum): the row's mass in each segment.
       const double scale = std::exp(log_a[i] + f[i] * inv_eps + guess);
-      double* Mrow = Mp + q * RQ + static_cast<size_t>(cls.row_class[i]) * Q;
+      double* Mrow = Mp + offset[q] + static_cast<size_t>(cls.row_class[i] - first_class[q]) * Q;
       for (const auto& sd : seg) Mrow[sd.first] += scale * sd.second;
     }
   }
-  std::vector<double> logM(RQ, kNegInf);
-  for (size_t k = 0; k < RQ; ++k) {
-    double total = 0.0;
-    for (int64_t q = 0; q < chunks; ++q) total += M[q * RQ + k];
-    if (total > 0) logM[k] = std::log(total);
-  }
+  std::vector<double> total(RQ, 0.0), logM(RQ, kNegInf);
+  for (int64_t q = 0; q < chunks; ++q)
+    if (last_class[q] >= first_class[q])
+      for (size_t k = 0; k < offset[q + 1] - offset[q]; ++k)
+        total[static_cast<size_t>(first_class[q]) * Q + k] += M[offset[q] + k];
+  for (size_t k = 0; k < RQ; ++k)
+    if (total[k] > 0) logM[k] = std::log(total[k]);
   for (int64_t i = 0; i < n; ++i) {
     if (!redop[i]) continue;
     const double base = log_a[i] + f[i] * inv_eps;

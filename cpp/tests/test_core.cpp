@@ -1031,6 +1031,30 @@ static void test_class_balance() {
   check_class_balance<float>();
 }
 
+// Class balancing on two threads: a problem above 10^7 entries, where the solver's loops (the
+// balancing's chunked group masses among them) run on every thread it is given. One thread and two
+// give bit-identical potentials, tables and iteration counts (the chunks' masses are added in a
+// fixed order). 40 iterations are enough to run several balancings; convergence is not the point.
+template <typename T>
+static void check_class_balance_threads() {
+  const double centre[3][2] = {{0, 0}, {4, 0}, {0, 4}};
+  const int64_t ns[3] = {1400, 1100, 900}, nt[3] = {1000, 1300, 1100};
+  const ClusterProblem<T> p = cluster_problem<T>(5, centre, ns, nt, 0.4, 0.3);
+  CHECK(static_cast<double>(p.n) * static_cast<double>(p.m) > 1e7);
+  SinkhornOptions opt;
+  opt.epsilon = 0.05;
+  opt.max_iter = 40;
+  opt.num_threads = 1;
+  const TwoSolves s = solve_twice(p, opt, [](SinkhornOptions& o) { o.num_threads = 2; });
+  CHECK(s.on.iterations == 40 && s.off.iterations == 40);
+  CHECK(s.f_on == s.f_off && s.on.joint == s.off.joint);
+}
+
+static void test_class_balance_threads() {
+  check_class_balance_threads<double>();
+  check_class_balance_threads<float>();
+}
+
 // The hard regime of test_float_stages and test_newton_cg_floor: three clusters 6 apart (cost / eps
 // up to ~10^4 at eps = 0.01), of unequal sizes, so that mass crosses between them through entries
 // of ~e^-300.
@@ -1492,6 +1516,7 @@ int main(int argc, char** argv) {
       {"multiscale_path", test_multiscale_path},
       {"coarse_newton", test_coarse_newton},
       {"class_balance", test_class_balance},
+      {"class_balance_threads", test_class_balance_threads},
       {"float_stages", test_float_stages},
       {"newton_cg_floor", test_newton_cg_floor},
       {"stage_extrapolation", test_stage_extrapolation},
