@@ -165,6 +165,7 @@ PYBIND11_MODULE(_core, m) {
     return itemsize == 4 ? blocked_bytes<float>(n, m, d, threads, row_groups, col_groups)
                          : blocked_bytes<double>(n, m, d, threads, row_groups, col_groups);
   });
+  m.attr("max_groups") = kMaxGroups;
   m.def("built_with_cuda", &built_with_cuda);
   m.def("cuda_device_count", &cuda_device_count);
   m.def("cuda_status", &cuda_status);

@@ -52,11 +52,6 @@ void check_finite(const PixelView<T>& v, const int32_t* code, const char* arg) {
 // Entries (n x m) from which transport_points groups unlabelled points for class balancing: below,
 // a solve takes milliseconds and the grouping would only add work.
 constexpr double kGroupingMin = 1e6;
-// 64 rather than 32: the finer groups cut the iterations (K = 10 at N = 10^4 on two task pairs:
-// 147.3 -> 146.0 and 149.9 -> 141.7 at D = 19, 123.8 -> 120.4 and 154.9 -> 142.0 at D = 256; at
-// N = 3 x 10^4 118 / 123 -> 108 / 114) for the same time or less. 128 cut them further but cost more
-// than they saved at D = 19: the coarse problems grow with the groups (bench/RESULTS.md, session 19).
-constexpr int kMaxGroups = 64;
 
 // Groups of nearby points (k-means cells) standing in for classes when the caller has none: class
 // balancing and the two-level Newton preconditioner (sinkhorn.cpp) then act on clusters of the data

@@ -624,17 +624,17 @@ bool balance_classes(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
       std::fill(col_group.begin() + cls.col_class_start[d], col_group.begin() + cls.col_class_start[d + 1], d);
   }
   const int32_t* groupp = col_group.data();
-  // The masses accumulate in fixed chunks of rows, each into its own R x Q table, and the tables are
-  // added in order: the result does not depend on the thread count.
-  // A chunk's table covers only the range of row classes its rows belong to, at offset[q]. The
-  // callers sort rows by class, so that range is a class or a few: 64 full tables had been
-  // 64 x R x Q doubles to clear and add up per call (120 MB with 600 x 400 groups). A class outside
-  // a chunk's range adds only zeros to its total, so the totals are the same, bit for bit.
+  // The masses accumulate in fixed chunks of rows, each into its own table, and the tables are added
+  // in order: the result does not depend on the thread count. Chunk q's table holds the row classes
+  // first_class[q] .. of its rows (Q columns each) at offset[q]; the callers sort rows by class, so
+  // that is a class or a few, where 64 full R x Q tables had been cleared and added up per call
+  // (120 MB with 600 x 400 groups). Classes outside a chunk's range would add only zeros to the
+  // totals, which are the same bit for bit. (Plain locals, not thread_local like the buffers above:
+  // the parallel loop's threads read them.)
   const int64_t chunks = std::min<int64_t>(n, 64);
   const size_t RQ = static_cast<size_t>(R) * Q;
-  // (Plain locals, not thread_local like the buffers above: the parallel loop's threads read them.)
   std::vector<size_t> offset(chunks + 1, 0);
-  std::vector<int> first_class(chunks), last_class(chunks);
+  std::vector<int> first_class(chunks);
   for (int64_t q = 0; q < chunks; ++q) {
     const int64_t i0 = q * n / chunks, i1 = (q + 1) * n / chunks;
     int lo = R, hi = -1;
@@ -643,7 +643,6 @@ bool balance_classes(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
       hi = std::max(hi, static_cast<int>(cls.row_class[i]));
     }
     first_class[q] = lo;
-    last_class[q] = hi;
     offset[q + 1] = offset[q] + (hi >= lo ? static_cast<size_t>(hi - lo + 1) * Q : 0);
   }
   M.assign(offset[chunks], 0.0);
@@ -719,9 +718,8 @@ bool balance_classes(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
   }
   std::vector<double> total(RQ, 0.0), logM(RQ, kNegInf);
   for (int64_t q = 0; q < chunks; ++q)
-    if (last_class[q] >= first_class[q])
-      for (size_t k = 0; k < offset[q + 1] - offset[q]; ++k)
-        total[static_cast<size_t>(first_class[q]) * Q + k] += M[offset[q] + k];
+    for (size_t k = 0; k < offset[q + 1] - offset[q]; ++k)
+      total[static_cast<size_t>(first_class[q]) * Q + k] += M[offset[q] + k];
   for (size_t k = 0; k < RQ; ++k)
     if (total[k] > 0) logM[k] = std::log(total[k]);
   for (int64_t i = 0; i < n; ++i) {

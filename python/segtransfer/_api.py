@@ -243,8 +243,9 @@ def otce(
     # Every buffer whose size the user controls, in bytes. The joint tables mirror the core's plan
     # summary (up to 64 row blocks of Cs x Ct partial tables per solve) plus the (K, Cs, Ct) output
     # and its NumPy copy; pixel indices are made by the sampler and copied once by the bindings.
-    # Balancing groups: up to 64 k-means cells per class (kMaxGroups, otce.cpp).
-    solver_memory = _solver_memory(ns, nt, d, dtype.itemsize, opt, 64 * cs, 64 * ct, 8.0 * (ns + nt) * d,
+    # Balancing groups: up to max_groups k-means cells per class (kMaxGroups, otce.hpp).
+    groups = int(_core.max_groups)
+    solver_memory = _solver_memory(ns, nt, d, dtype.itemsize, opt, groups * cs, groups * ct, 8.0 * (ns + nt) * d,
                                    "lower n_pixels")
     memory = {
         solver_memory[0]: solver_memory[1],
@@ -380,8 +381,9 @@ def sinkhorn(
     opt = _options(epsilon, tol, max_iter, timeout, threads, blocked)
     n, m = xa.shape[0], ya.shape[0]
     budget = _memory_budget()
-    # Balancing groups: up to 64 k-means cells per side (kMaxGroups, otce.cpp).
-    name, need = _solver_memory(n, m, xa.shape[1], np.dtype(dtype).itemsize, opt, 64, 64, 0.0,
+    # Balancing groups: up to max_groups k-means cells per side (kMaxGroups, otce.hpp).
+    groups = int(_core.max_groups)
+    name, need = _solver_memory(n, m, xa.shape[1], np.dtype(dtype).itemsize, opt, groups, groups, 0.0,
                                 "use fewer points (x and y)")
     _check_memory(f"sinkhorn with {n} x {m} points", {name: need}, budget)
     solve = _core.sinkhorn_f32 if dtype == np.float32 else _core.sinkhorn_f64

@@ -7,6 +7,15 @@
 
 namespace segtransfer {
 
+// The most k-means cells each side is split into for class balancing and Newton's coarse space
+// (otce splits each class by them, transport_points uses them as the groups); the Python layer sizes
+// its memory estimate by it (`_core.max_groups`). 64 rather than 32: the finer groups cut the
+// iterations (K = 10 at N = 10^4 on two task pairs: 147.3 -> 146.0 and 149.9 -> 141.7 at D = 19,
+// 123.8 -> 120.4 and 154.9 -> 142.0 at D = 256; at N = 3 x 10^4 118 / 123 -> 108 / 114) for the same
+// time or less. 128 cut them further but cost more than they saved at D = 19: the coarse problems
+// grow with the groups (bench/RESULTS.md, session 19).
+constexpr int kMaxGroups = 64;
+
 // A strided view of pixel features: `images` blocks of `pixels` pixels with `dim` channels each.
 // Covers (P, D) tables, (B, D, H, W) maps and (B, H, W, D) maps without copying; strides in elements.
 template <typename T>
