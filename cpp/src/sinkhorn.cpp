@@ -584,6 +584,15 @@ inline bool fused_guess_finite(const double* g, int64_t m, double eps) {
   return true;
 }
 
+// Sum of a run of KeptTerms' terms (balance_classes' segments, ~15 entries: inlined, as a call
+// through target_clones' dispatch costs as much as the sum), in float.
+inline double sum_terms(const float* t, int64_t len) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t k = 0; k < len; ++k) s += t[k];
+  return static_cast<double>(s);
+}
+
 // Coarse correction on the class level (a two-grid step): shifts every potential by a constant per
 // class, f_i += alpha_c(i), g_j += beta_d(j), with (alpha, beta) the exact maximiser of the dual over
 // such shifts. That maximiser solves a small scaling problem: find alpha, beta with
@@ -660,10 +669,17 @@ bool balance_classes(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
     const int64_t j0 = cls.col_class_start[d], j1 = cls.col_class_start[d + 1];
     return Segment{mat.data() + i * m + j0, nullptr, j1 - j0, Ap + j0};
   };
+  // Float exponents where KeptTerms runs: each row's terms in one pass (KeptTerms::sum), then the
+  // segments' sums from them, instead of a sum_lowp call per segment. A row of a stage's pattern
+  // spans ~150 segments of ~15 entries (64 cells per class at N = 10^4), and those short calls
+  // made a call cost about three fused iterations, 9 % of a K = 10 call's CPU time at D = 19
+  // (bench/RESULTS.md, session 20). The same terms, added in another order.
+  const bool keep_terms = lowp && KeptTerms::available();
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
   for (int64_t q = 0; q < chunks; ++q) {
     std::vector<std::pair<int, double>> seg;  // the row's non-empty segments and their shifted sums
     seg.reserve(Q);
+    std::vector<float> terms(keep_terms ? m : 0);
     for (int64_t i = q * n / chunks; i < (q + 1) * n / chunks; ++i) {
       // One pass shifted by the row's expected total (-f_i / eps, as in half_step): segments whose
       // share of the row underflows the float exponential (below ~e^-87 of it) count as empty, which
@@ -673,7 +689,17 @@ bool balance_classes(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
       // rounded to float being the one subtracted. The coarse shift it feeds is a heuristic step
       // that the following iterations refine; its masses need no more than float's 1e-4.
       const double guess = lowp ? static_cast<double>(static_cast<float>(-f[i] * inv_eps)) : -f[i] * inv_eps;
+      // Row i's entries (dense: all m, sparse: its pattern) from `row_c` on; with keep_terms their
+      // terms are in `terms` and a segment's sum adds its own.
+      const T* row_c = sp == nullptr ? mat.data() + i * m : sp->val.data() + sp->ptr[i];
+      if constexpr (std::is_same_v<T, float>) {
+        if (keep_terms)
+          KeptTerms::sum(row_c, sp == nullptr ? nullptr : sp->col.data() + sp->ptr[i],
+                         sp == nullptr ? m : sp->ptr[i + 1] - sp->ptr[i], Afp, static_cast<float>(inv_eps),
+                         static_cast<float>(guess), terms.data());
+      }
       auto shifted = [&](const Segment& sg) {
+        if (keep_terms) return sum_terms(terms.data() + (sg.c - row_c), sg.len);
         return lowp ? RowLse<T>::sum_lowp(sg.c, sg.cols, sg.len, Afp + (sg.A - Ap), static_cast<float>(inv_eps),
                                           static_cast<float>(guess))
                     : RowLse<T>::sum(sg.c, sg.cols, sg.len, sg.A, inv_eps, guess);
