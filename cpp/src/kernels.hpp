@@ -668,7 +668,7 @@ PlanSummary summarize_rows(int64_t n, int64_t m, const Rows& rows, const double*
 // between clusters), but by at most this factor: the global phase's overshoots were below 2x on
 // the benchmark's draws, while near the solution, with every entry in CG and no damping, full steps
 // that gained on the dual raised the error 14-28x (6e-7 -> 1.7e-5), each costing a 200-900 ms step
-// to undo (N = 10^4, D = 256: one draw took 19 Newton steps instead of 15; bench/RESULTS.md,
+// to undo (N = 10^4, D = 256: one draw took 20 Newton steps instead of 16; bench/RESULTS.md,
 // session 20). Beyond it the step is shortened, and the damping then rises.
 constexpr double kAscentOvershoot = 4.0;
 

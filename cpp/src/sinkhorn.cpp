@@ -672,8 +672,8 @@ bool balance_classes(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
   // Float exponents where KeptTerms runs: each row's terms in one pass (KeptTerms::sum), then the
   // segments' sums from them, instead of a sum_lowp call per segment. A row of a stage's pattern
   // spans ~150 segments of ~15 entries (64 cells per class at N = 10^4), and those short calls
-  // made a call cost about three fused iterations, 9 % of a K = 10 call's CPU time at D = 19
-  // (bench/RESULTS.md, session 20). The same terms, added in another order.
+  // took 9 % of a K = 10 call's CPU time at D = 19 (bench/RESULTS.md, session 20). The same
+  // terms, added in another order.
   const bool keep_terms = lowp && KeptTerms::available();
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
   for (int64_t q = 0; q < chunks; ++q) {
