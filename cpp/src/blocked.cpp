@@ -575,7 +575,7 @@ class BlockedSolver {
           }
           for (int64_t j = 0; j < m; ++j) gain += b_[j] * t * w[j];
           gain -= mass_try - mass;
-          if (gain >= 1e-4 * t * slope && gain > 1e-12 && err_try <= kAscentOvershoot * err) {
+          if (dual_ascent_accepted(gain, t * slope, err_try, err)) {
             accepted = ascent = true;
             break;
           }

@@ -672,6 +672,13 @@ PlanSummary summarize_rows(int64_t n, int64_t m, const Rows& rows, const double*
 // session 20). Beyond it the step is shortened, and the damping then rises.
 constexpr double kAscentOvershoot = 4.0;
 
+// The acceptance of such a step, shared by both solvers' line searches: `gain` is the trial's dual
+// gain over eps, `t_slope` the step length times the direction's slope, `err_try` and `err` the
+// trial's and the current marginal errors.
+inline bool dual_ascent_accepted(double gain, double t_slope, double err_try, double err) {
+  return gain >= 1e-4 * t_slope && gain > 1e-12 && err_try <= kAscentOvershoot * err;
+}
+
 // The adaptive over-relaxation of both solvers' Sinkhorn loops (see sinkhorn_log), at the end of a
 // block of iterations whose last error is `err` (`block_err`: the last accepted block's). Returns
 // false when the block is to be undone (the caller restores its snapshot): omega then drops back

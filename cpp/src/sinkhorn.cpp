@@ -1160,7 +1160,7 @@ double newton_polish(const SparseRows<T>& R, int64_t m, const double* a, const d
         }
         for (int64_t j = 0; j < m; ++j) gain += b[j] * t * w[j];
         gain -= mass_try - mass;
-        if (gain >= 1e-4 * t * slope && gain > 1e-12 && err_try <= kAscentOvershoot * err) {
+        if (dual_ascent_accepted(gain, t * slope, err_try, err)) {
           ascent = true;
           break;
         }
