@@ -4,6 +4,9 @@
 // compares (c) with the limits (a) and (b) put on it. Usage: segtransfer_roofline [N] [D] [threads]
 // (N = M; threads omitted: 1 and 2).
 //
+// `segtransfer_roofline sparse [entries per row] [threads]`: the same for the loop that dominates a
+// solve now, the truncated-kernel float iteration of the intermediate stages (see sparse_main).
+//
 // What one dense float iteration does (sinkhorn.cpp, half_step with sp == nullptr):
 //  - rows (RowLse::run per row): one pass that streams the row from DRAM and takes M exps, shifted
 //    by the row's own potential (the max-then-sum fallback only runs when that over/underflows,
@@ -16,12 +19,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <string>
 #include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
+#include "../cpp/src/kernels.hpp"  // the solver's row loops themselves (internal), for `sparse`
 #include "segtransfer/fastexp.hpp"
 #include "segtransfer/sinkhorn.hpp"
 
@@ -147,7 +152,162 @@ static double dense_iteration(const RowMatrix<float>& cost, int nt, int64_t it1,
   return (t[1] - t[0]) / static_cast<double>(it2 - it1);
 }
 
+// --- sparse: the truncated kernel's float iteration ----------------------------------------------
+// fused_iteration (sinkhorn.cpp) does, for every row of the pattern (CSR, float values and int32
+// columns), the row's float log-sum-exp that keeps its terms (KeptTerms::sum) and then adds those
+// terms, scaled, to the column sums (KeptTerms::add_scaled): one exponential per entry for both
+// half-steps. Where AVX-512 does not run it takes the same row sum (RowLse::sum_lowp) and a second
+// exponential per entry for the columns (ColLse::sum_sparse_row_lowp); so does this benchmark. The
+// per-row rest (a log, an expm1, the potentials' update) is left out: ~10^4 of each against ~10^7
+// entries.
+struct SparseRowsF {
+  std::vector<int64_t> ptr;
+  std::vector<int32_t> col;
+  std::vector<float> val;
+};
+
+// Rows of runs of `run` consecutive columns at random starts, sorted and distinct, ~per_row
+// entries a row: the solver's patterns have this shape because otce sorts the pixels by class and
+// k-means cell (~150 segments of ~15 entries a row at N = 10^4, bench/RESULTS.md, session 20).
+// Values in [0, 25] with A = 0 and eps = 1: every exponent in [-25, 0], as a converging stage's are.
+static SparseRowsF make_rows(int64_t n, int64_t m, int64_t per_row, int64_t run, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int64_t> start(0, m - run);
+  std::uniform_real_distribution<float> value(0.0f, 25.0f);
+  SparseRowsF r;
+  r.ptr.assign(1, 0);
+  std::vector<char> on(m);
+  for (int64_t i = 0; i < n; ++i) {
+    std::fill(on.begin(), on.end(), per_row >= m ? 1 : 0);
+    for (int64_t k = 0; per_row < m && k < (per_row + run - 1) / run; ++k) std::fill_n(on.begin() + start(rng), run, 1);
+    for (int64_t j = 0; j < m; ++j)
+      if (on[j]) r.col.push_back(static_cast<int32_t>(j)), r.val.push_back(value(rng));
+    r.ptr.push_back(static_cast<int64_t>(r.col.size()));
+  }
+  return r;
+}
+
+// One pass of the iteration's row work over `rows` (see above); returns the rows' sums' total.
+static double sparse_pass(const SparseRowsF& rows, const float* Af, size_t Af_len, const float* mx, float* terms,
+                          float* part) {
+  const int64_t n = static_cast<int64_t>(rows.ptr.size()) - 1;
+  const bool kept = KeptTerms::available();
+  double total = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t k0 = rows.ptr[i], len = rows.ptr[i + 1] - k0;
+    const float* c = rows.val.data() + k0;
+    // A full row (entries per row = M) runs as the dense stages do: no column indices.
+    const int32_t* cols = len == static_cast<int64_t>(Af_len) ? nullptr : rows.col.data() + k0;
+    if (kept) {
+      total += KeptTerms::sum(c, cols, len, Af, 1.0f, 0.0f, terms);
+      KeptTerms::add_scaled(terms, cols, len, 1e-4f, part);
+    } else {
+      total += RowLse<float>::sum_lowp(c, cols, len, Af, 1.0f, 0.0f);
+      if (cols == nullptr)
+        ColLse<float>::sum_row_lowp(c, len, 0.0f, 1.0f, mx, part);
+      else
+        ColLse<float>::sum_sparse_row_lowp(c, cols, len, 0.0f, 1.0f, mx, part);
+    }
+  }
+  return total;
+}
+
+// Seconds per pass, best of 5 (each the slowest thread's), with each of `nt` threads running its own copy of the work at
+// once (as otce's workers run their own draws side by side). `in_cache`: a 64-row pattern that
+// stays in L2 and is passed over repeatedly, the loop's own ceiling without DRAM.
+static double sparse_time(int nt, int64_t n, int64_t m, int64_t per_row, bool in_cache, int64_t& entries) {
+  constexpr int kReps = 5;
+  std::vector<double> slowest(kReps, 0.0);  // per repetition, its slowest thread's time
+  double sink = 0.0;
+  int64_t nnz = 0;
+#pragma omp parallel num_threads(nt) reduction(+ : sink) reduction(max : nnz)
+  {
+    int id = 0;
+#ifdef _OPENMP
+    id = omp_get_thread_num();
+#endif
+    const int64_t rows_n = in_cache ? 64 : n, passes = in_cache ? (n + 63) / 64 : 1;
+    const SparseRowsF rows = make_rows(rows_n, m, per_row, 15, 1000 + id);  // first touch by its thread
+    nnz = rows.ptr.back() * passes;
+    std::vector<float> Af(m, 0.0f), mx(m, 0.0f), terms(m), part(m, 0.0f);
+    for (int rep = 0; rep < kReps; ++rep) {
+#pragma omp barrier
+      const auto t0 = Clock::now();
+      for (int64_t p = 0; p < passes; ++p) {
+        clobber();
+        sink += sparse_pass(rows, Af.data(), Af.size(), mx.data(), terms.data(), part.data());
+      }
+      const double t = since(t0);
+#pragma omp barrier
+#pragma omp critical
+      slowest[rep] = std::max(slowest[rep], t);
+    }
+    sink += part[0];
+  }
+  if (sink == 1.2345) std::printf(" ");
+  entries = nnz;
+  return *std::min_element(slowest.begin(), slowest.end());
+}
+
+// Exponentials per second of the cheapest loop that takes them the solver's way: the dense float
+// row sum (RowLse::sum_lowp without columns) over L1-resident rows, per thread, nt at once.
+static double dense_lowp_rate(int nt) {
+  const int64_t len = 4096, reps = 20000;
+  double best = 0.0, sink = 0.0;
+  for (int r = 0; r < 3; ++r) {
+    double s = 0.0;
+    const auto t0 = Clock::now();
+#pragma omp parallel num_threads(nt) reduction(+ : s)
+    {
+      std::vector<float> c(len), Af(len, 0.0f);
+      for (int64_t k = 0; k < len; ++k) c[k] = 25.0f * static_cast<float>(k) / len;
+      for (int64_t q = 0; q < reps; ++q) {
+        clobber();
+        s += RowLse<float>::sum_lowp(c.data(), nullptr, len, Af.data(), 1.0f, 0.0f);
+      }
+    }
+    best = std::max(best, static_cast<double>(len) * reps * nt / since(t0));
+    sink += s;
+  }
+  if (sink == 1.2345) std::printf(" ");
+  return best;
+}
+
+// Limits per entry and thread: t_stream = the 8 bytes (value and column index; 4 for full rows,
+// which the dense stages run without indices) it streams from DRAM
+// at the bandwidth one thread gets when nt threads read at once; t_exp = one exponential at the
+// dense L1 loop's rate. Classic roofline: limit = max(t_stream, t_exp). The gathered potentials
+// and the column sums (2 x 40 KB at N = 10^4) stay in L1/L2 and are not counted as traffic.
+static int sparse_main(int argc, char** argv) {
+  const int64_t per_row = argc > 2 ? std::atoll(argv[2]) : 1557;
+  std::vector<int> threads = argc > 3 ? std::vector<int>{std::atoi(argv[3])} : std::vector<int>{1, 2};
+  const int64_t n = 10000, m = 10000;
+  if (per_row < 15 || per_row > m || threads[0] < 1)
+    return std::fprintf(stderr, "usage: segtransfer_roofline sparse [15 <= entries per row <= 10000] [threads>=1]\n"), 2;
+  std::vector<float> big(200'000'000);  // 800 MB, as in main
+#pragma omp parallel for num_threads(threads.back()) schedule(static)
+  for (int64_t j = 0; j < static_cast<int64_t>(big.size()); ++j) big[j] = static_cast<float>(j & 1023) * 1e-3f;
+  std::printf("sparse float iteration (KeptTerms %s), N = M = %lld, ~%lld entries a row in 15-column runs\n",
+              KeptTerms::available() ? "on: AVX-512" : "off: two exps an entry", (long long)n, (long long)per_row);
+  std::printf("\n| threads | entries/thread (M) | BW GB/s (all) | exp G/s/thread | t_stream ns | t_exp ns | limit ns |"
+              " measured ns | limit/measured | in-cache ns | in-cache/measured |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+  for (const int nt : threads) {
+    const double bw = read_bandwidth(big, nt) * 1e9;
+    const double rate = dense_lowp_rate(nt) / nt;
+    int64_t entries = 0, entries_c = 0;
+    const double t = sparse_time(nt, n, m, per_row, false, entries);
+    const double tc = sparse_time(nt, n, m, per_row, true, entries_c);
+    const double ns = 1e9 * t / entries, ns_c = 1e9 * tc / entries_c;
+    const double t_stream = (per_row == m ? 4.0 : 8.0) / (bw / nt) * 1e9, t_exp = 1e9 / rate, limit = std::max(t_stream, t_exp);
+    std::printf("| %d | %.1f | %.1f | %.2f | %.3f | %.3f | %.3f | %.3f | %.2f | %.3f | %.2f |\n", nt, entries / 1e6,
+                bw / 1e9, rate / 1e9, t_stream, t_exp, limit, ns, limit / ns, ns_c, ns_c / ns);
+    std::fflush(stdout);
+  }
+  return 0;
+}
+
 int main(int argc, char** argv) {
+  if (argc > 1 && std::string(argv[1]) == "sparse") return sparse_main(argc, argv);
   const int64_t n = argc > 1 ? std::atoll(argv[1]) : 10000;
   const int64_t d = argc > 2 ? std::atoll(argv[2]) : 19;
   std::vector<int> threads = argc > 3 ? std::vector<int>{std::atoi(argv[3])} : std::vector<int>{1, 2};
