@@ -1065,9 +1065,9 @@ static ClusterProblem<T> separated_clusters() {
   return cluster_problem<T>(8, centre, ns, nt, 0.5, 0.2);
 }
 
-// Intermediate stages of a float problem form their exponents in float (float_stage_exponents):
-// that changes the path to the last stage, not the answer, which the last stage (in double
-// exponents) and the certificate fix. Hard regime: clusters 6 apart at eps = 0.01 (cost / eps up to
+// Intermediate stages of a float problem form their exponents in float (float_stage_exponents),
+// and so does the last stage's Sinkhorn phase before Newton: that changes the path, not the answer,
+// which Newton (in double exponents) and the certificate fix. Hard regime: clusters 6 apart at eps = 0.01 (cost / eps up to
 // ~10^4), 11 dense and 4 sparse intermediate stages. Both runs certify to tol and agree
 // (check_same_solution).
 static void test_float_stages() {

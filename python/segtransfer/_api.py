@@ -182,9 +182,10 @@ def otce(
 
     Precision: float64 inputs are solved in float64. float32 inputs keep the cost in float32 and
     evaluate exponentials in float32, with exponents, potentials and sums in float64 (the intermediate
-    epsilon stages form their exponents in float32 where float32 resolves them, i.e. while
-    (max |C| + max |f| + max |g|) / epsilon stays below ~1.7e4; the last stage and the certificate
-    never do). Mixed inputs are solved in float64.
+    epsilon stages, and the last stage's Sinkhorn iterations before its Newton steps, form their
+    exponents in float32 where float32 resolves them, i.e. while (max |C| + max |f| + max |g|) /
+    epsilon stays below ~1.7e4; Newton and the certificate never do). Mixed inputs are solved in
+    float64.
 
     ``blocked=True`` recomputes the cost from the features at every Sinkhorn iteration instead of
     storing it: memory O((N + M) D) plus its Newton finish's truncated copy of the plan (entries

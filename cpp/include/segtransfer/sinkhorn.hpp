@@ -45,8 +45,9 @@ struct SinkhornOptions {
   bool class_balance = true;
   // float storage only: the half-steps of intermediate stages (dense, sparse and blocked, the
   // multiscale subsample's too) form their exponents in float (16 lanes, half the gathered bytes), each entry
-  // then off by up to ~3e-4 relative, far inside the stage_tol those stages stop at; the last stage,
-  // Newton and every certificate stay in double. Same iterations and scores on the benchmark's
+  // then off by up to ~3e-4 relative, far inside the stage_tol those stages stop at; so do the last
+  // stage's Sinkhorn phases that only hand over to Newton (at newton_switch). Newton, any phase
+  // aimed at tol and every certificate stay in double. Same iterations and scores on the benchmark's
   // draws; K = 10 at D = 256 131 -> 122 s (RESULTS.md, session 6). Only where float resolves the
   // stage's exponents (float_exponents_fit, kernels.hpp: their magnitude up to ~1.7e4); beyond,
   // in double (large features had stalled those stages; RESULTS.md, session 17).
