@@ -934,17 +934,17 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
         estimate = last_err;
       }
       const PlanSummary chk = solver.summarize(f, g, eps, cls);
-      rep.marginal_error = chk.marginal_error;
+      rep.marginal_error = chk.marginal_error + certificate_rounding(solver.max_cost(), f, n, g, m, eps, std::max(n, m));
       rep.transport_cost = chk.transport_cost;
       rep.joint = chk.joint;
-      rep.converged = chk.marginal_error <= opt.tol;
+      rep.converged = rep.marginal_error <= opt.tol;
       if (debug)
-        std::fprintf(stderr, "blocked certify: err=%.3e it=%lld t=%.1f\n", chk.marginal_error,
+        std::fprintf(stderr, "blocked certify: err=%.3e it=%lld t=%.1f\n", rep.marginal_error,
                      static_cast<long long>(rep.iterations),
                      std::chrono::duration<double>(Clock::now() - start).count());
-      if (rep.converged || rep.iterations >= opt.max_iter || rep.timed_out || !std::isfinite(chk.marginal_error))
+      if (rep.converged || rep.iterations >= opt.max_iter || rep.timed_out || !std::isfinite(rep.marginal_error))
         break;
-      if (rounds.stuck(chk.marginal_error)) break;
+      if (rounds.stuck(rep.marginal_error)) break;
       if (estimate <= target) target *= 0.1;  // the estimate was optimistic: ask more of it
     }
   }

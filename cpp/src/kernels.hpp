@@ -145,6 +145,26 @@ inline bool float_exponents_fit(double cost_bound, const double* f, int64_t n, c
   return (cost_bound + fm + gm) / eps <= kMaxFloatExponent;  // false for NaN, as for inf
 }
 
+// What float64 rounding alone can hide in a certificate's L1 marginal error, added to it so that a
+// certificate near float64's resolution for the cost scale cannot pass by the luck of its rounding
+// (a faster form of the pattern certificate, with another summation order, certified 7.7e-13 against
+// a tol of 1e-12 on a problem whose floor is ~1e-10; RESULTS.md, session 21). Each plan entry's
+// exponent is formed from terms up to M = (max|C| + max|f| + max|g|) / eps with a few roundings,
+// so the entry carries a relative error up to ~4 M 2^-53, plus the exponential's few ulp; a sum of
+// up to `terms` entries adds `terms` 2^-53 relative; each unit of mass is counted in a row sum and
+// in a column sum. At the paper's setting (M ~ 10^4, 10^4 terms) this is ~10^-11, far below any
+// useful tol. Non-finite potentials give a non-finite term (not converged).
+inline double certificate_rounding(double cost_bound, const double* f, int64_t n, const double* g, int64_t m,
+                                   double eps, int64_t terms) {
+  double fm = 0.0, gm = 0.0;
+  bool finite = std::isfinite(cost_bound);
+  for (int64_t i = 0; i < n; ++i) fm = std::max(fm, std::fabs(f[i])), finite = finite && std::isfinite(f[i]);
+  for (int64_t j = 0; j < m; ++j) gm = std::max(gm, std::fabs(g[j])), finite = finite && std::isfinite(g[j]);
+  if (!finite) return std::numeric_limits<double>::infinity();
+  const double M = (cost_bound + fm + gm) / eps;
+  return 2.0 * (4.0 * M + static_cast<double>(terms) + 8.0) * 0x1p-53;
+}
+
 // The one rule for whether an intermediate stage (or the multiscale hand-over's half-step, whose
 // target is handover_tol) forms its exponents in float: asked for, a target that float's rounding
 // (~3e-4 relative on a term) cannot spoil, and exponents float resolves. Both solvers.

@@ -1438,6 +1438,28 @@ static void test_otce_grouping() {
   check_otce_grouping<float>();
 }
 
+// The certificates add what float64 rounding can hide (certificate_rounding): 2 (4 M + terms + 8)
+// 2^-53 with M = (max|C| + max|f| + max|g|) / eps; non-finite potentials make it non-finite. A
+// solve asked for a tol below that floor can then never report converged (early_exits checks it).
+static void test_certificate_rounding() {
+  const double f[2] = {1.0, -2.0}, g[1] = {3.0};
+  const double r = certificate_rounding(100.0, f, 2, g, 1, 0.1, 2);
+  CHECK(r == 2.0 * (4.0 * (100.0 + 2.0 + 3.0) / 0.1 + 2.0 + 8.0) * 0x1p-53);
+  CHECK(r > 0 && r < 1e-12);
+  const double bad[1] = {std::numeric_limits<double>::quiet_NaN()};
+  CHECK(!std::isfinite(certificate_rounding(100.0, f, 2, bad, 1, 0.1, 2)));
+  // A converged solve reports at least that term.
+  std::mt19937_64 rng(11);
+  const int64_t n = 120, d = 3;
+  std::vector<double> x = normal(rng, n * d, 2.0), y = normal(rng, n * d, 2.0);
+  SinkhornOptions opt;
+  opt.epsilon = 0.05;
+  opt.tol = 1e-9;
+  const TransportResult t = transport_points<double>(x.data(), n, y.data(), n, d, nullptr, nullptr, opt, 0.0);
+  CHECK(t.report.converged);
+  CHECK(t.report.marginal_error >= 2.0 * (static_cast<double>(n) + 8.0) * 0x1p-53);
+}
+
 // Every early exit: max_iter, timeout, interrupt, refusals; each must unwind without leaking.
 static void test_early_exits() {
   std::mt19937_64 rng(5);
@@ -1523,6 +1545,7 @@ int main(int argc, char** argv) {
       {"blocked", test_blocked},
       {"transport_grouping", test_transport_grouping},
       {"otce_grouping", test_otce_grouping},
+      {"certificate_rounding", test_certificate_rounding},
       {"early_exits", test_early_exits},
   };
   for (int i = 1; i < argc; ++i) {
