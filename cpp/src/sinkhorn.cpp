@@ -1193,8 +1193,9 @@ double newton_polish(const SparseRows<T>& R, int64_t m, const double* a, const d
 
 // One row of summarize_pattern: its entries exp(base + B[col] - c * inv_eps) into v, their sum
 // returned and their sum weighted by the cost in wd. fast_exp in double (truncation below 5e-18
-// relative, fastexp.hpp) rounds like std::exp to a few ulp, and vectorises where std::exp kept the
-// certificate scalar: ~5 ns an entry, 83 ms a draw at N = 10^4, D = 256 (RESULTS.md, session 21).
+// relative, fastexp.hpp) rounds like std::exp to a few ulp and vectorises; with std::exp the
+// certificate ran scalar at ~5 ns an entry, 78 ms against 32 now for one draw at N = 10^4, D = 256
+// on one thread (RESULTS.md, session 21).
 template <typename T>
 struct SummaryPatternRow {
   SEGTRANSFER_HOT static double run(const T* c, const int32_t* cols, int64_t len, double base, const double* B,
