@@ -16,8 +16,9 @@
 //   row_step_kernel  f half-step: one warp per row, online log-sum-exp in one pass over the row
 //   col_step_kernel  g half-step: 32 columns x 8 row groups per block, reads rows of C (coalesced
 //                    across columns, no transposed copy), merges the 8 partial log-sum-exps
-//   sum_rows_kernel + update_active_kernel   L1 marginal error per problem every `check_every`
-//                    iterations; converged / diverged problems drop out of later launches
+//   sum_rows_kernel  L1 marginal error per problem (rows + columns) every `check_every` iterations;
+//                    the host retires converged / diverged problems and steers each problem's
+//                    over-relaxation factor (a block that raised the error is undone)
 //   summary_row_kernel + joint_kernel + col_step_kernel (measure only)   the certifying pass:
 //                    joint label table, W_D = <pi, C> and both marginal errors, streamed from the
 //                    potentials; the plan is never stored
@@ -28,13 +29,14 @@
 #include <climits>
 #include <cmath>
 #include <cstdlib>
+#include <cstdio>
 #include <cstring>
 #include <limits>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include "batch_solver.hpp"
+#include "overrelaxation.hpp"
 #include "segtransfer/errors.hpp"
 
 namespace segtransfer::cuda {
@@ -60,12 +62,12 @@ void check(cudaError_t err, const char* what) {
   }
 }
 
+// snprintf, not an ostringstream: formatting a double through <sstream> in this nvcc-compiled file
+// crashed (SIGSEGV inside std::ostream::_M_insert<double>, seen on the H200 machine with nvcc 13.0).
 std::string gigabytes(double bytes) {
-  std::ostringstream s;
-  s.setf(std::ios::fixed);
-  s.precision(bytes >= 1e8 ? 1 : 3);
-  s << bytes / 1e9 << " GB";
-  return s.str();
+  char buf[64];
+  std::snprintf(buf, sizeof buf, bytes >= 1e8 ? "%.1f GB" : "%.3f GB", bytes / 1e9);
+  return buf;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -446,13 +448,13 @@ __global__ void max_kernel(const T* __restrict__ cost, int64_t per_problem, unsi
 // f half-step for every row i of every active problem k:
 //   lse_i = log sum_j exp((f_i + g_j - C_ij) / eps + log b_j)      (exponent formed in double)
 //   err_i = a_i |exp(lse_i) - 1|  = |row marginal_i - a_i| of the plan (f, g) before the update
-//   f_i  <- f_i - eps lse_i                                          (when update)
+//   f_i  <- f_i - omega_k eps lse_i     (over-relaxed when omega_k > 1; omega == nullptr: measure only)
 // One warp per row, one pass (online log-sum-exp), butterfly merge. grid (ceil(n / 8), K).
 template <typename T, typename E>
 __global__ void row_step_kernel(const T* __restrict__ cost, int64_t n, int64_t m, const double* __restrict__ g,
                                 const double* __restrict__ log_b, const double* __restrict__ a, double eps,
-                                double inv_eps, const int* __restrict__ active, bool update, double* f,
-                                double* __restrict__ err) {
+                                double inv_eps, const int* __restrict__ active, const double* __restrict__ omega,
+                                double* f, double* __restrict__ err) {
   const int64_t k = blockIdx.y;
   if (active != nullptr && active[k] == 0) return;  // block-uniform
   const int lane = threadIdx.x % kWarp;
@@ -470,19 +472,19 @@ __global__ void row_step_kernel(const T* __restrict__ cost, int64_t n, int64_t m
   if (lane == 0) {
     const double lse = mx + log(s);
     err[k * n + i] = a[i] * fabs(expm1(lse));
-    if (update) f[k * n + i] = fi - eps * lse;
+    if (omega != nullptr) f[k * n + i] = fi - omega[k] * eps * lse;
   }
 }
 
 // g half-step, the mirror image over columns, without a transposed copy of C: a block owns 32
 // consecutive columns; its 8 row groups walk rows i = ty, ty + 8, ... reading C[i, j0 .. j0 + 31]
 // (one 128-byte line per warp for float), then the 8 partial log-sum-exps are merged in a fixed order.
-// update == false measures only (certification). grid (ceil(m / 32), K), block (32, 8).
+// omega == nullptr measures only (certification). grid (ceil(m / 32), K), block (32, 8).
 template <typename T, typename E>
 __global__ void col_step_kernel(const T* __restrict__ cost, int64_t n, int64_t m, const double* __restrict__ f,
                                 const double* __restrict__ log_a, const double* __restrict__ b, double eps,
-                                double inv_eps, const int* __restrict__ active, bool update, double* g,
-                                double* __restrict__ err) {
+                                double inv_eps, const int* __restrict__ active, const double* __restrict__ omega,
+                                double* g, double* __restrict__ err) {
   __shared__ double part_mx[kColRows][kColCols];
   __shared__ double part_s[kColRows][kColCols];
   const int64_t k = blockIdx.y;
@@ -506,7 +508,7 @@ __global__ void col_step_kernel(const T* __restrict__ cost, int64_t n, int64_t m
     for (int t = 1; t < kColRows; ++t) lse_merge(mx, s, part_mx[t][tx], part_s[t][tx]);
     const double lse = mx + log(s);
     err[k * m + j] = b[j] * fabs(expm1(lse));
-    if (update) g[k * m + j] = gj - eps * lse;
+    if (omega != nullptr) g[k * m + j] = gj - omega[k] * eps * lse;
   }
 }
 
@@ -527,21 +529,6 @@ __global__ void sum_rows_kernel(const double* __restrict__ values, int64_t len, 
     __syncthreads();
   }
   if (threadIdx.x == 0) out[k] = part[0];
-}
-
-// A problem leaves the active set when its error reaches its target, or when the error is not finite
-// (overflow: reported as diverged, never as converged).
-__global__ void update_active_kernel(const double* __restrict__ err, const double* __restrict__ target,
-                                     int64_t repeats, int* __restrict__ active, int* __restrict__ diverged) {
-  const int64_t k = global_thread();
-  if (k >= repeats || active[k] == 0) return;
-  const double e = err[k];
-  if (!isfinite(e)) {
-    active[k] = 0;
-    diverged[k] = 1;
-  } else if (e <= target[k]) {
-    active[k] = 0;
-  }
 }
 
 // The certifying pass over rows, for every problem: plan entries
@@ -782,8 +769,9 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
   DeviceBuffer<int64_t> d_col_start(static_cast<size_t>(K) * (cc + 1), "target class ranges");
   DeviceBuffer<unsigned long long> d_max_bits(K, "largest costs");
   DeviceBuffer<double> d_err(K, "errors"), d_err2(K, "column errors (sum)"), d_wd(K, "transport costs");
-  DeviceBuffer<double> d_target(K, "targets");
-  DeviceBuffer<int> d_active(K, "active flags"), d_diverged(K, "divergence flags");
+  DeviceBuffer<double> d_omega(K, "over-relaxation factors");
+  DeviceBuffer<double> d_f_snap(KN, "potentials f (snapshot)"), d_g_snap(KM, "potentials g (snapshot)");
+  DeviceBuffer<int> d_active(K, "active flags");
   DrainOnExit drain(stream.get());  // destroyed first: queued kernels finish before buffers are freed
 
   // ---- features: gather the sampled rows, centre each problem on its joint mean, cost, largest cost
@@ -842,7 +830,6 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
   q.upload(d_col_start.get(), p.col_class_start, static_cast<size_t>(K) * (cc + 1), "cudaMemcpyAsync (class ranges)");
   q.zero(d_f.get(), KN * sizeof(double), "cudaMemsetAsync (f)");  // all-zero bits are +0.0
   q.zero(d_g.get(), KM * sizeof(double), "cudaMemsetAsync (g)");
-  q.zero(d_diverged.get(), K * sizeof(int), "cudaMemsetAsync (divergence flags)");
 
   // ---- epsilon schedule, as on the CPU: from the largest cost down by scaling_factor, then epsilon.
   // One schedule for the whole batch, from the largest cost of all problems (a problem with smaller
@@ -860,20 +847,40 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
   res.transport_cost.assign(K, std::numeric_limits<double>::quiet_NaN());
   res.joint.assign(static_cast<size_t>(K) * rc * cc, 0.0);
 
-  std::vector<int> active(K, 0), active_after(K, 0), diverged(K, 0);
+  std::vector<int> active(K, 0), diverged(K, 0);
   std::vector<double> target(K, 0.0), err(K, 0.0), err2(K, 0.0), wd(K, 0.0);
+  // Safeguarded over-relaxation per problem (the CPU solver's accept_block, kernels.hpp): omega climbs
+  // towards its cap after every block of check_every iterations whose error fell; a block whose error
+  // rose or overflowed is undone from the snapshot, omega drops halfway back to 1 and the failed level
+  // becomes the cap. Reset at every epsilon stage.
+  std::vector<double> omega(K, 1.0), cap(K, o.overrelaxation), block_err(K, 0.0);
+  bool precise = false;  // exponentials in double (E = double) from here on; see the last stage below
   bool timed_out = false;
   const auto start = Clock::now();
   auto last_poll = start;
 
+  auto copy_potentials = [&](double* f_dst, const double* f_src, double* g_dst, const double* g_src, int64_t k,
+                             int64_t count, const char* what) {
+    check(cudaMemcpyAsync(f_dst + k * n, f_src + k * n, count * n * sizeof(double), cudaMemcpyDeviceToDevice,
+                          q.stream()), what);
+    check(cudaMemcpyAsync(g_dst + k * m, g_src + k * m, count * m * sizeof(double), cudaMemcpyDeviceToDevice,
+                          q.stream()), what);
+  };
+  auto start_stage = [&]() {
+    std::fill(omega.begin(), omega.end(), 1.0);
+    std::fill(cap.begin(), cap.end(), std::max(1.0, o.overrelaxation));
+    std::fill(block_err.begin(), block_err.end(), std::numeric_limits<double>::infinity());
+    copy_potentials(d_f_snap.get(), d_f.get(), d_g_snap.get(), d_g.get(), 0, K, "cudaMemcpyAsync (snapshot)");
+  };
   auto push_flags = [&]() {
     q.upload(d_active.get(), active.data(), K, "cudaMemcpyAsync (active flags)");
-    q.upload(d_target.get(), target.data(), K, "cudaMemcpyAsync (targets)");
+    q.upload(d_omega.get(), omega.data(), K, "cudaMemcpyAsync (over-relaxation factors)");
   };
 
   // Iterations on the active problems until none is left; a convergence check (one host sync) every
-  // check_every iterations. The error checked is that of the plan entering the last row half-step
-  // (its column marginals are exact after the preceding column half-step).
+  // check_every iterations. The error checked is the row error of the plan entering the block's last
+  // row half-step plus the column error of the plan entering its last column half-step (with
+  // omega > 1 neither marginal is exact after a half-step). The dense certificate decides in the end.
   auto iterate = [&](double eps) {
     const double inv_eps = 1.0 / eps;
     for (;;) {
@@ -886,32 +893,64 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
       }
       if (!any) return;
       for (int64_t t = 0; t < block; ++t) {
-        row_step_kernel<T, E><<<dim3(blocks_for(n, kRowWarps), static_cast<unsigned>(K)), kRowThreads, 0,
-                                q.stream()>>>(d_cost.get(), n, m, d_g.get(), d_log_b.get(), d_a.get(), eps, inv_eps,
-                                              d_active.get(), true, d_f.get(), d_err_rows.get());
+        const dim3 rows(blocks_for(n, kRowWarps), static_cast<unsigned>(K));
+        const dim3 cols(blocks_for(m, kColCols), static_cast<unsigned>(K));
+        if (precise) {
+          row_step_kernel<T, double><<<rows, kRowThreads, 0, q.stream()>>>(
+              d_cost.get(), n, m, d_g.get(), d_log_b.get(), d_a.get(), eps, inv_eps, d_active.get(), d_omega.get(),
+              d_f.get(), d_err_rows.get());
+        } else {
+          row_step_kernel<T, E><<<rows, kRowThreads, 0, q.stream()>>>(
+              d_cost.get(), n, m, d_g.get(), d_log_b.get(), d_a.get(), eps, inv_eps, d_active.get(), d_omega.get(),
+              d_f.get(), d_err_rows.get());
+        }
         q.launched("row_step_kernel");
-        col_step_kernel<T, E><<<dim3(blocks_for(m, kColCols), static_cast<unsigned>(K)), dim3(kColCols, kColRows), 0,
-                                q.stream()>>>(d_cost.get(), n, m, d_f.get(), d_log_a.get(), d_b.get(), eps, inv_eps,
-                                              d_active.get(), true, d_g.get(), d_err_cols.get());
+        if (precise) {
+          col_step_kernel<T, double><<<cols, dim3(kColCols, kColRows), 0, q.stream()>>>(
+              d_cost.get(), n, m, d_f.get(), d_log_a.get(), d_b.get(), eps, inv_eps, d_active.get(), d_omega.get(),
+              d_g.get(), d_err_cols.get());
+        } else {
+          col_step_kernel<T, E><<<cols, dim3(kColCols, kColRows), 0, q.stream()>>>(
+              d_cost.get(), n, m, d_f.get(), d_log_a.get(), d_b.get(), eps, inv_eps, d_active.get(), d_omega.get(),
+              d_g.get(), d_err_cols.get());
+        }
         q.launched("col_step_kernel");
       }
       sum_rows_kernel<<<static_cast<unsigned>(K), kReduceThreads, 0, q.stream()>>>(d_err_rows.get(), n,
                                                                                   d_active.get(), d_err.get());
-      q.launched("sum_rows_kernel (errors)");
-      update_active_kernel<<<blocks_for(K, kFlatThreads), kFlatThreads, 0, q.stream()>>>(
-          d_err.get(), d_target.get(), K, d_active.get(), d_diverged.get());
-      q.launched("update_active_kernel");
-      q.download(active_after.data(), d_active.get(), K, "cudaMemcpyAsync (active flags)");
-      q.download(diverged.data(), d_diverged.get(), K, "cudaMemcpyAsync (divergence flags)");
+      q.launched("sum_rows_kernel (row errors)");
+      sum_rows_kernel<<<static_cast<unsigned>(K), kReduceThreads, 0, q.stream()>>>(d_err_cols.get(), m,
+                                                                                  d_active.get(), d_err2.get());
+      q.launched("sum_rows_kernel (column errors)");
+      q.download(err.data(), d_err.get(), K, "cudaMemcpyAsync (row errors)");
+      q.download(err2.data(), d_err2.get(), K, "cudaMemcpyAsync (column errors)");
       q.sync("a convergence check");
-      bool changed = false;
+      bool all_accepted = true;
+      std::vector<int64_t> undo, keep;
       for (int64_t k = 0; k < K; ++k) {
-        if (active[k]) res.iterations[k] += block;
-        active[k] = active_after[k];
-        if (active[k] && res.iterations[k] >= o.max_iter) {
+        if (!active[k]) continue;
+        res.iterations[k] += block;
+        const double e = err[k] + err2[k];
+        if (std::isfinite(e) && e <= target[k]) {
           active[k] = 0;
-          changed = true;
+        } else if (!std::isfinite(e) && omega[k] == 1.0) {
+          active[k] = 0;  // plain Sinkhorn overflowed: reported as diverged, never as converged
+          diverged[k] = 1;
+        } else if (accept_block(e, block_err[k], omega[k], cap[k])) {
+          keep.push_back(k);
+        } else {
+          undo.push_back(k);
+          all_accepted = false;
         }
+        if (active[k] && res.iterations[k] >= o.max_iter) active[k] = 0;
+      }
+      for (int64_t k : undo)
+        copy_potentials(d_f.get(), d_f_snap.get(), d_g.get(), d_g_snap.get(), k, 1, "cudaMemcpyAsync (undo a block)");
+      if (all_accepted && static_cast<int64_t>(keep.size()) == K) {
+        copy_potentials(d_f_snap.get(), d_f.get(), d_g_snap.get(), d_g.get(), 0, K, "cudaMemcpyAsync (snapshot)");
+      } else {
+        for (int64_t k : keep)
+          copy_potentials(d_f_snap.get(), d_f.get(), d_g_snap.get(), d_g.get(), k, 1, "cudaMemcpyAsync (snapshot)");
       }
       const auto now = Clock::now();
       if (now - last_poll >= std::chrono::milliseconds(50)) {
@@ -920,10 +959,9 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
         if (o.timeout > 0 && std::chrono::duration<double>(now - start).count() > o.timeout) {
           timed_out = true;
           std::fill(active.begin(), active.end(), 0);
-          changed = true;
         }
       }
-      if (changed) q.upload(d_active.get(), active.data(), K, "cudaMemcpyAsync (active flags)");
+      push_flags();
     }
   };
 
@@ -936,7 +974,7 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
     q.launched("summary_row_kernel");
     col_step_kernel<T, double><<<dim3(blocks_for(m, kColCols), static_cast<unsigned>(K)), dim3(kColCols, kColRows), 0,
                                  q.stream()>>>(d_cost.get(), n, m, d_f.get(), d_log_a.get(), d_b.get(), eps, inv_eps,
-                                               nullptr, false, d_g.get(), d_err_cols.get());
+                                               nullptr, nullptr, d_g.get(), d_err_cols.get());
     q.launched("col_step_kernel (measure)");
     sum_rows_kernel<<<static_cast<unsigned>(K), kReduceThreads, 0, q.stream()>>>(d_err_rows.get(), n, nullptr,
                                                                                 d_err.get());
@@ -972,13 +1010,17 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
       active[k] = !timed_out && !diverged[k] && res.iterations[k] < o.max_iter ? 1 : 0;
       target[k] = stage_target;
     }
+    start_stage();
     push_flags();
     for (;;) {
       iterate(eps);
       if (!last) break;
       certify(eps);
-      // The check's estimate can be optimistic (it measures the plan one half-step back, in the
-      // storage precision): ask more of the problems that the dense pass did not certify.
+      // The check's estimate can be optimistic (it measures the plans half a step back, in the
+      // storage precision): ask more of the problems that the dense pass did not certify, with
+      // exponentials in double from now on (float32 storage: iterating with float exponentials
+      // stalls at their rounding, ~1e-6 in L1 at cost / epsilon ~ 10^3, measured on the H200).
+      precise = true;
       bool again = false;
       for (int64_t k = 0; k < K; ++k) {
         const bool retry = !res.converged[k] && !timed_out && !diverged[k] && res.iterations[k] < o.max_iter &&

@@ -47,6 +47,7 @@ struct BatchOptions {
   bool eps_scaling = true;
   double scaling_factor = 0.5;
   double stage_tol = 1e-2;     // marginal error at which an intermediate stage hands over
+  double overrelaxation = 1.9;  // cap of the adaptive over-relaxation factor; 1: plain Sinkhorn
   int check_every = 10;        // iterations between two convergence checks (one host sync each)
   std::function<bool()> interrupt;  // polled at every check (at most every 50 ms); true: stop
 };

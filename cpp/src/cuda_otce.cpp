@@ -27,6 +27,7 @@ cuda::BatchOptions batch_options(const SinkhornOptions& opt) {
   o.eps_scaling = opt.eps_scaling;
   o.scaling_factor = opt.scaling_factor;
   o.stage_tol = opt.stage_tol;
+  o.overrelaxation = opt.overrelaxation;
   o.interrupt = opt.interrupt;
   return o;
 }

@@ -18,6 +18,7 @@
 #include "segtransfer/fastexp.hpp"
 #include "segtransfer/sinkhorn.hpp"
 #include "lse_avx2.hpp"
+#include "overrelaxation.hpp"
 #include "prefetch.hpp"
 #include "lse_avx512.hpp"
 
@@ -697,22 +698,6 @@ constexpr double kAscentOvershoot = 4.0;
 // trial's and the current marginal errors.
 inline bool dual_ascent_accepted(double gain, double t_slope, double err_try, double err) {
   return gain >= 1e-4 * t_slope && gain > 1e-12 && err_try <= kAscentOvershoot * err;
-}
-
-// The adaptive over-relaxation of both solvers' Sinkhorn loops (see sinkhorn_log), at the end of a
-// block of iterations whose last error is `err` (`block_err`: the last accepted block's). Returns
-// false when the block is to be undone (the caller restores its snapshot): omega then drops back
-// halfway to 1 and the level that failed becomes the cap; otherwise omega climbs towards the cap.
-inline bool accept_block(double err, double& block_err, double& omega, double& cap) {
-  if (!std::isfinite(err) || (omega > 1.0 && err > block_err)) {
-    cap = std::max(1.0, omega - 0.05);
-    omega = 1.0 + 0.5 * (omega - 1.0);
-    if (omega < 1.02) omega = 1.0;
-    return false;
-  }
-  block_err = err;
-  omega = std::min(cap, omega + 0.5 * (cap - omega) + 0.01);
-  return true;
 }
 
 // The two-level preconditioner of Newton's CG (see newton_polish in sinkhorn.cpp): z = D^-1 r +

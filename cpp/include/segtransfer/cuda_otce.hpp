@@ -16,8 +16,8 @@ namespace segtransfer {
 // OTCE over `repeats` draws on CUDA device `device`. Arguments as in otce(): class codes (one per
 // pixel, negative = ignored) and the draws src_idx (repeats, ns) / tgt_idx (repeats, nt) are host
 // arrays. All repeats are solved together; opt.timeout applies to the whole batch. opt.num_threads,
-// truncation, stage_truncation, max_density, overrelaxation, class_balance, float_stage_exponents,
-// newton and multiscale settings are CPU-only and ignored here.
+// truncation, stage_truncation, max_density, class_balance, float_stage_exponents, newton and
+// multiscale settings are CPU-only and ignored here (overrelaxation applies: the same adaptive scheme).
 OTCEResult otce_cuda(const FeatureSource& src, const int32_t* src_code, int source_classes, const int64_t* src_idx,
                      int64_t ns, const FeatureSource& tgt, const int32_t* tgt_code, int target_classes,
                      const int64_t* tgt_idx, int64_t nt, int64_t repeats, const SinkhornOptions& opt, int device);

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Issue 5's checks on a GPU machine, in one command (the device tool's machine: no registry, so nothing is
+# pip-installed from the network). Builds the extension with CUDA for sm_90 in build/gpu, puts it next to the
+# Python sources, then: the gpu-marked tests, compute-sanitizer memcheck on a small case, the benchmark
+# (bench/gpu_bench.py), racecheck on a smaller case. Logs go to $OUT (default /tmp/gpu_out).
+#
+#   EIGEN_PREFIX  a prefix holding share/eigen3/cmake (default: the cmeel-eigen prefix carried in .devcarry)
+#   WHEELS        a folder of wheels to install into /tmp/site first (POT, GeomLoss), if present
+#   STEPS         which steps to run, in this order (default "build tests memcheck bench racecheck")
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+STEPS=${STEPS:-build tests memcheck bench racecheck}
+export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/steps.log"; }
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
+  nvcc --version | tail -1; $PY -c 'import sys, torch; print(sys.version.split()[0], torch.__version__)'
+  lscpu | grep -m1 'Model name'; nproc; } >> "$OUT/steps.log" 2>&1
+
+if [ -d "${WHEELS:-.whl}" ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "${WHEELS:-.whl}"/*.whl >> "$OUT/build.log" 2>&1 && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
+
+# compute-sanitizer on a small case: both precisions, otce and sinkhorn. memcheck with the leak check;
+# racecheck on a smaller, easier one (it serialises every launch).
+sanitize() {  # tool
+  cat > /tmp/small_case.py <<'EOF'
+import sys, numpy as np, segtransfer as st
+race = sys.argv[1:] == ["race"]
+n, eps = (48, 1.0) if race else (150, 0.2)
+rng = np.random.default_rng(0)
+for dt in (np.float32, np.float64):
+    xs, xt = rng.normal(size=(400, 6)).astype(dt), (rng.normal(size=(420, 6)) + 0.3).astype(dt)
+    ys, yt = rng.integers(0, 4, 400), rng.integers(0, 3, 420)
+    r = st.otce(xs, ys, xt, yt, n_pixels=n, repeats=3, epsilon=eps, device="cuda")
+    s = st.sinkhorn(xs[:n], xt[:n + 10], epsilon=eps, device="cuda")
+    print(dt.__name__, r.scores, r.all_converged, r.iterations, s.converged, s.marginal_error)
+EOF
+  local tool=$1
+  extra=""; [ $tool = memcheck ] && extra="--leak-check full"
+  stamp "compute-sanitizer $tool"
+  arg=""; [ $tool = racecheck ] && arg=race
+  timeout ${SANITIZE_TIMEOUT:-150} compute-sanitizer --tool $tool $extra --error-exitcode 9 $PY /tmp/small_case.py $arg \
+    > "$OUT/sanitize_$tool.log" 2>&1
+  stamp "compute-sanitizer $tool rc=$?: $(grep -m1 'ERROR SUMMARY\|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log")"
+}
+
+if [[ " $STEPS " == *" build "* ]]; then
+  stamp "build"
+  cmake -S . -B build/gpu -G Ninja -DSEGTRANSFER_PYTHON=ON -DSEGTRANSFER_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+    -DCMAKE_PREFIX_PATH="${EIGEN_PREFIX:-$PWD/.devcarry/cmeel.prefix}" -DPython_EXECUTABLE="$(command -v $PY)" \
+    -Dpybind11_DIR="$($PY -m pybind11 --cmakedir)" >> "$OUT/build.log" 2>&1 \
+    && ninja -C build/gpu >> "$OUT/build.log" 2>&1 || { stamp "build FAILED"; tail -40 "$OUT/build.log"; exit 1; }
+  cp build/gpu/_core*.so python/segtransfer/
+  $PY -c 'import segtransfer as st, segtransfer._core as c; print("cuda_available", st.cuda_available(), c.cuda_status())' \
+    2>&1 | tee -a "$OUT/steps.log"
+fi
+
+if [[ " $STEPS " == *" tests "* ]]; then
+  stamp "gpu tests"  # -n: pytest-xdist reports a crashed worker and goes on
+  timeout ${TESTS_TIMEOUT:-240} $PY -m pytest -q -m gpu -n 6 -rfEs --tb=short --timeout=60 -p no:cacheprovider tests/test_cuda.py > "$OUT/gpu_tests.log" 2>&1
+  stamp "gpu tests rc=$?: $(tail -1 "$OUT/gpu_tests.log")"
+fi
+
+[[ " $STEPS " == *" memcheck "* ]] && sanitize memcheck
+
+if [[ " $STEPS " == *" bench "* ]]; then
+  stamp "bench"
+  timeout ${BENCH_TIMEOUT:-300} $PY bench/gpu_bench.py --out "$OUT/gpu_bench.json" ${BENCH_ARGS:-} > "$OUT/gpu_bench.log" 2>&1
+  stamp "bench rc=$?"
+fi
+[[ " $STEPS " == *" racecheck "* ]] && sanitize racecheck
+stamp "done"
