@@ -4,7 +4,7 @@
 // implementations from where the input lives (python/segtransfer/_api.py, the one dispatch point).
 //
 // Built without CUDA, every function here throws DeviceError("... built without CUDA ...").
-// UNVERIFIED on a GPU so far: see docs/cuda.md.
+// Checked on an H200 (correctness, sanitizers, speed): see docs/cuda.md.
 #pragma once
 #include <cstdint>
 
