@@ -10,6 +10,7 @@ W_D, and the OTCE score from the joint label table, so that "same accuracy" mean
   call, timed with the device synchronised; peak device memory is sampled from ``cudaMemGetInfo`` in a
   thread (the solver's allocations are its own, invisible to torch's allocator). Draw 0 is re-solved by
   ``st.sinkhorn(device="cuda")`` and by the CPU solver, and both potentials go through the evaluator.
+- segtransfer-newton: the same with the experimental Newton polish (``SEGTRANSFER_CUDA_NEWTON=1``).
 - torch-plain: the textbook log-domain Sinkhorn (alternating ``logsumexp`` half-steps on a stored cost),
   float64, all K problems batched, error checked every 10 iterations, stopped at segtransfer's worst
   marginal error or at the time budget.
@@ -102,6 +103,32 @@ def problem(args, dim: int):
         raise RuntimeError("segtransfer's sampler is not importable: the contenders would solve other pixels")
     cs, ct = bdata.valid_codes(ys), bdata.valid_codes(yt)
     return xs, ys, xt, yt, idx_s, idx_t, cs, ct
+
+
+def run_segtransfer_newton(torch, st, args, dim, prob) -> dict:
+    """segtransfer with the experimental GPU Newton polish (SEGTRANSFER_CUDA_NEWTON=1), all K draws."""
+    import os
+
+    xs, ys, xt, yt = prob[:4]
+    dev = torch.device("cuda")
+    ts, tt = torch.from_numpy(xs).to(dev), torch.from_numpy(xt).to(dev)
+    ls, lt = torch.from_numpy(ys).to(dev), torch.from_numpy(yt).to(dev)
+    os.environ["SEGTRANSFER_CUDA_NEWTON"] = "1"
+    try:
+        torch.cuda.synchronize()
+        with PeakDeviceMemory(torch) as mem:
+            t0 = time.perf_counter()
+            res = st.otce(ts, ls, tt, lt, n_pixels=args.n, repeats=args.repeats, epsilon=args.epsilon,
+                          seed=args.seed, device="cuda", timeout=args.budget_s)
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+    finally:
+        del os.environ["SEGTRANSFER_CUDA_NEWTON"]
+    return {"contender": "segtransfer (cuda, Newton)", "time_k_s": wall, "time_k_est": False,
+            "iterations": float(np.mean(res.iterations)), "iterations_all": res.iterations.tolist(),
+            "marginal_error": float(np.max(res.marginal_error)), "score": float(res.score), "std": float(res.std),
+            "scores": res.scores.tolist(), "converged": bool(res.all_converged),
+            "timed_out": bool(np.any(res.timed_out)), "peak_device_bytes": int(mem.peak)}
 
 
 def run_segtransfer(torch, st, args, dim, prob) -> dict:
@@ -254,7 +281,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=30.0, help="segtransfer's timeout per call")
     ap.add_argument("--peer-budget-s", type=float, default=15.0, help="torch-plain's time budget per case")
     ap.add_argument("--pot-iters", type=int, default=100)
-    ap.add_argument("--contenders", nargs="+", default=["segtransfer", "torch-plain", "pot", "geomloss"])
+    ap.add_argument("--contenders", nargs="+",
+                    default=["segtransfer", "segtransfer-newton", "torch-plain", "pot", "geomloss"])
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -284,6 +312,8 @@ def main(argv=None) -> int:
             r = run_segtransfer(torch, st, args, dim, prob)
             target = r["marginal_error"]
             record(r)
+        if "segtransfer-newton" in args.contenders:
+            record(run_segtransfer_newton(torch, st, args, dim, prob))
         target = target or 1e-6
         if "torch-plain" in args.contenders:
             r = run_torch_plain(torch, args, dim, prob, target)

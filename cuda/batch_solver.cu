@@ -532,6 +532,76 @@ __global__ void sum_rows_kernel(const double* __restrict__ values, int64_t len, 
   if (threadIdx.x == 0) out[k] = part[0];
 }
 
+// ---- Newton polish (dense_newton.hpp): products with the dense plan, never stored.
+// p_ij = exp((f_i + g_j - C_ij) / eps + log a_i + log b_j), exponent and exp in double; near the
+// solution every entry is at most min(a_i, b_j), so the plain sums below cannot overflow (a bad trial
+// point gives inf, which the driver rejects).
+
+// out_i = sum_j p_ij w_j (squared: p_ij^2 w_j; w == nullptr: w_j = 1). One warp per row, lanes in a
+// fixed order, butterfly sum. grid (ceil(n / 8), K).
+template <typename T>
+__global__ void newton_row_kernel(const T* __restrict__ cost, int64_t n, int64_t m, const double* __restrict__ f,
+                                  const double* __restrict__ g, const double* __restrict__ log_a,
+                                  const double* __restrict__ log_b, double inv_eps, const int* __restrict__ active,
+                                  const double* __restrict__ w, bool squared, double* __restrict__ out) {
+  const int64_t k = blockIdx.y;
+  if (active[k] == 0) return;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;
+  if (i >= n) return;
+  const T* c = cost + (k * n + i) * m;
+  const double* gk = g + k * m;
+  const double* wk = w != nullptr ? w + k * m : nullptr;
+  const double base = f[k * n + i] * inv_eps + log_a[i];
+  double acc = 0.0;
+  for (int64_t j = lane; j < m; j += kWarp) {
+    double pij = exp(base + (gk[j] - static_cast<double>(c[j])) * inv_eps + log_b[j]);
+    if (squared) pij *= pij;
+    acc += wk != nullptr ? pij * wk[j] : pij;
+  }
+  acc = warp_sum(acc);
+  if (lane == 0) out[k * n + i] = acc;
+}
+
+// out_j = sum_i p_ij v_i (v == nullptr: v_i = 1) over all rows, or, with row_start (K, G + 1), per
+// class c = blockIdx.y over its rows into out[(k m + j) G + c]. Block (32 columns, 8 row groups), the
+// 8 partial sums merged in shared memory in a fixed order. grid (ceil(m / 32), G or 1, K).
+template <typename T>
+__global__ void newton_col_kernel(const T* __restrict__ cost, int64_t n, int64_t m, const double* __restrict__ f,
+                                  const double* __restrict__ g, const double* __restrict__ log_a,
+                                  const double* __restrict__ log_b, double inv_eps, const int* __restrict__ active,
+                                  const double* __restrict__ v, const int64_t* __restrict__ row_start, int classes,
+                                  double* __restrict__ out) {
+  __shared__ double part[kColRows][kColCols];
+  const int64_t k = blockIdx.z;
+  if (active[k] == 0) return;  // block-uniform, before the barrier
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int cls = blockIdx.y;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kColCols + tx;
+  const int64_t begin = row_start != nullptr ? row_start[k * (classes + 1) + cls] : 0;
+  const int64_t end = row_start != nullptr ? row_start[k * (classes + 1) + cls + 1] : n;
+  double acc = 0.0;
+  if (j < m) {
+    const double gj = g[k * m + j] * inv_eps + log_b[j];
+    const T* c = cost + k * n * m + j;
+    const double* fk = f + k * n;
+    const double* vk = v != nullptr ? v + k * n : nullptr;
+    for (int64_t i = begin + ty; i < end; i += kColRows) {
+      const double pij = exp(fk[i] * inv_eps + log_a[i] + gj - static_cast<double>(c[i * m]) * inv_eps);
+      acc += vk != nullptr ? pij * vk[i] : pij;
+    }
+  }
+  part[ty][tx] = acc;
+  __syncthreads();
+  if (ty == 0 && j < m) {
+    for (int t = 1; t < kColRows; ++t) acc += part[t][tx];
+    if (row_start != nullptr)
+      out[(k * m + j) * classes + cls] = acc;
+    else
+      out[k * m + j] = acc;
+  }
+}
+
 // The certifying pass over rows, for every problem: plan entries
 //   p_ij = exp((f_i + g_j - C_ij) / eps + log a_i + log b_j)   (exponent and exp in double)
 // summed by target class (columns are grouped by class), with W_D contributions p_ij C_ij and the row
@@ -728,6 +798,90 @@ void stage_any(const FeatureSource& fs, const int32_t* code, const int64_t* idx,
   else
     stage_features<float, T>(fs, code, idx, rows, name, q, out, host_stage);
 }
+
+// The Newton driver's passes (dense_newton.hpp) on the device: vectors go up, the kernels above run
+// on the active problems, results come down; one synchronisation per call. The potentials are the
+// solver's own buffers.
+template <typename T>
+class DeviceNewtonBackend final : public DenseNewtonBackend {
+ public:
+  DeviceNewtonBackend(Queue& q, const T* cost, int64_t K, int64_t n, int64_t m, double* f, double* g,
+                      const double* log_a, const double* log_b, double eps, const int64_t* row_start, int classes)
+      : q_(q), cost_(cost), K_(K), n_(n), m_(m), f_(f), g_(g), log_a_(log_a), log_b_(log_b), inv_eps_(1.0 / eps),
+        row_start_(row_start), classes_(classes), active_(static_cast<size_t>(K), "Newton: active flags"),
+        vn_(static_cast<size_t>(K * n), "Newton: row vectors"), vm_(static_cast<size_t>(K * m), "Newton: column vectors"),
+        on_(static_cast<size_t>(K * n), "Newton: row products"), om_(static_cast<size_t>(K * m), "Newton: column products"),
+        u_(static_cast<size_t>(K * m * classes), "Newton: class masses") {}
+
+  void set_potentials(const std::vector<double>& f, const std::vector<double>& g,
+                      const std::vector<int>& on) override {
+    for (int64_t k = 0; k < K_; ++k) {
+      if (!on[k]) continue;
+      q_.upload(f_ + k * n_, f.data() + k * n_, static_cast<size_t>(n_), "cudaMemcpyAsync (Newton: f)");
+      q_.upload(g_ + k * m_, g.data() + k * m_, static_cast<size_t>(m_), "cudaMemcpyAsync (Newton: g)");
+    }
+  }
+  void sums(const std::vector<int>& on, std::vector<double>& r, std::vector<double>& c) override {
+    rows(on, nullptr, false, r);
+    cols(on, nullptr, c);
+  }
+  void col_products(const std::vector<int>& on, const std::vector<double>& v, std::vector<double>& out) override {
+    cols(on, &v, out);
+  }
+  void row_products(const std::vector<int>& on, const std::vector<double>& w, bool squared,
+                    std::vector<double>& out) override {
+    rows(on, &w, squared, out);
+  }
+  void class_column_sums(const std::vector<int>& on, std::vector<double>& U) override {
+    push_active(on);
+    newton_col_kernel<T><<<dim3(blocks_for(m_, kColCols), static_cast<unsigned>(classes_), static_cast<unsigned>(K_)),
+                           dim3(kColCols, kColRows), 0, q_.stream()>>>(cost_, n_, m_, f_, g_, log_a_, log_b_, inv_eps_,
+                                                                      active_.get(), nullptr, row_start_, classes_,
+                                                                      u_.get());
+    q_.launched("newton_col_kernel (class masses)");
+    fetch(on, u_.get(), m_ * classes_, U);
+  }
+
+ private:
+  void push_active(const std::vector<int>& on) {
+    q_.upload(active_.get(), on.data(), static_cast<size_t>(K_), "cudaMemcpyAsync (Newton: active flags)");
+  }
+  // Downloads the active problems' slices (len values each) of dev into out, then synchronises.
+  void fetch(const std::vector<int>& on, const double* dev, int64_t len, std::vector<double>& out) {
+    for (int64_t k = 0; k < K_; ++k)
+      if (on[k]) q_.download(out.data() + k * len, dev + k * len, static_cast<size_t>(len), "cudaMemcpyAsync (Newton)");
+    q_.sync("a Newton product");
+  }
+  void rows(const std::vector<int>& on, const std::vector<double>* w, bool squared, std::vector<double>& out) {
+    push_active(on);
+    if (w != nullptr) q_.upload(vm_.get(), w->data(), static_cast<size_t>(K_ * m_), "cudaMemcpyAsync (Newton: w)");
+    newton_row_kernel<T><<<dim3(blocks_for(n_, kRowWarps), static_cast<unsigned>(K_)), kRowThreads, 0, q_.stream()>>>(
+        cost_, n_, m_, f_, g_, log_a_, log_b_, inv_eps_, active_.get(), w != nullptr ? vm_.get() : nullptr, squared,
+        on_.get());
+    q_.launched("newton_row_kernel");
+    fetch(on, on_.get(), n_, out);
+  }
+  void cols(const std::vector<int>& on, const std::vector<double>* v, std::vector<double>& out) {
+    push_active(on);
+    if (v != nullptr) q_.upload(vn_.get(), v->data(), static_cast<size_t>(K_ * n_), "cudaMemcpyAsync (Newton: v)");
+    newton_col_kernel<T><<<dim3(blocks_for(m_, kColCols), 1, static_cast<unsigned>(K_)), dim3(kColCols, kColRows), 0,
+                           q_.stream()>>>(cost_, n_, m_, f_, g_, log_a_, log_b_, inv_eps_, active_.get(),
+                                          v != nullptr ? vn_.get() : nullptr, nullptr, 1, om_.get());
+    q_.launched("newton_col_kernel");
+    fetch(on, om_.get(), m_, out);
+  }
+
+  Queue& q_;
+  const T* cost_;
+  int64_t K_, n_, m_;
+  double *f_, *g_;
+  const double *log_a_, *log_b_;
+  double inv_eps_;
+  const int64_t* row_start_;
+  int classes_;
+  DeviceBuffer<int> active_;
+  DeviceBuffer<double> vn_, vm_, on_, om_, u_;
+};
 
 template <typename T>
 BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
@@ -966,6 +1120,45 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
     }
   };
 
+  // Newton polish of the last stage (o.newton set; experimental, see docs/cuda.md): the host driver
+  // (dense_newton.cpp, passed in by the glue) on the device's dense plans, from the potentials the
+  // Sinkhorn loop handed over. A Newton step is charged as one iteration, as on the CPU.
+  auto polish = [&](double eps) {
+    std::vector<int> on(K, 0);
+    bool any = false;
+    for (int64_t k = 0; k < K; ++k) {
+      on[k] = !timed_out && !diverged[k] && res.iterations[k] < o.max_iter ? 1 : 0;
+      any = any || on[k] != 0;
+    }
+    if (!any) return;
+    std::vector<double> hf(KN), hg(KM);
+    q.download(hf.data(), d_f.get(), KN, "cudaMemcpyAsync (f)");
+    q.download(hg.data(), d_g.get(), KM, "cudaMemcpyAsync (g)");
+    q.sync("the hand-over to Newton");
+    DeviceNewtonBackend<T> backend(q, d_cost.get(), K, n, m, d_f.get(), d_g.get(), d_log_a.get(), d_log_b.get(), eps,
+                                   d_row_start.get(), rc);
+    DenseNewtonProblem np;
+    np.repeats = K;
+    np.n = n;
+    np.m = m;
+    np.a = a.data();
+    np.b = b.data();
+    np.eps = eps;
+    np.row_class_start = p.row_class_start;
+    np.classes = rc;
+    const DenseNewtonStop stop = [&]() {
+      const auto now = Clock::now();
+      if (now - last_poll < std::chrono::milliseconds(50)) return timed_out;
+      last_poll = now;
+      if (o.interrupt && o.interrupt()) throw Interrupted();
+      if (o.timeout > 0 && std::chrono::duration<double>(now - start).count() > o.timeout) timed_out = true;
+      return timed_out;
+    };
+    const DenseNewtonStats st =
+        o.newton(backend, np, std::vector<double>(K, 0.5 * o.tol), on, hf, hg, o.newton_max_steps, stop);
+    for (int64_t k = 0; k < K; ++k) res.iterations[k] += st.steps[k];
+  };
+
   // The certifying pass on the dense plan: joint tables, W_D, both marginal errors.
   auto certify = [&](double eps) {
     const double inv_eps = 1.0 / eps;
@@ -1007,15 +1200,23 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
     if (timed_out && !last) continue;  // out of time: go straight to certifying what we have
     ++res.stages;
     const double stage_target = last ? 0.5 * o.tol : std::max(o.stage_tol, o.tol);
+    const bool newton = last && static_cast<bool>(o.newton);  // Sinkhorn hands over at newton_switch
     for (int64_t k = 0; k < K; ++k) {
       active[k] = !timed_out && !diverged[k] && res.iterations[k] < o.max_iter ? 1 : 0;
-      target[k] = stage_target;
+      target[k] = newton ? std::max(o.newton_switch, stage_target) : stage_target;
     }
     start_stage();
     push_flags();
+    bool handover = newton;
     for (;;) {
       iterate(eps);
       if (!last) break;
+      if (handover) {
+        handover = false;
+        polish(eps);
+        std::fill(target.begin(), target.end(), stage_target);
+        start_stage();  // fresh snapshots: a retry block must not fall back to the hand-over point
+      }
       certify(eps);
       // The check's estimate can be optimistic (it measures the plans half a step back, in the
       // storage precision): ask more of the problems that the dense pass did not certify, with

@@ -8,6 +8,7 @@
 #include <functional>
 #include <vector>
 
+#include "dense_newton.hpp"
 #include "segtransfer/cuda_types.hpp"
 
 namespace segtransfer::cuda {
@@ -48,6 +49,11 @@ struct BatchOptions {
   double scaling_factor = 0.5;
   double stage_tol = 1e-2;     // marginal error at which an intermediate stage hands over
   double overrelaxation = 1.9;  // cap of the adaptive over-relaxation factor; 1: plain Sinkhorn
+  // Newton polish of the last stage (dense_newton.hpp), from newton_switch on; empty: Sinkhorn only.
+  // The host glue passes the core's driver. EXPERIMENTAL: not yet run on a GPU (docs/cuda.md).
+  DenseNewtonFn newton;
+  double newton_switch = 1e-1;
+  int newton_max_steps = 50;
   int check_every = 10;        // iterations between two convergence checks (one host sync each)
   std::function<bool()> interrupt;  // polled at every check (at most every 50 ms); true: stop
 };

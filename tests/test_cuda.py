@@ -305,6 +305,22 @@ def test_gpu_matches_cpu_float32(epsilon):
 
 
 
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_gpu_newton_matches_cpu(monkeypatch, dtype):
+    """The experimental Newton polish (SEGTRANSFER_CUDA_NEWTON=1; written without a GPU, not yet run on
+    one): at epsilon = 0.1, where Sinkhorn alone hits max_iter on the GPU, it must converge and agree."""
+    monkeypatch.setenv("SEGTRANSFER_CUDA_NEWTON", "1")
+    xs, ys, xt, yt = _data(dtype=dtype)
+    tol, atol = (1e-10, 1e-8) if dtype == np.float64 else (1e-6, 1e-4)
+    cpu, cuda = _gpu_and_cpu(xs, ys, xt, yt, n_pixels=200, repeats=3, epsilon=0.1, tol=tol)
+    assert cuda.all_converged, cuda.marginal_error
+    assert np.all(cuda.iterations < 5000), cuda.iterations
+    np.testing.assert_allclose(cuda.scores, cpu.scores, rtol=0, atol=atol)
+    np.testing.assert_allclose(cuda.joint, cpu.joint, rtol=0, atol=atol)
+
+
 def _same_shift(f_a, g_a, f_b, g_b):
     """Potentials are defined up to f + c, g - c: align (f_b, g_b) on (f_a, g_a)."""
     c = float(np.mean(f_a - f_b))

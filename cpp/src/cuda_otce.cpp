@@ -3,6 +3,7 @@
 #include "segtransfer/cuda_otce.hpp"
 
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -10,6 +11,7 @@
 
 #ifdef SEGTRANSFER_WITH_CUDA
 #include "batch_solver.hpp"
+#include "dense_newton.hpp"
 #endif
 
 namespace segtransfer {
@@ -28,6 +30,12 @@ cuda::BatchOptions batch_options(const SinkhornOptions& opt) {
   o.scaling_factor = opt.scaling_factor;
   o.stage_tol = opt.stage_tol;
   o.overrelaxation = opt.overrelaxation;
+  // Newton on the GPU is experimental (not yet run on a device): on only with SEGTRANSFER_CUDA_NEWTON=1.
+  const char* env = std::getenv("SEGTRANSFER_CUDA_NEWTON");
+  if (opt.newton && env != nullptr && env[0] == '1') {
+    o.newton = dense_newton;
+    o.newton_switch = opt.newton_switch;
+  }
   o.interrupt = opt.interrupt;
   return o;
 }

@@ -15,6 +15,7 @@
 #include "segtransfer/fastexp.hpp"
 #include "segtransfer/otce.hpp"
 #include "segtransfer/sampling.hpp"
+#include "../src/dense_newton.hpp"  // the CUDA solver's Newton driver (internal)
 #include "../src/kernels.hpp"  // the log-sum-exp loops themselves (internal)
 #include "../src/pattern_scan.hpp"  // the truncated kernel's build (internal)
 #include "../src/point_cost.hpp"  // the cost tiles (internal)
@@ -1026,6 +1027,195 @@ static void test_coarse_newton() {
   CHECK(eu[3] == 1.0 && ev[7] == 1.0);  // the groups without mass keep their scaling
 }
 
+// The dense Newton driver (dense_newton.cpp) with a CPU backend: the plan's products computed
+// directly from a stored cost, as the CUDA backend streams them. K clustered problems with weak links
+// between clusters (Sinkhorn's slow case), rows grouped by class; the driver must reach 1e-10 in few
+// steps, leave the inactive problem alone, and agree with long plain Sinkhorn.
+namespace {
+struct CpuDenseBackend : DenseNewtonBackend {
+  int64_t K, n, m;
+  int G;
+  double eps;
+  const std::vector<double>& C;
+  const double *a, *b;
+  const int64_t* starts;
+  std::vector<double> f, g;
+  CpuDenseBackend(int64_t K_, int64_t n_, int64_t m_, int G_, double eps_, const std::vector<double>& C_,
+                  const double* a_, const double* b_, const int64_t* s_)
+      : K(K_), n(n_), m(m_), G(G_), eps(eps_), C(C_), a(a_), b(b_), starts(s_), f(K_ * n_), g(K_ * m_) {}
+  double p(int64_t k, int64_t i, int64_t j) const {
+    return a[i] * b[j] * std::exp((f[k * n + i] + g[k * m + j] - C[(k * n + i) * m + j]) / eps);
+  }
+  void set_potentials(const std::vector<double>& ff, const std::vector<double>& gg,
+                      const std::vector<int>& on) override {
+    for (int64_t k = 0; k < K; ++k)
+      if (on[k]) {
+        std::copy(ff.begin() + k * n, ff.begin() + (k + 1) * n, f.begin() + k * n);
+        std::copy(gg.begin() + k * m, gg.begin() + (k + 1) * m, g.begin() + k * m);
+      }
+  }
+  void sums(const std::vector<int>& on, std::vector<double>& r, std::vector<double>& c) override {
+    std::vector<double> ones_n(K * n, 1.0), ones_m(K * m, 1.0);
+    row_products(on, ones_m, false, r);
+    col_products(on, ones_n, c);
+  }
+  void col_products(const std::vector<int>& on, const std::vector<double>& v, std::vector<double>& out) override {
+    for (int64_t k = 0; k < K; ++k)
+      if (on[k])
+        for (int64_t j = 0; j < m; ++j) {
+          double acc = 0.0;
+          for (int64_t i = 0; i < n; ++i) acc += p(k, i, j) * v[k * n + i];
+          out[k * m + j] = acc;
+        }
+  }
+  void row_products(const std::vector<int>& on, const std::vector<double>& w, bool squared,
+                    std::vector<double>& out) override {
+    for (int64_t k = 0; k < K; ++k)
+      if (on[k])
+        for (int64_t i = 0; i < n; ++i) {
+          double acc = 0.0;
+          for (int64_t j = 0; j < m; ++j) {
+            const double pij = p(k, i, j);
+            acc += (squared ? pij * pij : pij) * w[k * m + j];
+          }
+          out[k * n + i] = acc;
+        }
+  }
+  void class_column_sums(const std::vector<int>& on, std::vector<double>& U) override {
+    for (int64_t k = 0; k < K; ++k)
+      if (on[k])
+        for (int cl = 0; cl < G; ++cl)
+          for (int64_t i = starts[k * (G + 1) + cl]; i < starts[k * (G + 1) + cl + 1]; ++i)
+            for (int64_t j = 0; j < m; ++j) U[(k * m + j) * G + cl] += p(k, i, j);
+  }
+};
+}  // namespace
+
+static void test_dense_newton() {
+  const int64_t K = 3, n = 90, m = 100;
+  const int G = 3, dim = 3;
+  const double eps = 0.05;
+  std::mt19937 rng(5);
+  std::normal_distribution<double> nor(0.0, 1.0);
+  std::vector<double> C(K * n * m), a(n, 1.0 / n), b(m, 1.0 / m);
+  std::vector<int64_t> starts(K * (G + 1));
+  for (int64_t k = 0; k < K; ++k) {
+    std::vector<double> xs(n * dim), ys(m * dim);
+    for (int64_t i = 0; i < n; ++i)  // rows grouped by class: class = i * G / n
+      for (int d = 0; d < dim; ++d) xs[i * dim + d] = 2.5 * (d == (i * G / n) % dim) + 0.3 * nor(rng);
+    for (int64_t j = 0; j < m; ++j)
+      for (int d = 0; d < dim; ++d) ys[j * dim + d] = 2.5 * (d == static_cast<int>(j % G)) + 0.35 * nor(rng) + 0.1 * k;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < m; ++j) {
+        double s = 0.0;
+        for (int d = 0; d < dim; ++d) s += (xs[i * dim + d] - ys[j * dim + d]) * (xs[i * dim + d] - ys[j * dim + d]);
+        C[(k * n + i) * m + j] = s;
+      }
+    for (int cl = 0; cl <= G; ++cl) starts[k * (G + 1) + cl] = cl * n / G;
+  }
+  // Start: plain log-domain Sinkhorn, 30 iterations (far from converged at this epsilon).
+  std::vector<double> f(K * n, 0.0), g(K * m, 0.0);
+  auto sweep = [&](int64_t k, std::vector<double>& ff, std::vector<double>& gg) {
+    for (int64_t i = 0; i < n; ++i) {
+      double mx = -1e300, acc = 0.0;
+      for (int64_t j = 0; j < m; ++j) mx = std::max(mx, (gg[k * m + j] - C[(k * n + i) * m + j]) / eps + std::log(b[j]));
+      for (int64_t j = 0; j < m; ++j) acc += std::exp((gg[k * m + j] - C[(k * n + i) * m + j]) / eps + std::log(b[j]) - mx);
+      ff[k * n + i] = -eps * (mx + std::log(acc));
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      double mx = -1e300, acc = 0.0;
+      for (int64_t i = 0; i < n; ++i) mx = std::max(mx, (ff[k * n + i] - C[(k * n + i) * m + j]) / eps + std::log(a[i]));
+      for (int64_t i = 0; i < n; ++i) acc += std::exp((ff[k * n + i] - C[(k * n + i) * m + j]) / eps + std::log(a[i]) - mx);
+      gg[k * m + j] = -eps * (mx + std::log(acc));
+    }
+  };
+  for (int64_t k = 0; k < K; ++k)
+    for (int it = 0; it < 30; ++it) sweep(k, f, g);
+  CpuDenseBackend be(K, n, m, G, eps, C, a.data(), b.data(), starts.data());
+  be.set_potentials(f, g, std::vector<int>(K, 1));
+  std::vector<double> r0(K * n), c0(K * m);
+  be.sums(std::vector<int>(K, 1), r0, c0);
+  double start_err = 0.0;
+  for (int64_t i = 0; i < n; ++i) start_err += std::fabs(r0[i] - a[i]);
+  for (int64_t j = 0; j < m; ++j) start_err += std::fabs(c0[j] - b[j]);
+  CHECK(start_err > 1e-4);  // problem 0 starts far from the target
+
+  DenseNewtonProblem prob;
+  prob.repeats = K;
+  prob.n = n;
+  prob.m = m;
+  prob.a = a.data();
+  prob.b = b.data();
+  prob.eps = eps;
+  prob.row_class_start = starts.data();
+  prob.classes = G;
+  std::vector<int> active{1, 0, 1};  // problem 1 is not polished
+  const std::vector<double> f_before = f, g_before = g;
+  int polls = 0;
+  const DenseNewtonStats st =
+      dense_newton(be, prob, std::vector<double>(K, 1e-10), active, f, g, 40, [&] {
+        ++polls;
+        return false;
+      });
+  CHECK(polls > 0);
+  for (int64_t k : {0, 2}) {
+    CHECK(st.error[k] <= 1e-10);
+    CHECK(st.steps[k] >= 1 && st.steps[k] <= 25);
+    CHECK(st.products[k] >= 1);
+  }
+  CHECK(st.steps[1] == 0 && !std::isfinite(st.error[1]));
+  {  // stopped at once (interrupt, timeout): returns the start, and the backend holds it
+    std::vector<double> fs = f_before, gs = g_before;
+    be.set_potentials(fs, gs, std::vector<int>(K, 1));
+    const DenseNewtonStats st0 =
+        dense_newton(be, prob, std::vector<double>(K, 1e-10), {1, 0, 0}, fs, gs, 40, [] { return true; });
+    CHECK(st0.steps[0] == 0 && st0.error[0] > 1e-4);
+    CHECK(fs == f_before && gs == g_before && be.f == f_before && be.g == g_before);
+    be.set_potentials(f, g, std::vector<int>(K, 1));
+  }
+  CHECK(std::equal(f.begin() + n, f.begin() + 2 * n, f_before.begin() + n));
+  CHECK(std::equal(g.begin() + m, g.begin() + 2 * m, g_before.begin() + m));
+  // The backend holds what the driver returned; the marginals measured independently.
+  for (int64_t k : {0, 2}) {
+    CHECK(std::equal(be.f.begin() + k * n, be.f.begin() + (k + 1) * n, f.begin() + k * n));
+    double e = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      double acc = 0.0;
+      for (int64_t j = 0; j < m; ++j) acc += a[i] * b[j] * std::exp((f[k * n + i] + g[k * m + j] - C[(k * n + i) * m + j]) / eps);
+      e += std::fabs(acc - a[i]);
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      double acc = 0.0;
+      for (int64_t i = 0; i < n; ++i) acc += a[i] * b[j] * std::exp((f[k * n + i] + g[k * m + j] - C[(k * n + i) * m + j]) / eps);
+      e += std::fabs(acc - b[j]);
+    }
+    CHECK(e <= 1e-10);
+    // Against long plain Sinkhorn (the plan is unique): transport costs to 1e-9 relative.
+    std::vector<double> rf(K * n, 0.0), rg(K * m, 0.0);
+    // (each sweep leaves the columns exact: its row error is the plan's marginal error)
+    double ref_err = 1.0;
+    for (int it = 0; it < 40000 && ref_err > 1e-13; ++it) {
+      sweep(k, rf, rg);
+      if (it % 100 != 99) continue;
+      ref_err = 0.0;
+      for (int64_t i = 0; i < n; ++i) {
+        double acc = 0.0;
+        for (int64_t j = 0; j < m; ++j) acc += a[i] * b[j] * std::exp((rf[k * n + i] + rg[k * m + j] - C[(k * n + i) * m + j]) / eps);
+        ref_err += std::fabs(acc - a[i]);
+      }
+    }
+    CHECK(ref_err <= 1e-13);
+    double cost_newton = 0.0, cost_ref = 0.0;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < m; ++j) {
+        const double c = C[(k * n + i) * m + j];
+        cost_newton += c * a[i] * b[j] * std::exp((f[k * n + i] + g[k * m + j] - c) / eps);
+        cost_ref += c * a[i] * b[j] * std::exp((rf[k * n + i] + rg[k * m + j] - c) / eps);
+      }
+    CHECK(std::fabs(cost_newton - cost_ref) <= 1e-9 * cost_ref);
+  }
+}
+
 static void test_class_balance() {
   check_class_balance<double>();
   check_class_balance<float>();
@@ -1537,6 +1727,7 @@ int main(int argc, char** argv) {
       {"sparse_and_newton_paths", test_sparse_and_newton_paths},
       {"multiscale_path", test_multiscale_path},
       {"coarse_newton", test_coarse_newton},
+      {"dense_newton", test_dense_newton},
       {"class_balance", test_class_balance},
       {"class_balance_threads", test_class_balance_threads},
       {"float_stages", test_float_stages},

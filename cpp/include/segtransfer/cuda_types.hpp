@@ -43,6 +43,7 @@ inline double cuda_workspace_bytes(int64_t repeats, int64_t n, int64_t m, int64_
   bytes += K * (static_cast<double>(row_classes) + col_classes + 2) * 8.0;  // class ranges
   bytes += static_cast<double>(codes_len) * 4.0;           // class codes (device inputs only)
   bytes += K * 8.0 * 8;                                    // per-repeat scalars and flags
+  bytes += K * (2 * (N + M) + M * static_cast<double>(row_classes)) * 8.0;  // Newton's vectors, class masses
   return bytes;
 }
 
