@@ -31,16 +31,18 @@ export PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
 # racecheck on a smaller, easier one (it serialises every launch).
 sanitize() {  # tool
   cat > /tmp/small_case.py <<'EOF'
-import sys, numpy as np, segtransfer as st
+import os, sys, numpy as np, segtransfer as st
 race = sys.argv[1:] == ["race"]
 n, eps = (48, 1.0) if race else (150, 0.2)
 rng = np.random.default_rng(0)
-for dt in (np.float32, np.float64):
-    xs, xt = rng.normal(size=(400, 6)).astype(dt), (rng.normal(size=(420, 6)) + 0.3).astype(dt)
-    ys, yt = rng.integers(0, 4, 400), rng.integers(0, 3, 420)
-    r = st.otce(xs, ys, xt, yt, n_pixels=n, repeats=3, epsilon=eps, device="cuda")
-    s = st.sinkhorn(xs[:n], xt[:n + 10], epsilon=eps, device="cuda")
-    print(dt.__name__, r.scores, r.all_converged, r.iterations, s.converged, s.marginal_error)
+for newton in ("0", "1"):  # 1: the experimental Newton polish's kernels too
+    os.environ["SEGTRANSFER_CUDA_NEWTON"] = newton
+    for dt in (np.float32, np.float64):
+        xs, xt = rng.normal(size=(400, 6)).astype(dt), (rng.normal(size=(420, 6)) + 0.3).astype(dt)
+        ys, yt = rng.integers(0, 4, 400), rng.integers(0, 3, 420)
+        r = st.otce(xs, ys, xt, yt, n_pixels=n, repeats=3, epsilon=eps, device="cuda")
+        s = st.sinkhorn(xs[:n], xt[:n + 10], epsilon=eps, device="cuda")
+        print("newton", newton, dt.__name__, r.scores, r.all_converged, r.iterations, s.converged, s.marginal_error)
 EOF
   local tool=$1
   extra=""; [ $tool = memcheck ] && extra="--leak-check full"
