@@ -6,6 +6,14 @@
 #
 #   EIGEN_PREFIX  a prefix holding share/eigen3/cmake (default: the cmeel-eigen prefix carried in .devcarry)
 #   WHEELS        a folder of wheels to install into /tmp/site first (POT, GeomLoss), if present
+#
+# Preparing the carried folders on a machine with the test venv and network (both git-ignored via
+# .git/info/exclude: /.devcarry/ and /.whl/; 20 + 33 MB):
+#   mkdir -p .devcarry && cp -r .venv/lib/python3*/site-packages/cmeel.prefix .devcarry/
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl pot==0.9.7.post1 geomloss
+# Session 22 ran it as: OUT=$OUT TESTS_TIMEOUT=90 SANITIZE_TIMEOUT=60 BENCH_TIMEOUT=200 \
+#   BENCH_ARGS="--budget-s 25 --peer-budget-s 10" bash bench/gpu_check.sh   (about 4 min on an H200)
 #   STEPS         which steps to run, in this order (default "build tests memcheck bench racecheck")
 set -u
 cd "$(dirname "$0")/.."
