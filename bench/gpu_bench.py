@@ -105,38 +105,14 @@ def problem(args, dim: int):
     return xs, ys, xt, yt, idx_s, idx_t, cs, ct
 
 
-def run_segtransfer_newton(torch, st, args, dim, prob) -> dict:
-    """segtransfer with the experimental GPU Newton polish (SEGTRANSFER_CUDA_NEWTON=1), all K draws."""
-    import os
-
+def time_otce(torch, st, args, prob, contender: str) -> tuple[dict, object]:
+    """All K draws in one ``st.otce`` call on torch CUDA tensors (read in place), timed with the device
+    synchronised, after a small warm-up call (context, modules)."""
     xs, ys, xt, yt = prob[:4]
     dev = torch.device("cuda")
     ts, tt = torch.from_numpy(xs).to(dev), torch.from_numpy(xt).to(dev)
     ls, lt = torch.from_numpy(ys).to(dev), torch.from_numpy(yt).to(dev)
-    os.environ["SEGTRANSFER_CUDA_NEWTON"] = "1"
-    try:
-        torch.cuda.synchronize()
-        with PeakDeviceMemory(torch) as mem:
-            t0 = time.perf_counter()
-            res = st.otce(ts, ls, tt, lt, n_pixels=args.n, repeats=args.repeats, epsilon=args.epsilon,
-                          seed=args.seed, device="cuda", timeout=args.budget_s)
-            torch.cuda.synchronize()
-            wall = time.perf_counter() - t0
-    finally:
-        del os.environ["SEGTRANSFER_CUDA_NEWTON"]
-    return {"contender": "segtransfer (cuda, Newton)", "time_k_s": wall, "time_k_est": False,
-            "iterations": float(np.mean(res.iterations)), "iterations_all": res.iterations.tolist(),
-            "marginal_error": float(np.max(res.marginal_error)), "score": float(res.score), "std": float(res.std),
-            "scores": res.scores.tolist(), "converged": bool(res.all_converged),
-            "timed_out": bool(np.any(res.timed_out)), "peak_device_bytes": int(mem.peak)}
-
-
-def run_segtransfer(torch, st, args, dim, prob) -> dict:
-    xs, ys, xt, yt, idx_s, idx_t, cs, ct = prob
-    dev = torch.device("cuda")
-    ts, tt = torch.from_numpy(xs).to(dev), torch.from_numpy(xt).to(dev)
-    ls, lt = torch.from_numpy(ys).to(dev), torch.from_numpy(yt).to(dev)
-    st.otce(ts, ls, tt, lt, n_pixels=500, repeats=2, epsilon=args.epsilon, device="cuda")  # context, modules
+    st.otce(ts, ls, tt, lt, n_pixels=500, repeats=2, epsilon=args.epsilon, device="cuda")
     torch.cuda.synchronize()
     with PeakDeviceMemory(torch) as mem:
         t0 = time.perf_counter()
@@ -145,13 +121,31 @@ def run_segtransfer(torch, st, args, dim, prob) -> dict:
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     out = {
-        "contender": "segtransfer (cuda)", "time_k_s": wall, "time_k_est": False,
+        "contender": contender, "time_k_s": wall, "time_k_est": False,
         "iterations": float(np.mean(res.iterations)), "iterations_all": res.iterations.tolist(),
         "marginal_error": float(np.max(res.marginal_error)), "score": float(res.score), "std": float(res.std),
         "scores": res.scores.tolist(), "converged": bool(res.all_converged),
         "transport_cost0": float(res.transport_cost[0]), "peak_device_bytes": int(mem.peak),
         "dtype": res.dtype, "timed_out": bool(np.any(res.timed_out)),
     }
+    return out, res
+
+
+def run_segtransfer_newton(torch, st, args, dim, prob) -> dict:
+    """segtransfer with the experimental GPU Newton polish (SEGTRANSFER_CUDA_NEWTON=1), all K draws."""
+    import os
+
+    os.environ["SEGTRANSFER_CUDA_NEWTON"] = "1"
+    try:
+        return time_otce(torch, st, args, prob, "segtransfer (cuda, Newton)")[0]
+    finally:
+        del os.environ["SEGTRANSFER_CUDA_NEWTON"]
+
+
+def run_segtransfer(torch, st, args, dim, prob) -> dict:
+    xs, ys, xt, yt, idx_s, idx_t, cs, ct = prob
+    dev = torch.device("cuda")
+    out, _ = time_otce(torch, st, args, prob, "segtransfer (cuda)")
     # Draw 0 again, through sinkhorn() on the GPU and on the CPU, scored by the independent evaluator.
     x0, y0 = xs[idx_s[0]], xt[idx_t[0]]
     gx, gy = torch.from_numpy(x0).to(dev), torch.from_numpy(y0).to(dev)
@@ -169,10 +163,6 @@ def run_segtransfer(torch, st, args, dim, prob) -> dict:
                                    "reported_error": cr.marginal_error, **evc},
                draw0_score_gap_gpu_cpu=abs(ev["score"] - evc["score"]))
     return out
-
-
-def lse_rows(torch, z):
-    return torch.logsumexp(z, dim=-1)
 
 
 def run_torch_plain(torch, args, dim, prob, target: float) -> dict:

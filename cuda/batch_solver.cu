@@ -1004,7 +1004,7 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
 
   std::vector<int> active(K, 0), diverged(K, 0);
   std::vector<double> target(K, 0.0), err(K, 0.0), err2(K, 0.0), wd(K, 0.0);
-  // Safeguarded over-relaxation per problem (the CPU solver's accept_block, kernels.hpp): omega climbs
+  // Safeguarded over-relaxation per problem (the CPU solvers' accept_block, overrelaxation.hpp): omega climbs
   // towards its cap after every block of check_every iterations whose error fell; a block whose error
   // rose or overflowed is undone from the snapshot, omega drops halfway back to 1 and the failed level
   // becomes the cap. Reset at every epsilon stage.
@@ -1031,6 +1031,27 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
     q.upload(d_active.get(), active.data(), K, "cudaMemcpyAsync (active flags)");
     q.upload(d_omega.get(), omega.data(), K, "cudaMemcpyAsync (over-relaxation factors)");
   };
+  // Ctrl-C and the timeout, at most every 50 ms: throws Interrupted, or returns whether time is up.
+  auto poll = [&]() {
+    const auto now = Clock::now();
+    if (now - last_poll < std::chrono::milliseconds(50)) return timed_out;
+    last_poll = now;
+    if (o.interrupt && o.interrupt()) throw Interrupted();
+    if (o.timeout > 0 && std::chrono::duration<double>(now - start).count() > o.timeout) timed_out = true;
+    return timed_out;
+  };
+  // One iteration (row then column half-step) on the active problems, exponentials in X's precision.
+  auto half_steps = [&](auto precision, double eps, double inv_eps) {
+    using X = decltype(precision);
+    row_step_kernel<T, X><<<dim3(blocks_for(n, kRowWarps), static_cast<unsigned>(K)), kRowThreads, 0, q.stream()>>>(
+        d_cost.get(), n, m, d_g.get(), d_log_b.get(), d_a.get(), eps, inv_eps, d_active.get(), d_omega.get(),
+        d_f.get(), d_err_rows.get());
+    q.launched("row_step_kernel");
+    col_step_kernel<T, X><<<dim3(blocks_for(m, kColCols), static_cast<unsigned>(K)), dim3(kColCols, kColRows), 0,
+                            q.stream()>>>(d_cost.get(), n, m, d_f.get(), d_log_a.get(), d_b.get(), eps, inv_eps,
+                                          d_active.get(), d_omega.get(), d_g.get(), d_err_cols.get());
+    q.launched("col_step_kernel");
+  };
 
   // Iterations on the active problems until none is left; a convergence check (one host sync) every
   // check_every iterations. The error checked is the row error of the plan entering the block's last
@@ -1048,28 +1069,10 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
       }
       if (!any) return;
       for (int64_t t = 0; t < block; ++t) {
-        const dim3 rows(blocks_for(n, kRowWarps), static_cast<unsigned>(K));
-        const dim3 cols(blocks_for(m, kColCols), static_cast<unsigned>(K));
-        if (precise) {
-          row_step_kernel<T, double><<<rows, kRowThreads, 0, q.stream()>>>(
-              d_cost.get(), n, m, d_g.get(), d_log_b.get(), d_a.get(), eps, inv_eps, d_active.get(), d_omega.get(),
-              d_f.get(), d_err_rows.get());
-        } else {
-          row_step_kernel<T, E><<<rows, kRowThreads, 0, q.stream()>>>(
-              d_cost.get(), n, m, d_g.get(), d_log_b.get(), d_a.get(), eps, inv_eps, d_active.get(), d_omega.get(),
-              d_f.get(), d_err_rows.get());
-        }
-        q.launched("row_step_kernel");
-        if (precise) {
-          col_step_kernel<T, double><<<cols, dim3(kColCols, kColRows), 0, q.stream()>>>(
-              d_cost.get(), n, m, d_f.get(), d_log_a.get(), d_b.get(), eps, inv_eps, d_active.get(), d_omega.get(),
-              d_g.get(), d_err_cols.get());
-        } else {
-          col_step_kernel<T, E><<<cols, dim3(kColCols, kColRows), 0, q.stream()>>>(
-              d_cost.get(), n, m, d_f.get(), d_log_a.get(), d_b.get(), eps, inv_eps, d_active.get(), d_omega.get(),
-              d_g.get(), d_err_cols.get());
-        }
-        q.launched("col_step_kernel");
+        if (precise)
+          half_steps(double{}, eps, inv_eps);
+        else
+          half_steps(E{}, eps, inv_eps);
       }
       sum_rows_kernel<<<static_cast<unsigned>(K), kReduceThreads, 0, q.stream()>>>(d_err_rows.get(), n,
                                                                                   d_active.get(), d_err.get());
@@ -1080,7 +1083,6 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
       q.download(err.data(), d_err.get(), K, "cudaMemcpyAsync (row errors)");
       q.download(err2.data(), d_err2.get(), K, "cudaMemcpyAsync (column errors)");
       q.sync("a convergence check");
-      bool all_accepted = true;
       std::vector<int64_t> undo, keep;
       for (int64_t k = 0; k < K; ++k) {
         if (!active[k]) continue;
@@ -1095,27 +1097,18 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
           keep.push_back(k);
         } else {
           undo.push_back(k);
-          all_accepted = false;
         }
         if (active[k] && res.iterations[k] >= o.max_iter) active[k] = 0;
       }
       for (int64_t k : undo)
         copy_potentials(d_f.get(), d_f_snap.get(), d_g.get(), d_g_snap.get(), k, 1, "cudaMemcpyAsync (undo a block)");
-      if (all_accepted && static_cast<int64_t>(keep.size()) == K) {
+      if (static_cast<int64_t>(keep.size()) == K) {
         copy_potentials(d_f_snap.get(), d_f.get(), d_g_snap.get(), d_g.get(), 0, K, "cudaMemcpyAsync (snapshot)");
       } else {
         for (int64_t k : keep)
           copy_potentials(d_f_snap.get(), d_f.get(), d_g_snap.get(), d_g.get(), k, 1, "cudaMemcpyAsync (snapshot)");
       }
-      const auto now = Clock::now();
-      if (now - last_poll >= std::chrono::milliseconds(50)) {
-        last_poll = now;
-        if (o.interrupt && o.interrupt()) throw Interrupted();
-        if (o.timeout > 0 && std::chrono::duration<double>(now - start).count() > o.timeout) {
-          timed_out = true;
-          std::fill(active.begin(), active.end(), 0);
-        }
-      }
+      if (poll()) std::fill(active.begin(), active.end(), 0);
       push_flags();
     }
   };
@@ -1137,25 +1130,9 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
     q.sync("the hand-over to Newton");
     DeviceNewtonBackend<T> backend(q, d_cost.get(), K, n, m, d_f.get(), d_g.get(), d_log_a.get(), d_log_b.get(), eps,
                                    d_row_start.get(), rc);
-    DenseNewtonProblem np;
-    np.repeats = K;
-    np.n = n;
-    np.m = m;
-    np.a = a.data();
-    np.b = b.data();
-    np.eps = eps;
-    np.row_class_start = p.row_class_start;
-    np.classes = rc;
-    const DenseNewtonStop stop = [&]() {
-      const auto now = Clock::now();
-      if (now - last_poll < std::chrono::milliseconds(50)) return timed_out;
-      last_poll = now;
-      if (o.interrupt && o.interrupt()) throw Interrupted();
-      if (o.timeout > 0 && std::chrono::duration<double>(now - start).count() > o.timeout) timed_out = true;
-      return timed_out;
-    };
+    const DenseNewtonProblem np{K, n, m, a.data(), b.data(), eps, p.row_class_start, rc};
     const DenseNewtonStats st =
-        o.newton(backend, np, std::vector<double>(K, 0.5 * o.tol), on, hf, hg, o.newton_max_steps, stop);
+        o.newton(backend, np, std::vector<double>(K, 0.5 * o.tol), on, hf, hg, o.newton_max_steps, poll);
     for (int64_t k = 0; k < K; ++k) res.iterations[k] += st.steps[k];
   };
 

@@ -1140,15 +1140,7 @@ static void test_dense_newton() {
   for (int64_t j = 0; j < m; ++j) start_err += std::fabs(c0[j] - b[j]);
   CHECK(start_err > 1e-4);  // problem 0 starts far from the target
 
-  DenseNewtonProblem prob;
-  prob.repeats = K;
-  prob.n = n;
-  prob.m = m;
-  prob.a = a.data();
-  prob.b = b.data();
-  prob.eps = eps;
-  prob.row_class_start = starts.data();
-  prob.classes = G;
+  const DenseNewtonProblem prob{K, n, m, a.data(), b.data(), eps, starts.data(), G};
   std::vector<int> active{1, 0, 1};  // problem 1 is not polished
   const std::vector<double> f_before = f, g_before = g;
   int polls = 0;
