@@ -14,13 +14,13 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl pot==0.9.7.post1 geomloss
 # Session 22 ran it as: OUT=$OUT TESTS_TIMEOUT=90 SANITIZE_TIMEOUT=60 BENCH_TIMEOUT=200 \
 #   BENCH_ARGS="--budget-s 25 --peer-budget-s 10" bash bench/gpu_check.sh   (about 4 min on an H200)
-#   STEPS         which steps to run, in this order (default "build tests memcheck bench racecheck")
+#   STEPS         which steps to run, in this order (default "build tests memcheck bench racecheck ncu")
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 PY=${PY:-python3}
-STEPS=${STEPS:-build tests memcheck bench racecheck}
+STEPS=${STEPS:-build tests memcheck bench racecheck ncu}
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/steps.log"; }
@@ -43,7 +43,7 @@ import os, sys, numpy as np, segtransfer as st
 race = sys.argv[1:] == ["race"]
 n, eps = (48, 1.0) if race else (150, 0.2)
 rng = np.random.default_rng(0)
-for newton in ("0", "1"):  # 1: the experimental Newton polish's kernels too
+for newton in ("0", "1"):  # 0: Sinkhorn only; 1: with the Newton polish (the default)
     os.environ["SEGTRANSFER_CUDA_NEWTON"] = newton
     for dt in (np.float32, np.float64):
         xs, xt = rng.normal(size=(400, 6)).astype(dt), (rng.normal(size=(420, 6)) + 0.3).astype(dt)
@@ -74,7 +74,7 @@ fi
 
 if [[ " $STEPS " == *" tests "* ]]; then
   stamp "gpu tests"  # -n: pytest-xdist reports a crashed worker and goes on
-  timeout ${TESTS_TIMEOUT:-240} $PY -m pytest -q -m gpu -n 6 -rfEs --tb=short --timeout=60 -p no:cacheprovider tests/test_cuda.py > "$OUT/gpu_tests.log" 2>&1
+  timeout ${TESTS_TIMEOUT:-240} $PY -m pytest -q -m gpu -n 6 -rfEsxX --tb=short --timeout=60 -p no:cacheprovider tests/test_cuda.py > "$OUT/gpu_tests.log" 2>&1
   stamp "gpu tests rc=$?: $(tail -1 "$OUT/gpu_tests.log")"
 fi
 
@@ -86,4 +86,23 @@ if [[ " $STEPS " == *" bench "* ]]; then
   stamp "bench rc=$?"
 fi
 [[ " $STEPS " == *" racecheck "* ]] && sanitize racecheck
+
+# Nsight Compute on the hot kernels of the benchmark's D = 19 case (one launch each, well into the
+# solve): throughput against the device's peaks, memory and compute workload, occupancy.
+if [[ " $STEPS " == *" ncu "* ]] && command -v ncu > /dev/null; then
+  cat > /tmp/ncu_case.py <<'EOF'
+import sys, numpy as np, segtransfer as st
+sys.path.insert(0, "bench")
+import data as bdata
+xs, ys, xt, yt = bdata.make_task_pair(int(sys.argv[1]), 40000, 0, "float32", freq_spread=0.3)
+r = st.otce(xs, ys, xt, yt, n_pixels=10000, repeats=10, epsilon=0.1, seed=0, device="cuda", timeout=30)
+print(r.all_converged, r.iterations)
+EOF
+  for kn in row_step_kernel col_step_kernel newton_row_kernel newton_col_kernel; do
+    stamp "ncu $kn"
+    timeout ${NCU_TIMEOUT:-60} ncu --kernel-name $kn --launch-skip 30 --launch-count 1 --section SpeedOfLight \
+      --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
+      $PY /tmp/ncu_case.py 19 > "$OUT/ncu_$kn.log" 2>&1
+  done
+fi
 stamp "done"

@@ -533,13 +533,15 @@ __global__ void sum_rows_kernel(const double* __restrict__ values, int64_t len, 
 }
 
 // ---- Newton polish (dense_newton.hpp): products with the dense plan, never stored.
-// p_ij = exp((f_i + g_j - C_ij) / eps + log a_i + log b_j), exponent and exp in double; near the
-// solution every entry is at most min(a_i, b_j), so the plain sums below cannot overflow (a bad trial
-// point gives inf, which the driver rejects).
+// p_ij = exp((f_i + g_j - C_ij) / eps + log a_i + log b_j), exponent in double, exp in E: double for
+// the marginals, float for the products that only build the Newton system (the backend's
+// `approximate`: with double exponentials everywhere a Newton pass took ~2x a Sinkhorn pass with float
+// ones on the H200). Near the solution every entry is at most min(a_i, b_j), so the plain sums below cannot
+// overflow (a bad trial point gives inf, which the driver rejects).
 
 // out_i = sum_j p_ij w_j (squared: p_ij^2 w_j; w == nullptr: w_j = 1). One warp per row, lanes in a
 // fixed order, butterfly sum. grid (ceil(n / 8), K).
-template <typename T>
+template <typename T, typename E>
 __global__ void newton_row_kernel(const T* __restrict__ cost, int64_t n, int64_t m, const double* __restrict__ f,
                                   const double* __restrict__ g, const double* __restrict__ log_a,
                                   const double* __restrict__ log_b, double inv_eps, const int* __restrict__ active,
@@ -555,7 +557,7 @@ __global__ void newton_row_kernel(const T* __restrict__ cost, int64_t n, int64_t
   const double base = f[k * n + i] * inv_eps + log_a[i];
   double acc = 0.0;
   for (int64_t j = lane; j < m; j += kWarp) {
-    double pij = exp(base + (gk[j] - static_cast<double>(c[j])) * inv_eps + log_b[j]);
+    double pij = exp_in<E>(base + (gk[j] - static_cast<double>(c[j])) * inv_eps + log_b[j]);
     if (squared) pij *= pij;
     acc += wk != nullptr ? pij * wk[j] : pij;
   }
@@ -566,7 +568,7 @@ __global__ void newton_row_kernel(const T* __restrict__ cost, int64_t n, int64_t
 // out_j = sum_i p_ij v_i (v == nullptr: v_i = 1) over all rows, or, with row_start (K, G + 1), per
 // class c = blockIdx.y over its rows into out[(k m + j) G + c]. Block (32 columns, 8 row groups), the
 // 8 partial sums merged in shared memory in a fixed order. grid (ceil(m / 32), G or 1, K).
-template <typename T>
+template <typename T, typename E>
 __global__ void newton_col_kernel(const T* __restrict__ cost, int64_t n, int64_t m, const double* __restrict__ f,
                                   const double* __restrict__ g, const double* __restrict__ log_a,
                                   const double* __restrict__ log_b, double inv_eps, const int* __restrict__ active,
@@ -587,7 +589,7 @@ __global__ void newton_col_kernel(const T* __restrict__ cost, int64_t n, int64_t
     const double* fk = f + k * n;
     const double* vk = v != nullptr ? v + k * n : nullptr;
     for (int64_t i = begin + ty; i < end; i += kColRows) {
-      const double pij = exp(fk[i] * inv_eps + log_a[i] + gj - static_cast<double>(c[i * m]) * inv_eps);
+      const double pij = exp_in<E>(fk[i] * inv_eps + log_a[i] + gj - static_cast<double>(c[i * m]) * inv_eps);
       acc += vk != nullptr ? pij * vk[i] : pij;
     }
   }
@@ -822,19 +824,20 @@ class DeviceNewtonBackend final : public DenseNewtonBackend {
     }
   }
   void sums(const std::vector<int>& on, std::vector<double>& r, std::vector<double>& c) override {
-    rows(on, nullptr, false, r);
-    cols(on, nullptr, c);
+    rows(on, nullptr, false, false, r);
+    cols(on, nullptr, false, c);
   }
-  void col_products(const std::vector<int>& on, const std::vector<double>& v, std::vector<double>& out) override {
-    cols(on, &v, out);
-  }
-  void row_products(const std::vector<int>& on, const std::vector<double>& w, bool squared,
+  void col_products(const std::vector<int>& on, const std::vector<double>& v, bool approximate,
                     std::vector<double>& out) override {
-    rows(on, &w, squared, out);
+    cols(on, &v, approximate, out);
+  }
+  void row_products(const std::vector<int>& on, const std::vector<double>& w, bool squared, bool approximate,
+                    std::vector<double>& out) override {
+    rows(on, &w, squared, approximate, out);
   }
   void class_column_sums(const std::vector<int>& on, std::vector<double>& U) override {
     push_active(on);
-    newton_col_kernel<T><<<dim3(blocks_for(m_, kColCols), static_cast<unsigned>(classes_), static_cast<unsigned>(K_)),
+    newton_col_kernel<T, float><<<dim3(blocks_for(m_, kColCols), static_cast<unsigned>(classes_), static_cast<unsigned>(K_)),
                            dim3(kColCols, kColRows), 0, q_.stream()>>>(cost_, n_, m_, f_, g_, log_a_, log_b_, inv_eps_,
                                                                       active_.get(), nullptr, row_start_, classes_,
                                                                       u_.get());
@@ -852,21 +855,32 @@ class DeviceNewtonBackend final : public DenseNewtonBackend {
       if (on[k]) q_.download(out.data() + k * len, dev + k * len, static_cast<size_t>(len), "cudaMemcpyAsync (Newton)");
     q_.sync("a Newton product");
   }
-  void rows(const std::vector<int>& on, const std::vector<double>* w, bool squared, std::vector<double>& out) {
+  void rows(const std::vector<int>& on, const std::vector<double>* w, bool squared, bool approximate,
+            std::vector<double>& out) {
     push_active(on);
     if (w != nullptr) q_.upload(vm_.get(), w->data(), static_cast<size_t>(K_ * m_), "cudaMemcpyAsync (Newton: w)");
-    newton_row_kernel<T><<<dim3(blocks_for(n_, kRowWarps), static_cast<unsigned>(K_)), kRowThreads, 0, q_.stream()>>>(
-        cost_, n_, m_, f_, g_, log_a_, log_b_, inv_eps_, active_.get(), w != nullptr ? vm_.get() : nullptr, squared,
-        on_.get());
+    const dim3 grid(blocks_for(n_, kRowWarps), static_cast<unsigned>(K_));
+    const double* wd = w != nullptr ? vm_.get() : nullptr;
+    if (approximate)
+      newton_row_kernel<T, float><<<grid, kRowThreads, 0, q_.stream()>>>(
+          cost_, n_, m_, f_, g_, log_a_, log_b_, inv_eps_, active_.get(), wd, squared, on_.get());
+    else
+      newton_row_kernel<T, double><<<grid, kRowThreads, 0, q_.stream()>>>(
+          cost_, n_, m_, f_, g_, log_a_, log_b_, inv_eps_, active_.get(), wd, squared, on_.get());
     q_.launched("newton_row_kernel");
     fetch(on, on_.get(), n_, out);
   }
-  void cols(const std::vector<int>& on, const std::vector<double>* v, std::vector<double>& out) {
+  void cols(const std::vector<int>& on, const std::vector<double>* v, bool approximate, std::vector<double>& out) {
     push_active(on);
     if (v != nullptr) q_.upload(vn_.get(), v->data(), static_cast<size_t>(K_ * n_), "cudaMemcpyAsync (Newton: v)");
-    newton_col_kernel<T><<<dim3(blocks_for(m_, kColCols), 1, static_cast<unsigned>(K_)), dim3(kColCols, kColRows), 0,
-                           q_.stream()>>>(cost_, n_, m_, f_, g_, log_a_, log_b_, inv_eps_, active_.get(),
-                                          v != nullptr ? vn_.get() : nullptr, nullptr, 1, om_.get());
+    const dim3 grid(blocks_for(m_, kColCols), 1, static_cast<unsigned>(K_)), block(kColCols, kColRows);
+    const double* vd = v != nullptr ? vn_.get() : nullptr;
+    if (approximate)
+      newton_col_kernel<T, float><<<grid, block, 0, q_.stream()>>>(cost_, n_, m_, f_, g_, log_a_, log_b_, inv_eps_,
+                                                                   active_.get(), vd, nullptr, 1, om_.get());
+    else
+      newton_col_kernel<T, double><<<grid, block, 0, q_.stream()>>>(cost_, n_, m_, f_, g_, log_a_, log_b_, inv_eps_,
+                                                                    active_.get(), vd, nullptr, 1, om_.get());
     q_.launched("newton_col_kernel");
     fetch(on, om_.get(), m_, out);
   }
@@ -1013,6 +1027,15 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
   bool timed_out = false;
   const auto start = Clock::now();
   auto last_poll = start;
+  // SEGTRANSFER_DEBUG: a line per stage / Newton round on stderr (what the CPU solvers print too).
+  const bool debug = std::getenv("SEGTRANSFER_DEBUG") != nullptr;
+  auto trace = [&](const char* what, double eps) {
+    if (!debug) return;
+    int64_t it = 0;
+    for (int64_t k = 0; k < K; ++k) it = std::max(it, res.iterations[k]);
+    std::fprintf(stderr, "[cuda] %.3f s  %s eps %.4g  max iterations %lld\n",
+                 std::chrono::duration<double>(Clock::now() - start).count(), what, eps, static_cast<long long>(it));
+  };
 
   auto copy_potentials = [&](double* f_dst, const double* f_src, double* g_dst, const double* g_src, int64_t k,
                              int64_t count, const char* what) {
@@ -1131,9 +1154,16 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
     DeviceNewtonBackend<T> backend(q, d_cost.get(), K, n, m, d_f.get(), d_g.get(), d_log_a.get(), d_log_b.get(), eps,
                                    d_row_start.get(), rc);
     const DenseNewtonProblem np{K, n, m, a.data(), b.data(), eps, p.row_class_start, rc};
+    trace("Newton from", eps);
     const DenseNewtonStats st =
         o.newton(backend, np, std::vector<double>(K, 0.5 * o.tol), on, hf, hg, o.newton_max_steps, poll);
     for (int64_t k = 0; k < K; ++k) res.iterations[k] += st.steps[k];
+    if (debug)
+      for (int64_t k = 0; k < K; ++k)
+        std::fprintf(stderr, "[cuda]   problem %lld: %lld steps, %lld products, error %.3g\n",
+                     static_cast<long long>(k), static_cast<long long>(st.steps[k]),
+                     static_cast<long long>(st.products[k]), st.error[k]);
+    trace("Newton done", eps);
   };
 
   // The certifying pass on the dense plan: joint tables, W_D, both marginal errors.
@@ -1187,6 +1217,7 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
     bool handover = newton;
     for (;;) {
       iterate(eps);
+      trace(last ? "last stage Sinkhorn" : "stage", eps);
       if (!last) break;
       if (handover) {
         handover = false;
@@ -1195,6 +1226,7 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
         start_stage();  // fresh snapshots: a retry block must not fall back to the hand-over point
       }
       certify(eps);
+      trace("certified", eps);
       // The check's estimate can be optimistic (it measures the plans half a step back, in the
       // storage precision): ask more of the problems that the dense pass did not certify, with
       // exponentials in double from now on (float32 storage: iterating with float exponentials

@@ -85,8 +85,8 @@ DenseNewtonStats dense_newton(DenseNewtonBackend& be, const DenseNewtonProblem& 
         w[k * m + j] = (p.b[j] - cj) * inv_c[k * m + j];
       }
     }
-    be.row_products(active, w, false, tmp_n);
-    be.row_products(active, inv_c, true, dinv);  // sum_j p_ij^2 inv_c_j, turned into 1 / diag below
+    be.row_products(active, w, false, false, tmp_n);
+    be.row_products(active, inv_c, true, true, dinv);  // sum_j p_ij^2 inv_c_j, turned into 1 / diag below
     for (int64_t k = 0; k < K; ++k) {
       if (!active[k]) continue;
       for (int64_t i = 0; i < n; ++i) {
@@ -144,11 +144,11 @@ DenseNewtonStats dense_newton(DenseNewtonBackend& be, const DenseNewtonProblem& 
     }
     const int64_t cg_cap = std::min<int64_t>(20 * n, 20000);
     for (int64_t it = 0; it < cg_cap && any(cg); ++it) {
-      be.col_products(cg, d, tmp_m);
+      be.col_products(cg, d, true, tmp_m);
       for (int64_t k = 0; k < K; ++k)
         if (cg[k])
           for (int64_t j = 0; j < m; ++j) tmp_m[k * m + j] *= inv_c[k * m + j];
-      be.row_products(cg, tmp_m, false, tmp_n);
+      be.row_products(cg, tmp_m, false, true, tmp_n);
       for (int64_t k = 0; k < K; ++k) {
         if (!cg[k]) continue;
         ++st.products[k];
@@ -187,7 +187,7 @@ DenseNewtonStats dense_newton(DenseNewtonBackend& be, const DenseNewtonProblem& 
     if (stopped) break;  // nothing moved yet in this step: the backend holds (f, g)
 
     // The column block of the direction: d2 = D2^-1 (b - P^T 1 - P^T d1).
-    be.col_products(active, x, tmp_m);
+    be.col_products(active, x, false, tmp_m);
     for (int64_t k = 0; k < K; ++k)
       if (active[k])
         for (int64_t j = 0; j < m; ++j)

@@ -28,12 +28,17 @@ class DenseNewtonBackend {
   // r = P 1 (K n) and c = P^T 1 (K m).
   virtual void sums(const std::vector<int>& active, std::vector<double>& r, std::vector<double>& c) = 0;
   // out (K m) = P^T v, v of length K n.
-  virtual void col_products(const std::vector<int>& active, const std::vector<double>& v,
+  // `approximate`: the product only builds the Newton system (CG, its preconditioner), so the backend
+  // may form the entries with float exponentials: a relative error ~1e-6 in S is far inside CG's
+  // forcing (0.1). Marginals (sums) and the right-hand side are always exact, so the accepted steps
+  // and the reported errors are not affected.
+  virtual void col_products(const std::vector<int>& active, const std::vector<double>& v, bool approximate,
                             std::vector<double>& out) = 0;
   // out (K n) = P w (squared = false) or (P o P) w (squared entries), w of length K m.
   virtual void row_products(const std::vector<int>& active, const std::vector<double>& w, bool squared,
-                            std::vector<double>& out) = 0;
-  // U (K m G): U[(k m + j) G + c] = sum of column j's entries in rows of class c.
+                            bool approximate, std::vector<double>& out) = 0;
+  // U (K m G): U[(k m + j) G + c] = sum of column j's entries in rows of class c (preconditioner only:
+  // may be approximate like the products above).
   virtual void class_column_sums(const std::vector<int>& active, std::vector<double>& U) = 0;
 };
 
