@@ -11,8 +11,9 @@ W_D, and the OTCE score from the joint label table, so that "same accuracy" mean
   thread (the solver's allocations are its own, invisible to torch's allocator). Draw 0 is re-solved by
   ``st.sinkhorn(device="cuda")`` and by the CPU solver, and both potentials go through the evaluator.
   The GPU solver polishes the last epsilon stage with Newton's method (the default).
-- segtransfer-sinkhorn (not in the default list): the same with Sinkhorn only (``SEGTRANSFER_CUDA_NEWTON=0``),
-  the GPU solver as it was before the Newton polish; runs last.
+- segtransfer-sinkhorn, segtransfer-laststage (not in the default list; they run last): the same with Sinkhorn
+  only (``SEGTRANSFER_CUDA_NEWTON=0``, the GPU solver before session 23), or with Newton on the last stage
+  only (``SEGTRANSFER_CUDA_STAGE_NEWTON=0``).
 - torch-plain: the textbook log-domain Sinkhorn (alternating ``logsumexp`` half-steps on a stored cost),
   float64, all K problems batched, error checked every 10 iterations, stopped at segtransfer's worst
   marginal error or at the time budget.
@@ -133,15 +134,22 @@ def time_otce(torch, st, args, prob, contender: str) -> tuple[dict, object]:
     return out, res
 
 
-def run_segtransfer_sinkhorn(torch, st, args, dim, prob) -> dict:
-    """segtransfer on the GPU with Sinkhorn only (SEGTRANSFER_CUDA_NEWTON=0), all K draws."""
+VARIANTS = {  # contender: (environment switch, label)
+    "segtransfer-sinkhorn": ("SEGTRANSFER_CUDA_NEWTON", "segtransfer (cuda, Sinkhorn only)"),
+    "segtransfer-laststage": ("SEGTRANSFER_CUDA_STAGE_NEWTON", "segtransfer (cuda, Newton on the last stage only)"),
+}
+
+
+def run_segtransfer_variant(torch, st, args, prob, variant: str) -> dict:
+    """segtransfer on the GPU with one of its switches off (VARIANTS), all K draws."""
     import os
 
-    os.environ["SEGTRANSFER_CUDA_NEWTON"] = "0"
+    env, label = VARIANTS[variant]
+    os.environ[env] = "0"
     try:
-        return time_otce(torch, st, args, prob, "segtransfer (cuda, Sinkhorn only)")[0]
+        return time_otce(torch, st, args, prob, label)[0]
     finally:
-        del os.environ["SEGTRANSFER_CUDA_NEWTON"]
+        del os.environ[env]
 
 
 def run_segtransfer(torch, st, args, dim, prob) -> dict:
@@ -317,14 +325,14 @@ def main(argv=None) -> int:
             for s in (0.5, 0.9):
                 record(run_geomloss(torch, args, dim, prob, s))
                 torch.cuda.empty_cache()
-    # The Sinkhorn-only comparison last, for every case (it runs to the time budget).
-    if "segtransfer-sinkhorn" in args.contenders:
+    # The variants last, for every case (the Sinkhorn-only one runs to the time budget).
+    for variant in (v for v in VARIANTS if v in args.contenders):
         for dim in args.dims:
             case = results["cases"][str(dim)]
             try:
-                r = run_segtransfer_sinkhorn(torch, st, args, dim, problem(args, dim))
+                r = run_segtransfer_variant(torch, st, args, problem(args, dim), variant)
             except Exception as exc:  # noqa: BLE001 - report and go on
-                r = {"contender": "segtransfer (cuda, Sinkhorn only)", "status": f"failed: {type(exc).__name__}: {exc}"}
+                r = {"contender": VARIANTS[variant][1], "status": f"failed: {type(exc).__name__}: {exc}"}
             case.append(r)
             print(json.dumps(r), flush=True)
             if args.out:

@@ -1080,6 +1080,28 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
   // check_every iterations. The error checked is the row error of the plan entering the block's last
   // row half-step plus the column error of the plan entering its last column half-step (with
   // omega > 1 neither marginal is exact after a half-step). The dense certificate decides in the end.
+  const bool check_each = static_cast<double>(K) * n * m >= o.check_each_from;
+  // A problem leaves the Sinkhorn loop at its stage target, or at handover_err for Newton once it has
+  // spent handover_after iterations on the stage (set per stage below); last_err: the error it left at.
+  std::vector<int64_t> stage_first(K, 0);
+  std::vector<double> last_err(K, std::numeric_limits<double>::infinity());
+  double handover_err = 0.0;
+  int64_t handover_after = 0;
+  auto leaves = [&](int64_t k, double e, int64_t its) {
+    return std::isfinite(e) && (e <= target[k] || (e <= handover_err && its - stage_first[k] >= handover_after));
+  };
+  // Sums the last iteration's row and column errors of the active problems into err, err2 (host).
+  auto fetch_errors = [&]() {
+    sum_rows_kernel<<<static_cast<unsigned>(K), kReduceThreads, 0, q.stream()>>>(d_err_rows.get(), n,
+                                                                                d_active.get(), d_err.get());
+    q.launched("sum_rows_kernel (row errors)");
+    sum_rows_kernel<<<static_cast<unsigned>(K), kReduceThreads, 0, q.stream()>>>(d_err_cols.get(), m,
+                                                                                d_active.get(), d_err2.get());
+    q.launched("sum_rows_kernel (column errors)");
+    q.download(err.data(), d_err.get(), K, "cudaMemcpyAsync (row errors)");
+    q.download(err2.data(), d_err2.get(), K, "cudaMemcpyAsync (column errors)");
+    q.sync("a convergence check");
+  };
   auto iterate = [&](double eps) {
     const double inv_eps = 1.0 / eps;
     for (;;) {
@@ -1096,22 +1118,31 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
           half_steps(double{}, eps, inv_eps);
         else
           half_steps(E{}, eps, inv_eps);
+        if (!check_each || t + 1 == block) continue;
+        // Large batches: a problem that reached its target leaves now, not at the block's end (the
+        // stages at the paper's epsilon need a few to a few tens of iterations, and rounding each
+        // up to a block of 10 cost ~15 % of the Sinkhorn phase). Its potentials are kept as they are.
+        fetch_errors();
+        bool retired = false;
+        for (int64_t k = 0; k < K; ++k) {
+          const double e = err[k] + err2[k];
+          if (!active[k] || !leaves(k, e, res.iterations[k] + t + 1)) continue;
+          active[k] = 0;
+          res.iterations[k] += t + 1;
+          last_err[k] = e;
+          retired = true;
+        }
+        if (retired) push_flags();
+        if (std::none_of(active.begin(), active.end(), [](int v) { return v != 0; })) break;
       }
-      sum_rows_kernel<<<static_cast<unsigned>(K), kReduceThreads, 0, q.stream()>>>(d_err_rows.get(), n,
-                                                                                  d_active.get(), d_err.get());
-      q.launched("sum_rows_kernel (row errors)");
-      sum_rows_kernel<<<static_cast<unsigned>(K), kReduceThreads, 0, q.stream()>>>(d_err_cols.get(), m,
-                                                                                  d_active.get(), d_err2.get());
-      q.launched("sum_rows_kernel (column errors)");
-      q.download(err.data(), d_err.get(), K, "cudaMemcpyAsync (row errors)");
-      q.download(err2.data(), d_err2.get(), K, "cudaMemcpyAsync (column errors)");
-      q.sync("a convergence check");
+      fetch_errors();
       std::vector<int64_t> undo, keep;
       for (int64_t k = 0; k < K; ++k) {
         if (!active[k]) continue;
         res.iterations[k] += block;
         const double e = err[k] + err2[k];
-        if (std::isfinite(e) && e <= target[k]) {
+        last_err[k] = e;
+        if (leaves(k, e, res.iterations[k])) {
           active[k] = 0;
         } else if (!std::isfinite(e) && omega[k] == 1.0) {
           active[k] = 0;  // plain Sinkhorn overflowed: reported as diverged, never as converged
@@ -1136,17 +1167,18 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
     }
   };
 
-  // Newton polish of the last stage (o.newton set; experimental, see docs/cuda.md): the host driver
-  // (dense_newton.cpp, passed in by the glue) on the device's dense plans, from the potentials the
-  // Sinkhorn loop handed over. A Newton step is charged as one iteration, as on the CPU.
-  auto polish = [&](double eps) {
+  // Newton polish (o.newton set): the host driver (dense_newton.cpp, passed in by the glue) on the
+  // device's dense plans, from the potentials the Sinkhorn loop handed over, down to `goal`. A Newton
+  // step is charged as one iteration, as on the CPU. Returns the error reached per problem (inf: not
+  // polished, or never measured).
+  auto polish = [&](double eps, double goal) {
     std::vector<int> on(K, 0);
     bool any = false;
     for (int64_t k = 0; k < K; ++k) {
-      on[k] = !timed_out && !diverged[k] && res.iterations[k] < o.max_iter ? 1 : 0;
+      on[k] = !timed_out && !diverged[k] && res.iterations[k] < o.max_iter && !(last_err[k] <= goal) ? 1 : 0;
       any = any || on[k] != 0;
     }
-    if (!any) return;
+    if (!any) return std::vector<double>(K, std::numeric_limits<double>::infinity());
     std::vector<double> hf(KN), hg(KM);
     q.download(hf.data(), d_f.get(), KN, "cudaMemcpyAsync (f)");
     q.download(hg.data(), d_g.get(), KM, "cudaMemcpyAsync (g)");
@@ -1156,7 +1188,7 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
     const DenseNewtonProblem np{K, n, m, a.data(), b.data(), eps, p.row_class_start, rc};
     trace("Newton from", eps);
     const DenseNewtonStats st =
-        o.newton(backend, np, std::vector<double>(K, 0.5 * o.tol), on, hf, hg, o.newton_max_steps, poll);
+        o.newton(backend, np, std::vector<double>(K, goal), on, hf, hg, o.newton_max_steps, poll);
     for (int64_t k = 0; k < K; ++k) res.iterations[k] += st.steps[k];
     if (debug)
       for (int64_t k = 0; k < K; ++k)
@@ -1164,6 +1196,7 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
                      static_cast<long long>(k), static_cast<long long>(st.steps[k]),
                      static_cast<long long>(st.products[k]), st.error[k]);
     trace("Newton done", eps);
+    return st.error;
   };
 
   // The certifying pass on the dense plan: joint tables, W_D, both marginal errors.
@@ -1207,10 +1240,20 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
     if (timed_out && !last) continue;  // out of time: go straight to certifying what we have
     ++res.stages;
     const double stage_target = last ? 0.5 * o.tol : std::max(o.stage_tol, o.tol);
-    const bool newton = last && static_cast<bool>(o.newton);  // Sinkhorn hands over at newton_switch
+    // Sinkhorn hands over to Newton at newton_switch. On the intermediate stages too (stage_newton):
+    // there Sinkhorn took 50-140 iterations a stage from 1e-1 to stage_tol at the paper's epsilon on
+    // the benchmark (H200, session 23), where Newton takes a few steps of ~10-30 products.
+    const bool newton = static_cast<bool>(o.newton) && (last || o.stage_newton);
+    // Newton on an intermediate stage pays off only where Sinkhorn is slow: after kStageNewtonAfter
+    // iterations on the stage (most early stages finish in fewer).
+    constexpr int64_t kStageNewtonAfter = 20;
+    handover_err = newton ? o.newton_switch : 0.0;
+    handover_after = last ? 0 : kStageNewtonAfter;
     for (int64_t k = 0; k < K; ++k) {
       active[k] = !timed_out && !diverged[k] && res.iterations[k] < o.max_iter ? 1 : 0;
-      target[k] = newton ? std::max(o.newton_switch, stage_target) : stage_target;
+      target[k] = stage_target;
+      stage_first[k] = res.iterations[k];
+      last_err[k] = std::numeric_limits<double>::infinity();
     }
     start_stage();
     push_flags();
@@ -1218,11 +1261,28 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
     for (;;) {
       iterate(eps);
       trace(last ? "last stage Sinkhorn" : "stage", eps);
-      if (!last) break;
+      if (!last) {
+        if (!handover) break;
+        // Newton to the stage's target; Sinkhorn finishes what it did not reach.
+        handover = false;
+        const std::vector<double> reached = polish(eps, stage_target);
+        bool again = false;
+        for (int64_t k = 0; k < K; ++k) {
+          if (reached[k] <= stage_target) last_err[k] = reached[k];
+          const bool more = !timed_out && !diverged[k] && res.iterations[k] < o.max_iter && !(last_err[k] <= stage_target);
+          active[k] = more ? 1 : 0;
+          again = again || more;
+        }
+        handover_err = 0.0;  // Sinkhorn finishes the stage
+        if (!again) break;
+        start_stage();
+        push_flags();
+        continue;
+      }
       if (handover) {
         handover = false;
-        polish(eps);
-        std::fill(target.begin(), target.end(), stage_target);
+        polish(eps, 0.5 * o.tol);
+        handover_err = 0.0;
         start_stage();  // fresh snapshots: a retry block must not fall back to the hand-over point
       }
       certify(eps);

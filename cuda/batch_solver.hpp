@@ -49,12 +49,16 @@ struct BatchOptions {
   double scaling_factor = 0.5;
   double stage_tol = 1e-2;     // marginal error at which an intermediate stage hands over
   double overrelaxation = 1.9;  // cap of the adaptive over-relaxation factor; 1: plain Sinkhorn
-  // Newton polish of the last stage (dense_newton.hpp), from newton_switch on; empty: Sinkhorn only.
-  // The host glue passes the core's driver. EXPERIMENTAL: not yet run on a GPU (docs/cuda.md).
+  // Newton polish (dense_newton.hpp) of the last stage, and with stage_newton of every stage: Sinkhorn
+  // hands over at newton_switch. Empty: Sinkhorn only. The host glue passes the core's driver.
   DenseNewtonFn newton;
+  bool stage_newton = true;
   double newton_switch = 1e-1;
   int newton_max_steps = 50;
-  int check_every = 10;        // iterations between two convergence checks (one host sync each)
+  int check_every = 10;        // iterations per over-relaxation block (its error decides keep or undo)
+  // Batches of at least this many cost entries (K n m) check the stage target after every iteration
+  // (one host sync, ~10 us, against a ~5 ms iteration at K n m = 10^9) instead of every block.
+  double check_each_from = 5e7;
   std::function<bool()> interrupt;  // polled at every check (at most every 50 ms); true: stop
 };
 

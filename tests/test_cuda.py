@@ -314,6 +314,21 @@ def test_gpu_newton_matches_cpu(dtype):
 
 @pytest.mark.gpu
 @requires_gpu
+@pytest.mark.parametrize("stage_newton", ["1", "0"])
+def test_gpu_large_batch_matches_cpu(monkeypatch, stage_newton):
+    """K n m >= 5e7: the stage target is checked after every iteration (BatchOptions.check_each_from),
+    and Newton takes over the slow intermediate stages (or, with SEGTRANSFER_CUDA_STAGE_NEWTON=0, only
+    the last one). Float64 at the paper's epsilon, against the CPU on the same draws."""
+    monkeypatch.setenv("SEGTRANSFER_CUDA_STAGE_NEWTON", stage_newton)
+    xs, ys, xt, yt = _data(n=4000, d=8)
+    cpu, cuda = _gpu_and_cpu(xs, ys, xt, yt, n_pixels=3000, repeats=6, epsilon=0.1, tol=1e-9)
+    assert cpu.all_converged and cuda.all_converged, (cpu.marginal_error, cuda.marginal_error)
+    np.testing.assert_allclose(cuda.scores, cpu.scores, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(cuda.transport_cost, cpu.transport_cost, rtol=1e-7)
+
+
+@pytest.mark.gpu
+@requires_gpu
 def test_gpu_sinkhorn_only_matches_cpu(monkeypatch):
     """SEGTRANSFER_CUDA_NEWTON=0 (the benchmark's comparison): the Sinkhorn-only path stays correct."""
     monkeypatch.setenv("SEGTRANSFER_CUDA_NEWTON", "0")

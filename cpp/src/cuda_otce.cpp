@@ -30,12 +30,17 @@ cuda::BatchOptions batch_options(const SinkhornOptions& opt) {
   o.scaling_factor = opt.scaling_factor;
   o.stage_tol = opt.stage_tol;
   o.overrelaxation = opt.overrelaxation;
-  // Newton polish of the last stage, as on the CPU; SEGTRANSFER_CUDA_NEWTON=0 turns it off (the
-  // benchmark's Sinkhorn-only comparison).
-  const char* env = std::getenv("SEGTRANSFER_CUDA_NEWTON");
-  if (opt.newton && !(env != nullptr && env[0] == '0')) {
+  // Newton polish of the last stage, as on the CPU, and of the slow intermediate stages (see
+  // batch_solver.cu). For the benchmark's comparisons: SEGTRANSFER_CUDA_NEWTON=0 turns Newton off,
+  // SEGTRANSFER_CUDA_STAGE_NEWTON=0 keeps it to the last stage.
+  const auto off = [](const char* name) {
+    const char* env = std::getenv(name);
+    return env != nullptr && env[0] == '0';
+  };
+  if (opt.newton && !off("SEGTRANSFER_CUDA_NEWTON")) {
     o.newton = dense_newton;
     o.newton_switch = opt.newton_switch;
+    o.stage_newton = !off("SEGTRANSFER_CUDA_STAGE_NEWTON");
   }
   o.interrupt = opt.interrupt;
   return o;
