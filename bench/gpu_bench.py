@@ -11,9 +11,10 @@ W_D, and the OTCE score from the joint label table, so that "same accuracy" mean
   thread (the solver's allocations are its own, invisible to torch's allocator). Draw 0 is re-solved by
   ``st.sinkhorn(device="cuda")`` and by the CPU solver, and both potentials go through the evaluator.
   The GPU solver polishes the last epsilon stage with Newton's method (the default).
-- segtransfer-sinkhorn, segtransfer-laststage (not in the default list; they run last): the same with Sinkhorn
-  only (``SEGTRANSFER_CUDA_NEWTON=0``, the GPU solver before session 23), or with Newton on the last stage
-  only (``SEGTRANSFER_CUDA_STAGE_NEWTON=0``).
+- segtransfer-sinkhorn, segtransfer-laststage, segtransfer-dense (not in the default list; they run last): the
+  same with Sinkhorn only (``SEGTRANSFER_CUDA_NEWTON=0``, the GPU solver before session 23), with Newton on
+  the last stage only (``SEGTRANSFER_CUDA_STAGE_NEWTON=0``), or with Newton's CG products over the dense
+  plan instead of its pattern (``SEGTRANSFER_CUDA_SPARSE=0``).
 - torch-plain: the textbook log-domain Sinkhorn (alternating ``logsumexp`` half-steps on a stored cost),
   float64, all K problems batched, error checked every 10 iterations, stopped at segtransfer's worst
   marginal error or at the time budget.
@@ -137,6 +138,7 @@ def time_otce(torch, st, args, prob, contender: str) -> tuple[dict, object]:
 VARIANTS = {  # contender: (environment switch, label)
     "segtransfer-sinkhorn": ("SEGTRANSFER_CUDA_NEWTON", "segtransfer (cuda, Sinkhorn only)"),
     "segtransfer-laststage": ("SEGTRANSFER_CUDA_STAGE_NEWTON", "segtransfer (cuda, Newton on the last stage only)"),
+    "segtransfer-dense": ("SEGTRANSFER_CUDA_SPARSE", "segtransfer (cuda, Newton's CG products dense)"),
 }
 
 

@@ -300,9 +300,12 @@ def test_gpu_matches_cpu_float32(epsilon):
 @pytest.mark.gpu
 @requires_gpu
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_gpu_newton_matches_cpu(dtype):
-    """The Newton polish of the last stage (the GPU default): at epsilon = 0.1, where Sinkhorn alone hit
-    max_iter = 50,000 on one of these repeats (H200, 2026-12-04), it must converge and agree."""
+@pytest.mark.parametrize("sparse", ["1", "0"])
+def test_gpu_newton_matches_cpu(monkeypatch, dtype, sparse):
+    """The Newton polish (the GPU default): at epsilon = 0.1, where Sinkhorn alone hit max_iter = 50,000
+    on one of these repeats (H200, 2026-12-04), it must converge and agree; with its CG products on the
+    plan's pattern (the default) and dense (SEGTRANSFER_CUDA_SPARSE=0)."""
+    monkeypatch.setenv("SEGTRANSFER_CUDA_SPARSE", sparse)
     xs, ys, xt, yt = _data(dtype=dtype)
     tol, atol = (1e-10, 1e-8) if dtype == np.float64 else (1e-6, 1e-4)
     cpu, cuda = _gpu_and_cpu(xs, ys, xt, yt, n_pixels=200, repeats=3, epsilon=0.1, tol=tol)
