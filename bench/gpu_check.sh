@@ -14,6 +14,9 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl pot==0.9.7.post1 geomloss
 # Session 22 ran it as: OUT=$OUT TESTS_TIMEOUT=90 SANITIZE_TIMEOUT=60 BENCH_TIMEOUT=200 \
 #   BENCH_ARGS="--budget-s 25 --peer-budget-s 10" bash bench/gpu_check.sh   (about 4 min on an H200)
+# Session 23's last run (2 min 10 s): STEPS="build tests memcheck bench" and BENCH_ARGS adding
+#   "--contenders segtransfer torch-plain pot geomloss segtransfer-dense segtransfer-laststage", with
+#   SEGTRANSFER_DEBUG=1 for the per-stage trace in gpu_bench.log (bench/RESULTS.md, "GPU, session 23").
 #   STEPS         which steps to run, in this order (default "build tests memcheck bench racecheck ncu")
 set -u
 cd "$(dirname "$0")/.."
