@@ -1405,8 +1405,8 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
           half_steps(E{}, eps, inv_eps);
         if (!check_each || t + 1 == block) continue;
         // Large batches: a problem that reached its target leaves now, not at the block's end (the
-        // stages at the paper's epsilon need a few to a few tens of iterations, and rounding each
-        // up to a block of 10 cost ~15 % of the Sinkhorn phase). Its potentials are kept as they are.
+        // early stages need a few iterations each, and rounding each up to a block of 10 cost the
+        // benchmark's K = 10 call 8-10 % of its time, H200). Its potentials are kept as they are.
         fetch_errors();
         bool retired = false;
         for (int64_t k = 0; k < K; ++k) {
