@@ -2,15 +2,18 @@
 CPU solver (marked ``gpu``; skipped unless ``segtransfer.cuda_available()``).
 
 The ``gpu`` tests ran on an H200 on 2026-12-04 (``bench/gpu_check.sh``, sessions 22 and 23): all pass at
-the current design. See docs/cuda.md.
+the current design, except the two written after the device time was spent (timeout, Ctrl-C), which have
+not run on a GPU yet. See docs/cuda.md.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -424,6 +427,72 @@ def test_gpu_refuses_nan_and_oversized_problems():
     labels = rng.integers(0, 2, 300_000)
     with pytest.raises(MemoryError, match=r"the CUDA solver needs .* GB .* but only .* are free"):
         st.otce(big, labels, big, labels, n_pixels=300_000, repeats=10, device="cuda")
+
+
+def _hard_gpu_problem():
+    """C / eps ~ 1e6 and tol 1e-12: no solver finishes this in any sensible time (as test_otce's)."""
+    rng = np.random.default_rng(31)
+    xs, xt = rng.normal(size=(3000, 4)) * 3, rng.normal(size=(3000, 4)) * 3 + 1
+    return xs, np.arange(3000) % 3, xt, np.arange(3000) % 2
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_timeout_stops_and_reports():
+    """Written after session 23's device time (not yet run on a GPU). The timeout bounds a GPU call,
+    which certifies what it has and reports it: timed_out, not converged, a RuntimeWarning."""
+    xs, ys, xt, yt = _hard_gpu_problem()
+    start = time.perf_counter()
+    with pytest.warns(RuntimeWarning, match="timeout"):
+        r = st.otce(xs, ys, xt, yt, n_pixels=2000, repeats=3, epsilon=1e-4, tol=1e-12, max_iter=10**9, timeout=0.5,
+                    device="cuda")
+    assert time.perf_counter() - start < 30
+    assert r.timed_out.tolist() == [True] * 3 and not np.any(r.converged)
+    assert np.all(r.iterations < 10**9)
+
+
+_GPU_CHILD = r"""
+import signal, sys, time, warnings
+import numpy as np
+import segtransfer as st
+warnings.simplefilter("ignore")
+signal.signal(signal.SIGINT, signal.default_int_handler)
+rng = np.random.default_rng(31)
+xs, xt = rng.normal(size=(3000, 4)) * 3, rng.normal(size=(3000, 4)) * 3 + 1
+args = (xs, np.arange(3000) % 3, xt, np.arange(3000) % 2)
+kw = dict(n_pixels=2000, repeats=3, epsilon=1e-4, tol=1e-12, max_iter=10**9, timeout=60.0, device="cuda")
+st.otce(*args, **{**kw, "timeout": 0.2})  # context and modules loaded before the clock starts
+print("solving", flush=True)
+t = time.perf_counter()
+try:
+    st.otce(*args, **kw)
+    print(f"finished {time.perf_counter() - t:.3f}", flush=True)
+except KeyboardInterrupt:
+    print(f"interrupted {time.perf_counter() - t:.3f}", flush=True)
+    sys.exit(130)
+"""
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_ctrl_c_interrupts_a_call():
+    """Written after session 23's device time (not yet run on a GPU). SIGINT one second into a GPU
+    call that would run for its 60 s timeout: KeyboardInterrupt soon after (the launcher polls every
+    50 ms between kernel batches, and in Newton between products)."""
+    child = subprocess.Popen([sys.executable, "-c", _GPU_CHILD], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout.readline().strip() == "solving", child.stderr.read()[-2000:]
+        time.sleep(1.0)
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    status, ran = out.split()
+    assert (status, child.returncode) == ("interrupted", 130), (out, err[-2000:])
+    assert float(ran) < 10.0, f"interrupted after {ran} s"
 
 
 # ---- frameworks: zero copy (data_ptr identity, no allocation by the framework)
