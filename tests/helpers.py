@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 
 #: Most tests solve on one thread: the machine running the suite may be shared, and OpenMP spin-waits
@@ -38,3 +43,21 @@ def f32_delta(x32, y32, eps):
     s = float((((x - mean) ** 2).sum(1)).max() + (((y - mean) ** 2).sum(1)).max())
     d = x.shape[1]
     return 4 * (d + 3) * U32 * s / eps + 1e-3
+
+
+def interrupt_child(script: str, *args: str, delay: float = 1.0) -> tuple[str, str, int]:
+    """Runs ``python -c script *args``, waits for its "solving" line, sends SIGINT ``delay`` seconds
+    later and returns (stdout after that line, stderr, return code). The child is killed if it
+    outlives the 60 s wait."""
+    child = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout.readline().strip() == "solving", child.stderr.read()[-2000:]
+        time.sleep(delay)
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    return out, err, child.returncode

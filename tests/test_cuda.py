@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -479,19 +478,9 @@ def test_gpu_ctrl_c_interrupts_a_call():
     """Written after session 23's device time (not yet run on a GPU). SIGINT one second into a GPU
     call that would run for its 60 s timeout: KeyboardInterrupt soon after (the launcher polls every
     50 ms between kernel batches, and in Newton between products)."""
-    child = subprocess.Popen([sys.executable, "-c", _GPU_CHILD], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
-    try:
-        assert child.stdout.readline().strip() == "solving", child.stderr.read()[-2000:]
-        time.sleep(1.0)
-        child.send_signal(signal.SIGINT)
-        out, err = child.communicate(timeout=60)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+    out, err, returncode = helpers.interrupt_child(_GPU_CHILD)
     status, ran = out.split()
-    assert (status, child.returncode) == ("interrupted", 130), (out, err[-2000:])
+    assert (status, returncode) == ("interrupted", 130), (out, err[-2000:])
     assert float(ran) < 10.0, f"interrupted after {ran} s"
 
 

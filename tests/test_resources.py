@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import signal
 import subprocess
 import sys
 import textwrap
@@ -22,6 +21,8 @@ import numpy as np
 import pytest
 
 import segtransfer as st
+
+import helpers
 
 
 # ----------------------------------------------------------------------------------- shared problems
@@ -256,19 +257,9 @@ except KeyboardInterrupt:
 def test_ctrl_c_interrupts_a_call(mode):
     """SIGINT one second into a call that would take ~30-60 s: KeyboardInterrupt, long before the call
     could have finished (measured: 20-100 ms after the signal)."""
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
-    try:
-        assert child.stdout.readline().strip() == "solving", child.stderr.read()[-2000:]
-        time.sleep(1.0)
-        child.send_signal(signal.SIGINT)
-        out, err = child.communicate(timeout=60)
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+    out, err, returncode = helpers.interrupt_child(_CHILD, mode)
     status, ran, expected = out.split()
-    assert (status, child.returncode) == ("interrupted", 130), (out, err[-2000:])
+    assert (status, returncode) == ("interrupted", 130), (out, err[-2000:])
     assert float(ran) < 0.5 * float(expected), f"interrupted after {ran} s of a ~{expected} s call"
 
 
