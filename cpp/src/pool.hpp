@@ -125,9 +125,12 @@ class BlockPool {
       kept_[k] = kept_.back();
       kept_.pop_back();
     }
-    // Room to grow: the next draw's kernel is a few percent larger or smaller than this one's, and
-    // pages never touched cost nothing.
-    const std::size_t size = ((bytes + bytes / 8) | (kGranule - 1)) + 1;
+    // Room to grow, since pages never touched cost nothing: a later draw's kernel of the same stage
+    // differs by up to ~15 % (N = 10^4, D = 256: 2,700-3,150 entries a row in the first sparse
+    // stage, requested with the build's 10 % margin). A block that misses is mapped afresh and
+    // faults in every page it uses; with 1/8 of room K = 10 took 450-550 thousand page faults,
+    // with 1/2 ~360 thousand, most of them the first draw of each worker (RESULTS.md, session 24).
+    const std::size_t size = ((bytes + bytes / 2) | (kGranule - 1)) + 1;
     std::size_t mapped = 0;
     void* base = size >= kHugeAligned ? map_huge(size + kHeader, bytes + kHeader, mapped) : nullptr;
     if (base == nullptr) base = std::malloc(size + kHeader);
