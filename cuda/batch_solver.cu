@@ -1456,11 +1456,14 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
   // device's dense plans, from the potentials the Sinkhorn loop handed over, down to `goal`. A Newton
   // step is charged as one iteration, as on the CPU. Returns the error reached per problem (inf: not
   // polished, or never measured).
+  // Whether problem k may still iterate: not out of time, not diverged, iterations left.
+  auto can_run = [&](int64_t k) { return !timed_out && !diverged[k] && res.iterations[k] < o.max_iter; };
+
   auto polish = [&](double eps, double goal) {
     std::vector<int> on(K, 0);
     bool any = false;
     for (int64_t k = 0; k < K; ++k) {
-      on[k] = !timed_out && !diverged[k] && res.iterations[k] < o.max_iter && !(last_err[k] <= goal) ? 1 : 0;
+      on[k] = can_run(k) && !(last_err[k] <= goal) ? 1 : 0;
       any = any || on[k] != 0;
     }
     if (!any) return std::vector<double>(K, std::numeric_limits<double>::infinity());
@@ -1475,14 +1478,14 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
     const DenseNewtonStats st =
         o.newton(backend, np, std::vector<double>(K, goal), on, hf, hg, o.newton_max_steps, poll);
     for (int64_t k = 0; k < K; ++k) res.iterations[k] += st.steps[k];
-    if (debug)
+    if (debug) {
       std::fprintf(stderr, "[cuda]   pattern: %lld builds, last density %.4f\n",
                    static_cast<long long>(backend.pattern_builds()), backend.pattern_density());
-    if (debug)
       for (int64_t k = 0; k < K; ++k)
         std::fprintf(stderr, "[cuda]   problem %lld: %lld steps, %lld products, error %.3g\n",
                      static_cast<long long>(k), static_cast<long long>(st.steps[k]),
                      static_cast<long long>(st.products[k]), st.error[k]);
+    }
     trace("Newton done", eps);
     return st.error;
   };
@@ -1538,7 +1541,7 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
     handover_err = newton ? o.newton_switch : 0.0;
     handover_after = last ? 0 : kStageNewtonAfter;
     for (int64_t k = 0; k < K; ++k) {
-      active[k] = !timed_out && !diverged[k] && res.iterations[k] < o.max_iter ? 1 : 0;
+      active[k] = can_run(k) ? 1 : 0;
       target[k] = stage_target;
       stage_first[k] = res.iterations[k];
       last_err[k] = std::numeric_limits<double>::infinity();
@@ -1557,7 +1560,7 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
         bool again = false;
         for (int64_t k = 0; k < K; ++k) {
           if (reached[k] <= stage_target) last_err[k] = reached[k];
-          const bool more = !timed_out && !diverged[k] && res.iterations[k] < o.max_iter && !(last_err[k] <= stage_target);
+          const bool more = can_run(k) && !(last_err[k] <= stage_target);
           active[k] = more ? 1 : 0;
           again = again || more;
         }
@@ -1582,8 +1585,7 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
       precise = true;
       bool again = false;
       for (int64_t k = 0; k < K; ++k) {
-        const bool retry = !res.converged[k] && !timed_out && !diverged[k] && res.iterations[k] < o.max_iter &&
-                           std::isfinite(res.marginal_error[k]);
+        const bool retry = !res.converged[k] && can_run(k) && std::isfinite(res.marginal_error[k]);
         active[k] = retry ? 1 : 0;
         if (retry) target[k] *= 0.1;
         again = again || retry;
