@@ -17,6 +17,7 @@
 #include "segtransfer/errors.hpp"
 #include "segtransfer/fastexp.hpp"
 #include "segtransfer/sinkhorn.hpp"
+#include "clones.hpp"
 #include "lse_avx2.hpp"
 #include "overrelaxation.hpp"
 #include "prefetch.hpp"
@@ -26,14 +27,6 @@
 #include <omp.h>
 #endif
 
-// The log-sum-exp loops are compiled three times (AVX-512, AVX2+FMA, baseline x86-64) and picked
-// at load time, so a wheel built on one machine runs at full width on another without
-// -march=native. The AVX-512 clone ran 5x faster than the AVX2 one here (see bench/RESULTS.md).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(SEGTRANSFER_NO_CLONES)
-#define SEGTRANSFER_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SEGTRANSFER_HOT
-#endif
 
 namespace segtransfer {
 namespace {
