@@ -1452,13 +1452,13 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
     }
   };
 
+  // Whether problem k may still iterate: not out of time, not diverged, iterations left.
+  auto can_run = [&](int64_t k) { return !timed_out && !diverged[k] && res.iterations[k] < o.max_iter; };
+
   // Newton polish (o.newton set): the host driver (dense_newton.cpp, passed in by the glue) on the
   // device's dense plans, from the potentials the Sinkhorn loop handed over, down to `goal`. A Newton
   // step is charged as one iteration, as on the CPU. Returns the error reached per problem (inf: not
   // polished, or never measured).
-  // Whether problem k may still iterate: not out of time, not diverged, iterations left.
-  auto can_run = [&](int64_t k) { return !timed_out && !diverged[k] && res.iterations[k] < o.max_iter; };
-
   auto polish = [&](double eps, double goal) {
     std::vector<int> on(K, 0);
     bool any = false;

@@ -54,12 +54,6 @@ void check_finite(const PixelView<T>& v, const int32_t* code, const char* arg) {
 // a solve takes milliseconds and the grouping would only add work.
 constexpr double kGroupingMin = 1e6;
 
-// Groups of nearby points (k-means cells) standing in for classes when the caller has none: class
-// balancing and the two-level Newton preconditioner (sinkhorn.cpp) then act on clusters of the data
-// rather than on labels. Deterministic and independent of the thread count: farthest-point seeds
-// and 10 Lloyd rounds on a strided subsample of at most 2,000 points, then every point joins its
-// nearest centre: one cell per 64 points, 2 to kMaxGroups of them. Returns group ids in
-// [0, groups) with no empty group.
 // Squared distances from the point p to the k points of q (rows of d): point_groups' one hot loop.
 // Eight partial sums: one running sum was a dependent add per dimension, latency-bound at 0.4 s of
 // an N = 10^4, D = 256 draw (perf). Target-cloned, with eight lanes in one AVX-512 register: 2x
@@ -82,6 +76,12 @@ struct Distances {
   }
 };
 
+// Groups of nearby points (k-means cells) standing in for classes when the caller has none: class
+// balancing and the two-level Newton preconditioner (sinkhorn.cpp) then act on clusters of the data
+// rather than on labels. Deterministic and independent of the thread count: farthest-point seeds
+// and 10 Lloyd rounds on a strided subsample of at most 2,000 points, then every point joins its
+// nearest centre: one cell per 64 points, 2 to kMaxGroups of them. Returns group ids in
+// [0, groups) with no empty group.
 template <typename T>
 std::vector<int32_t> point_groups(const T* x, int64_t n, int64_t d, int& groups) {
   const int64_t ns = std::min<int64_t>(n, 2000);

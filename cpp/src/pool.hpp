@@ -128,7 +128,7 @@ class BlockPool {
     // Room to grow, since pages never touched cost nothing: a later draw's kernel of the same stage
     // differs by up to ~15 % (N = 10^4, D = 256: 2,700-3,150 entries a row in the first sparse
     // stage, requested with the build's 10 % margin). A block that misses is mapped afresh and
-    // faults in every page it uses; with 1/8 of room K = 10 took 450-550 thousand page faults,
+    // faults in every page it uses; with 1/8 of room K = 10 took 450-640 thousand page faults,
     // with 1/2 ~360 thousand, most of them the first draw of each worker (RESULTS.md, session 24).
     const std::size_t size = ((bytes + bytes / 2) | (kGranule - 1)) + 1;
     std::size_t mapped = 0;

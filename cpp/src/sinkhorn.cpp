@@ -394,7 +394,7 @@ bool refresh_pattern(const RowMatrix<T>& cost, const double* f, const double* g,
   // (D = 256) in 0.31 s against 0.03 s for later draws, whose pool blocks were already touched.
   p.cols = SparseRows<T>();
   p.has_cols = false;
-  std::swap(p.rows, p.next_rows);
+  p.next_rows = std::move(p.rows);
   p.next_rows.ptr.clear();
   p.next_rows.col.clear();
   p.next_rows.val.clear();
