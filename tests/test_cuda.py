@@ -283,7 +283,6 @@ def test_gpu_matches_cpu_float64(n_pixels):
     np.testing.assert_array_equal(cuda.source_classes, cpu.source_classes)
 
 
-
 @pytest.mark.gpu
 @requires_gpu
 @pytest.mark.parametrize("epsilon", [0.3, 0.1])
@@ -296,7 +295,6 @@ def test_gpu_matches_cpu_float32(epsilon):
     np.testing.assert_allclose(cuda.scores, cpu.scores, rtol=0, atol=1e-4)
     np.testing.assert_allclose(cuda.joint, cpu.joint, rtol=0, atol=1e-4)
     np.testing.assert_allclose(cuda.transport_cost, cpu.transport_cost, rtol=1e-4)
-
 
 
 @pytest.mark.gpu
@@ -370,7 +368,6 @@ def test_gpu_potentials_match_cpu_float64(weighted):
     a = kw.get("a", np.full(150, 1 / 150))
     b = kw.get("b", np.full(170, 1 / 170))
     assert np.abs(plan.sum(1) - a).sum() + np.abs(plan.sum(0) - b).sum() <= 1e-9
-
 
 
 @pytest.mark.gpu
@@ -450,36 +447,14 @@ def test_gpu_timeout_stops_and_reports():
     assert np.all(r.iterations < 10**9)
 
 
-_GPU_CHILD = r"""
-import signal, sys, time, warnings
-import numpy as np
-import segtransfer as st
-warnings.simplefilter("ignore")
-signal.signal(signal.SIGINT, signal.default_int_handler)
-rng = np.random.default_rng(31)
-xs, xt = rng.normal(size=(3000, 4)) * 3, rng.normal(size=(3000, 4)) * 3 + 1
-args = (xs, np.arange(3000) % 3, xt, np.arange(3000) % 2)
-kw = dict(n_pixels=2000, repeats=3, epsilon=1e-4, tol=1e-12, max_iter=10**9, timeout=60.0, device="cuda")
-st.otce(*args, **{**kw, "timeout": 0.2})  # context and modules loaded before the clock starts
-print("solving", flush=True)
-t = time.perf_counter()
-try:
-    st.otce(*args, **kw)
-    print(f"finished {time.perf_counter() - t:.3f}", flush=True)
-except KeyboardInterrupt:
-    print(f"interrupted {time.perf_counter() - t:.3f}", flush=True)
-    sys.exit(130)
-"""
-
-
 @pytest.mark.gpu
 @requires_gpu
 def test_gpu_ctrl_c_interrupts_a_call():
     """Written after session 23's device time (not yet run on a GPU). SIGINT one second into a GPU
     call that would run for its 60 s timeout: KeyboardInterrupt soon after (the launcher polls every
     50 ms between kernel batches, and in Newton between products)."""
-    out, err, returncode = helpers.interrupt_child(_GPU_CHILD)
-    status, ran = out.split()
+    out, err, returncode = helpers.interrupt_child(helpers.INTERRUPT_CHILD, "gpu")
+    status, ran, _ = out.split()
     assert (status, returncode) == ("interrupted", 130), (out, err[-2000:])
     assert float(ran) < 10.0, f"interrupted after {ran} s"
 

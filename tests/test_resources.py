@@ -212,52 +212,12 @@ def test_max_iter_bounds_every_solve(max_iter):
 
 # ------------------------------------------------------------------------------------------- Ctrl-C
 
-_CHILD = r"""
-import signal, sys, time, warnings
-import numpy as np
-import segtransfer as st
-warnings.simplefilter("ignore")
-# Python leaves SIGINT ignored when it starts that way (a background job of a non-interactive shell,
-# e.g. a CI step launched with `&`); the test is about our polling, not about the launcher.
-signal.signal(signal.SIGINT, signal.default_int_handler)
-rng = np.random.default_rng(31)
-if sys.argv[1] == "long":  # one solve that would run for its whole 60 s timeout
-    # 1200 points: at 400 the error reaches float64's resolution for C / eps ~ 1e6 within 0.3 s and
-    # the solver stops by itself (test_error_stuck_at_float64_resolution_returns).
-    args = (rng.normal(size=(1200, 4)) * 3, np.arange(1200) % 3, rng.normal(size=(1200, 4)) * 3 + 1,
-            np.arange(1200) % 2)
-    kw = dict(n_pixels=None, epsilon=1e-4, tol=1e-12, max_iter=10**9, timeout=60.0, threads=1)
-    expected = 60.0
-elif sys.argv[1] == "blocked":  # two blocked solves side by side, each polling from its own thread
-    args = (rng.normal(size=(400, 4)) * 3, np.arange(400) % 3, rng.normal(size=(400, 4)) * 3 + 1, np.arange(400) % 2)
-    kw = dict(n_pixels=300, repeats=2, epsilon=1e-4, tol=1e-12, max_iter=10**9, timeout=60.0, threads=2,
-              blocked=True)
-    expected = 60.0
-else:  # many solves of ~0.1 ms each, none long enough to reach the solver's own 50 ms poll
-    x = rng.normal(size=(100, 2))
-    args = (x, np.arange(100) % 2, x[::-1].copy(), np.arange(100) % 2)
-    t = time.perf_counter()
-    st.otce(*args, n_pixels=8, repeats=2000, epsilon=1.0, threads=1)
-    per_repeat = (time.perf_counter() - t) / 2000
-    repeats = int(min(4e6, 30.0 / per_repeat))  # ~30 s of work
-    kw = dict(n_pixels=8, repeats=repeats, epsilon=1.0, threads=1)
-    expected = repeats * per_repeat
-print("solving", flush=True)
-t = time.perf_counter()
-try:
-    st.otce(*args, **kw)
-    print(f"finished {time.perf_counter() - t:.3f} {expected:.3f}", flush=True)
-except KeyboardInterrupt:
-    print(f"interrupted {time.perf_counter() - t:.3f} {expected:.3f}", flush=True)
-    sys.exit(130)
-"""
-
 
 @pytest.mark.parametrize("mode", ["long", "many-short", "blocked"])
 def test_ctrl_c_interrupts_a_call(mode):
     """SIGINT one second into a call that would take ~30-60 s: KeyboardInterrupt, long before the call
     could have finished (measured: 20-100 ms after the signal)."""
-    out, err, returncode = helpers.interrupt_child(_CHILD, mode)
+    out, err, returncode = helpers.interrupt_child(helpers.INTERRUPT_CHILD, mode)
     status, ran, expected = out.split()
     assert (status, returncode) == ("interrupted", 130), (out, err[-2000:])
     assert float(ran) < 0.5 * float(expected), f"interrupted after {ran} s of a ~{expected} s call"
