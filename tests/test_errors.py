@@ -77,6 +77,37 @@ def test_non_finite_in_feature_maps(dtype):
         st.otce(cl, ls, np.moveaxis(ft, 1, -1).copy(), ls, n_pixels=4, channels_last=True)
 
 
+@pytest.mark.parametrize("layout", ["maps", "channels_last", "strided_maps"])
+def test_non_finite_maps_name_the_pixel_and_spare_ignored_ones(layout):
+    """The finiteness check reads channel planes in one pass where pixels are contiguous: it must
+    still skip ignored pixels and report the first bad valid pixel (flat index over B x H x W)."""
+    rng = np.random.default_rng(2)
+    base = rng.normal(size=(3, 4, 6, 10)).astype(np.float32)  # (B, D, H, W)
+    labels = rng.integers(0, 3, size=(3, 6, 5))
+    labels[0, 0, 0] = 255
+    if layout == "strided_maps":
+        fs = base[:, :, :, ::2]  # pixels two elements apart: the per-pixel loop
+    else:
+        fs = base[:, :, :, :5].copy()
+    if layout == "channels_last":
+        fs = np.moveaxis(fs, 1, -1).copy()
+    kw = {"channels_last": layout == "channels_last", "n_pixels": 10, "repeats": 1}
+    ft = np.ascontiguousarray(fs) * 0.5
+
+    def put(b, h, w, value):
+        x = fs.copy()
+        if layout == "channels_last":
+            x[b, h, w, 3] = value
+        else:
+            x[b, 3, h, w] = value
+        return x
+
+    st.otce(put(0, 0, 0, np.nan), labels, ft, labels, **kw)  # the ignored pixel: accepted
+    for b, h, w in [(2, 5, 4), (1, 0, 3), (0, 0, 1)]:
+        with pytest.raises(ValueError, match=rf"source_features: contains NaN or infinite values \(pixel {b * 30 + h * 5 + w}\)"):
+            st.otce(put(b, h, w, np.inf), labels, ft, labels, **kw)
+
+
 def test_sinkhorn_non_finite(data):
     xs, _, xt, _ = data
     x = xs.copy()

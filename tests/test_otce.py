@@ -417,6 +417,40 @@ def test_non_contiguous_labels(label_dtype):
     np.testing.assert_array_equal(r.joint, r_codes.joint)
 
 
+@pytest.mark.parametrize("dtype", [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64])
+def test_label_codes_equal_numpy_unique(dtype):
+    """pixel_table counts labels that span a short range instead of sorting them: the classes and
+    codes must be np.unique's, at either end of the dtype's range and across its sign."""
+    from segtransfer._arrays import _classes_and_codes
+
+    rng = np.random.default_rng(21)
+    info = np.iinfo(dtype)
+    lows = [0, int(info.min), int(info.max) - 40, max(int(info.min), -5)]
+    for lo in lows:
+        for span in (0, 3, 40, 300):
+            hi = min(lo + span, int(info.max))
+            v = rng.integers(lo, hi, size=500, endpoint=True, dtype=dtype)
+            classes, codes = _classes_and_codes(v)
+            ref_classes, ref_codes = np.unique(v, return_inverse=True)
+            assert classes.dtype == ref_classes.dtype
+            np.testing.assert_array_equal(classes, ref_classes)
+            np.testing.assert_array_equal(codes, ref_codes)
+    extremes = np.array([info.max, info.min, info.max], dtype=dtype)  # a span wider than the labels: sorted
+    np.testing.assert_array_equal(_classes_and_codes(extremes)[1], np.unique(extremes, return_inverse=True)[1])
+
+
+@pytest.mark.parametrize("vals", [[-(2**40), 3, 2**40], [2**63 + 5, 2**63 + 9, 2**64 - 1]], ids=["wide", "uint64-top"])
+def test_labels_far_apart_or_near_the_dtype_limit(vals):
+    xs, ys, xt, yt = informative_pair(13, 200, 180)
+    dtype = np.uint64 if vals[0] >= 2**63 else np.int64
+    src_vals = np.array(vals, dtype=dtype)
+    r_codes = run(xs, ys, xt, yt, n_pixels=None, epsilon=0.3)
+    r = run(xs, src_vals[ys], xt, yt, n_pixels=None, epsilon=0.3)
+    np.testing.assert_array_equal(r.source_classes, src_vals)
+    np.testing.assert_array_equal(r.scores, r_codes.scores)
+    np.testing.assert_array_equal(r.joint, r_codes.joint)
+
+
 def test_negative_label_values_are_ordinary_classes():
     xs, ys, xt, yt = informative_pair(14, 150, 150)
     vals = np.array([-5, -1, 1000])

@@ -36,16 +36,34 @@ void check_budget(double bytes, double budget) {
 
 // Every valid pixel, not only the sampled ones: a NaN in the input is a bug upstream that the user
 // should hear about whatever the seed.
+// 0 * x is NaN exactly when x is NaN or infinite; the flags are combined with integer ORs, as a sum
+// of those products was one dependent float add a channel (latency-bound: ~0.1 s a side for
+// 4 x 10^6 pixels at D = 19).
 template <typename T>
 void check_finite(const PixelView<T>& v, const int32_t* code, const char* arg) {
+  const auto fail = [&](int64_t pixel) {
+    throw InvalidArgument(arg, "contains NaN or infinite values (pixel " + std::to_string(pixel) + ")");
+  };
+  if (v.stride_pixel == 1 && v.pixels > 1) {
+    // Channel planes (B, D, H, W): one contiguous pass per plane, flags kept per pixel.
+    std::vector<unsigned char> bad(static_cast<size_t>(v.pixels));
+    for (int64_t b = 0; b < v.images; ++b) {
+      std::fill(bad.begin(), bad.end(), 0);
+      for (int64_t d = 0; d < v.dim; ++d) {
+        const T* plane = v.data + b * v.stride_image + d * v.stride_dim;
+        for (int64_t p = 0; p < v.pixels; ++p) bad[p] |= static_cast<unsigned char>(!(plane[p] * T(0) == T(0)));
+      }
+      for (int64_t p = 0; p < v.pixels; ++p)
+        if (bad[p] && code[b * v.pixels + p] >= 0) fail(b * v.pixels + p);
+    }
+    return;
+  }
   for (int64_t b = 0; b < v.images; ++b) {
     for (int64_t p = 0; p < v.pixels; ++p) {
-      if (code[b * v.pixels + p] < 0) continue;
       const T* src = v.data + b * v.stride_image + p * v.stride_pixel;
-      T acc = 0;
-      for (int64_t d = 0; d < v.dim; ++d) acc += src[d * v.stride_dim] * T(0);
-      if (acc != T(0))  // 0 * x is NaN exactly when x is NaN or infinite
-        throw InvalidArgument(arg, "contains NaN or infinite values (pixel " + std::to_string(b * v.pixels + p) + ")");
+      unsigned bad = 0;
+      for (int64_t d = 0; d < v.dim; ++d) bad |= static_cast<unsigned>(!(src[d * v.stride_dim] * T(0) == T(0)));
+      if (bad && code[b * v.pixels + p] >= 0) fail(b * v.pixels + p);
     }
   }
 }

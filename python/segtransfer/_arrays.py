@@ -132,6 +132,29 @@ def _ignore_values(ignore_index: IgnoreIndex, label_dtype: np.dtype, name: str =
     return np.array(keep, dtype=label_dtype)
 
 
+def _classes_and_codes(valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(valid, return_inverse=True)``, by counting where the labels span a short range.
+
+    Label maps hold small integers (class ids, a few ignore values); sorting millions of them was
+    most of a large call's preparation (4 x 10^6 pixels a side: 0.24 s a side). A table over the
+    span is O(P) and gives the same classes (sorted) and codes; a span wider than the labels
+    themselves (sparse ids such as hashes) keeps the sort.
+    """
+    if valid.size == 0:
+        return np.unique(valid, return_inverse=True)
+    lo, hi = int(valid.min()), int(valid.max())
+    if hi - lo >= max(1 << 16, valid.size):
+        return np.unique(valid, return_inverse=True)
+    # The shift is taken where it cannot wrap: uint64 in its own type (lo may exceed int64), the rest
+    # in int64 (int8 labels from -100 to 100 span more than int8 holds).
+    wide = np.uint64 if valid.dtype == np.uint64 else np.int64
+    offset = (valid.astype(wide) - wide(lo)).astype(np.intp, copy=False)
+    present = np.bincount(offset, minlength=hi - lo + 1) > 0
+    lookup = np.cumsum(present, dtype=np.int64) - 1
+    classes = (np.flatnonzero(present).astype(wide) + wide(lo)).astype(valid.dtype)
+    return classes, lookup[offset]
+
+
 def pixel_table(
     features: Any,
     labels: Any,
@@ -179,7 +202,7 @@ def pixel_table(
 
     ignored = np.isin(flat, _ignore_values(ignore_index, flat.dtype)) if ignore_index is not None else None
     valid = flat if ignored is None else flat[~ignored]
-    classes, inverse = np.unique(valid, return_inverse=True)
+    classes, inverse = _classes_and_codes(valid)
     if classes.size == 0:
         raise ValueError(f"{lname} has no valid pixels: every label is in ignore_index={ignore_index!r}")
     if classes.size > np.iinfo(np.int32).max:
