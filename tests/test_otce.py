@@ -346,6 +346,22 @@ def test_maps_with_ignored_label_pixels_equal_tables():
     assert r_maps.n_pixels == (2 * 64 - 32, 2 * 64)
 
 
+@pytest.mark.parametrize("n_pixels, source, seed", [(1500, 1, 0), (1500, 2, 0), (2000, 2, 1), (2000, 1, 2)])
+def test_no_cycle_of_overrelaxation_and_balancing(n_pixels, source, seed):
+    """float32 demo draws whose last stage (dense, no Newton) had settled into a cycle of
+    over-relaxed iterations and class balancing at marginal error 1.0-1.8e-6, above tol = 1e-6, and
+    ran to max_iter (50,000 by default) where float64 and omega = 1 converged in ~30 iterations.
+    StallBackoff (overrelaxation.hpp) now lowers omega when balanced blocks stop making progress."""
+    from segtransfer._demo import make_demo
+
+    demo = make_demo(0)
+    s, t = demo.sources[source], demo.target
+    r = st.otce(s.features, s.labels, t.features, t.labels, n_pixels=n_pixels, repeats=3, seed=seed,
+                threads=1, max_iter=600)
+    assert r.converged.all() and r.iterations.max() < 300, (r.iterations, r.marginal_error)
+    assert r.marginal_error.max() <= 1e-6
+
+
 # --------------------------------------------------------------------------------------------------
 # Ignored pixels and label values
 # --------------------------------------------------------------------------------------------------

@@ -858,6 +858,7 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
     constexpr int64_t kBlock = 10;
     double block_err = kPosInf;
     int64_t block_left = 0;
+    StallBackoff cycle;
     auto snapshot = [&]() {
       std::copy(f, f + n, f_snap.begin());
       std::copy(g, g + m, g_snap.begin());
@@ -881,6 +882,7 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
         std::copy(f_snap.begin(), f_snap.end(), f);
         std::copy(g_snap.begin(), g_snap.end(), g);
       }
+      if (std::isfinite(err)) cycle.record(err, omega, cap);
       block_left = kBlock;
       balance();
       if (debug && rep.iterations % 100 < kBlock)

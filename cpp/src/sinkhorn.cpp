@@ -1452,6 +1452,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     double block_err = std::numeric_limits<double>::infinity();
     int64_t block_left = 0;
     FloorWatch blocks(pattern.cost_bound, eps, 450);  // 450 blocks without progress, near the floor
+    StallBackoff cycle;
     constexpr int64_t kBlock = 10;
     std::copy(f, f + n, f_snap.begin());
     std::copy(g, g + m, g_snap.begin());
@@ -1494,6 +1495,9 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
         std::copy(f, f + n, f_snap.begin());
         std::copy(g, g + m, g_snap.begin());
       }
+      if (std::isfinite(err) && cycle.record(err, omega, cap) && debug)
+        std::fprintf(stderr, "  eps=%g it=%lld err=%.3e: no progress across balancing, omega -> %.3f\n", eps,
+                     (long long)rep.iterations, err, omega);
       block_left = kBlock;
       balance();
       if (sr != nullptr && pattern_stale()) return;
