@@ -101,6 +101,13 @@ def test_result_is_immutable(result):
         result.score = 1.0  # type: ignore[misc]
 
 
+def test_results_compare_and_hash_by_identity(result):
+    """Field-wise equality would compare arrays (ValueError for K > 1) and hashing would hash them."""
+    assert result == result and hash(result) == hash(result)
+    other = dataclasses.replace(result)
+    assert other != result and len({result, other}) == 2
+
+
 def test_sinkhorn_result():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(20, 2))

@@ -46,6 +46,26 @@ def test_score_json_and_missing_key(tmp_path, capsys):
     assert main(["score", str(tmp_path / "bad.npz"), str(tmp_path / "t.npz")]) == 2
     assert "features" in capsys.readouterr().err
     assert main(["score", str(tmp_path / "nope.npz"), str(tmp_path / "t.npz")]) == 2
+    assert "timed_out" in doc and doc["timed_out"] == [False, False]
+
+
+def test_score_messages_speak_cli(tmp_path, capsys):
+    """Advice in the command line's spelling; a text file named .npz is called what it is; a max_iter
+    stop says what it means and how to go on."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 300)
+    np.savez(tmp_path / "s.npz", features=x, labels=y)
+    (tmp_path / "text.npz").write_text("not numpy\n")
+    s, t = str(tmp_path / "s.npz"), str(tmp_path / "text.npz")
+    assert main(["score", s, s]) == 2  # 300 pixels, n_pixels 10000 by default
+    assert "pass --n-pixels all to use them all" in capsys.readouterr().err
+    assert main(["score", s, t]) == 2
+    assert "is not a NumPy .npz archive" in capsys.readouterr().err
+    assert main(["score", s, s, "--n-pixels", "all", "--max-iter", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "meaningless: raise --max-iter or loosen --tol" in err, err
+    assert main(["score", s, s, "--n-pixels", "all", "--ignore-index=-1,255"]) == 0
 
 
 def test_info(capsys):

@@ -376,3 +376,30 @@ def test_memory_error_points_to_blocked_mode_and_blocked_is_checked(monkeypatch)
     monkeypatch.setattr(_api, "_memory_budget", lambda: 1e6)
     with pytest.raises(MemoryError, match=r"blocked solver's buffers"):
         st.otce(x, y, x, y, n_pixels=20_000, repeats=1, blocked=True)
+
+
+# ------------------------------------------------------------------------------ non-convergence warnings
+
+def test_unconverged_warnings_grade_the_damage_and_advise_by_cause():
+    """The warning says what an unconverged plan is worth (L1 marginal error above 1: meaningless;
+    above 1e-2: unreliable; else: may be off) and gives advice that fits why the solve stopped:
+    raising max_iter cannot help a solve that stalled at float64's resolution."""
+    from segtransfer._api import stop_cause, unconverged_effect
+
+    assert "meaningless" in unconverged_effect(1.3) and "meaningless" in unconverged_effect(float("nan"))
+    assert "unreliable" in unconverged_effect(0.9) and "unreliable" in unconverged_effect(0.02)
+    assert unconverged_effect(5e-3) == "the score may be off"
+    assert stop_cause(True, True, True) == "timeout"
+    assert stop_cause(False, True, True) == "stalled"
+    assert stop_cause(False, False, True) == "max_iter" and stop_cause(False, True, False) == "max_iter"
+
+    rng = np.random.default_rng(0)
+    xs, ys, xt, yt = rng.normal(size=(60, 3)), rng.integers(0, 3, 60), rng.normal(size=(50, 3)), rng.integers(0, 2, 50)
+    with pytest.warns(RuntimeWarning, match=r"max_iter=1 reached.*meaningless\. Raise max_iter, or loosen tol\."):
+        st.otce(xs, ys, xt, yt, n_pixels=None, max_iter=1)
+    with pytest.warns(RuntimeWarning, match=r"float64's resolution") as caught:
+        st.otce(xs, ys, xt, yt, n_pixels=None, epsilon=1e-9, threads=1)
+    assert "Raise max_iter" not in str(caught[0].message)
+    with pytest.warns(RuntimeWarning, match=r"float64's resolution") as caught:
+        st.sinkhorn(xs, xt, epsilon=1e-9, threads=1)
+    assert "Raise max_iter" not in str(caught[0].message)

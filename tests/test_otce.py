@@ -410,6 +410,23 @@ def test_ignored_pixels_change_nothing(ignore, n_pixels):
         assert_same_result(r_clean, r_dirty)
 
 
+def test_ignore_list_mixing_signs_beyond_int64():
+    """[-1, 2**63] is a list of ints, but NumPy reads it as float64: the values must stay exact."""
+    xs, ys, xt, yt = informative_pair(12, 150, 150)
+    r_ref = run(xs[20:], ys[20:], xt, yt, n_pixels=None)
+    ys_u = ys.astype(np.uint64)
+    ys_u[:20] = 2**63
+    r_u = run(xs, ys_u, xt, yt.astype(np.uint64), n_pixels=None, ignore_index=[-1, 2**63])
+    ys_i = ys.astype(np.int64)
+    ys_i[:20] = -1
+    r_i = run(xs, ys_i, xt, yt, n_pixels=None, ignore_index=(-1, 2**63))
+    for r in (r_u, r_i):
+        assert r.n_pixels == (130, 150)
+        np.testing.assert_array_equal(r.scores, r_ref.scores)
+    with pytest.raises(ValueError, match="outside the 64-bit integer range"):
+        run(xs, ys, xt, yt, n_pixels=None, ignore_index=[-1, 2**70])
+
+
 def test_ignore_index_none_counts_255_as_a_class():
     xs, ys, xt, yt = informative_pair(12, 150, 150)
     ys = ys.copy()
@@ -519,6 +536,62 @@ def test_torch_half_precision_features_are_refused_with_a_torch_hint():
     for tdt in (torch.bfloat16, torch.float16):
         with pytest.raises(TypeError, match=r"source_features has dtype .*float16.*float32 and float64.*\.float\(\)"):
             st.otce(torch.tensor(xs, dtype=tdt), torch.tensor(ys), torch.tensor(xt), torch.tensor(yt), n_pixels=100)
+
+
+def test_torch_lazy_negation_and_sparse_layouts():
+    """torch exports a view with a pending negation (its neg bit) as the un-negated storage: read in
+    place it would score the negated features. Sparse tensors have no storage to read."""
+    torch = pytest.importorskip("torch")
+    xs, ys, xt, yt = informative_pair(15, 150, 140)
+    base = torch.tensor(xs)
+    negated_view = torch.complex(torch.zeros_like(base), -base).conj().imag  # equals base, neg bit set
+    assert negated_view.is_neg() and torch.equal(negated_view, base)
+    r_np = run(xs, ys, xt, yt, n_pixels=None)
+    assert_same_result(r_np, run(negated_view, torch.tensor(ys), xt, yt, n_pixels=None))
+    with pytest.raises(TypeError, match=r"source_features is a torch tensor with layout torch.sparse_coo.*to_dense"):
+        st.otce(base.to_sparse(), ys, xt, yt, n_pixels=None)
+
+
+class _Tensor:
+    """Stands in for a torch tensor whose neg bit is set: its DLPack export is the un-negated storage
+    (what torch 2.13 exports), resolve_neg() the values it means."""
+
+    __module__ = "torch"
+
+    def __init__(self, values: np.ndarray, neg: bool) -> None:
+        self.values, self.neg = values, neg
+        self.layout = "torch.strided"
+
+    def is_neg(self) -> bool:
+        return self.neg
+
+    def resolve_neg(self) -> "_Tensor":
+        return _Tensor(self.values, False)
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (1, 0)
+
+    def __dlpack__(self, *args, **kwargs):
+        return (-self.values if self.neg else self.values).__dlpack__()
+
+
+def test_pending_negation_is_resolved_before_export():
+    xs, ys, xt, yt = informative_pair(15, 150, 140)
+    r_np = run(xs, ys, xt, yt, n_pixels=None)
+    assert_same_result(r_np, run(_Tensor(xs, neg=True), ys, xt, yt, n_pixels=None))
+
+
+def test_failed_dlpack_export_is_named():
+    class Refuses:
+        def __dlpack_device__(self):
+            return (1, 0)
+
+        def __dlpack__(self, *args, **kwargs):
+            raise BufferError("cannot export")
+
+    xs, ys, xt, yt = informative_pair(15, 150, 140)
+    with pytest.raises(TypeError, match=r"source_features could not be exported through DLPack \(BufferError: cannot export\)"):
+        st.otce(Refuses(), ys, xt, yt, n_pixels=None)
 
 
 def test_jax_arrays_equal_numpy():

@@ -115,10 +115,16 @@ def _check_memory(what: str, parts: dict[str, tuple[float, str]], budget: float)
     )
 
 
+def _check_bool(value: Any, name: str) -> bool:
+    # Truth-testing would take the string "False" (a CLI or config layer's) for True.
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+    return bool(value)
+
+
 def _options(epsilon: float, tol: float | None, max_iter: int | None, timeout: float | None,
              threads: int | None, blocked: bool = False) -> _core.SinkhornOptions:
-    if not isinstance(blocked, (bool, np.bool_)):
-        raise TypeError(f"blocked must be True or False, got {type(blocked).__name__}")
+    _check_bool(blocked, "blocked")
     opt = _core.SinkhornOptions()
     opt.blocked = bool(blocked)
     opt.epsilon = _check_positive(epsilon, "epsilon")
@@ -208,6 +214,7 @@ def otce(
     seed = _check_int(seed, "seed", minimum=0)
     if n_pixels is not None:
         n_pixels = _check_int(n_pixels, "n_pixels", minimum=1)
+    channels_last = _check_bool(channels_last, "channels_last")
     opt = _options(epsilon, tol, max_iter, timeout, threads, blocked)
     gpu = _device.placement(device, {"source_features": source_features, "target_features": target_features},
                             {"source_labels": source_labels, "target_labels": target_labels})
@@ -304,24 +311,40 @@ def otce(
     )
     if not res.all_converged:
         bad = np.flatnonzero(~res.converged)
-        if res.timed_out.any():
-            why = "timeout reached"
-        elif np.all(res.iterations[bad] < opt.max_iter) and np.all(np.isfinite(res.marginal_error[bad])):
-            why = _STALLED
-        else:
-            why = f"max_iter={opt.max_iter} reached"
+        cause = stop_cause(bool(res.timed_out.any()), bool(np.all(res.iterations[bad] < opt.max_iter)),
+                           bool(np.all(np.isfinite(res.marginal_error[bad]))))
+        why = {"timeout": "timeout reached", "stalled": _STALLED, "max_iter": f"max_iter={opt.max_iter} reached"}
         worst = float(np.max(res.marginal_error))
-        # A marginal error above 1 (the plan's total mass) means the iterate diverged or was stopped
-        # before it reached epsilon: the plan is no coupling at all. Say so plainly.
-        effect = ("the plan is far from feasible and the score is meaningless" if not worst <= 1.0
-                  else "the score may be off")
         warnings.warn(
-            f"OTCE: Sinkhorn did not reach tol={opt.tol:g} in {bad.size} of {k} repeats ({why}; worst "
-            f"marginal error {worst:.3g}); {effect}. Raise max_iter or timeout, or loosen tol.",
+            f"OTCE: Sinkhorn did not reach tol={opt.tol:g} in {bad.size} of {k} repeats ({why[cause]}; worst "
+            f"marginal error {worst:.3g}); {unconverged_effect(worst)}{_ADVICE[cause]}",
             RuntimeWarning,
             stacklevel=2,
         )
     return res
+
+
+def stop_cause(timed_out: bool, below_max_iter: bool, finite: bool) -> str:
+    """Why a solve ended unconverged: 'timeout', 'stalled' (at the float64 floor; more iterations
+    would not help) or 'max_iter'."""
+    if timed_out:
+        return "timeout"
+    return "stalled" if below_max_iter and finite else "max_iter"
+
+
+def unconverged_effect(worst: float) -> str:
+    """What a plan that missed tol with L1 marginal error ``worst`` is worth (warnings and CLI)."""
+    if not worst <= 1.0:
+        # Above the plan's total mass (or NaN): the iterate diverged or was stopped before it
+        # reached epsilon, and the plan is no coupling at all.
+        return "the plan is far from feasible and the score is meaningless"
+    if worst > 1e-2:
+        return "the plan misses its marginals by over 1 % and the score is unreliable"
+    return "the score may be off"
+
+
+_ADVICE = {"timeout": ". Raise timeout, or loosen tol.", "max_iter": ". Raise max_iter, or loosen tol.",
+           "stalled": "."}
 
 
 def _weights(w: Any, n: int, name: str) -> np.ndarray | None:
@@ -409,12 +432,11 @@ def _sinkhorn_result(out: dict[str, Any], opt: Any) -> SinkhornResult:
         tol=opt.tol, timed_out=bool(out["timed_out"]), blocked=opt.blocked,
     )
     if not res.converged:
-        effect = "the plan is far from feasible; " if not res.marginal_error <= 1.0 else ""
-        stalled = (f" ({_STALLED})" if not res.timed_out and res.iterations < opt.max_iter
-                   and math.isfinite(res.marginal_error) else "")
+        cause = stop_cause(res.timed_out, res.iterations < opt.max_iter, math.isfinite(res.marginal_error))
+        why = {"timeout": " (timeout reached)", "stalled": f" ({_STALLED})", "max_iter": ""}
         warnings.warn(
             f"sinkhorn: did not reach tol={opt.tol:g} (marginal error {res.marginal_error:.3g} after "
-            f"{res.iterations} iterations{stalled}); {effect}raise max_iter or timeout, or loosen tol.",
+            f"{res.iterations} iterations{why[cause]}); {unconverged_effect(res.marginal_error)}{_ADVICE[cause]}",
             RuntimeWarning,
             stacklevel=3,
         )

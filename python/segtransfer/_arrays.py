@@ -25,10 +25,34 @@ _CONVERT_HINT = ("convert it to float32 or float64 first (NumPy, JAX, CuPy: .ast
                  "PyTorch: .float())")
 
 
+def settle_torch(obj: Any, name: str) -> Any:
+    """A torch tensor whose DLPack export means its values (other objects pass through).
+
+    torch exports a tensor with a pending negation (the neg bit of views such as ``z.conj().imag``)
+    as its storage, without the sign: read in place it would give the negated features, silently.
+    Such tensors are materialised first (a copy, the one case where torch input is copied). Sparse
+    layouts have no strided storage to read at all.
+    """
+    if not type(obj).__module__.startswith("torch"):
+        return obj
+    layout = getattr(obj, "layout", None)
+    if layout is not None and str(layout) != "torch.strided":
+        raise TypeError(f"{name} is a torch tensor with layout {layout}; pass a dense tensor (.to_dense())")
+    if getattr(obj, "requires_grad", False) and callable(getattr(obj, "detach", None)):
+        obj = obj.detach()  # torch refuses to export tensors that require grad; detach shares storage
+    if callable(getattr(obj, "is_neg", None)) and obj.is_neg():
+        obj = obj.resolve_neg()
+    if callable(getattr(obj, "is_conj", None)) and obj.is_conj():
+        obj = obj.resolve_conj()
+    return obj
+
+
 def to_host_array(obj: Any, name: str) -> np.ndarray:
     """A NumPy view of ``obj`` without copying when possible; clear errors for device arrays."""
     if isinstance(obj, np.ndarray):
         return obj
+    obj = settle_torch(obj, name)
+    dlpack_error: Exception | None = None
     if hasattr(obj, "__cuda_array_interface__"):
         raise ValueError(
             f"{name} is a CUDA array; this segtransfer build computes on the CPU only "
@@ -47,10 +71,8 @@ def to_host_array(obj: Any, name: str) -> np.ndarray:
             )
         try:
             return np.from_dlpack(obj)
-        except (BufferError, TypeError, RuntimeError):
-            pass  # e.g. a torch tensor that requires grad: fall back to the array protocols
-    if hasattr(obj, "detach") and callable(obj.detach):  # torch tensors with requires_grad
-        obj = obj.detach()
+        except (BufferError, TypeError, RuntimeError) as exc:
+            dlpack_error = exc  # e.g. a dtype NumPy lacks: the array protocols may still read it
     try:
         arr = np.asarray(obj)
     except Exception as exc:  # noqa: BLE001 - any conversion failure is the user's input problem
@@ -59,6 +81,9 @@ def to_host_array(obj: Any, name: str) -> np.ndarray:
             raise TypeError(f"{name} has dtype {dtype}, which NumPy cannot read; only float32 and float64 "
                             f"features are supported: {_CONVERT_HINT}") from None
         raise TypeError(f"{name} could not be read as an array: {exc}") from None
+    if arr.dtype == object and dlpack_error is not None:
+        raise TypeError(f"{name} could not be exported through DLPack ({type(dlpack_error).__name__}: "
+                        f"{dlpack_error}) nor read as an array otherwise") from None
     return arr
 
 
@@ -115,6 +140,14 @@ def _ignore_values(ignore_index: IgnoreIndex, label_dtype: np.dtype, name: str =
     """
     if ignore_index is None:
         return np.empty(0, dtype=label_dtype)
+    if isinstance(ignore_index, (list, tuple)) and all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in ignore_index):
+        # Python ints as they are: NumPy turns [-1, 2**63] into float64, which would lose them.
+        ints = [int(v) for v in ignore_index]
+        if any(not -(2**63) <= v < 2**64 for v in ints):
+            raise ValueError(f"{name} holds {ignore_index!r}, outside the 64-bit integer range that labels can have")
+        info = np.iinfo(label_dtype)
+        return np.array([v for v in ints if info.min <= v <= info.max], dtype=label_dtype)
     try:
         values = np.atleast_1d(np.asarray(ignore_index))
     except Exception:  # noqa: BLE001 - ragged nests and the like

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 import segtransfer as _st
+from segtransfer._api import DEFAULT_MAX_ITER, stop_cause, unconverged_effect
 
 EXIT_OK, EXIT_MISMATCH, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -56,7 +57,7 @@ def _result_dict(res: Any) -> dict[str, Any]:
     """The fields of an OTCEResult that a script needs (the joint tables included)."""
     keys = ("score", "std", "scores", "conditional_entropy", "transport_cost", "iterations", "converged",
             "marginal_error", "joint", "source_classes", "target_classes", "epsilon", "tol", "n_pixels",
-            "repeats", "seed", "dtype", "elapsed", "blocked")
+            "repeats", "seed", "dtype", "elapsed", "timed_out", "blocked")
     out = {k: getattr(res, k) for k in keys if hasattr(res, k)}
     out["all_converged"] = bool(np.all(res.converged))
     return out
@@ -76,9 +77,14 @@ def _otce(what: str, *args: Any, **kwargs: Any) -> Any:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     conv = np.asarray(res.converged, dtype=bool)
     if not conv.all():
+        worst = float(np.max(res.marginal_error))
+        max_iter = kwargs.get("max_iter") or DEFAULT_MAX_ITER  # the CLI has no timeout
+        cause = stop_cause(False, bool(np.all(res.iterations[~conv] < max_iter)), math.isfinite(worst))
+        advice = ("it stopped at float64's resolution: loosen --tol or raise --epsilon" if cause == "stalled"
+                  else "raise --max-iter or loosen --tol")
         print(f"warning: {what}: Sinkhorn did not converge in {int((~conv).sum())} of {conv.size} repeats "
-              f"(worst marginal error {float(np.max(res.marginal_error)):.2g}, tol {res.tol:g}); the score "
-              "may be off: raise --max-iter or loosen --tol", file=sys.stderr)
+              f"(worst marginal error {worst:.2g}, tol {res.tol:g}); {unconverged_effect(worst)}: {advice}",
+              file=sys.stderr)
     return res
 
 
@@ -197,6 +203,10 @@ def _load(path: str, side: str) -> tuple[np.ndarray, np.ndarray]:
     if not os.path.isfile(path):
         raise CliError(f"{side} file not found: {path}")
     hint = "save with np.savez(path, features=..., labels=...)"
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    if not zipfile.is_zipfile(path) and magic != b"\x93NUMPY":  # np.load would try it as a pickle
+        raise CliError(f"{side} file {path} is not a NumPy .npz archive; {hint}")
     try:
         data = np.load(path, allow_pickle=False)
         if isinstance(data, np.ndarray):
@@ -277,7 +287,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--epsilon", type=float, default=0.1, help="entropic regularisation (default 0.1)")
     s.add_argument("--seed", type=_seed, default=0, help="sampling seed (default 0)")
     s.add_argument("--ignore-index", type=_ignore, default=255, metavar="LABELS",
-                   help="label(s) to ignore: an int, a comma-separated list, or 'none' (default 255)")
+                   help="label(s) to ignore: an int, a comma-separated list, or 'none' (default 255); "
+                        "a value starting with '-' needs the = form: --ignore-index=-1,255")
     s.add_argument("--channels-last", action="store_true", help="feature maps are (B, H, W, D)")
     s.add_argument("--tol", type=float, default=None, help="Sinkhorn tolerance (default: the library's)")
     s.add_argument("--max-iter", type=_positive_int, default=None,
@@ -294,6 +305,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _cli_spelling(message: str, command: str) -> str:
+    """A library message's advice in this command's option names."""
+    every = "lower --n-pixels" if command == "demo" else "lower --n-pixels or pass --n-pixels all to use them all"
+    return message.replace("lower n_pixels or pass n_pixels=None to use them all", every)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``segtransfer`` console script; returns the exit status.
 
@@ -308,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except (CliError, ValueError, TypeError, MemoryError) as exc:
-        print(f"segtransfer {args.command}: error: {exc}", file=sys.stderr)
+        print(f"segtransfer {args.command}: error: {_cli_spelling(str(exc), args.command)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("segtransfer: interrupted", file=sys.stderr)

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import _core
-from ._arrays import PixelTable, check_features, pixel_table, to_host_array
+from ._arrays import PixelTable, check_features, pixel_table, settle_torch, to_host_array
 
 # DLPack device types (dlpack.h).
 _KDL_CUDA, _KDL_CUDA_MANAGED = 2, 13
@@ -208,8 +208,7 @@ def _dlpack_dtype(info: dict[str, Any], name: str) -> np.dtype:
 
 def device_array(obj: Any, name: str) -> DeviceArray:
     """Describe a CUDA-resident ``obj`` without copying it (DLPack first, else __cuda_array_interface__)."""
-    if getattr(obj, "requires_grad", False) and callable(getattr(obj, "detach", None)):
-        obj = obj.detach()  # torch refuses to export tensors that require grad; detach shares storage
+    obj = settle_torch(obj, name)
     if hasattr(obj, "__dlpack__"):
         try:
             capsule = obj.__dlpack__(stream=_LEGACY_STREAM)
