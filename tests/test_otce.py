@@ -346,12 +346,28 @@ def test_maps_with_ignored_label_pixels_equal_tables():
     assert r_maps.n_pixels == (2 * 64 - 32, 2 * 64)
 
 
+def test_dense_last_stage_that_crawls_falls_back_to_newton():
+    """The benchmark's D = 256 data at eps = 1, 1500 pixels: the last stage's kernel (36 % of the
+    entries within the cutoff) was too dense for a pattern, so it ran dense Sinkhorn, which crawled
+    at ~1e-5 for thousands of iterations. After 200 iterations it now restarts on a full kernel with
+    Newton (kFullFallback, sinkhorn.cpp): converged in ~260 iterations."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_data", Path(__file__).parent.parent / "bench" / "data.py")
+    bench_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_data)
+    xs, ys, xt, yt = bench_data.make_task_pair(256, 6000, 1, "float32", freq_spread=0.3)
+    r = st.otce(xs, ys, xt, yt, n_pixels=1500, repeats=1, seed=1500, epsilon=1.0, threads=1, max_iter=3000)
+    assert r.all_converged and r.iterations[0] < 600, (r.iterations, r.marginal_error)
+
+
 @pytest.mark.parametrize("n_pixels, source, seed", [(1500, 1, 0), (1500, 2, 0), (2000, 2, 1), (2000, 1, 2)])
 def test_no_cycle_of_overrelaxation_and_balancing(n_pixels, source, seed):
     """float32 demo draws whose last stage (dense, no Newton) had settled into a cycle of
     over-relaxed iterations and class balancing at marginal error 1.0-1.8e-6, above tol = 1e-6, and
     ran to max_iter (50,000 by default) where float64 and omega = 1 converged in ~30 iterations.
-    StallBackoff (overrelaxation.hpp) now lowers omega when balanced blocks stop making progress."""
+    BalancingWatch (overrelaxation.hpp) now stops the balancing when blocks stop making progress."""
     from segtransfer._demo import make_demo
 
     demo = make_demo(0)

@@ -31,6 +31,10 @@ using Clock = std::chrono::steady_clock;
 // stages filter them instead of rescanning the dense cost (see Pattern).
 constexpr double kPatternSlack = 5.0;
 constexpr double kSmallProblem = 1e6;  // entries (n x m) of a problem whose kernel may stay full
+// Up to this many entries, a dense last stage whose Sinkhorn has not reached tol within
+// kDenseLastIterations falls back to a full sparse kernel and Newton (see the last stage).
+constexpr double kFullFallback = 1e7;
+constexpr int64_t kDenseLastIterations = 200;
 
 // out_j = log sum_i exp(A_i - C_ij / eps) for a dense row-major C (n x m). Rows are cut into fixed
 // blocks of 256 (partial sums in T stay exact enough, as in RowLse), independent of the thread
@@ -1301,8 +1305,10 @@ double dense_bytes(int64_t n, int64_t m) {
   // The cost, plus truncated kernels at their densest (SinkhornOptions' default max_density,
   // value and column index): the pattern as CSR and CSC, and a rebuilt one (a refresh or a Newton
   // relocation) as CSR and CSC while the old one still exists.
-  const double density = SinkhornOptions{}.max_density;
-  return static_cast<double>(n) * static_cast<double>(m) * (sizeof(T) + density * 4.0 * (sizeof(T) + 4));
+  // Up to kFullFallback entries the last stage's kernel may be full (kSmallProblem, kFullFallback).
+  const double entries = static_cast<double>(n) * static_cast<double>(m);
+  const double density = entries <= kFullFallback ? 1.0 : SinkhornOptions{}.max_density;
+  return entries * (sizeof(T) + density * 4.0 * (sizeof(T) + 4));
 }
 
 template <typename T>
@@ -1447,12 +1453,13 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
   // `floor_stop`: the loop may end at the noise floor (at_floor), for the last stage without Newton;
   // with Newton, its rounds watch for that instead.
   // `sr`: the pattern's rows (pattern.rows), or null for a dense loop.
+  double loop_err = std::numeric_limits<double>::infinity();  // the last iteration's error
   auto sinkhorn_loop = [&](double eps, double target, const SparseRows<T>* sr, int64_t iter_limit,
                            bool floor_stop = false) {
     double block_err = std::numeric_limits<double>::infinity();
     int64_t block_left = 0;
     FloorWatch blocks(pattern.cost_bound, eps, 450);  // 450 blocks without progress, near the floor
-    StallBackoff cycle;
+    BalancingWatch watch;
     constexpr int64_t kBlock = 10;
     std::copy(f, f + n, f_snap.begin());
     std::copy(g, g + m, g_snap.begin());
@@ -1462,8 +1469,9 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     // Class balancing at the start and after every block (see balance_classes): it costs about one
     // half-step per block of 10 iterations. The shifted potentials start a new block with no error
     // to compare against, since the shift may raise the L1 error while it raises the dual.
+    bool balancing = opt.class_balance;
     const auto balance = [&]() {
-      if (!opt.class_balance) return;
+      if (!balancing) return;
       if (!balance_classes(cost, sr, log_a.data(), log_b.data(), eps, grp, nt_loop, f, g, lowp)) return;
       std::copy(f, f + n, f_snap.begin());
       std::copy(g, g + m, g_snap.begin());
@@ -1485,6 +1493,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
       ++rep.iterations;
       poll();
       const double err = err_r + err_c;
+      loop_err = err;
       if (std::isfinite(err) && err <= target) return;
       if (--block_left > 0 && std::isfinite(err)) continue;
       if (omega == 1.0 && !std::isfinite(err)) return;  // plain Sinkhorn overflowed: certify, report
@@ -1495,9 +1504,13 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
         std::copy(f, f + n, f_snap.begin());
         std::copy(g, g + m, g_snap.begin());
       }
-      if (std::isfinite(err) && cycle.record(err, omega, cap) && debug)
-        std::fprintf(stderr, "  eps=%g it=%lld err=%.3e: no progress across balancing, omega -> %.3f\n", eps,
-                     (long long)rep.iterations, err, omega);
+      if (balancing && std::isfinite(err) && watch.stalled(err)) {
+        balancing = false;
+        cap = opt.overrelaxation;
+        if (debug)
+          std::fprintf(stderr, "  eps=%g it=%lld err=%.3e: no progress across balancing, balancing off\n", eps,
+                       (long long)rep.iterations, err);
+      }
       block_left = kBlock;
       balance();
       if (sr != nullptr && pattern_stale()) return;
@@ -1677,7 +1690,13 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     // density, for the sake of Newton: at large epsilon a dense stage can crawl, e.g. 50 x 50 logits
     // at eps = 10 still had marginal error 1.5e-6 after 50,000 Sinkhorn iterations (POT's too), as one
     // nearly isolated point's mass converges at a sublinear rate. At most kSmallProblem entries.
-    const double density_cap = last && static_cast<double>(n) * m <= kSmallProblem ? 1.0 : opt.max_density;
+    double density_cap = last && static_cast<double>(n) * m <= kSmallProblem ? 1.0 : opt.max_density;
+    // Larger problems (up to kFullFallback entries) whose last-stage kernel is too dense for a
+    // pattern run dense Sinkhorn, which is cheaper than Newton on a full kernel at a loose tol (the
+    // demo: 4 iterations, ~6 ms, against a 42 ms Newton step); should it crawl, the stage starts
+    // again on a full kernel with Newton. A D = 256 draw of 1,500 points at eps = 1 (pattern density
+    // 36 %, above max_density) crawled at ~1e-5 for 3,000 iterations; Newton converged in 8 steps.
+    bool full_fallback = last && opt.newton && density_cap < 1.0 && static_cast<double>(n) * m <= kFullFallback;
     double target = last ? 0.5 * opt.tol : std::max(opt.stage_tol, opt.tol);
     // The first full stage after a multiscale start is dense and removes the extension's error
     // (0.13-0.4 after its first iteration on the benchmark's draws); every dense iteration costs
@@ -1799,6 +1818,16 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
           // be inconsistent far from the solution) leaves the work to longer Sinkhorn phases.
           newton_futile = rep.newton_steps - steps_before <= 1 || !rounds.progressed();
           if (newton_futile) sinkhorn_phase *= 2;
+        }
+      } else if (full_fallback && sr == nullptr) {
+        full_fallback = false;
+        sinkhorn_loop(eps, target, sr, std::min(opt.max_iter, rep.iterations + kDenseLastIterations), true);
+        if (loop_err > target && !at_floor && !rep.timed_out && rep.iterations < opt.max_iter) {
+          if (debug)
+            std::fprintf(stderr, "  dense last stage at %.3e after %lld iterations: full kernel and Newton\n",
+                         loop_err, (long long)rep.iterations);
+          density_cap = 1.0;
+          continue;
         }
       } else {
         sinkhorn_loop(eps, target, sr, opt.max_iter, true);
