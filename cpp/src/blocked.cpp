@@ -858,14 +858,13 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
     constexpr int64_t kBlock = 10;
     double block_err = kPosInf;
     int64_t block_left = 0;
-    BalancingWatch watch;
+    StallBackoff cycle;
     auto snapshot = [&]() {
       std::copy(f, f + n, f_snap.begin());
       std::copy(g, g + m, g_snap.begin());
     };
-    bool balancing = opt.class_balance;
     auto balance = [&]() {
-      if (balancing && solver.balance(eps, grp, f, g)) block_err = kPosInf;
+      if (opt.class_balance && solver.balance(eps, grp, f, g)) block_err = kPosInf;
       snapshot();
     };
     balance();
@@ -883,10 +882,7 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
         std::copy(f_snap.begin(), f_snap.end(), f);
         std::copy(g_snap.begin(), g_snap.end(), g);
       }
-      if (balancing && std::isfinite(err) && watch.stalled(err)) {
-        balancing = false;  // see BalancingWatch
-        cap = opt.overrelaxation;
-      }
+      if (std::isfinite(err)) cycle.record(err, omega, cap);  // see StallBackoff
       block_left = kBlock;
       balance();
       if (debug && rep.iterations % 100 < kBlock)

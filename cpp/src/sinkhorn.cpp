@@ -1459,7 +1459,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     double block_err = std::numeric_limits<double>::infinity();
     int64_t block_left = 0;
     FloorWatch blocks(pattern.cost_bound, eps, 450);  // 450 blocks without progress, near the floor
-    BalancingWatch watch;
+    StallBackoff cycle;
     constexpr int64_t kBlock = 10;
     std::copy(f, f + n, f_snap.begin());
     std::copy(g, g + m, g_snap.begin());
@@ -1469,9 +1469,8 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     // Class balancing at the start and after every block (see balance_classes): it costs about one
     // half-step per block of 10 iterations. The shifted potentials start a new block with no error
     // to compare against, since the shift may raise the L1 error while it raises the dual.
-    bool balancing = opt.class_balance;
     const auto balance = [&]() {
-      if (!balancing) return;
+      if (!opt.class_balance) return;
       if (!balance_classes(cost, sr, log_a.data(), log_b.data(), eps, grp, nt_loop, f, g, lowp)) return;
       std::copy(f, f + n, f_snap.begin());
       std::copy(g, g + m, g_snap.begin());
@@ -1504,13 +1503,9 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
         std::copy(f, f + n, f_snap.begin());
         std::copy(g, g + m, g_snap.begin());
       }
-      if (balancing && std::isfinite(err) && watch.stalled(err)) {
-        balancing = false;
-        cap = opt.overrelaxation;
-        if (debug)
-          std::fprintf(stderr, "  eps=%g it=%lld err=%.3e: no progress across balancing, balancing off\n", eps,
-                       (long long)rep.iterations, err);
-      }
+      if (std::isfinite(err) && cycle.record(err, omega, cap) && debug)
+        std::fprintf(stderr, "  eps=%g it=%lld err=%.3e: no progress across balancing, omega -> %.3f\n", eps,
+                     (long long)rep.iterations, err, omega);
       block_left = kBlock;
       balance();
       if (sr != nullptr && pattern_stale()) return;

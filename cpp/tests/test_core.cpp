@@ -1657,21 +1657,23 @@ static void test_certificate_rounding() {
 }
 
 // Every early exit: max_iter, timeout, interrupt, refusals; each must unwind without leaking.
-// BalancingWatch: a loop that keeps setting new bests (by 10 %) keeps balancing; one that sets none
-// in 5 blocks in a row is told once to stop.
-static void test_balancing_watch() {
-  BalancingWatch falling;
-  for (int k = 0; k < 40; ++k) CHECK(!falling.stalled(std::pow(0.8, k)));
-  BalancingWatch flat;
-  int told = 0, at = -1;
-  // Bests at 0, 1 and 4; 1.1e-6 at 3 is within 10 % of 1.2e-6, so blocks 5-9 set none.
-  const double errs[] = {1.5e-6, 1.2e-6, 1.45e-6, 1.1e-6, 1.0e-6, 0.95e-6, 1.3e-6, 1.2e-6, 1.0e-6, 0.91e-6};
-  for (int k = 0; k < 10; ++k)
-    if (flat.stalled(errs[k])) ++told, at = k;
-  CHECK(told == 1 && at == 9);
-  for (int k = 0; k < 20; ++k) CHECK(!flat.stalled(1.2e-6));
-  // The solves that cycled (float32 demo draws at N = 1,500-2,000, a D = 256 draw at eps = 1) are
-  // checked in the Python suite: test_otce.py::test_no_cycle_of_overrelaxation_and_balancing.
+// StallBackoff: a loop that keeps setting new bests is left alone; one that stops doing so loses half
+// of omega - 1 every kPatience (5) blocks until omega is 1, and its cap follows omega down.
+static void test_stall_backoff() {
+  StallBackoff falling;
+  double omega = 1.9, cap = 1.9;
+  for (int k = 0; k < 40; ++k) CHECK(!falling.record(std::pow(0.8, k), omega, cap));
+  CHECK(omega == 1.9 && cap == 1.9);
+  StallBackoff flat;
+  int backoffs = 0;
+  for (int k = 0; k < 4; ++k) backoffs += flat.record(1.5e-6, omega, cap);  // the first sets the best
+  CHECK(backoffs == 0 && omega == 1.9);
+  for (int k = 0; k < 2; ++k) backoffs += flat.record(1.45e-6, omega, cap);  // within 10 %: no progress
+  CHECK(backoffs == 1 && std::abs(omega - 1.45) < 1e-15 && cap == omega);
+  for (int k = 0; k < 100; ++k) backoffs += flat.record(1.4e-6, omega, cap);
+  CHECK(omega == 1.0 && cap == 1.0 && backoffs == 6);  // 1.45, 1.225, 1.1125, 1.056, 1.028, then 1
+  // The solves that cycled (float32 demo draws) are checked in the Python suite:
+  // test_otce.py::test_no_cycle_of_overrelaxation_and_balancing.
 }
 
 static void test_early_exits() {
@@ -1761,7 +1763,7 @@ int main(int argc, char** argv) {
       {"otce_grouping", test_otce_grouping},
       {"certificate_rounding", test_certificate_rounding},
       {"early_exits", test_early_exits},
-      {"balancing_watch", test_balancing_watch},
+      {"stall_backoff", test_stall_backoff},
   };
   for (int i = 1; i < argc; ++i) {
     bool known = false;
