@@ -66,7 +66,7 @@ if sys.argv[1] == "long":  # one solve that would run for its whole 60 s timeout
     expected = 60.0
 elif sys.argv[1] == "blocked":  # two blocked solves side by side, each polling from its own thread
     # 1000 of 1200 points: ~9 s on 2 cores before both stop at float64's resolution (300 of 400 stop
-    # there within a second since balancing stops when it stalls, BalancingWatch).
+    # there within a second since over-relaxation backs off when balancing stalls, StallBackoff).
     args = (rng.normal(size=(1200, 4)) * 3, np.arange(1200) % 3, rng.normal(size=(1200, 4)) * 3 + 1,
             np.arange(1200) % 2)
     kw = dict(n_pixels=1000, repeats=2, epsilon=1e-4, tol=1e-12, max_iter=10**9, timeout=60.0, threads=2,

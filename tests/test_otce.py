@@ -367,7 +367,7 @@ def test_no_cycle_of_overrelaxation_and_balancing(n_pixels, source, seed):
     """float32 demo draws whose last stage (dense, no Newton) had settled into a cycle of
     over-relaxed iterations and class balancing at marginal error 1.0-1.8e-6, above tol = 1e-6, and
     ran to max_iter (50,000 by default) where float64 and omega = 1 converged in ~30 iterations.
-    BalancingWatch (overrelaxation.hpp) now stops the balancing when blocks stop making progress."""
+    StallBackoff (overrelaxation.hpp) now lowers omega when balanced blocks stop making progress."""
     from segtransfer._demo import make_demo
 
     demo = make_demo(0)
