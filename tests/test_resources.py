@@ -230,7 +230,7 @@ import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (1536 * 2**20, 1536 * 2**20))
 import numpy as np
 import segtransfer as st
-n = 9_600  # dense float32 cost + truncated kernels at their densest: 15.2 * n^2 = 1.40 GB, under the 1.61 GB limit itself
+n = 8_400  # dense float32 cost + truncated kernels at their densest (the last stage's up to 50 %): 20 * n^2 = 1.41 GB, under the 1.61 GB limit itself
 x = np.random.default_rng(0).normal(size=(n, 1)).astype(np.float32)
 y = (np.arange(n) % 2).astype(np.int32)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -118,6 +118,7 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("stage_tol", &SinkhornOptions::stage_tol)
       .def_readwrite("truncation", &SinkhornOptions::truncation)
       .def_readwrite("max_density", &SinkhornOptions::max_density)
+      .def_readwrite("dense_last_iterations", &SinkhornOptions::dense_last_iterations)
       .def_readwrite("overrelaxation", &SinkhornOptions::overrelaxation)
       .def_readwrite("newton", &SinkhornOptions::newton)
       .def_readwrite("newton_switch", &SinkhornOptions::newton_switch)

@@ -32,9 +32,14 @@ using Clock = std::chrono::steady_clock;
 constexpr double kPatternSlack = 5.0;
 constexpr double kSmallProblem = 1e6;  // entries (n x m) of a problem whose kernel may stay full
 // Up to this many entries, a dense last stage whose Sinkhorn has not reached tol within
-// kDenseLastIterations falls back to a full sparse kernel and Newton (see the last stage).
+// SinkhornOptions::dense_last_iterations falls back to a full sparse kernel and Newton.
 constexpr double kFullFallback = 1e7;
-constexpr int64_t kDenseLastIterations = 200;
+// The last stage, where Newton runs on the pattern, keeps one up to this density (the others: up to
+// max_density) in problems of up to kLastDenseUpTo entries. At eps = 1, D = 256, N = 10^4 its kernel
+// holds 41 % of the entries: dense, Sinkhorn needed ~400 iterations (38.6 s a draw on one thread);
+// on the pattern, 5 Newton steps (4.6 s).
+constexpr double kLastStageDensity = 0.5;
+constexpr double kLastDenseUpTo = 1e8;
 
 // out_j = log sum_i exp(A_i - C_ij / eps) for a dense row-major C (n x m). Rows are cut into fixed
 // blocks of 256 (partial sums in T stay exact enough, as in RowLse), independent of the thread
@@ -1305,9 +1310,13 @@ double dense_bytes(int64_t n, int64_t m) {
   // The cost, plus truncated kernels at their densest (SinkhornOptions' default max_density,
   // value and column index): the pattern as CSR and CSC, and a rebuilt one (a refresh or a Newton
   // relocation) as CSR and CSC while the old one still exists.
-  // Up to kFullFallback entries the last stage's kernel may be full (kSmallProblem, kFullFallback).
+  // Up to kFullFallback entries the last stage's kernel may be full (kSmallProblem, kFullFallback),
+  // up to kLastDenseUpTo half full (kLastStageDensity).
   const double entries = static_cast<double>(n) * static_cast<double>(m);
-  const double density = entries <= kFullFallback ? 1.0 : SinkhornOptions{}.max_density;
+  const double max_density = SinkhornOptions{}.max_density;
+  const double density = entries <= kFullFallback  ? 1.0
+                         : entries <= kLastDenseUpTo ? std::max(max_density, kLastStageDensity)
+                                                     : max_density;
   return entries * (sizeof(T) + density * 4.0 * (sizeof(T) + 4));
 }
 
@@ -1685,13 +1694,16 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     // density, for the sake of Newton: at large epsilon a dense stage can crawl, e.g. 50 x 50 logits
     // at eps = 10 still had marginal error 1.5e-6 after 50,000 Sinkhorn iterations (POT's too), as one
     // nearly isolated point's mass converges at a sublinear rate. At most kSmallProblem entries.
-    double density_cap = last && static_cast<double>(n) * m <= kSmallProblem ? 1.0 : opt.max_density;
+    const double entries = static_cast<double>(n) * static_cast<double>(m);
+    double density_cap = last && entries <= kSmallProblem ? 1.0
+                         : last && opt.newton && entries <= kLastDenseUpTo ? std::max(opt.max_density, kLastStageDensity)
+                                                                          : opt.max_density;
     // Larger problems (up to kFullFallback entries) whose last-stage kernel is too dense for a
     // pattern run dense Sinkhorn, which is cheaper than Newton on a full kernel at a loose tol (the
     // demo: 4 iterations, ~6 ms, against a 42 ms Newton step); should it crawl, the stage starts
     // again on a full kernel with Newton. A D = 256 draw of 1,500 points at eps = 1 (pattern density
     // 36 %, above max_density) crawled at ~1e-5 for 3,000 iterations; Newton converged in 8 steps.
-    bool full_fallback = last && opt.newton && density_cap < 1.0 && static_cast<double>(n) * m <= kFullFallback;
+    bool full_fallback = last && opt.newton && density_cap < 1.0 && entries <= kFullFallback;
     double target = last ? 0.5 * opt.tol : std::max(opt.stage_tol, opt.tol);
     // The first full stage after a multiscale start is dense and removes the extension's error
     // (0.13-0.4 after its first iteration on the benchmark's draws); every dense iteration costs
@@ -1816,7 +1828,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
         }
       } else if (full_fallback && sr == nullptr) {
         full_fallback = false;
-        sinkhorn_loop(eps, target, sr, std::min(opt.max_iter, rep.iterations + kDenseLastIterations), true);
+        sinkhorn_loop(eps, target, sr, std::min(opt.max_iter, rep.iterations + opt.dense_last_iterations), true);
         if (loop_err > target && !at_floor && !rep.timed_out && rep.iterations < opt.max_iter) {
           if (debug)
             std::fprintf(stderr, "  dense last stage at %.3e after %lld iterations: full kernel and Newton\n",

@@ -829,6 +829,30 @@ static void test_sparse_and_newton_paths() {
   for (double h : o.conditional_entropy) CHECK(std::isfinite(h) && h >= 0 && h <= std::log(3.0) + 1e-9);
 }
 
+// A last stage too dense for a pattern (here every entry within the cutoff) and above kSmallProblem
+// runs dense Sinkhorn; with dense_last_iterations = 1 it starts again on a full kernel with Newton.
+// Both routes must reach the same converged answer.
+static void test_dense_last_stage_fallback() {
+  std::mt19937_64 rng(17);
+  const int64_t n = 1100, m = 1000, d = 2;
+  const std::vector<double> x = normal(rng, n * d, 1.0), y = normal(rng, m * d, 1.0);
+  SinkhornOptions opt;
+  opt.epsilon = 2.0;
+  opt.tol = 1e-10;
+  const TransportResult dense = transport_points<double>(x.data(), n, y.data(), m, d, nullptr, nullptr, opt, 0.0);
+  opt.dense_last_iterations = 1;
+  const TransportResult full = transport_points<double>(x.data(), n, y.data(), m, d, nullptr, nullptr, opt, 0.0);
+  CHECK(dense.report.converged && full.report.converged);
+  CHECK(dense.report.newton_steps == 0 && full.report.newton_steps > 0);
+  CHECK(std::abs(dense.transport_cost - full.transport_cost) <= 1e-9 * std::abs(dense.transport_cost));
+  // Potentials agree up to the constant shared between f and g.
+  const double shift = full.f[0] - dense.f[0];
+  double worst = 0.0;
+  for (int64_t i = 0; i < n; ++i) worst = std::max(worst, std::abs(full.f[i] - dense.f[i] - shift));
+  for (int64_t j = 0; j < m; ++j) worst = std::max(worst, std::abs(full.g[j] - dense.g[j] + shift));
+  CHECK(worst < 1e-7);
+}
+
 // Above 2 x multiscale_points points per side the dense early stages run on a subsample and are
 // extended by the c-transform (multiscale); a 2000-point subsample and float keep the test small.
 static void test_multiscale_path() {
@@ -1753,6 +1777,7 @@ int main(int argc, char** argv) {
       {"multiscale_path", test_multiscale_path},
       {"coarse_newton", test_coarse_newton},
       {"dense_newton", test_dense_newton},
+      {"dense_last_stage_fallback", test_dense_last_stage_fallback},
       {"class_balance", test_class_balance},
       {"class_balance_threads", test_class_balance_threads},
       {"float_stages", test_float_stages},

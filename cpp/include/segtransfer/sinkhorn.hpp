@@ -33,8 +33,12 @@ struct SinkhornOptions {
   // entries and a dense last stage took > 5,000 plain iterations where the sparse one took 14.
   // 0.35 rather than 0.5: as fast at N = 10^4 (9.0 vs 10.2 s at D = 19, 14.6 vs 15.8 s at D = 256),
   // and the two patterns a stage change holds at once stay far smaller (N = 3 x 10^4: 16 GB peak
-  // at 0.5).
+  // at 0.5). The last stage, up to 10^8 entries, keeps a pattern up to 0.5 (kLastStageDensity,
+  // sinkhorn.cpp: at eps = 1, D = 256 its kernel holds ~41 %, and dense it crawled).
   double max_density = 0.35;
+  // A last stage still too dense for a pattern (up to 10^7 entries) that has not converged after
+  // this many dense Sinkhorn iterations starts again on a full kernel with Newton (sinkhorn.cpp).
+  int64_t dense_last_iterations = 200;
   // Upper bound on the adaptive over-relaxation factor omega in f <- f + omega (f_new - f);
   // 1 gives plain Sinkhorn.
   double overrelaxation = 1.9;
