@@ -124,6 +124,20 @@ def test_sinkhorn_result():
     assert "SinkhornResult(" in repr(r)
 
 
+def test_sinkhorn_plan_uses_the_solve_weights():
+    """plan() rebuilt with uniform weights after a weighted solve missed its marginals by ~1."""
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(30, 2)), rng.normal(size=(25, 2))
+    a, b = rng.uniform(0.1, 1, 30), rng.uniform(0.1, 1, 25)
+    a, b = a / a.sum(), b / b.sum()
+    r = st.sinkhorn(x, y, epsilon=0.5, a=a, b=b, threads=1)
+    np.testing.assert_array_equal(r.a, a)
+    p = r.plan(x, y)
+    err = np.abs(p.sum(1) - a).sum() + np.abs(p.sum(0) - b).sum()
+    assert r.converged and err <= 2 * st.DEFAULT_TOL
+    assert st.sinkhorn(x, y, epsilon=0.5, threads=1).a is None
+
+
 def test_zero_entropy_scores_positive_zero():
     # One pixel a side: Y_t is determined by Y_s, W_T = 0, and OTCE must print as 0, not -0.
     rng = np.random.default_rng(0)

@@ -403,3 +403,48 @@ def test_unconverged_warnings_grade_the_damage_and_advise_by_cause():
     with pytest.warns(RuntimeWarning, match=r"float64's resolution") as caught:
         st.sinkhorn(xs, xt, epsilon=1e-9, threads=1)
     assert "Raise max_iter" not in str(caught[0].message)
+
+
+def test_cgroup_room_leaves_out_reclaimable_page_cache(tmp_path):
+    """The cgroup's usage counts page cache that the kernel reclaims first; a container that has
+    read a lot of data must not look full. v2 (memory.max) and v1 (memory/memory.limit_in_bytes)."""
+    from segtransfer._api import _cgroup_room
+
+    assert _cgroup_room(str(tmp_path)) is None
+    (tmp_path / "memory.max").write_text("8000000000\n")
+    (tmp_path / "memory.current").write_text("7000000000\n")
+    assert _cgroup_room(str(tmp_path)) == 1e9  # no memory.stat: usage taken as it is
+    (tmp_path / "memory.stat").write_text("anon 1000000000\nfile 6000000000\ninactive_file 5500000000\n")
+    assert _cgroup_room(str(tmp_path)) == 6.5e9
+    (tmp_path / "memory.max").write_text("max\n")
+    assert _cgroup_room(str(tmp_path)) is None
+    v1 = tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("4000000000\n")
+    (v1 / "memory" / "memory.usage_in_bytes").write_text("3900000000\n")
+    (v1 / "memory" / "memory.stat").write_text("cache 3000000000\ntotal_inactive_file 2900000000\n")
+    assert _cgroup_room(str(v1)) == 3e9
+
+
+def test_memory_error_for_a_small_budget_reads_cleanly(monkeypatch):
+    from segtransfer import _api
+
+    monkeypatch.setattr(_api, "_memory_budget", lambda: 2e4)
+    x = np.random.default_rng(0).normal(size=(200, 2))
+    with pytest.raises(MemoryError) as info:
+        st.sinkhorn(x, x)
+    assert "()" not in str(info.value) and "0.0 MB" not in str(info.value), str(info.value)
+
+
+def test_mixed_precision_copy_is_counted_before_it_is_made(monkeypatch):
+    """Mixed float32/float64 features are solved in float64: the float32 side is converted whole,
+    every pixel of it, so the memory check must count that copy and name the way out."""
+    from segtransfer import _api
+
+    rng = np.random.default_rng(0)
+    xs, ys = rng.normal(size=(20000, 40)).astype(np.float32), rng.integers(0, 3, 20000)
+    xt, yt = rng.normal(size=(500, 40)), rng.integers(0, 2, 500)
+    monkeypatch.setattr(_api, "_memory_budget", lambda: 5e6)
+    with pytest.raises(MemoryError, match=r"float64 copy of the float32 features: 6\.4 MB.*one precision"):
+        st.otce(xs, ys, xt, yt, n_pixels=50, repeats=1, threads=1)
+    st.otce(xs.astype(np.float64), ys, xt, yt, n_pixels=50, repeats=1, threads=1)  # one precision: fits

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -253,3 +254,31 @@ def test_memory_check_honours_the_address_space_limit():
     assert kind == "MemoryError"
     assert "needs 1.4 GB" in message and "lower n_pixels" in message, message
     assert int(grown_kb) < 100 * 1024
+
+
+# ------------------------------------------------------------------------------------------- threads
+
+_THREADS = r"""
+import os
+import numpy as np
+import segtransfer as st
+rng = np.random.default_rng(0)
+x, y = rng.normal(size=(600, 3)), rng.normal(size=(500, 3))
+ys, yt = rng.integers(0, 3, 600), rng.integers(0, 2, 500)
+before = len(os.listdir("/proc/self/task"))
+st.sinkhorn(x, y, threads=1)
+st.otce(x, ys, y, yt, n_pixels=None, threads=1)
+st.otce(x, ys, y, yt, n_pixels=300, repeats=3, threads=1)
+print(len(os.listdir("/proc/self/task")) - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or (os.cpu_count() or 1) < 2,
+                    reason="counts the process's threads in /proc (Linux) on a machine with 2+ cores")
+def test_threads_1_starts_no_thread():
+    """threads=1 means one thread for every loop: the stored cost's fill had ignored it and started an
+    OpenMP team of every core (under a tight `ulimit -v`, libgomp then aborted the process)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    proc = subprocess.run([sys.executable, "-c", _THREADS], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "0"

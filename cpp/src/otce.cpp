@@ -178,7 +178,7 @@ SinkhornReport solve_points(const T* x, int64_t n, const T* y, int64_t m, int64_
                             const SinkhornOptions& opt, double* f, double* g, const PlanClasses* classes,
                             const PlanClasses* groups, RowMatrix<T>& cost) {
   if (opt.blocked) return sinkhorn_blocked(x, n, y, m, d, a, b, opt, f, g, classes, groups);
-  squared_euclidean(x, n, y, m, d, cost);
+  squared_euclidean(x, n, y, m, d, cost, opt.num_threads);
   return sinkhorn_log(cost, a, b, opt, f, g, classes, groups);
 }
 

@@ -1321,7 +1321,7 @@ double dense_bytes(int64_t n, int64_t m) {
 }
 
 template <typename T>
-void squared_euclidean(const T* x, int64_t n, const T* y, int64_t m, int64_t d, RowMatrix<T>& cost) {
+void squared_euclidean(const T* x, int64_t n, const T* y, int64_t m, int64_t d, RowMatrix<T>& cost, int num_threads) {
   // The blocked solver's tiles (point_cost.hpp), panels of 16 rows in parallel: the same values as
   // the blocked mode, and AVX2 + FMA register blocks where Eigen's GEMM, compiled for baseline
   // x86-64, ran SSE2 without FMA.
@@ -1331,7 +1331,7 @@ void squared_euclidean(const T* x, int64_t n, const T* y, int64_t m, int64_t d, 
   detail::advise_huge_pages(cost.data(), bytes, bytes);  // before its first touch
   constexpr int64_t kRows = 16;
   const int64_t panels = (n + kRows - 1) / kRows;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for num_threads(threads_for(num_threads)) schedule(static)
   for (int64_t p = 0; p < panels; ++p)
     points.rows(p * kRows, std::min(n, (p + 1) * kRows), cost.data() + p * kRows * m);
 }
@@ -1898,7 +1898,7 @@ PlanSummary summarize_plan(const RowMatrix<T>& cost, const double* a, const doub
 
 #define SEGTRANSFER_INSTANTIATE(T)                                                                 \
   template double dense_bytes<T>(int64_t, int64_t);                                                \
-  template void squared_euclidean<T>(const T*, int64_t, const T*, int64_t, int64_t, RowMatrix<T>&); \
+  template void squared_euclidean<T>(const T*, int64_t, const T*, int64_t, int64_t, RowMatrix<T>&, int); \
   template SinkhornReport sinkhorn_log<T>(const RowMatrix<T>&, const double*, const double*,          \
                                           const SinkhornOptions&, double*, double*, const PlanClasses*, \
                                           const PlanClasses*);                                            \

@@ -59,6 +59,36 @@ def _read_number(path: str) -> float | None:
         return None
 
 
+def _stat_value(path: str, key: str) -> float:
+    try:
+        with open(path) as fh:
+            for line in fh:
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return float(value)
+    except (OSError, ValueError):
+        pass
+    return 0.0
+
+
+def _cgroup_room(root: str) -> float | None:
+    """What the container's memory cgroup (v2, else v1, under ``root``) leaves, or None without a limit.
+
+    The usage counts the page cache, which the kernel reclaims before it refuses memory: inside a
+    container that has read a lot of data it alone could exhaust the limit. Inactive file pages are
+    taken back out, as container runtimes do for their "working set".
+    """
+    for limit_file, usage_file, stat_file, inactive in (
+            ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+            ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat",
+             "total_inactive_file")):
+        limit, usage = _read_number(f"{root}/{limit_file}"), _read_number(f"{root}/{usage_file}")
+        if limit is not None and usage is not None and limit < 2**62:  # "no limit" is ~2**63
+            working = max(usage - _stat_value(f"{root}/{stat_file}", inactive), 0.0)
+            return max(limit - working, 0.0)
+    return None
+
+
 def _memory_budget() -> float:
     """Bytes the dense buffers may take: 80 % of the least of what the OS reports as available, what
     the container's cgroup leaves (MemAvailable shows the host's memory there) and what the address-space
@@ -77,12 +107,9 @@ def _memory_budget() -> float:
             limits.append(float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")))
         except (ValueError, OSError, AttributeError):
             pass
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        limit, usage = _read_number(limit_file), _read_number(usage_file)
-        if limit is not None and usage is not None and limit < 2**62:  # "no limit" is ~2**63
-            limits.append(max(limit - usage, 0.0))
+    room = _cgroup_room("/sys/fs/cgroup")
+    if room is not None:
+        limits.append(room)
     try:
         import resource
 
@@ -99,7 +126,9 @@ def _memory_budget() -> float:
 
 
 def _gigabytes(nbytes: float) -> str:
-    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
+    if nbytes >= 1e8:
+        return f"{nbytes / 1e9:.1f} GB"
+    return f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.0f} kB"
 
 
 def _check_memory(what: str, parts: dict[str, tuple[float, str]], budget: float) -> None:
@@ -111,7 +140,8 @@ def _check_memory(what: str, parts: dict[str, tuple[float, str]], budget: float)
     detail = ", ".join(f"{name}: {_gigabytes(nbytes)}" for name, (nbytes, _) in parts.items() if nbytes >= 1e6)
     _, hint = max(parts.values(), key=lambda p: p[0])
     raise MemoryError(
-        f"{what} needs {_gigabytes(total)} ({detail}) but only {_gigabytes(budget)} are available; {hint}"
+        f"{what} needs {_gigabytes(total)}{f' ({detail})' if detail else ''} but only {_gigabytes(budget)} "
+        f"are available; {hint}"
     )
 
 
@@ -265,10 +295,14 @@ def otce(
     }
     if gpu is not None:  # device memory: estimated and checked by the CUDA solver before it allocates
         del memory[solver_memory[0]]
+    mixed = gpu is None and xs.dtype != xt.dtype  # solved in float64 (the CUDA path converts itself)
+    if mixed:  # the core reads one type: the float32 side is converted whole, every pixel of it
+        memory["float64 copy of the float32 features"] = (8.0 * (xs if xs.dtype == np.float32 else xt).size,
+                                                          "pass both feature arrays in one precision")
     budget = _memory_budget()
     _check_memory(f"otce with n_pixels={ns}/{nt} and {k} repeat(s)", memory, budget)
-    if gpu is None and xs.dtype != xt.dtype:  # solve mixed precision in float64 (the CUDA path converts itself)
-        xs, xt = xs.astype(np.float64), xt.astype(np.float64)
+    if mixed:
+        xs, xt = xs.astype(np.float64, copy=False), xt.astype(np.float64, copy=False)
 
     if n_pixels is None:
         idx_s = np.flatnonzero(src.codes >= 0)[None, :]
@@ -414,7 +448,7 @@ def sinkhorn(
     _check_memory(f"sinkhorn with {n} x {m} points", {name: need}, budget)
     solve = _core.sinkhorn_f32 if dtype == np.float32 else _core.sinkhorn_f64
     out = solve(xa, ya, wa, wb, opt, budget)
-    return _sinkhorn_result(out, opt)
+    return _sinkhorn_result({**out, "a": wa, "b": wb}, opt)
 
 
 #: Why a solve that neither timed out nor spent max_iter stopped unconverged: the last stage's error
@@ -429,7 +463,7 @@ def _sinkhorn_result(out: dict[str, Any], opt: Any) -> SinkhornResult:
     res = SinkhornResult(
         f=out["f"], g=out["g"], transport_cost=float(out["transport_cost"]), iterations=int(out["iterations"]),
         converged=bool(out["converged"]), marginal_error=float(out["marginal_error"]), epsilon=opt.epsilon,
-        tol=opt.tol, timed_out=bool(out["timed_out"]), blocked=opt.blocked,
+        tol=opt.tol, timed_out=bool(out["timed_out"]), blocked=opt.blocked, a=out.get("a"), b=out.get("b"),
     )
     if not res.converged:
         cause = stop_cause(res.timed_out, res.iterations < opt.max_iter, math.isfinite(res.marginal_error))

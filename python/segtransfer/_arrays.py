@@ -1,7 +1,9 @@
 """The one place where user arrays become what the core reads.
 
 Accepts NumPy arrays and anything exposing ``__dlpack__`` or ``__array_interface__`` (torch, JAX, CuPy on
-the host...). Host arrays of a supported dtype are never copied: the core reads them through their strides.
+the host...). Host arrays of a supported dtype are not copied: the core reads them through their strides
+(feature maps whose H and W do not merge into one pixel stride, e.g. crops, are the exception: the
+reshape to (B, P, D) copies them).
 Everything that can be wrong with an input is reported here, naming the argument.
 """
 

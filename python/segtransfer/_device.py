@@ -379,7 +379,7 @@ class CudaPlacement:
             raise ValueError(f"x has {shapes['x'][1]} dimensions but y has {shapes['y'][1]}")
         wa = weights(self.host(a, "a"), shapes["x"][0], "a")
         wb = weights(self.host(b, "b"), shapes["y"][0], "b")
-        return _core.sinkhorn_cuda(self.sources["x"], self.sources["y"], wa, wb, opt, self.index)
+        return {**_core.sinkhorn_cuda(self.sources["x"], self.sources["y"], wa, wb, opt, self.index), "a": wa, "b": wb}
 
 
 __all__ = ["CudaPlacement", "DeviceArray", "Location", "device_array", "locate", "parse_device", "placement",

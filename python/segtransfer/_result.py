@@ -74,9 +74,13 @@ class SinkhornResult:
     tol: float
     timed_out: bool = False
     blocked: bool = False  # solved with the cost recomputed, not stored (sinkhorn's blocked=True)
+    a: np.ndarray | None = None  # (n,) the weights the solve used; None: uniform
+    b: np.ndarray | None = None  # (m,)
 
     def plan(self, x: np.ndarray, y: np.ndarray, a: np.ndarray | None = None, b: np.ndarray | None = None) -> np.ndarray:
         """The dense (n, m) plan in float64, rebuilt from the potentials (O(n m) memory: small cases).
+
+        ``a`` and ``b`` default to the weights of the solve (uniform when it had none).
 
         The cost is recomputed here in float64. For float32 inputs the solver worked on a float32
         cost, which carries the rounding of float32 arithmetic (relative ~1e-7 of the squared norms),
@@ -88,6 +92,8 @@ class SinkhornResult:
         x64 = np.asarray(x, dtype=np.float64)
         y64 = np.asarray(y, dtype=np.float64)
         n, m = x64.shape[0], y64.shape[0]
+        a = self.a if a is None else a
+        b = self.b if b is None else b
         a = np.full(n, 1.0 / n) if a is None else np.asarray(a, dtype=np.float64)
         b = np.full(m, 1.0 / m) if b is None else np.asarray(b, dtype=np.float64)
         cost = ((x64[:, None, :] - y64[None, :, :]) ** 2).sum(-1)

@@ -127,8 +127,10 @@ struct PlanSummary {
 // C = |x|^2 + |y|^2 - 2 x y^T, clamped at 0. x: (n, d), y: (m, d), both row-major. The points are
 // centred on their joint mean first: distances do not change and the expansion loses less to
 // cancellation. Entry for entry the values the blocked mode recomputes (sinkhorn_blocked).
+// `num_threads` as SinkhornOptions::num_threads (0: OpenMP's default).
 template <typename T>
-void squared_euclidean(const T* x, int64_t n, const T* y, int64_t m, int64_t d, RowMatrix<T>& cost);
+void squared_euclidean(const T* x, int64_t n, const T* y, int64_t m, int64_t d, RowMatrix<T>& cost,
+                       int num_threads = 0);
 
 // Solves the entropic problem on a cost matrix C (n x m, never transposed). a, b: weights (sum 1).
 // f (n) and g (m) are outputs (and are overwritten). The certifying pass at the end measures the
