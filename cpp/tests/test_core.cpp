@@ -1680,7 +1680,6 @@ static void test_certificate_rounding() {
   CHECK(t.report.marginal_error >= 2.0 * (static_cast<double>(n) + 8.0) * 0x1p-53);
 }
 
-// Every early exit: max_iter, timeout, interrupt, refusals; each must unwind without leaking.
 // StallBackoff: a loop that keeps setting new bests is left alone; one that stops doing so loses half
 // of omega - 1 every kPatience (5) blocks until omega is 1, and its cap follows omega down.
 static void test_stall_backoff() {
@@ -1700,6 +1699,7 @@ static void test_stall_backoff() {
   // test_otce.py::test_no_cycle_of_overrelaxation_and_balancing.
 }
 
+// Every early exit: max_iter, timeout, interrupt, refusals; each must unwind without leaking.
 static void test_early_exits() {
   std::mt19937_64 rng(5);
   const int64_t n = 200, d = 4;

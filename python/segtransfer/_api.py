@@ -154,9 +154,8 @@ def _check_bool(value: Any, name: str) -> bool:
 
 def _options(epsilon: float, tol: float | None, max_iter: int | None, timeout: float | None,
              threads: int | None, blocked: bool = False) -> _core.SinkhornOptions:
-    _check_bool(blocked, "blocked")
     opt = _core.SinkhornOptions()
-    opt.blocked = bool(blocked)
+    opt.blocked = _check_bool(blocked, "blocked")
     opt.epsilon = _check_positive(epsilon, "epsilon")
     opt.tol = DEFAULT_TOL if tol is None else _check_positive(tol, "tol")
     opt.max_iter = DEFAULT_MAX_ITER if max_iter is None else _check_int(max_iter, "max_iter", minimum=1)

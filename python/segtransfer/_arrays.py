@@ -142,29 +142,29 @@ def _ignore_values(ignore_index: IgnoreIndex, label_dtype: np.dtype, name: str =
     """
     if ignore_index is None:
         return np.empty(0, dtype=label_dtype)
+    beyond_64_bits = ValueError(f"{name} holds {ignore_index!r}, outside the 64-bit integer range that labels can have")
     if isinstance(ignore_index, (list, tuple)) and all(
             isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in ignore_index):
         # Python ints as they are: NumPy turns [-1, 2**63] into float64, which would lose them.
         ints = [int(v) for v in ignore_index]
         if any(not -(2**63) <= v < 2**64 for v in ints):
-            raise ValueError(f"{name} holds {ignore_index!r}, outside the 64-bit integer range that labels can have")
-        info = np.iinfo(label_dtype)
-        return np.array([v for v in ints if info.min <= v <= info.max], dtype=label_dtype)
-    try:
-        values = np.atleast_1d(np.asarray(ignore_index))
-    except Exception:  # noqa: BLE001 - ragged nests and the like
-        raise TypeError(f"{name} must be an int or a sequence of ints, got {ignore_index!r}") from None
-    if values.size == 0:
-        return np.empty(0, dtype=label_dtype)
-    if values.ndim != 1:
-        raise TypeError(f"{name} must be an int or a sequence of ints, got {ignore_index!r}")
-    if values.dtype == object and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise ValueError(f"{name} holds {ignore_index!r}, outside the 64-bit integer range that labels can have")
-    if values.dtype.kind not in "iu":
-        raise TypeError(f"{name} must be an int or a sequence of ints, got {ignore_index!r}")
+            raise beyond_64_bits
+    else:
+        try:
+            values = np.atleast_1d(np.asarray(ignore_index))
+        except Exception:  # noqa: BLE001 - ragged nests and the like
+            raise TypeError(f"{name} must be an int or a sequence of ints, got {ignore_index!r}") from None
+        if values.size == 0:
+            return np.empty(0, dtype=label_dtype)
+        if values.ndim != 1:
+            raise TypeError(f"{name} must be an int or a sequence of ints, got {ignore_index!r}")
+        if values.dtype == object and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise beyond_64_bits
+        if values.dtype.kind not in "iu":
+            raise TypeError(f"{name} must be an int or a sequence of ints, got {ignore_index!r}")
+        ints = [int(v) for v in values.tolist()]
     info = np.iinfo(label_dtype)
-    keep = [int(v) for v in values.tolist() if info.min <= int(v) <= info.max]
-    return np.array(keep, dtype=label_dtype)
+    return np.array([v for v in ints if info.min <= v <= info.max], dtype=label_dtype)
 
 
 def _classes_and_codes(valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
