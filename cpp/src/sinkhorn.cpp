@@ -1040,6 +1040,22 @@ double newton_polish(const SparseRows<T>& R, int64_t m, const double* a, const d
   for (int64_t i = 0; i < n; ++i) min_mass = std::min(min_mass, a[i]);
   for (int64_t j = 0; j < m; ++j) min_mass = std::min(min_mass, b[j]);
   PlanEntries opr;
+  // The operator's diagonal blocks D1, D2: the exact row and column sums, or, for a tight target or
+  // an operator of every entry (floor 0), the sums of the pattern's entries as the operator holds
+  // them, rounded to float (rs_op, cs_op). Against the exact sums the rounding leaves S 1 off by up
+  // to ~6e-8 of each row's mass: harmless at the default tol, where the entries below the floor
+  // shift the diagonal by far more, but near 1e-10 it swamps the couplings between nearly separate
+  // components of a sparse plan. 300 x 300 points, D = 19, eps = 0.1, tol 1e-10 sat at 3-7e-10
+  // until max_iter (as the blocked mode did with its double captured plan rounded to float; with
+  // double values 13 steps), and a tol-1e-10 sweep flagged 3 of 108 stored solves; with the rounded
+  // sums none (RESULTS.md, session 26). They still
+  // include every entry the floor leaves out, so S stays definite (see above). Below
+  // kRoundedSumsBelow only: they cost a pass over the pattern a step, and at the default tol K = 10
+  // took the same iterations with them.
+  constexpr double kRoundedSumsBelow = 1e-7;
+  std::vector<double> rs_op, cs_op, ones;
+  const double* d1 = p.row_sum.data();
+  const double* d2 = p.col_sum.data();
   // out = S v on the operator's entries (`all`: every entry of the pattern); returns v . out.
   auto apply_schur = [&](bool all, const std::vector<double>& v, std::vector<double>& out) {
     const int64_t* rp = all ? R.ptr.data() : opr.ptr.data();
@@ -1049,7 +1065,7 @@ double newton_polish(const SparseRows<T>& R, int64_t m, const double* a, const d
     for (int64_t j = 0; j < m; ++j) w[j] *= inv_c[j];
 #pragma omp parallel for num_threads(nt_mv) schedule(static)
     for (int64_t i = 0; i < n; ++i)
-      out[i] = (1.0 + lambda) * p.row_sum[i] * v[i] - SparseDot::run(rv, rc, rp[i], rp[i + 1], w.data());
+      out[i] = (1.0 + lambda) * d1[i] * v[i] - SparseDot::run(rv, rc, rp[i], rp[i + 1], w.data());
     double vq = 0.0;  // serial, fixed order: results do not depend on the thread count
     for (int64_t i = 0; i < n; ++i) vq += v[i] * out[i];
     return vq;
@@ -1064,8 +1080,23 @@ double newton_polish(const SparseRows<T>& R, int64_t m, const double* a, const d
   bool check_all = true;
   for (int step = 0; step < 50 && err > target && rep.iterations < max_iter && !rep.timed_out; ++step) {
     const auto step_start = Clock::now();
+    d1 = p.row_sum.data();
+    d2 = p.col_sum.data();
+    if (floor == 0.0 || target < kRoundedSumsBelow) {
+      rs_op.resize(n);
+      ones.assign(n, 1.0);
+      cs_op.resize(m);
+      for (int64_t i = 0; i < n; ++i) {
+        double s = 0.0;
+        for (int64_t k = R.ptr[i]; k < R.ptr[i + 1]; ++k) s += static_cast<double>(p.by_row[k]);
+        rs_op[i] = s;
+      }
+      column_products(R.ptr.data(), R.col.data(), p.by_row.data(), n, m, ones.data(), nt_mv, cs_op.data());
+      d1 = rs_op.data();
+      d2 = cs_op.data();
+    }
     for (int64_t j = 0; j < m; ++j) {
-      inv_c[j] = p.col_sum[j] > 0 ? 1.0 / ((1.0 + lambda) * p.col_sum[j]) : 0.0;
+      inv_c[j] = d2[j] > 0 ? 1.0 / ((1.0 + lambda) * d2[j]) : 0.0;
       w[j] = (b[j] - p.col_sum[j]) * inv_c[j];
     }
     // The system's right-hand side and Jacobi diagonal (from the operator's entries too, exactly
@@ -1074,7 +1105,7 @@ double newton_polish(const SparseRows<T>& R, int64_t m, const double* a, const d
     plan_entries_above(R.ptr, R.col, p.by_row, cg_floor, nt_mv, opr);
 #pragma omp parallel for num_threads(nt_mv) schedule(static)
     for (int64_t i = 0; i < n; ++i) {
-      double s = a[i] - p.row_sum[i], diag = (1.0 + lambda) * p.row_sum[i];
+      double s = a[i] - p.row_sum[i], diag = (1.0 + lambda) * d1[i];
       for (int64_t k = opr.ptr[i]; k < opr.ptr[i + 1]; ++k) {
         const double v = static_cast<double>(opr.val[k]);
         s -= v * w[opr.col[k]];
@@ -1082,7 +1113,7 @@ double newton_polish(const SparseRows<T>& R, int64_t m, const double* a, const d
       }
       rhs[i] = s;
       // A row whose columns it owns alone has a zero row in S (and a zero right-hand side).
-      dinv[i] = diag > 1e-12 * p.row_sum[i] ? 1.0 / diag : 0.0;
+      dinv[i] = diag > 1e-12 * d1[i] ? 1.0 / diag : 0.0;
     }
     double rhs_norm2 = 0.0;
     for (int64_t i = 0; i < n; ++i) rhs_norm2 += rhs[i] * rhs[i];
@@ -1094,7 +1125,7 @@ double newton_polish(const SparseRows<T>& R, int64_t m, const double* a, const d
     // column j's entries in rows of class c (all u_j from one pass over the operator's rows).
     if (use_coarse) {
       coarse.E.setZero(Rc, Rc);
-      for (int64_t i = 0; i < n; ++i) coarse.E(row_class[i], row_class[i]) += (1.0 + lambda) * p.row_sum[i];
+      for (int64_t i = 0; i < n; ++i) coarse.E(row_class[i], row_class[i]) += (1.0 + lambda) * d1[i];
       std::vector<double> U(static_cast<size_t>(m) * Rc, 0.0);
       for (int64_t i = 0; i < n; ++i)
         for (int64_t k = opr.ptr[i]; k < opr.ptr[i + 1]; ++k)
