@@ -1048,10 +1048,9 @@ double newton_polish(const SparseRows<T>& R, int64_t m, const double* a, const d
   // components of a sparse plan. 300 x 300 points, D = 19, eps = 0.1, tol 1e-10 sat at 3-7e-10
   // until max_iter (as the blocked mode did with its double captured plan rounded to float; with
   // double values 13 steps), and a tol-1e-10 sweep flagged 3 of 108 stored solves; with the rounded
-  // sums none (RESULTS.md, session 26). They still
-  // include every entry the floor leaves out, so S stays definite (see above). Below
-  // kRoundedSumsBelow only: they cost a pass over the pattern a step, and at the default tol K = 10
-  // took the same iterations with them.
+  // sums none (RESULTS.md, session 26). They still include every entry the floor leaves out, so S
+  // stays definite (see above). Below kRoundedSumsBelow only: they cost a pass over the pattern a
+  // step, and at the default tol K = 10 took the same iterations with them.
   constexpr double kRoundedSumsBelow = 1e-7;
   std::vector<double> rs_op, cs_op, ones;
   const double* d1 = p.row_sum.data();
