@@ -31,7 +31,8 @@ class DenseNewtonBackend {
   // `approximate`: the product only builds the Newton system (CG, its preconditioner), so the backend
   // may form the entries with float exponentials: a relative error ~1e-6 in S is far inside CG's
   // forcing (0.1). Marginals (sums) and the right-hand side are always exact, so the accepted steps
-  // and the reported errors are not affected.
+  // and the reported errors are not affected. The driver asks for them only while the targets are
+  // 1e-7 or looser: below, their rounding against the exact sums stalls Newton on sparse plans.
   virtual void col_products(const std::vector<int>& active, const std::vector<double>& v, bool approximate,
                             std::vector<double>& out) = 0;
   // out (K n) = P w (squared = false) or (P o P) w (squared entries), w of length K m.
