@@ -22,7 +22,8 @@ float64 (library tol TOL64 = 1e-10 on the L1 marginal error, reference tol 1e-13
 
 float32 inputs (library tol TOL32 = 1e-6; reference in float64 on the SAME float32-rounded points, so
 input rounding is not counted):
-  * the library forms the cost in float32 as |x_c|^2 + |y_c|^2 - 2 x_c.y_c (centred points), each of the
+  * the library forms the cost in float32 as |x_c|^2 + |y_c|^2 - 2 x_c.y_c (centred points: each side on
+    its own mean on the CPU, the joint mean on the GPU; S below uses the joint mean, which bounds both), each of the
     d + 2 terms rounded with unit roundoff u = 2^-24 ~ 6e-8 relative to S = max(|x_c|^2 + |y_c|^2), so
     |dC| <= (d + 3) u S. A soft-min is 1-Lipschitz in the sup norm, so the potentials move by about
     |dC| per side: exponent error <~ 2 (d + 3) u S / eps; we allow twice that.

@@ -71,8 +71,8 @@ inline std::vector<double> stage_schedule(double cmax, const SinkhornOptions& op
   // Exponents (f + g - C) / eps are formed in double; beyond ~1e12 the dual variables lose all
   // precision relative to the cost and 1/eps itself may overflow.
   if (cmax / opt.epsilon > 1e12 || !std::isfinite(1.0 / opt.epsilon)) {
-    throw InvalidArgument("epsilon", "is too small for the cost scale (largest cost " + std::to_string(cmax) +
-                                         ", cost / epsilon must stay below 1e12)");
+    throw InvalidArgument("epsilon", "is too small for the cost scale (largest cost the solver works on " +
+                                         std::to_string(cmax) + ", cost / epsilon must stay below 1e12)");
   }
   std::vector<double> schedule;
   if (opt.eps_scaling) {
