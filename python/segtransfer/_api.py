@@ -413,7 +413,8 @@ def sinkhorn(
     """Entropic OT between point clouds ``x (n, d)`` and ``y (m, d)`` with cost ``|x_i - y_j|^2``.
 
     Returns potentials with ``pi_ij = a_i b_j exp((f_i + g_j - C_ij) / epsilon)``; ``a`` and ``b``
-    (positive, summing to 1) default to uniform weights. Same solver and precision rules as ``otce``;
+    (positive, summing to 1 within 1e-6, then divided by their sum so that they sum to 1 in float64)
+    default to uniform weights. Same solver and precision rules as ``otce``;
     ``device`` and ``blocked`` as in ``otce``.
     """
     gpu = _device.placement(device, {"x": x, "y": y}, {"a": a, "b": b})
