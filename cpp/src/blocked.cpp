@@ -923,6 +923,9 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
     // Ends, not converged, once three certified rounds in a row made no progress near float64's
     // resolution at this cost scale (FloorWatch, kernels.hpp).
     FloorWatch rounds(cmax, eps, 3);
+    SinkhornReport best;  // the best certificate so far and its potentials
+    best.marginal_error = kPosInf;
+    std::vector<double> best_fg;
     for (;;) {
       double estimate = kPosInf;
       if (newton) {
@@ -947,9 +950,26 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
         std::fprintf(stderr, "blocked certify: err=%.3e it=%lld t=%.1f\n", rep.marginal_error,
                      static_cast<long long>(rep.iterations),
                      std::chrono::duration<double>(Clock::now() - start).count());
-      if (rep.converged || rep.iterations >= opt.max_iter || rep.timed_out || !std::isfinite(rep.marginal_error))
+      const bool done = rep.converged || rep.iterations >= opt.max_iter || rep.timed_out ||
+                        !std::isfinite(rep.marginal_error) || rounds.stuck(rep.marginal_error);
+      if (done) {
+        if (!rep.converged && best.marginal_error < rep.marginal_error) {
+          // An earlier certificate was better: return that point (as sinkhorn_log does).
+          std::copy(best_fg.begin(), best_fg.begin() + n, f);
+          std::copy(best_fg.begin() + n, best_fg.end(), g);
+          rep.marginal_error = best.marginal_error;
+          rep.transport_cost = best.transport_cost;
+          rep.joint = std::move(best.joint);
+        }
         break;
-      if (rounds.stuck(rep.marginal_error)) break;
+      }
+      if (rep.marginal_error < best.marginal_error) {
+        best.marginal_error = rep.marginal_error;
+        best.transport_cost = rep.transport_cost;
+        best.joint = rep.joint;
+        best_fg.assign(f, f + n);
+        best_fg.insert(best_fg.end(), g, g + m);
+      }
       if (estimate <= target) target *= 0.1;  // the estimate was optimistic: ask more of it
     }
   }

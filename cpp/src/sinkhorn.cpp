@@ -1680,6 +1680,10 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     }
   }
 
+  // The best certificate of the last stage's rounds and its potentials (see the certification).
+  SinkhornReport best;
+  best.marginal_error = std::numeric_limits<double>::infinity();
+  std::vector<double> best_fg;
   for (size_t s = first_stage; s < schedule.size(); ++s) {
     const double eps = schedule[s];
     if (s > first_stage && !rep.timed_out) {
@@ -1907,8 +1911,29 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
                      (long long)rep.iterations, (long long)rep.newton_steps, (long long)rep.newton_relocations,
                      std::chrono::duration<double>(Clock::now() - start).count());
       if (rep.converged || rep.iterations >= opt.max_iter || rep.timed_out || at_floor ||
-          !std::isfinite(rep.marginal_error))
+          !std::isfinite(rep.marginal_error)) {
+        if (!rep.converged && best.marginal_error < rep.marginal_error) {
+          // An earlier certificate was better: return that point.
+          std::copy(best_fg.begin(), best_fg.begin() + n, f);
+          std::copy(best_fg.begin() + n, best_fg.end(), g);
+          rep.marginal_error = best.marginal_error;
+          rep.transport_cost = best.transport_cost;
+          rep.truncated_mass = best.truncated_mass;
+          rep.joint = std::move(best.joint);
+          if (debug) std::fprintf(stderr, "  returning the earlier certified point (err=%.3e)\n", rep.marginal_error);
+        }
         break;
+      }
+      // Kept in case later rounds end worse: a tol below what the arithmetic resolves (float32
+      // inputs at tol 1e-12: certified 9.1e-12 after 137 iterations, then 1.1e-7 after max_iter).
+      if (rep.marginal_error < best.marginal_error) {
+        best.marginal_error = rep.marginal_error;
+        best.transport_cost = rep.transport_cost;
+        best.truncated_mass = rep.truncated_mass;
+        best.joint = rep.joint;
+        best_fg.assign(f, f + n);
+        best_fg.insert(best_fg.end(), g, g + m);
+      }
       target *= 0.1;  // the estimate was optimistic: ask more of it and refresh the pattern
     }
   }
