@@ -182,38 +182,36 @@ void group_within_classes(const PixelView<T>& view, const int32_t* code, std::ve
 // in double from the points as given.
 template <typename T>
 void centre_sides(T* x, int64_t n, T* y, int64_t m, int64_t d, std::vector<double>& r, std::vector<double>& c) {
-  std::vector<double> mx(d, 0.0), my(d, 0.0), delta(d);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t k = 0; k < d; ++k) mx[k] += static_cast<double>(x[i * d + k]);
-  for (int64_t j = 0; j < m; ++j)
-    for (int64_t k = 0; k < d; ++k) my[k] += static_cast<double>(y[j * d + k]);
+  auto mean = [d](const T* p, int64_t count) {
+    std::vector<double> mu(d, 0.0);
+    for (int64_t i = 0; i < count; ++i)
+      for (int64_t k = 0; k < d; ++k) mu[k] += static_cast<double>(p[i * d + k]);
+    for (double& v : mu) v /= static_cast<double>(count);
+    return mu;
+  };
+  const std::vector<double> mx = mean(x, n), my = mean(y, m);
+  std::vector<double> delta(d);
   double dd = 0.0;
   for (int64_t k = 0; k < d; ++k) {
-    mx[k] /= static_cast<double>(n);
-    my[k] /= static_cast<double>(m);
     delta[k] = mx[k] - my[k];
     dd += delta[k] * delta[k];
   }
-  r.resize(n);
-  c.resize(m);
-  for (int64_t i = 0; i < n; ++i) {
-    double s = 0.0;
-    for (int64_t k = 0; k < d; ++k) {
-      const double v = static_cast<double>(x[i * d + k]) - mx[k];
-      s += v * delta[k];
-      x[i * d + k] = static_cast<T>(v);
+  // p -= mu in place; out_i = scale * (p_i - mu) . delta + add, from the unrounded differences.
+  auto centre = [d, &delta](T* p, int64_t count, const std::vector<double>& mu, double scale, double add,
+                            std::vector<double>& out) {
+    out.resize(count);
+    for (int64_t i = 0; i < count; ++i) {
+      double s = 0.0;
+      for (int64_t k = 0; k < d; ++k) {
+        const double v = static_cast<double>(p[i * d + k]) - mu[k];
+        s += v * delta[k];
+        p[i * d + k] = static_cast<T>(v);
+      }
+      out[i] = scale * s + add;
     }
-    r[i] = 2.0 * s + dd;
-  }
-  for (int64_t j = 0; j < m; ++j) {
-    double s = 0.0;
-    for (int64_t k = 0; k < d; ++k) {
-      const double v = static_cast<double>(y[j * d + k]) - my[k];
-      s += v * delta[k];
-      y[j * d + k] = static_cast<T>(v);
-    }
-    c[j] = -2.0 * s;
-  }
+  };
+  centre(x, n, mx, 2.0, dd, r);
+  centre(y, m, my, -2.0, 0.0, c);
 }
 
 // The stored cost and sinkhorn_log, or sinkhorn_blocked, which recomputes it (opt.blocked), on the
