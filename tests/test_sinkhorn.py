@@ -407,3 +407,23 @@ def test_unreachable_tol_returns_the_best_certified_point(blocked):
         loose = st.sinkhorn(x, y, epsilon=0.1, tol=1e-10, blocked=blocked, **ONE_THREAD)
     assert loose.converged
     assert not sr.converged and sr.marginal_error <= max(loose.marginal_error, 1e-10)
+
+
+def test_near_unregularised_problem_widens_a_pattern_that_cannot_carry_the_plan():
+    """Clustered points scaled by 300 at eps = 0.1 (cost / eps ~ 5.6e7, ~1.5 kernel entries a row): on
+    the last stage's 30 eps pattern a group of rows reached its columns only through entries beyond
+    the cutoff, and with unequal masses that group is infeasible there. The stored mode sat at exactly
+    1/200 x 2 - 1/150 = 3.333e-3 until max_iter while the blocked mode (no pattern) converged; the
+    last stage now widens its cutoff to 700 eps when a refresh finds no progress."""
+    rng = np.random.default_rng(6)
+    cen = rng.standard_normal((4, 4))
+    ys, yt = rng.integers(0, 3, 200), rng.integers(0, 4, 150)
+    x = (cen[ys] + 0.7 * rng.standard_normal((200, 4))) * 300
+    y = (cen[yt % 3] + 0.7 * rng.standard_normal((150, 4)) + 0.2) * 300
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = st.sinkhorn(x, y, epsilon=0.1, max_iter=6000, **ONE_THREAD)
+        b = st.sinkhorn(x, y, epsilon=0.1, max_iter=6000, blocked=True, **ONE_THREAD)
+    assert s.converged and b.converged, (s.marginal_error, b.marginal_error)
+    # Both within tol = 1e-6 of the marginals; nearly unregularised, so the plans agree to ~tol.
+    assert np.abs(s.plan(x, y) - b.plan(x, y)).sum() < 1e-5

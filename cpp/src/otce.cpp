@@ -212,6 +212,13 @@ void centre_sides(T* x, int64_t n, T* y, int64_t m, int64_t d, std::vector<doubl
   };
   centre(x, n, mx, 2.0, dd, r);
   centre(y, m, my, -2.0, 0.0, c);
+  // The offset part overflowing double is the full cost overflowing (as stage_schedule reports it).
+  const auto finite = [](const std::vector<double>& v) {
+    return std::all_of(v.begin(), v.end(), [](double e) { return std::isfinite(e); });
+  };
+  if (!std::isfinite(dd) || !finite(r) || !finite(c))
+    throw InvalidArgument("features", "squared distances between the features overflow the floating-point "
+                                      "type (the features are too large); rescale them or use float64");
 }
 
 // The stored cost and sinkhorn_log, or sinkhorn_blocked, which recomputes it (opt.blocked), on the

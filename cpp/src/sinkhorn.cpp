@@ -1724,7 +1724,8 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
       half_step(cost, true, static_cast<const SparseRows<T>*>(nullptr), f, log_a.data(), b, eps, 1.0, g, err_rows, nt);
     }
     const double trunc = last || opt.stop_when_sparse ? opt.truncation : std::min(opt.truncation, opt.stage_truncation);
-    const double cutoff = trunc * eps;
+    // The last stage widens its pattern when refreshes stop helping (see the stale refresh below).
+    double cutoff = trunc * eps;
     // A small problem's last stage keeps its kernel as a (possibly full) sparse matrix whatever its
     // density, for the sake of Newton: at large epsilon a dense stage can crawl, e.g. 50 x 50 logits
     // at eps = 10 still had marginal error 1.5e-6 after 50,000 Sinkhorn iterations (POT's too), as one
@@ -1764,6 +1765,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     int64_t sinkhorn_phase = 300;
     bool newton_futile = false;
     FloorWatch rounds(pattern.cost_bound, eps, 4);  // Newton rounds, for at_floor
+    double refresh_err = std::numeric_limits<double>::infinity();  // the error at the last stale refresh
     for (;;) {
       stale = false;
       min_margin = std::min(0.8 * trunc, std::log(1e3 / target)) * eps;
@@ -1884,6 +1886,19 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
       }
       if (stale && rep.iterations < opt.max_iter && !rep.timed_out) {
         ++rep.pattern_refreshes;
+        // A last stage whose error did not fall between two refreshes may be solving a pattern that
+        // cannot carry the plan: a group of rows joined to its columns only by entries beyond the
+        // cutoff, whose masses differ, is infeasible on the pattern; Sinkhorn then drifts its
+        // potentials by ~eps log(mass ratio) an iteration, refreshing every few hundred, while the
+        // error stays at the imbalance. 200 x 150 clustered points at cost / eps ~ 5.6e7 sat at exactly
+        // 3.333e-3 (1/200 x 2 - 1/150) for 50,000 iterations; with a 700 eps cutoff they converged in
+        // 1,342. So such a refresh widens the cutoff to 700 eps at once (exp(-745) underflows; a
+        // fourfold widening, 120 eps, let the next refresh come only after max_iter).
+        if (last && loop_err > 0.9 * refresh_err && cutoff < 700.0 * eps) {
+          cutoff = 700.0 * eps;
+          if (debug) std::fprintf(stderr, "  no progress since the last refresh: cutoff -> %.0f eps\n", cutoff / eps);
+        }
+        refresh_err = loop_err;
         if (debug) std::fprintf(stderr, "  pattern stale at it=%lld: refresh\n", (long long)rep.iterations);
         continue;
       }
