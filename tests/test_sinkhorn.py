@@ -427,3 +427,23 @@ def test_near_unregularised_problem_widens_a_pattern_that_cannot_carry_the_plan(
     assert s.converged and b.converged, (s.marginal_error, b.marginal_error)
     # Both within tol = 1e-6 of the marginals; nearly unregularised, so the plans agree to ~tol.
     assert np.abs(s.plan(x, y) - b.plan(x, y)).sum() < 1e-5
+
+
+def test_blocked_keeps_newtons_point_when_the_sinkhorn_phase_after_it_ends_worse():
+    """float32 clusters at cost / eps = 1e5, blocked, tol 1e-12 (below the floor): Newton reached
+    ~1e-12 on its captured plan, then the Sinkhorn phase after it ended at 6e-8 every round, and the
+    call returned 5.6e-8 after 50,000 iterations (8 s), where tol 1e-10 had certified 1.3e-10. It now
+    keeps Newton's point and stops at the floor (1.3e-10, ~5,000 iterations)."""
+    rng = np.random.default_rng(0)
+    n, d, k = 400, 3, 6
+    cx = rng.normal(size=(k, d)) * 10
+    cy = cx + rng.normal(size=(k, d))
+    x = ((cx[rng.integers(0, k, n)] + 0.3 * rng.normal(size=(n, d))) * 100).astype(np.float32)
+    y = ((cy[rng.integers(0, k, n + 17)] + 0.3 * rng.normal(size=(n + 17, d))) * 100).astype(np.float32)
+    xc, yc = x.astype(float) - x.astype(float).mean(0), y.astype(float) - y.astype(float).mean(0)
+    eps = float((((xc[:, None] - yc[None]) ** 2).sum(-1)).max() / 1e5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sr = st.sinkhorn(x, y, epsilon=eps, tol=1e-12, max_iter=20000, blocked=True, **ONE_THREAD)
+    assert not sr.converged and sr.marginal_error < 1e-9 and sr.iterations < 20000, (sr.marginal_error,
+                                                                                       sr.iterations)

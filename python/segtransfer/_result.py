@@ -89,7 +89,11 @@ class SinkhornResult:
         ``marginal_error`` says (small float32 problems at epsilon = 0.1: 5e-7 to 2e-5 against a
         reported 1e-8 to 5e-7). The miss grows with cost / epsilon: at ~1e8 (features of magnitude
         1e3 at epsilon = 0.1) the plan rebuilt here can be off by orders of magnitude in total mass.
-        Solve float64 points for a plan that meets ``tol`` here too.
+        Solve float64 points for a plan that meets ``tol`` here too. In float64 too, the potentials
+        are those of the cost as given: when the two sets lie far apart (costs of 1e8 and more), f + g
+        - C cancels large numbers here and the rebuilt plan can miss its marginals by about
+        largest cost / epsilon x 2^-52 (the solver itself works on each side centred, and is not
+        limited so).
         """
         x64 = np.asarray(x, dtype=np.float64)
         y64 = np.asarray(y, dtype=np.float64)
