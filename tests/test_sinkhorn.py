@@ -447,3 +447,19 @@ def test_blocked_keeps_newtons_point_when_the_sinkhorn_phase_after_it_ends_worse
         sr = st.sinkhorn(x, y, epsilon=eps, tol=1e-12, max_iter=20000, blocked=True, **ONE_THREAD)
     assert not sr.converged and sr.marginal_error < 1e-9 and sr.iterations < 20000, (sr.marginal_error,
                                                                                        sr.iterations)
+
+
+def test_float32_below_the_floor_stops_there():
+    """float32 points at cost / eps = 1e4, tol 1e-11 (certified 1.04e-11 is the floor here): every
+    Newton round began from a float-exponent hand-over phase that put the error back to ~6e-6, so the
+    rounds never looked stuck and ran to max_iter (50,000 iterations). Newton now resumes directly
+    after a certificate below newton_switch, and the solve stops at the floor."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 3)).astype(np.float32)
+    y = (rng.normal(size=(317, 3)) * 0.9 + 0.2).astype(np.float32)
+    xc, yc = x.astype(float) - x.astype(float).mean(0), y.astype(float) - y.astype(float).mean(0)
+    eps = float((((xc[:, None] - yc[None]) ** 2).sum(-1)).max() / 1e4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sr = st.sinkhorn(x, y, epsilon=eps, tol=1e-11, **ONE_THREAD)
+    assert sr.iterations < 25_000 and sr.marginal_error < 2e-11, (sr.iterations, sr.marginal_error)

@@ -1766,6 +1766,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     bool newton_futile = false;
     FloorWatch rounds(pattern.cost_bound, eps, 4);  // Newton rounds, for at_floor
     double refresh_err = std::numeric_limits<double>::infinity();  // the error at the last stale refresh
+    double certified = std::numeric_limits<double>::infinity();    // the last certificate that missed tol
     for (;;) {
       stale = false;
       min_margin = std::min(0.8 * trunc, std::log(1e3 / target)) * eps;
@@ -1817,10 +1818,17 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
         // last stage ~7 % faster and one transposition fewer a draw (RESULTS.md, session 21).
         while (rep.iterations < opt.max_iter && !rep.timed_out) {
           const double phase_target = newton_futile ? target : std::max(target, opt.newton_switch);
-          lowp = stage_float_exponents(opt, phase_target, pattern.cost_bound, f, n, g, m, eps);
-          sinkhorn_loop(eps, phase_target, sr, std::min(opt.max_iter, rep.iterations + sinkhorn_phase));
-          lowp = false;
-          if (stale || at_floor) break;
+          // Back from a certificate that missed tol but is below newton_switch, Newton resumes at
+          // once: the hand-over phase's float exponents would put the error back up first (float32
+          // inputs at tol 1e-11, certified 1.0e-11: every round began at ~6e-6, and the rounds ran to
+          // max_iter instead of stopping at the floor).
+          if (newton_futile || !(certified <= opt.newton_switch)) {
+            lowp = stage_float_exponents(opt, phase_target, pattern.cost_bound, f, n, g, m, eps);
+            sinkhorn_loop(eps, phase_target, sr, std::min(opt.max_iter, rep.iterations + sinkhorn_phase));
+            lowp = false;
+            if (stale || at_floor) break;
+          }
+          certified = std::numeric_limits<double>::infinity();
           const int64_t steps_before = rep.newton_steps;
           // Takes no step when Sinkhorn already reached the target.
           const auto keeps = [&](const double* ft, const double* gt) {
@@ -1949,6 +1957,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
         best_fg.assign(f, f + n);
         best_fg.insert(best_fg.end(), g, g + m);
       }
+      certified = rep.marginal_error;
       target *= 0.1;  // the estimate was optimistic: ask more of it and refresh the pattern
     }
   }
