@@ -1262,8 +1262,7 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
     static_assert(sizeof(v) == sizeof(unsigned long long), "double must be 64-bit");
     std::memcpy(&v, &max_bits[k], sizeof v);
     if (!std::isfinite(v))
-      throw InvalidArgument("features", "squared distances between the features overflow the floating-point "
-                                        "type (the features are too large); rescale them or use float64");
+      throw cost_overflow();
     cmax = std::max(cmax, v);
   }
   if (cmax / o.epsilon > 1e12 || !std::isfinite(1.0 / o.epsilon))

@@ -923,9 +923,7 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
     // Ends, not converged, once three certified rounds in a row made no progress near float64's
     // resolution at this cost scale (FloorWatch, kernels.hpp).
     FloorWatch rounds(cmax, eps, 3);
-    SinkhornReport best;  // the best certificate so far and its potentials
-    best.marginal_error = kPosInf;
-    std::vector<double> best_fg;
+    BestCertificate best;
     for (;;) {
       double estimate = kPosInf;
       if (newton) {
@@ -963,23 +961,10 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
       const bool done = rep.converged || rep.iterations >= opt.max_iter || rep.timed_out ||
                         !std::isfinite(rep.marginal_error) || rounds.stuck(rep.marginal_error);
       if (done) {
-        if (!rep.converged && best.marginal_error < rep.marginal_error) {
-          // An earlier certificate was better: return that point (as sinkhorn_log does).
-          std::copy(best_fg.begin(), best_fg.begin() + n, f);
-          std::copy(best_fg.begin() + n, best_fg.end(), g);
-          rep.marginal_error = best.marginal_error;
-          rep.transport_cost = best.transport_cost;
-          rep.joint = std::move(best.joint);
-        }
+        best.restore(rep, f, n, g);
         break;
       }
-      if (rep.marginal_error < best.marginal_error) {
-        best.marginal_error = rep.marginal_error;
-        best.transport_cost = rep.transport_cost;
-        best.joint = rep.joint;
-        best_fg.assign(f, f + n);
-        best_fg.insert(best_fg.end(), g, g + m);
-      }
+      best.keep(rep, f, n, g, m);
       if (estimate <= target) target *= 0.1;  // the estimate was optimistic: ask more of it
     }
   }

@@ -63,11 +63,11 @@ inline void check_options(const SinkhornOptions& opt) {
 
 // Stage epsilons: from the largest cost `cmax` (where the kernel is nearly flat and a few iterations
 // converge; or opt.schedule_from) down to the target by a constant factor, on the grid
-// target / factor^k; each stage warm-starts the next. Throws when cmax shows the cost overflowed, or epsilon is too small for it.
+// target / factor^k; each stage warm-starts the next. Throws when cmax shows the cost overflowed, or
+// epsilon is too small for it.
 inline std::vector<double> stage_schedule(double cmax, const SinkhornOptions& opt) {
   if (!std::isfinite(cmax))
-    throw InvalidArgument("features", "squared distances between the features overflow the floating-point "
-                                      "type (the features are too large); rescale them or use float64");
+    throw cost_overflow();
   // Exponents (f + g - C) / eps are formed in double; beyond ~1e12 the dual variables lose all
   // precision relative to the cost and 1/eps itself may overflow.
   if (cmax / opt.epsilon > 1e12 || !std::isfinite(1.0 / opt.epsilon)) {
@@ -205,6 +205,40 @@ class FloorWatch {
   double floor_, reference_ = std::numeric_limits<double>::infinity();
   int patience_, stalled_ = 0;
   bool progressed_ = false;
+};
+
+// The best certificate of a last stage's rounds and its potentials, shared by the stored and the
+// blocked solver: a stage that ends unconverged returns it when an earlier round certified better.
+// Rounds that ask for a tol below what the arithmetic resolves can end worse than they began
+// (float32 inputs at tol 1e-12: certified 9.1e-12 after 137 iterations, then 1.1e-7 after max_iter).
+class BestCertificate {
+ public:
+  // After each certificate that does not end the stage.
+  void keep(const SinkhornReport& rep, const double* f, int64_t n, const double* g, int64_t m) {
+    if (!(rep.marginal_error < error_)) return;
+    error_ = rep.marginal_error;
+    transport_cost_ = rep.transport_cost;
+    truncated_mass_ = rep.truncated_mass;
+    joint_ = rep.joint;
+    fg_.assign(f, f + n);
+    fg_.insert(fg_.end(), g, g + m);
+  }
+  // When the stage ends: an unconverged `rep` worse than the best kept takes the best point back
+  // (into f, g too); returns whether it did.
+  bool restore(SinkhornReport& rep, double* f, int64_t n, double* g) {
+    if (rep.converged || !(error_ < rep.marginal_error)) return false;
+    std::copy(fg_.begin(), fg_.begin() + n, f);
+    std::copy(fg_.begin() + n, fg_.end(), g);
+    rep.marginal_error = error_;
+    rep.transport_cost = transport_cost_;
+    rep.truncated_mass = truncated_mass_;
+    rep.joint = std::move(joint_);
+    return true;
+  }
+
+ private:
+  double error_ = std::numeric_limits<double>::infinity(), transport_cost_ = 0.0, truncated_mass_ = 0.0;
+  std::vector<double> joint_, fg_;
 };
 
 // The threshold a dense scan compares c - T(p) against, formed in T, for the exact test

@@ -217,8 +217,7 @@ void centre_sides(T* x, int64_t n, T* y, int64_t m, int64_t d, std::vector<doubl
     return std::all_of(v.begin(), v.end(), [](double e) { return std::isfinite(e); });
   };
   if (!std::isfinite(dd) || !finite(r) || !finite(c))
-    throw InvalidArgument("features", "squared distances between the features overflow the floating-point "
-                                      "type (the features are too large); rescale them or use float64");
+    throw cost_overflow();
 }
 
 // The stored cost and sinkhorn_log, or sinkhorn_blocked, which recomputes it (opt.blocked), on the

@@ -1500,7 +1500,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     int64_t block_left = 0;
     FloorWatch blocks(pattern.cost_bound, eps, 450);  // 450 blocks without progress, near the floor
     StallBackoff cycle;
-    const int64_t kBlock = loop_block;
+    const int64_t block = loop_block;
     std::copy(f, f + n, f_snap.begin());
     std::copy(g, g + m, g_snap.begin());
     // Threads only where a half-step has enough work to pay for its barrier (a few ms on a loaded
@@ -1546,14 +1546,14 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
       if (std::isfinite(err) && cycle.record(err, omega, cap) && debug)
         std::fprintf(stderr, "  eps=%g it=%lld err=%.3e: no progress across balancing, omega -> %.3f\n", eps,
                      (long long)rep.iterations, err, omega);
-      block_left = kBlock;
+      block_left = block;
       balance();
       if (sr != nullptr && pattern_stale()) return;
       if (floor_stop && std::isfinite(err) && blocks.stuck(err)) {
         at_floor = true;
         return;
       }
-      if (debug && rep.iterations % 500 < kBlock)
+      if (debug && rep.iterations % 500 < block)
         std::fprintf(stderr, "  eps=%g it=%lld err=%.3e omega=%.3f\n", eps, (long long)rep.iterations, err, omega);
     }
   };
@@ -1680,10 +1680,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     }
   }
 
-  // The best certificate of the last stage's rounds and its potentials (see the certification).
-  SinkhornReport best;
-  best.marginal_error = std::numeric_limits<double>::infinity();
-  std::vector<double> best_fg;
+  BestCertificate best;  // of the last stage's rounds (see the certification)
   for (size_t s = first_stage; s < schedule.size(); ++s) {
     const double eps = schedule[s];
     if (s > first_stage && !rep.timed_out) {
@@ -1935,28 +1932,11 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
                      std::chrono::duration<double>(Clock::now() - start).count());
       if (rep.converged || rep.iterations >= opt.max_iter || rep.timed_out || at_floor ||
           !std::isfinite(rep.marginal_error)) {
-        if (!rep.converged && best.marginal_error < rep.marginal_error) {
-          // An earlier certificate was better: return that point.
-          std::copy(best_fg.begin(), best_fg.begin() + n, f);
-          std::copy(best_fg.begin() + n, best_fg.end(), g);
-          rep.marginal_error = best.marginal_error;
-          rep.transport_cost = best.transport_cost;
-          rep.truncated_mass = best.truncated_mass;
-          rep.joint = std::move(best.joint);
-          if (debug) std::fprintf(stderr, "  returning the earlier certified point (err=%.3e)\n", rep.marginal_error);
-        }
+        if (best.restore(rep, f, n, g) && debug)
+          std::fprintf(stderr, "  returning the earlier certified point (err=%.3e)\n", rep.marginal_error);
         break;
       }
-      // Kept in case later rounds end worse: a tol below what the arithmetic resolves (float32
-      // inputs at tol 1e-12: certified 9.1e-12 after 137 iterations, then 1.1e-7 after max_iter).
-      if (rep.marginal_error < best.marginal_error) {
-        best.marginal_error = rep.marginal_error;
-        best.transport_cost = rep.transport_cost;
-        best.truncated_mass = rep.truncated_mass;
-        best.joint = rep.joint;
-        best_fg.assign(f, f + n);
-        best_fg.insert(best_fg.end(), g, g + m);
-      }
+      best.keep(rep, f, n, g, m);
       certified = rep.marginal_error;
       target *= 0.1;  // the estimate was optimistic: ask more of it and refresh the pattern
     }

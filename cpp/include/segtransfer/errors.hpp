@@ -17,6 +17,13 @@ class InvalidArgument : public std::invalid_argument {
   std::string arg_;
 };
 
+// Squared distances between the features beyond the floating-point range: the one error for it, from
+// the stored, blocked and CUDA solvers alike.
+inline InvalidArgument cost_overflow() {
+  return InvalidArgument("features", "squared distances between the features overflow the floating-point "
+                                     "type (the features are too large); rescale them or use float64");
+}
+
 // A value has an unsupported type (dtype). Python: TypeError.
 class InvalidType : public std::invalid_argument {
  public:
