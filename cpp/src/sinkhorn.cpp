@@ -31,9 +31,15 @@ using Clock = std::chrono::steady_clock;
 // stages filter them instead of rescanning the dense cost (see Pattern).
 constexpr double kPatternSlack = 5.0;
 constexpr double kSmallProblem = 1e6;  // entries (n x m) of a problem whose kernel may stay full
-// Up to this many entries, a dense last stage whose Sinkhorn has not reached tol within
-// SinkhornOptions::dense_last_iterations falls back to a full sparse kernel and Newton.
+// A dense last stage whose Sinkhorn has not reached tol within
+// SinkhornOptions::dense_last_iterations falls back to a sparse kernel and Newton (up to
+// kLastDenseUpTo entries): a full one up to kFullFallback entries, above that one up to
+// kFallbackDensity, which keeps the fallback's kernel, plan values and Newton operator within what
+// dense_bytes counts for such a problem (N = 10^4 at eps = 3, D = 256, 70 % of the entries: peak
+// RSS 1.9 GB in float32, 3.4 GB in float64, against 2.0 / 3.2 GB counted with the data). Denser
+// kernels keep the dense Sinkhorn.
 constexpr double kFullFallback = 1e7;
+constexpr double kFallbackDensity = 0.7;
 // The last stage, where Newton runs on the pattern, keeps one up to this density (the others: up to
 // max_density) in problems of up to kLastDenseUpTo entries. At eps = 1, D = 256, N = 10^4 its kernel
 // holds 41 % of the entries: dense, Sinkhorn needed ~400 iterations (38.6 s a draw on one thread);
@@ -1731,12 +1737,13 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     double density_cap = last && entries <= kSmallProblem ? 1.0
                          : last && opt.newton && entries <= kLastDenseUpTo ? std::max(opt.max_density, kLastStageDensity)
                                                                           : opt.max_density;
-    // Larger problems (up to kFullFallback entries) whose last-stage kernel is too dense for a
+    // Larger problems (up to kLastDenseUpTo entries) whose last-stage kernel is too dense for a
     // pattern run dense Sinkhorn, which is cheaper than Newton on a full kernel at a loose tol (the
     // demo: 4 iterations, ~6 ms, against a 42 ms Newton step); should it crawl, the stage starts
-    // again on a full kernel with Newton. A D = 256 draw of 1,500 points at eps = 1 (pattern density
-    // 36 %, above max_density) crawled at ~1e-5 for 3,000 iterations; Newton converged in 8 steps.
-    bool full_fallback = last && opt.newton && density_cap < 1.0 && entries <= kFullFallback;
+    // again on a denser pattern with Newton (kFullFallback). A D = 256 draw of 1,500 points at
+    // eps = 1 (pattern density 36 %, above max_density) crawled at ~1e-5 for 3,000 iterations; Newton
+    // converged in 8 steps. N = 6,000 at eps = 1 (52 %) took 230-325 iterations, 6-10 s a draw.
+    bool full_fallback = last && opt.newton && density_cap < 1.0 && entries <= kLastDenseUpTo;
     double target = last ? 0.5 * opt.tol : std::max(opt.stage_tol, opt.tol);
     // The first full stage after a multiscale start is dense and removes the extension's error
     // (0.13-0.4 after its first iteration on the benchmark's draws); every dense iteration costs
@@ -1883,7 +1890,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
           if (debug)
             std::fprintf(stderr, "  dense last stage at %.3e after %lld iterations: full kernel and Newton\n",
                          loop_err, (long long)rep.iterations);
-          density_cap = 1.0;
+          density_cap = entries <= kFullFallback ? 1.0 : std::max(density_cap, kFallbackDensity);
           continue;
         }
       } else {

@@ -830,8 +830,8 @@ static void test_sparse_and_newton_paths() {
 }
 
 // A last stage too dense for a pattern (here every entry within the cutoff) and above kSmallProblem
-// runs dense Sinkhorn; with dense_last_iterations = 1 it starts again on a full kernel with Newton.
-// Both routes must reach the same converged answer.
+// runs dense Sinkhorn; with dense_last_iterations = 1 it starts again on a full kernel with Newton,
+// with max_iter it never does. Both routes must reach the same converged answer.
 static void test_dense_last_stage_fallback() {
   std::mt19937_64 rng(17);
   const int64_t n = 1100, m = 1000, d = 2;
@@ -839,6 +839,7 @@ static void test_dense_last_stage_fallback() {
   SinkhornOptions opt;
   opt.epsilon = 2.0;
   opt.tol = 1e-10;
+  opt.dense_last_iterations = opt.max_iter;
   const TransportResult dense = transport_points<double>(x.data(), n, y.data(), m, d, nullptr, nullptr, opt, 0.0);
   opt.dense_last_iterations = 1;
   const TransportResult full = transport_points<double>(x.data(), n, y.data(), m, d, nullptr, nullptr, opt, 0.0);
@@ -851,6 +852,25 @@ static void test_dense_last_stage_fallback() {
   for (int64_t i = 0; i < n; ++i) worst = std::max(worst, std::abs(full.f[i] - dense.f[i] - shift));
   for (int64_t j = 0; j < m; ++j) worst = std::max(worst, std::abs(full.g[j] - dense.g[j] + shift));
   CHECK(worst < 1e-7);
+}
+
+// Above kFullFallback (10^7) entries the fallback builds a pattern of up to kFallbackDensity (70 %)
+// of the entries: 3,200 x 3,200 points at eps = 0.1 keep ~62 % in the last stage, above the 50 %
+// it starts with. With the default dense_last_iterations Newton finishes the stage; the dense
+// route (never falling back) must reach the same answer.
+static void test_dense_last_stage_fallback_large() {
+  std::mt19937_64 rng(17);
+  const int64_t n = 3200, d = 2;
+  const std::vector<double> x = normal(rng, n * d, 1.0), y = normal(rng, n * d, 1.0);
+  SinkhornOptions opt;
+  opt.epsilon = 0.1;
+  opt.tol = 1e-9;
+  const TransportResult fallback = transport_points<double>(x.data(), n, y.data(), n, d, nullptr, nullptr, opt, 0.0);
+  opt.dense_last_iterations = opt.max_iter;
+  const TransportResult dense = transport_points<double>(x.data(), n, y.data(), n, d, nullptr, nullptr, opt, 0.0);
+  CHECK(fallback.report.converged && dense.report.converged);
+  CHECK(fallback.report.newton_steps > 0 && dense.report.newton_steps == 0);
+  CHECK(std::abs(dense.transport_cost - fallback.transport_cost) <= 1e-8 * std::abs(dense.transport_cost));
 }
 
 // Above 2 x multiscale_points points per side the dense early stages run on a subsample and are
@@ -1842,6 +1862,7 @@ int main(int argc, char** argv) {
       {"dense_newton", test_dense_newton},
       {"dense_newton_tight", test_dense_newton_tight},
       {"dense_last_stage_fallback", test_dense_last_stage_fallback},
+      {"dense_last_stage_fallback_large", test_dense_last_stage_fallback_large},
       {"class_balance", test_class_balance},
       {"class_balance_threads", test_class_balance_threads},
       {"float_stages", test_float_stages},

@@ -36,9 +36,12 @@ struct SinkhornOptions {
   // at 0.5). The last stage, up to 10^8 entries, keeps a pattern up to 0.5 (kLastStageDensity,
   // sinkhorn.cpp: at eps = 1, D = 256 its kernel holds ~41 %, and dense it crawled).
   double max_density = 0.35;
-  // A last stage still too dense for a pattern (up to 10^7 entries) that has not converged after
-  // this many dense Sinkhorn iterations starts again on a full kernel with Newton (sinkhorn.cpp).
-  int64_t dense_last_iterations = 200;
+  // A last stage still too dense for a pattern (up to 10^8 entries) that has not converged after
+  // this many dense Sinkhorn iterations starts again on a denser pattern with Newton (sinkhorn.cpp).
+  // 10: enough for the loose-tol solves that converge dense in a few iterations; a crawling stage
+  // then costs ~2 Newton steps before Newton takes over (200 had N = 6,000, D = 256 at eps = 1 run
+  // 230-325 iterations, 6-10 s a draw, against 97-102 and 1.8 s).
+  int64_t dense_last_iterations = 10;
   // Upper bound on the adaptive over-relaxation factor omega in f <- f + omega (f_new - f);
   // 1 gives plain Sinkhorn.
   double overrelaxation = 1.9;
