@@ -896,6 +896,7 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
   for (size_t s = 0; s < schedule.size(); ++s) {
     const double eps = schedule[s];
     const bool last = s + 1 == schedule.size();
+    poll();  // a stage begun after the timeout would run a first iteration (a pass over the plan)
     if (rep.timed_out && !last) continue;
     if (s > 0) {
       extrapolation.record(schedule[s - 1], f, n, g, m);
