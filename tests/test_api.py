@@ -124,6 +124,35 @@ def test_sinkhorn_result():
     assert "SinkhornResult(" in repr(r)
 
 
+def test_sinkhorn_plan_checks_its_points_and_weights():
+    """A wrong point count gave a bare NumPy broadcast error; points of another dimension gave a plan of
+    total mass ~1e14 without a word."""
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(20, 3)), rng.normal(size=(15, 3))
+    r = st.sinkhorn(x, y, epsilon=0.5, threads=1)
+    assert r.dim == 3
+    with pytest.raises(ValueError, match=r"x must be the solve's 20 points"):
+        r.plan(x[:5], y)
+    with pytest.raises(ValueError, match=r"y must be the solve's 15 points"):
+        r.plan(x, y[:, 0])
+    with pytest.raises(ValueError, match="x has 3 dimensions but y has 2"):
+        r.plan(x, y[:, :2])
+    with pytest.raises(ValueError, match="the solve's points had 3"):
+        r.plan(x[:, :2], y[:, :2])
+    with pytest.raises(ValueError, match=r"a must hold one weight per point \(20,\)"):
+        r.plan(x, y, a=np.full(19, 1 / 19))
+
+
+def test_sinkhorn_warning_speaks_of_the_transport_cost():
+    """sinkhorn() has no score: its non-convergence warning named one."""
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(40, 2)), rng.normal(size=(30, 2))
+    with pytest.warns(RuntimeWarning, match="did not reach tol") as caught:
+        st.sinkhorn(x, y, epsilon=0.01, max_iter=1, threads=1)
+    message = str(caught[0].message)
+    assert "transport cost" in message and "score" not in message
+
+
 def test_sinkhorn_plan_uses_the_solve_weights():
     """plan() rebuilt with uniform weights after a weighted solve missed its marginals by ~1."""
     rng = np.random.default_rng(3)

@@ -23,6 +23,16 @@ def test_demo_ranking_matches_known_relatedness(capsys):
     assert all(s["all_converged"] for s in doc["sources"])
 
 
+def test_demo_tied_scores_do_not_confirm_the_ranking(capsys):
+    """n_pixels=1 scores every source 0 (one pixel pair, no conditional entropy): a tie, which must not
+    pass for the known ranking because the sources happen to be listed in that order."""
+    assert main(["demo", "--json", "--n-pixels", "1", "--repeats", "1"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["tied_scores"] is True and doc["ranking_matches_known_relatedness"] is False
+    assert main(["demo", "--n-pixels", "1", "--repeats", "1"]) == 1
+    assert "tied scores rank nothing" in capsys.readouterr().out
+
+
 def test_score_json_and_missing_key(tmp_path, capsys):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 4)).astype(np.float32)

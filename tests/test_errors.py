@@ -212,7 +212,7 @@ def test_unconvertible_input(data):
 
 
 def test_bad_ignore_index(data):
-    for bad in (2.5, [255.0], "255", [[255]]):
+    for bad in (2.5, [255.0], "255", [[255]], True, [255, True], (255, np.True_)):
         with pytest.raises(TypeError, match="ignore_index"):
             call(data, ignore_index=bad)
 

@@ -574,6 +574,13 @@ def test_torch_half_precision_features_are_refused_with_a_torch_hint():
             st.otce(torch.tensor(xs, dtype=tdt), torch.tensor(ys), torch.tensor(xt), torch.tensor(yt), n_pixels=100)
 
 
+def test_torch_meta_tensors_are_refused_as_holding_no_values():
+    torch = pytest.importorskip("torch")
+    xs, ys, xt, yt = informative_pair(15, 150, 140)
+    with pytest.raises(ValueError, match=r"source_features is a torch tensor on the 'meta' device"):
+        st.otce(torch.empty(xs.shape, device="meta"), ys, xt, yt, n_pixels=100)
+
+
 def test_torch_lazy_negation_and_sparse_layouts():
     """torch exports a view with a pending negation (its neg bit) as the un-negated storage: read in
     place it would score the negated features. Sparse tensors have no storage to read."""

@@ -365,15 +365,16 @@ def stop_cause(timed_out: bool, below_max_iter: bool, finite: bool) -> str:
     return "stalled" if below_max_iter and finite else "max_iter"
 
 
-def unconverged_effect(worst: float) -> str:
-    """What a plan that missed tol with L1 marginal error ``worst`` is worth (warnings and CLI)."""
+def unconverged_effect(worst: float, subject: str = "the score") -> str:
+    """What a plan that missed tol with L1 marginal error ``worst`` is worth (warnings and CLI);
+    ``subject``: what the caller got from it (otce: the score; sinkhorn: the transport cost)."""
     if not worst <= 1.0:
         # Above the plan's total mass (or NaN): the iterate diverged or was stopped before it
         # reached epsilon, and the plan is no coupling at all.
-        return "the plan is far from feasible and the score is meaningless"
+        return f"the plan is far from feasible and {subject} is meaningless"
     if worst > 1e-2:
-        return "the plan misses its marginals by over 1 % and the score is unreliable"
-    return "the score may be off"
+        return f"the plan misses its marginals by over 1 % and {subject} is unreliable"
+    return f"{subject} may be off"
 
 
 _ADVICE = {"timeout": ". Raise timeout, or loosen tol.", "max_iter": ". Raise max_iter, or loosen tol.",
@@ -421,7 +422,9 @@ def sinkhorn(
     if gpu is not None:
         opt = _options(epsilon, tol, max_iter, timeout, threads, blocked)
         _refuse_blocked_on_gpu(opt)
-        return _sinkhorn_result(gpu.sinkhorn(x, y, a, b, opt, _weights), opt)
+        shape = getattr(x, "shape", ())
+        dim = int(shape[1]) if len(shape) == 2 else None
+        return _sinkhorn_result({**gpu.sinkhorn(x, y, a, b, opt, _weights), "dim": dim}, opt)
     xa = check_features(to_host_array(x, "x"), "x")
     ya = check_features(to_host_array(y, "y"), "y")
     for name, arr in (("x", xa), ("y", ya)):
@@ -448,7 +451,7 @@ def sinkhorn(
     _check_memory(f"sinkhorn with {n} x {m} points", {name: need}, budget)
     solve = _core.sinkhorn_f32 if dtype == np.float32 else _core.sinkhorn_f64
     out = solve(xa, ya, wa, wb, opt, budget)
-    return _sinkhorn_result({**out, "a": wa, "b": wb}, opt)
+    return _sinkhorn_result({**out, "a": wa, "b": wb, "dim": int(xa.shape[1])}, opt)
 
 
 #: Why a solve that neither timed out nor spent max_iter stopped unconverged: the last stage's error
@@ -464,13 +467,15 @@ def _sinkhorn_result(out: dict[str, Any], opt: Any) -> SinkhornResult:
         f=out["f"], g=out["g"], transport_cost=float(out["transport_cost"]), iterations=int(out["iterations"]),
         converged=bool(out["converged"]), marginal_error=float(out["marginal_error"]), epsilon=opt.epsilon,
         tol=opt.tol, timed_out=bool(out["timed_out"]), blocked=opt.blocked, a=out.get("a"), b=out.get("b"),
+        dim=out.get("dim"),
     )
     if not res.converged:
         cause = stop_cause(res.timed_out, res.iterations < opt.max_iter, math.isfinite(res.marginal_error))
         why = {"timeout": " (timeout reached)", "stalled": f" ({_STALLED})", "max_iter": ""}
         warnings.warn(
             f"sinkhorn: did not reach tol={opt.tol:g} (marginal error {res.marginal_error:.3g} after "
-            f"{res.iterations} iterations{why[cause]}); {unconverged_effect(res.marginal_error)}{_ADVICE[cause]}",
+            f"{res.iterations} iterations{why[cause]}); "
+            f"{unconverged_effect(res.marginal_error, 'its transport cost')}{_ADVICE[cause]}",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -40,6 +40,9 @@ def settle_torch(obj: Any, name: str) -> Any:
     layout = getattr(obj, "layout", None)
     if layout is not None and str(layout) != "torch.strided":
         raise TypeError(f"{name} is a torch tensor with layout {layout}; pass a dense tensor (.to_dense())")
+    if getattr(obj, "is_meta", False) is True:
+        raise ValueError(f"{name} is a torch tensor on the 'meta' device, which holds no values; "
+                         "pass a tensor with data (on the CPU, or on CUDA with device='cuda')")
     if getattr(obj, "requires_grad", False) and callable(getattr(obj, "detach", None)):
         obj = obj.detach()  # torch refuses to export tensors that require grad; detach shares storage
     if callable(getattr(obj, "is_neg", None)) and obj.is_neg():
@@ -150,6 +153,9 @@ def _ignore_values(ignore_index: IgnoreIndex, label_dtype: np.dtype, name: str =
         if any(not -(2**63) <= v < 2**64 for v in ints):
             raise beyond_64_bits
     else:
+        if isinstance(ignore_index, (list, tuple)) and any(isinstance(v, (bool, np.bool_)) for v in ignore_index):
+            # NumPy would turn [255, True] into [255, 1] and ignore class 1.
+            raise TypeError(f"{name} must be an int or a sequence of ints, got {ignore_index!r}")
         try:
             values = np.atleast_1d(np.asarray(ignore_index))
         except Exception:  # noqa: BLE001 - ragged nests and the like

@@ -167,7 +167,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     total = time.perf_counter() - start
     ranked = sorted(scored, key=lambda sr: -sr[1].score)
     known = bench.expected_ranking
-    matches = [s.name for s, _ in ranked] == known
+    # Tied scores rank nothing: sorted() is stable and the sources come in the known order, so a tie
+    # (every score 0 at n_pixels=1) would otherwise pass as the right ranking.
+    scores = [r.score for _, r in ranked]
+    tied = any(not scores[i] > scores[i + 1] for i in range(len(scores) - 1))
+    matches = [s.name for s, _ in ranked] == known and not tied
 
     if args.json:
         doc = {
@@ -180,6 +184,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             "known_ranking": known,
             "ranking": [s.name for s, _ in ranked],
             "ranking_matches_known_relatedness": matches,
+            "tied_scores": tied,
             "total_seconds": total,
             "sources": [{"rank": i + 1, "name": s.name, "relatedness": s.relatedness, "description": s.description,
                          **_result_dict(r)} for i, (s, r) in enumerate(ranked)],
@@ -195,7 +200,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         for i, (s, r) in enumerate(ranked):
             print(_row(i + 1, s.name, r))
         print(f"known order (most related first): {', '.join(known)}")
-        print(f"ranking matches the known relatedness: {_yes(matches)}   (scored in {total:.1f} s)")
+        note = " (tied scores rank nothing: raise --n-pixels)" if tied else ""
+        print(f"ranking matches the known relatedness: {_yes(matches)}{note}   (scored in {total:.1f} s)")
     return EXIT_OK if matches else EXIT_MISMATCH
 
 

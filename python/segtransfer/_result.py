@@ -76,6 +76,7 @@ class SinkhornResult:
     blocked: bool = False  # solved with the cost recomputed, not stored (sinkhorn's blocked=True)
     a: np.ndarray | None = None  # (n,) the weights the solve used; None: uniform
     b: np.ndarray | None = None  # (m,)
+    dim: int | None = None  # the points' dimension in the solve (checked by plan)
 
     def plan(self, x: np.ndarray, y: np.ndarray, a: np.ndarray | None = None, b: np.ndarray | None = None) -> np.ndarray:
         """The dense (n, m) plan in float64, rebuilt from the potentials (O(n m) memory: small cases).
@@ -97,10 +98,20 @@ class SinkhornResult:
         """
         x64 = np.asarray(x, dtype=np.float64)
         y64 = np.asarray(y, dtype=np.float64)
-        n, m = x64.shape[0], y64.shape[0]
+        n, m = self.f.shape[0], self.g.shape[0]
+        for name, arr, rows in (("x", x64, n), ("y", y64, m)):
+            if arr.ndim != 2 or arr.shape[0] != rows:
+                raise ValueError(f"{name} must be the solve's {rows} points as a ({rows}, d) array, got shape {arr.shape}")
+        if x64.shape[1] != y64.shape[1]:
+            raise ValueError(f"x has {x64.shape[1]} dimensions but y has {y64.shape[1]}")
+        if self.dim is not None and x64.shape[1] != self.dim:
+            raise ValueError(f"x and y have {x64.shape[1]} dimensions but the solve's points had {self.dim}")
         a = self.a if a is None else a
         b = self.b if b is None else b
         a = np.full(n, 1.0 / n) if a is None else np.asarray(a, dtype=np.float64)
         b = np.full(m, 1.0 / m) if b is None else np.asarray(b, dtype=np.float64)
+        for name, w, rows in (("a", a, n), ("b", b, m)):
+            if w.shape != (rows,):
+                raise ValueError(f"{name} must hold one weight per point ({rows},), got shape {w.shape}")
         cost = ((x64[:, None, :] - y64[None, :, :]) ** 2).sum(-1)
         return a[:, None] * b[None, :] * np.exp((self.f[:, None] + self.g[None, :] - cost) / self.epsilon)
