@@ -256,6 +256,16 @@ def test_thread_count_does_not_change_result():
     assert_same_result(r1, st.otce(xs, ys, xt, yt, **kw))  # OpenMP's default
 
 
+def test_threads_lent_to_the_last_solves_do_not_change_result():
+    """A worker that runs out of repeats lends its thread to the solves still running (nested parallel
+    regions from then on). Large enough draws (10^7 cost entries) that their dense stages and Newton
+    run threaded, and an odd repeat count, so that one solve is still running when the other worker
+    is done: the same bits as one thread."""
+    xs, ys, xt, yt = informative_pair(8, 4000, 4000)
+    kw = dict(n_pixels=3300, repeats=3, epsilon=0.1)
+    assert_same_result(st.otce(xs, ys, xt, yt, threads=1, **kw), st.otce(xs, ys, xt, yt, threads=2, **kw))
+
+
 def test_all_valid_pixels_sampled_equals_unsampled():
     xs, ys, xt, yt = informative_pair(9, 150, 130)
     r_all = run(xs, ys, xt, yt, n_pixels=None, epsilon=0.3)

@@ -1007,7 +1007,7 @@ double newton_polish(const SparseRows<T>& R, int64_t m, const double* a, const d
                      const double* log_a, const double* log_b, double eps, double target, double* f, double* g,
                      SparsePlan& p, SinkhornReport& rep, Poll& poll, const Keeps& keeps_pattern,
                      const Relocate& relocate, const PlanClasses& cls, int64_t max_iter, double& floor, bool debug,
-                     int nt) {
+                     const int& nt) {
   // Inexact Newton with a constant forcing term: each outer step then cuts the error by roughly
   // this factor while CG stops long before resolving the near-null cluster modes exactly.
   constexpr double opt_forcing = 0.1;
@@ -1084,6 +1084,7 @@ double newton_polish(const SparseRows<T>& R, int64_t m, const double* a, const d
   // one cutting the error at least in half; a run of such full steps on one pattern skips it.
   bool check_all = true;
   for (int step = 0; step < 50 && err > target && rep.iterations < max_iter && !rep.timed_out; ++step) {
+    nt_mv = mv_threads();  // nt may grow between steps (SinkhornOptions::lent_threads)
     const auto step_start = Clock::now();
     d1 = p.row_sum.data();
     d2 = p.col_sum.data();
@@ -1413,7 +1414,9 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
   if (n < 1 || m < 1) throw InvalidArgument("cost", "needs at least one point on each side");
   check_options(opt);
 
-  const int nt = threads_for(opt.num_threads);
+  // Grows when otce's other workers run out of repeats and lend theirs (poll, below).
+  const int own_threads = threads_for(opt.num_threads);
+  int nt = own_threads;
   std::vector<double> log_a(n), log_b(m), err_rows(std::max(n, m));
   for (int64_t i = 0; i < n; ++i) log_a[i] = std::log(a[i]);
   for (int64_t j = 0; j < m; ++j) log_b[j] = std::log(b[j]);
@@ -1446,6 +1449,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     const auto now = Clock::now();
     if (opt.timeout > 0 && std::chrono::duration<double>(now - start).count() > opt.timeout)
       rep.timed_out = true;
+    if (opt.lent_threads) nt = own_threads + opt.lent_threads();
     if (now - last_poll < std::chrono::milliseconds(50)) return;
     last_poll = now;
     if (opt.interrupt && opt.interrupt()) throw Interrupted();
@@ -1511,7 +1515,8 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     std::copy(g, g + m, g_snap.begin());
     // Threads only where a half-step has enough work to pay for its barrier (a few ms on a loaded
     // machine): a 2000 x 2000 dense half-step runs faster on one thread there.
-    const int nt_loop = (sr ? static_cast<double>(sr->ptr[n]) : static_cast<double>(n) * m) > 1e7 ? nt : 1;
+    const bool loop_threads = (sr ? static_cast<double>(sr->ptr[n]) : static_cast<double>(n) * m) > 1e7;
+    int nt_loop = loop_threads ? nt : 1;
     // Class balancing at the start and after every block (see balance_classes): it costs about one
     // half-step per block of 10 iterations. The shifted potentials start a new block with no error
     // to compare against, since the shift may raise the L1 error while it raises the dual.
@@ -1524,6 +1529,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     };
     balance();
     while (rep.iterations < iter_limit && !rep.timed_out) {
+      nt_loop = loop_threads ? nt : 1;  // nt may grow (lent_threads)
       double err_r = 0.0, err_c = 0.0;
       bool cols_done = false;
       // Exponents in float: one pass over the rows (fused_iteration).

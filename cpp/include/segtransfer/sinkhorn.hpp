@@ -88,6 +88,9 @@ struct SinkhornOptions {
   // Polled about every 50 ms from the calling thread; returning true stops the solve with
   // Interrupted. The core never learns what is behind it (the bindings check for Ctrl-C).
   std::function<bool()> interrupt;
+  // Internal (otce): threads lent to this solve on top of num_threads by workers that ran out of
+  // repeats; asked between iterations. Results do not depend on the thread count.
+  std::function<int()> lent_threads;
 };
 
 struct SinkhornReport {
