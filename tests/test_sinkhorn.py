@@ -463,3 +463,15 @@ def test_float32_below_the_floor_stops_there():
         warnings.simplefilter("ignore")
         sr = st.sinkhorn(x, y, epsilon=eps, tol=1e-11, **ONE_THREAD)
     assert sr.iterations < 25_000 and sr.marginal_error < 2e-11, (sr.iterations, sr.marginal_error)
+
+
+def test_float32_dense_last_stage_reaches_a_tight_tol():
+    """3,500 points a side at eps = 3: the last stage's kernel is 99 % dense (1.2e7 entries), too dense
+    for a pattern and above the 10^7 entries where the fallback to a full kernel and Newton used to
+    stop. Its dense Sinkhorn, summing in float32, sat at 4.6e-7 until max_iter at tol 1e-9 (found by
+    an audit); Newton on the full kernel converges as float64 does."""
+    rng = np.random.default_rng(350064)
+    x = rng.standard_normal((3500, 64)).astype(np.float32)
+    y = (rng.standard_normal((3500, 64)) * 1.1 + 0.2).astype(np.float32)
+    sr = st.sinkhorn(x, y, epsilon=3.0, tol=1e-9, max_iter=1000, threads=2)
+    assert sr.converged and sr.marginal_error <= 1e-9 and sr.iterations < 200, (sr.iterations, sr.marginal_error)

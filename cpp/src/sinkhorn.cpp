@@ -33,12 +33,14 @@ constexpr double kPatternSlack = 5.0;
 constexpr double kSmallProblem = 1e6;  // entries (n x m) of a problem whose kernel may stay full
 // A dense last stage whose Sinkhorn has not reached tol within
 // SinkhornOptions::dense_last_iterations falls back to a sparse kernel and Newton (up to
-// kLastDenseUpTo entries): a full one up to kFullFallback entries, above that one up to
-// kFallbackDensity, which keeps the fallback's kernel, plan values and Newton operator within what
-// dense_bytes counts for such a problem (N = 10^4 at eps = 3, D = 256, 70 % of the entries: peak
-// RSS 1.9 GB in float32, 3.4 GB in float64, against 2.0 / 3.2 GB counted with the data). Denser
-// kernels keep the dense Sinkhorn.
-constexpr double kFullFallback = 1e7;
+// kLastDenseUpTo entries): a full one up to kFullFallback entries (dense_bytes counts it), above
+// that one up to kFallbackDensity, which keeps the fallback's kernel, plan values and Newton
+// operator within what dense_bytes counts for such a problem (N = 10^4 at eps = 3, D = 256, 70 % of
+// the entries: peak RSS 1.9 GB in float32, 3.4 GB in float64, against 2.0 / 3.2 GB counted with the
+// data). Denser kernels keep the dense Sinkhorn, whose float32 sums stall near 1e-7 (3,500 points a
+// side at eps = 3, 99 % dense, tol 1e-9: 4.6e-7 until max_iter, where Newton on the full kernel
+// stops at its floor); hence full kernels up to 4 x 10^7 entries (N ~ 6,300), not 10^7.
+constexpr double kFullFallback = 4e7;
 constexpr double kFallbackDensity = 0.7;
 // The last stage, where Newton runs on the pattern, keeps one up to this density (the others: up to
 // max_density) in problems of up to kLastDenseUpTo entries. At eps = 1, D = 256, N = 10^4 its kernel

@@ -854,10 +854,10 @@ static void test_dense_last_stage_fallback() {
   CHECK(worst < 1e-7);
 }
 
-// Above kFullFallback (10^7) entries the fallback builds a pattern of up to kFallbackDensity (70 %)
-// of the entries: 3,200 x 3,200 points at eps = 0.1 keep ~62 % in the last stage, above the 50 %
-// it starts with. With the default dense_last_iterations Newton finishes the stage; the dense
-// route (never falling back) must reach the same answer.
+// Above 10^7 entries the fallback used not to apply: 3,200 x 3,200 points at eps = 0.1 keep ~62 % of
+// the entries in the last stage, above the 50 % a last-stage pattern starts with. With the default
+// dense_last_iterations Newton finishes the stage; the dense route (never falling back) must reach
+// the same answer.
 static void test_dense_last_stage_fallback_large() {
   std::mt19937_64 rng(17);
   const int64_t n = 3200, d = 2;
