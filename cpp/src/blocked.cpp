@@ -867,7 +867,7 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
       if (opt.class_balance && solver.balance(eps, grp, f, g)) block_err = kPosInf;
       snapshot();
     };
-    balance();
+    if (rep.iterations < limit && !rep.timed_out) balance();  // as sinkhorn_log's loop
     while (rep.iterations < limit && !rep.timed_out) {
       double err_c = 0.0;
       const double err_r = solver.iterate(eps, omega, f, g, err_c, lowp);

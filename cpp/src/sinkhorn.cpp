@@ -1529,7 +1529,9 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
       std::copy(g, g + m, g_snap.begin());
       block_err = std::numeric_limits<double>::infinity();
     };
-    balance();
+    // Not when no iteration follows: a solve out of time or iterations ends on the column
+    // c-transform that makes its column marginal exact, which a balancing shift would undo.
+    if (rep.iterations < iter_limit && !rep.timed_out) balance();
     while (rep.iterations < iter_limit && !rep.timed_out) {
       nt_loop = loop_threads ? nt : 1;  // nt may grow (lent_threads)
       double err_r = 0.0, err_c = 0.0;
