@@ -422,7 +422,7 @@ def sinkhorn(
     if gpu is not None:
         opt = _options(epsilon, tol, max_iter, timeout, threads, blocked)
         _refuse_blocked_on_gpu(opt)
-        shape = getattr(x, "shape", ())
+        shape: tuple[int, ...] = tuple(getattr(x, "shape", ()))
         dim = int(shape[1]) if len(shape) == 2 else None
         return _sinkhorn_result({**gpu.sinkhorn(x, y, a, b, opt, _weights), "dim": dim}, opt)
     xa = check_features(to_host_array(x, "x"), "x")
