@@ -402,15 +402,17 @@ OTCEResult otce(const PixelView<T>& src, const int32_t* src_code, int source_cla
   // A worker that finds no repeat left lends its thread to the solves still running (nested
   // parallel regions inside them): with K = 10 on two workers the last draw otherwise ran alone for
   // 2.5 s of a 16.6 s call (N = 10^4, D = 256). Solves do not depend on their thread count.
+  // The blocked solver keeps its own lanes: it borrows nothing.
+  const bool lend = workers > 1 && !opt.blocked;
   std::atomic<int> finished{0};
-  if (workers > 1 && !opt.blocked)
+  if (lend)
     inner.lent_threads = [&finished, workers]() {
       const int done = finished.load(std::memory_order_relaxed);
       return done < workers ? done / (workers - done) : 0;
     };
 #ifdef _OPENMP
   const int levels = omp_get_max_active_levels();
-  if (workers > 1) omp_set_max_active_levels(std::max(levels, 2));
+  if (lend) omp_set_max_active_levels(std::max(levels, 2));
   struct RestoreLevels {
     int levels;
     ~RestoreLevels() { omp_set_max_active_levels(levels); }
