@@ -935,3 +935,47 @@ def test_error_stuck_at_float64_resolution_returns(blocked):
     assert not r.timed_out.any()
     assert r.iterations.max() < 100_000
     assert np.all(np.isfinite(r.marginal_error))
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+def test_certificate_at_float64_resolution_ends_the_solve(blocked):
+    """Found by the CI fuzzer (tests/fuzz/corpus): the same two points ~6e5 apart as source and target
+    (largest cost / epsilon ~ 8.6e11). The last stage's pattern estimate was exactly 0 and every
+    certificate 4.3e-4, all of it what float64 cannot resolve at that scale; a lower target asked no
+    work of an estimate of 0, so the stored solver certified the same point forever without an iteration
+    (max_iter never came). It now stops when the certificate's rounding term alone exceeds tol or
+    rounds do no work, and says the error stalled at float64's resolution."""
+    x = np.array([[125730.22109339, -132104.8632913, 640422.65044328],
+                  [104900.11715304, -535669.37316111, 361595.05490948]])
+    y = np.array([0, 1])
+    with pytest.warns(RuntimeWarning, match="resolution"):
+        r = st.otce(x, y, x, y, n_pixels=2, repeats=1, epsilon=0.5, max_iter=2**62, threads=1, timeout=60,
+                    blocked=blocked)
+    assert not r.converged.any() and not r.timed_out.any()
+    assert r.iterations.max() < 1000
+    assert 1e-4 < r.marginal_error.max() < 1e-3  # the float64 floor at this cost scale, reported as such
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+def test_nearly_unregularised_stall_ends_the_solve(blocked):
+    """23 x 18 points on a line, largest cost / epsilon ~ 5e8 (a seeded sweep of small problems at
+    10^7-10^10, session 28): the error sat near 1e-2, far above float64's floor, while the potentials
+    drifted and the pattern went stale every ~68,000 iterations; with max_iter = 2**62 the solve never
+    returned. It now ends after rounds (refreshes) without progress and says its error stopped falling.
+    The blocked solver, whose rounds are watched the same way, converges on these points."""
+    x = 1e4 * np.array([-0.764015, -0.281023, -0.266862, -0.293072, 0.148226, -0.372265, 0.089261, -0.228929,
+                        0.604153, 0.358676, 0.140098, 0.348864, 0.048023, 0.295206, 0.480074, -0.063591,
+                        0.687495, -0.067218, 0.192374, -0.287271, -0.732106, -0.166488, -0.384388])
+    y = 1e4 * np.array([-0.381063, 0.098992, -0.839695, -0.69994, 0.554564, -1.0, -0.430521, -0.435187,
+                        0.042093, -0.030393, -0.288458, 0.373999, 0.046823, 0.286576, -0.456004, -0.018309,
+                        0.438519, 0.138478])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = st.sinkhorn(x[:, None], y[:, None], epsilon=0.5, tol=1e-4, max_iter=2**62, threads=1, timeout=120,
+                        blocked=blocked)
+    assert not r.timed_out and r.iterations < 3_000_000
+    assert np.isfinite(r.marginal_error) and np.isfinite(r.transport_cost)
+    if blocked and r.converged:  # the blocked solver's own path happens to converge on these points
+        assert r.marginal_error <= 1e-4 and not caught
+    else:
+        assert not r.converged and any("stopped falling" in str(w.message) for w in caught)

@@ -922,8 +922,8 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
     double target = 0.5 * opt.tol;
     int64_t phase = 300;
     // Ends, not converged, once three certified rounds in a row made no progress near float64's
-    // resolution at this cost scale (FloorWatch, kernels.hpp).
-    FloorWatch rounds(cmax, eps, 3);
+    // resolution at this cost scale, or kStalledRounds anywhere (FloorWatch, kernels.hpp).
+    FloorWatch rounds(cmax, eps, 3, kStalledRounds);
     BestCertificate best;
     for (;;) {
       double estimate = kPosInf;

@@ -183,12 +183,21 @@ inline bool stage_float_exponents(const SinkhornOptions& opt, double target, dou
 // reports what it has, rather than iterating until max_iter (with max_iter = 2^62, a 2-point draw of
 // features ~10^5, max|C| / eps ~ 10^11, never returned: bench/RESULTS.md, session 14). Shared by the
 // stored solver (Sinkhorn blocks, Newton rounds) and the blocked one (certified rounds).
+//
+// `far_patience` records without progress end it wherever the error lies, for rounds whose
+// Sinkhorn phases double each time (so that it means ~300 x 2^far_patience iterations without a 0.1 %
+// gain, beyond the default max_iter): at cost / eps ~ 10^8-10^10 some 20-point problems sat at
+// an error of ~5e-3 with their patterns unchanged for millions of iterations (max_iter = 2^62 never
+// returned; a seeded sweep of 20,000 such calls, session 28).
 class FloorWatch {
  public:
-  FloorWatch(double cost_bound, double eps, int patience)
-      : floor_(cost_bound / eps * std::numeric_limits<double>::epsilon()), patience_(patience) {}
+  FloorWatch(double cost_bound, double eps, int patience, int far_patience = std::numeric_limits<int>::max())
+      : floor_(cost_bound / eps * std::numeric_limits<double>::epsilon()),
+        patience_(patience),
+        far_patience_(far_patience) {}
   // Records an error. Progress is a fall below 0.999 of the error at the last progress; true once
-  // `patience` records in a row made none and the error lies within 10^3 of the floor.
+  // `patience` records in a row made none and the error lies within 10^3 of the floor, or
+  // `far_patience` records in a row made none.
   bool stuck(double err) {
     progressed_ = err < 0.999 * reference_;
     if (progressed_) {
@@ -197,15 +206,18 @@ class FloorWatch {
     } else {
       ++stalled_;
     }
-    return stalled_ >= patience_ && err < 1e3 * floor_;
+    return (stalled_ >= patience_ && err < 1e3 * floor_) || stalled_ >= far_patience_;
   }
   bool progressed() const { return progressed_; }  // by the last record
 
  private:
   double floor_, reference_ = std::numeric_limits<double>::infinity();
-  int patience_, stalled_ = 0;
+  int patience_, far_patience_, stalled_ = 0;
   bool progressed_ = false;
 };
+// Last-stage rounds (Newton, then a Sinkhorn phase of 300, 600, ... iterations) without progress that
+// end a solve anywhere: about 300k iterations of no gain, so never within the default max_iter.
+constexpr int kStalledRounds = 10;
 
 // The best certificate of a last stage's rounds and its potentials, shared by the stored and the
 // blocked solver: a stage that ends unconverged returns it when an earlier round certified better.

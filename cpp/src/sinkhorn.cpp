@@ -1786,10 +1786,18 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     // next round, and the phase doubles each time: futile rounds then cost O(log iterations).
     int64_t sinkhorn_phase = 300;
     bool newton_futile = false;
-    FloorWatch rounds(pattern.cost_bound, eps, 4);  // Newton rounds, for at_floor
+    FloorWatch rounds(pattern.cost_bound, eps, 4, kStalledRounds);  // Newton rounds, for at_floor
     double refresh_err = std::numeric_limits<double>::infinity();  // the error at the last stale refresh
     double certified = std::numeric_limits<double>::infinity();    // the last certificate that missed tol
+    // Rounds of this loop (a pattern, a solve, a certificate) that did no work: no iteration, no Newton
+    // step. Such a round repeats the one before it, so a few in a row end the stage. Without this, a
+    // 2-point draw of features ~10^6 (cost / eps ~ 10^12) looped forever: its pattern estimate was 0,
+    // every certificate 4.3e-4 (all of it float64 rounding at that scale), and a lower target asks no
+    // work of an estimate of 0 (found by the CI fuzzer, session 28).
+    int idle_rounds = 0;
+    int stale_stalls = 0;  // refreshes in a row without progress on the widest pattern
     for (;;) {
+      const int64_t work_before = rep.iterations + rep.newton_steps;
       stale = false;
       min_margin = std::min(0.8 * trunc, std::log(1e3 / target)) * eps;
       stage_eps = eps;
@@ -1891,7 +1899,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
           // A round without progress counts as futile too (a stalled Newton can take several
           // rejected steps a round, and the next Sinkhorn phase must then run in full). Four such
           // rounds in a row (Sinkhorn phases of 300, 600, 1200 and 2400 iterations between them) near
-          // the noise floor end the stage.
+          // the noise floor end the stage, as do kStalledRounds such rounds anywhere.
           if (rounds.stuck(err)) {
             at_floor = true;
             break;
@@ -1914,7 +1922,17 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
       } else {
         sinkhorn_loop(eps, target, sr, opt.max_iter, true);
       }
-      if (stale && rep.iterations < opt.max_iter && !rep.timed_out) {
+      idle_rounds = rep.iterations + rep.newton_steps == work_before ? idle_rounds + 1 : 0;
+      if (idle_rounds >= 3) at_floor = true;
+      // Refreshes of a pattern already widened to 700 eps (below) that bring no progress, as Newton
+      // rounds do not (kStalledRounds): far below the paper's scale (cost / eps ~ 5e8, 23 x 18
+      // points) the potentials drifted on, the pattern went stale every ~68,000 iterations, and the
+      // error sat at 9.662e-3 past 12 million iterations (session 28).
+      if (stale && last) {
+        stale_stalls = cutoff >= 700.0 * eps && !(loop_err < 0.999 * refresh_err) ? stale_stalls + 1 : 0;
+        if (stale_stalls >= kStalledRounds) at_floor = true;
+      }
+      if (stale && rep.iterations < opt.max_iter && !rep.timed_out && !at_floor) {
         ++rep.pattern_refreshes;
         // A last stage whose error did not fall between two refreshes may be solving a pattern that
         // cannot carry the plan: a group of rows joined to its columns only by entries beyond the
@@ -1943,8 +1961,10 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
                             ? summarize_pattern(rows, a, b, log_a.data(), log_b.data(), f, g, eps, cls, outside, nt)
                             : summarize_plan(cost, a, b, f, g, eps, cls.row_class, cls.row_classes,
                                              cls.col_class_start, cls.col_classes, nt);
-      rep.marginal_error =
-          chk.marginal_error + certificate_rounding(pattern.cost_bound, f, n, g, m, eps, std::max(n, m));
+      const double rounding = certificate_rounding(pattern.cost_bound, f, n, g, m, eps, std::max(n, m));
+      rep.marginal_error = chk.marginal_error + rounding;
+      // What float64 cannot resolve at this cost scale already exceeds tol: no round can certify it.
+      if (rounding > opt.tol) at_floor = true;
       rep.transport_cost = chk.transport_cost;
       rep.truncated_mass = outside <= 0.1 * opt.tol ? outside : 0.0;
       rep.joint = std::move(chk.joint);

@@ -1734,6 +1734,19 @@ static void test_otce_grouping() {
   check_otce_grouping<float>();
 }
 
+// FloorWatch: `patience` records without a 0.1 % gain end a stage only near float64's floor;
+// `far_patience` such records end it anywhere; a gain restarts both counts.
+static void test_floor_watch() {
+  FloorWatch near(1.0, 1.0, 2), far(1.0, 1.0, 2, 4);  // floor 2.2e-16: 1e-3 is far above it
+  CHECK(!near.stuck(1e-3) && !far.stuck(1e-3));
+  for (int k = 0; k < 10; ++k) CHECK(!near.stuck(1e-3));
+  CHECK(!far.stuck(1e-3) && !far.stuck(1e-3) && !far.stuck(0.9999e-3));  // 3 records without a gain
+  CHECK(far.stuck(1e-3));                                                 // the 4th
+  CHECK(!far.stuck(0.5e-3) && far.progressed());                          // a gain restarts the count
+  FloorWatch low(1.0, 1.0, 2);
+  CHECK(!low.stuck(1e-14) && !low.stuck(1e-14) && low.stuck(1e-14));      // near the floor: patience 2
+}
+
 // The certificates add what float64 rounding can hide (certificate_rounding): 2 (4 M + terms + 8)
 // 2^-53 with M = (max|C| + max|f| + max|g|) / eps; non-finite potentials make it non-finite. A
 // solve asked for a tol below that floor can then never report converged (early_exits checks it).
@@ -1871,6 +1884,7 @@ int main(int argc, char** argv) {
       {"blocked", test_blocked},
       {"transport_grouping", test_transport_grouping},
       {"otce_grouping", test_otce_grouping},
+      {"floor_watch", test_floor_watch},
       {"certificate_rounding", test_certificate_rounding},
       {"early_exits", test_early_exits},
       {"stall_backoff", test_stall_backoff},

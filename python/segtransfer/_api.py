@@ -358,7 +358,7 @@ def otce(
 
 
 def stop_cause(timed_out: bool, below_max_iter: bool, finite: bool) -> str:
-    """Why a solve ended unconverged: 'timeout', 'stalled' (at the float64 floor; more iterations
+    """Why a solve ended unconverged: 'timeout', 'stalled' (its error stopped falling; more iterations
     would not help) or 'max_iter'."""
     if timed_out:
         return "timeout"
@@ -455,10 +455,11 @@ def sinkhorn(
 
 
 #: Why a solve that neither timed out nor spent max_iter stopped unconverged: the last stage's error
-#: stopped falling close to float64's resolution for the cost scale (rounding of order
-#: largest cost / epsilon * 2**-52 in every exponent), where no iteration can lower it.
-_STALLED = ("the marginal error stopped falling at float64's resolution for this cost scale; "
-            "a larger epsilon or tol, or smaller features, would help")
+#: stopped falling, close to float64's resolution for the cost scale (rounding of order
+#: largest cost / epsilon * 2**-52 in every exponent), where no iteration can lower it, or on a
+#: nearly unregularised problem (cost / epsilon ~ 1e7-1e10) after ~300,000 iterations without gain.
+_STALLED = ("the marginal error stopped falling, at float64's resolution for this cost scale or on a "
+            "nearly unregularised problem; a larger epsilon or tol, or smaller features, would help")
 
 
 def _sinkhorn_result(out: dict[str, Any], opt: Any) -> SinkhornResult:

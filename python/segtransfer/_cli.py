@@ -80,7 +80,7 @@ def _otce(what: str, *args: Any, **kwargs: Any) -> Any:
         worst = float(np.max(res.marginal_error))
         max_iter = kwargs.get("max_iter") or DEFAULT_MAX_ITER  # the CLI has no timeout
         cause = stop_cause(False, bool(np.all(res.iterations[~conv] < max_iter)), math.isfinite(worst))
-        advice = ("it stopped at float64's resolution: loosen --tol or raise --epsilon" if cause == "stalled"
+        advice = ("its error stopped falling: loosen --tol or raise --epsilon" if cause == "stalled"
                   else "raise --max-iter or loosen --tol")
         print(f"warning: {what}: Sinkhorn did not converge in {int((~conv).sum())} of {conv.size} repeats "
               f"(worst marginal error {worst:.2g}, tol {res.tol:g}); {unconverged_effect(worst)}: {advice}",
