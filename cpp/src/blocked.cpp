@@ -596,7 +596,7 @@ class BlockedSolver {
         if (lambda > 1e2) return err;
         continue;
       }
-      lambda = t == 1.0 ? (lambda > 1e-6 ? lambda / 3.0 : 0.0) : std::max(1e-4, 2.0 * lambda);
+      lambda = next_damping(lambda, t, ascent, err_try, err);
       std::copy(f_try.begin(), f_try.end(), f);
       std::copy(g_try.begin(), g_try.end(), g);
       rs.swap(rs_t);

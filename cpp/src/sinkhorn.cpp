@@ -1238,9 +1238,7 @@ double newton_polish(const SparseRows<T>& R, int64_t m, const double* a, const d
       if (lambda > 1e2) return err;  // no progress even on a short leash: leave it to Sinkhorn
       continue;
     }
-    // Gently down after a full step (a tenfold cut was followed by a shortened step, and the
-    // damping then oscillated), up after a shortened one.
-    lambda = t == 1.0 ? (lambda > 1e-6 ? lambda / 3.0 : 0.0) : std::max(1e-4, 2.0 * lambda);
+    lambda = next_damping(lambda, t, ascent, err_try, err);  // kernels.hpp
     std::copy(f_try.begin(), f_try.end(), f);
     std::copy(g_try.begin(), g_try.end(), g);
     err = err_try;
