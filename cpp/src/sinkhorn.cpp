@@ -1787,15 +1787,15 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     FloorWatch rounds(pattern.cost_bound, eps, 4, kStalledRounds);  // Newton rounds, for at_floor
     double refresh_err = std::numeric_limits<double>::infinity();  // the error at the last stale refresh
     double certified = std::numeric_limits<double>::infinity();    // the last certificate that missed tol
-    // Rounds of this loop (a pattern, a solve, a certificate) that did no work: no iteration, no Newton
-    // step. Such a round repeats the one before it, so a few in a row end the stage. Without this, a
-    // 2-point draw of features ~10^6 (cost / eps ~ 10^12) looped forever: its pattern estimate was 0,
+    // Rounds of this loop (a pattern, a solve, a certificate) that did no work: no iteration (a Newton
+    // step is charged as one). Such a round repeats the one before it, so a few in a row end the
+    // stage. Without this, a 2-point draw of features ~10^6 (cost / eps ~ 10^12) looped forever: its pattern estimate was 0,
     // every certificate 4.3e-4 (all of it float64 rounding at that scale), and a lower target asks no
     // work of an estimate of 0 (found by the CI fuzzer, session 28).
     int idle_rounds = 0;
-    int stale_stalls = 0;  // refreshes in a row without progress on the widest pattern
+    FloorWatch widest_refreshes(pattern.cost_bound, eps, kStalledRounds, kStalledRounds);  // see below
     for (;;) {
-      const int64_t work_before = rep.iterations + rep.newton_steps;
+      const int64_t iterations_before = rep.iterations;
       stale = false;
       min_margin = std::min(0.8 * trunc, std::log(1e3 / target)) * eps;
       stage_eps = eps;
@@ -1920,16 +1920,13 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
       } else {
         sinkhorn_loop(eps, target, sr, opt.max_iter, true);
       }
-      idle_rounds = rep.iterations + rep.newton_steps == work_before ? idle_rounds + 1 : 0;
+      idle_rounds = rep.iterations == iterations_before ? idle_rounds + 1 : 0;
       if (idle_rounds >= 3) at_floor = true;
-      // Refreshes of a pattern already widened to 700 eps (below) that bring no progress, as Newton
-      // rounds do not (kStalledRounds): far below the paper's scale (cost / eps ~ 5e8, 23 x 18
+      // Refreshes of a pattern already widened to 700 eps (below) that bring no progress are watched
+      // like Newton rounds (kStalledRounds): far below the paper's scale (cost / eps ~ 5e8, 23 x 18
       // points) the potentials drifted on, the pattern went stale every ~68,000 iterations, and the
       // error sat at 9.662e-3 past 12 million iterations (session 28).
-      if (stale && last) {
-        stale_stalls = cutoff >= 700.0 * eps && !(loop_err < 0.999 * refresh_err) ? stale_stalls + 1 : 0;
-        if (stale_stalls >= kStalledRounds) at_floor = true;
-      }
+      if (stale && last && cutoff >= 700.0 * eps && widest_refreshes.stuck(loop_err)) at_floor = true;
       if (stale && rep.iterations < opt.max_iter && !rep.timed_out && !at_floor) {
         ++rep.pattern_refreshes;
         // A last stage whose error did not fall between two refreshes may be solving a pattern that
