@@ -98,12 +98,13 @@ struct Distances {
 // balancing and the two-level Newton preconditioner (sinkhorn.cpp) then act on clusters of the data
 // rather than on labels. Deterministic and independent of the thread count: farthest-point seeds
 // and 10 Lloyd rounds on a strided subsample of at most 2,000 points, then every point joins its
-// nearest centre: one cell per 64 points, 2 to kMaxGroups of them. Returns group ids in
-// [0, groups) with no empty group.
+// nearest centre: one cell per 64 points, 2 to kMaxGroups of them (at most `max_cells`). Returns
+// group ids in [0, groups) with no empty group.
 template <typename T>
-std::vector<int32_t> point_groups(const T* x, int64_t n, int64_t d, int& groups) {
+std::vector<int32_t> point_groups(const T* x, int64_t n, int64_t d, int& groups, int max_cells = kMaxGroups) {
   const int64_t ns = std::min<int64_t>(n, 2000);
-  const int k = static_cast<int>(std::min<int64_t>({kMaxGroups, std::max<int64_t>(2, n / 64), ns}));
+  const int k = static_cast<int>(
+      std::min<int64_t>({kMaxGroups, std::max<int64_t>(2, n / 64), ns, std::max(1, max_cells)}));
   std::vector<double> sub(static_cast<size_t>(ns) * d), centre(static_cast<size_t>(k) * d);
   for (int64_t s = 0; s < ns; ++s)
     for (int64_t t = 0; t < d; ++t) sub[s * d + t] = static_cast<double>(x[(s * n / ns) * d + t]);
@@ -147,14 +148,42 @@ std::vector<int32_t> point_groups(const T* x, int64_t n, int64_t d, int& groups)
   return group;
 }
 
-// Sorts one side's sampled pixels (`idx`, already sorted by class; `x` their gathered features) by
-// (class, k-means cell), re-gathers `x` in that order and leaves the cells, in that order, in `cells`.
+// One side's k-means cells (point_groups, at most `max_cells`) for its sampled pixels (`idx`, sorted
+// by class; `x` their gathered features); returns how many (class, cell) groups they make.
 template <typename T>
-void group_within_classes(const PixelView<T>& view, const int32_t* code, std::vector<int64_t>& idx, RowMatrix<T>& x,
-                          int64_t d, const char* arg, std::vector<int32_t>& cells) {
+int class_cells(const int32_t* code, const std::vector<int64_t>& idx, const RowMatrix<T>& x, int64_t d,
+                int max_cells, std::vector<int32_t>& cell, int& cell_count) {
   const int64_t n = static_cast<int64_t>(idx.size());
-  int cell_count = 0;
-  const std::vector<int32_t> cell = point_groups(x.data(), n, d, cell_count);
+  cell = point_groups(x.data(), n, d, cell_count, max_cells);
+  std::vector<char> seen(static_cast<size_t>(cell_count), 0);
+  int groups = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (i > 0 && code[idx[i]] != code[idx[i - 1]]) std::fill(seen.begin(), seen.end(), 0);
+    if (!seen[cell[i]]) seen[cell[i]] = 1, ++groups;
+  }
+  return groups;
+}
+
+// Whether class balancing's coarse problem on R x Q groups stays small against a dense pass over
+// the n x m plan: a coarse Newton step forms an R x R system from the R x Q group masses and
+// factors it, ~R^2 (Q / 2 + R / 6) multiply-adds, and a balancing takes a few steps after every
+// block of iterations. The benchmark's draws (n = m = 10^4, ~150 x 370 groups) use 1/20 of the
+// allowance. Small draws with many classes are where it binds: 1,449 points with 29 source
+// classes made 560 x 213 (class, cell) groups of 2-3 points each, whose balancings took 0.1 s a
+// block (~10 ms an iteration for an iteration of 2,000 entries): a 3-draw call took 27 s, 0.8 s
+// with fewer cells (session 29).
+inline bool coarse_affordable(int R, int Q, int64_t n, int64_t m) {
+  const double r = R, q = Q;
+  return r * r * (0.5 * q + r / 6.0) <= static_cast<double>(n) * static_cast<double>(m) / 8.0;
+}
+
+// Sorts one side's sampled pixels (`idx`, already sorted by class; `x` their gathered features) by
+// (class, k-means cell `cell`, from class_cells), re-gathers `x` in that order and leaves the cells,
+// in that order, in `cells`.
+template <typename T>
+void group_within_classes(const PixelView<T>& view, const int32_t* code, const std::vector<int32_t>& cell,
+                          std::vector<int64_t>& idx, RowMatrix<T>& x, const char* arg, std::vector<int32_t>& cells) {
+  const int64_t n = static_cast<int64_t>(idx.size());
   std::vector<int64_t> order(n);
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) {
@@ -424,7 +453,7 @@ OTCEResult otce(const PixelView<T>& src, const int32_t* src_code, int source_cla
     const detail::PoolScope scope;  // this worker's solves reuse each other's kernel storage
     std::vector<double> a(ns, 1.0 / ns), b(nt, 1.0 / nt), f(ns), g(nt);
     std::vector<int64_t> is(ns), it(nt), col_start(ct + 1);
-    std::vector<int32_t> row_class(ns), row_group(ns), cells_s, cells_t;
+    std::vector<int32_t> row_class(ns), row_group(ns), cells_s, cells_t, cell_s, cell_t;
     std::vector<int64_t> group_start;
     RowMatrix<T> xs(ns, d), xt(nt, d), cost;
     // A solve polls for Ctrl-C only after 50 ms, so a call made of many short draws (repeats=10**5
@@ -450,10 +479,24 @@ OTCEResult otce(const PixelView<T>& src, const int32_t* src_code, int source_cla
         // groups and classes are both contiguous). Labels alone are coarser than the clusters the
         // solver fights (a target label merging several source classes, boundary pixels): at
         // N = 10^4, D = 256 cells took a draw from 26 to 16 s.
+        // Fewer cells where the coarse problem would outweigh the iterations (coarse_affordable):
+        // the side with more groups halves its cells, down to one (the classes alone).
         const bool grouped = use_groups && inner.class_balance;
         if (grouped) {
-          group_within_classes(src, src_code, is, xs, d, "source_features", cells_s);
-          group_within_classes(tgt, tgt_code, it, xt, d, "target_features", cells_t);
+          int max_s = kMaxGroups, max_t = kMaxGroups, count_s = 0, count_t = 0;
+          int gs = class_cells(src_code, is, xs, d, max_s, cell_s, count_s);
+          int gt = class_cells(tgt_code, it, xt, d, max_t, cell_t, count_t);
+          while (!coarse_affordable(gs, gt, ns, nt) && (count_s > 1 || count_t > 1)) {
+            if ((gs >= gt && count_s > 1) || count_t <= 1) {
+              max_s = count_s / 2;
+              gs = class_cells(src_code, is, xs, d, max_s, cell_s, count_s);
+            } else {
+              max_t = count_t / 2;
+              gt = class_cells(tgt_code, it, xt, d, max_t, cell_t, count_t);
+            }
+          }
+          group_within_classes(src, src_code, cell_s, is, xs, "source_features", cells_s);
+          group_within_classes(tgt, tgt_code, cell_t, it, xt, "target_features", cells_t);
         }
         for (int64_t i = 0; i < ns; ++i) row_class[i] = src_code[is[i]];
         std::fill(col_start.begin(), col_start.end(), 0);

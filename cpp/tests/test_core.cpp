@@ -854,6 +854,57 @@ static void test_dense_last_stage_fallback() {
   CHECK(worst < 1e-7);
 }
 
+// A small problem's last stage whose pattern fails on an empty row or column runs dense Sinkhorn for
+// a few iterations, then builds its pattern and finishes with Newton. Here no epsilon scaling: the
+// one stage starts from zero potentials at cost / eps ~ 10^3, where most rows and columns have no
+// entry within the cutoff. Dense Sinkhorn alone took 212 iterations here, and had crawled on a
+// harder draw (session 29: a 719 x 719 draw whose last stage lost a column after a drift took
+// 49,665 dense iterations). Same answer as the scaled solve.
+static void test_small_last_stage_fallback() {
+  std::mt19937_64 rng(23);
+  const int64_t n = 300, m = 280, d = 2;
+  const std::vector<double> x = normal(rng, n * d, 1.0), y = normal(rng, m * d, 1.0);
+  SinkhornOptions opt;
+  opt.epsilon = 0.02;
+  opt.tol = 1e-8;
+  const TransportResult ref = transport_points<double>(x.data(), n, y.data(), m, d, nullptr, nullptr, opt, 0.0);
+  opt.eps_scaling = false;
+  const TransportResult r = transport_points<double>(x.data(), n, y.data(), m, d, nullptr, nullptr, opt, 0.0);
+  std::printf("    unscaled: %lld iterations, %lld Newton steps, error %.2g\n", static_cast<long long>(r.report.iterations),
+              static_cast<long long>(r.report.newton_steps), r.report.marginal_error);
+  CHECK(ref.report.converged && r.report.converged);
+  CHECK(r.report.newton_steps > 0 && r.report.iterations < 2000);
+  CHECK(std::abs(ref.transport_cost - r.transport_cost) <= 1e-6 * std::abs(ref.transport_cost));
+}
+
+// A small draw with many classes (1,200 pixels a side, 29 source and 10 target classes, D = 8): its
+// (class, cell) balancing groups are coarsened until the coarse problem is small against the plan
+// (coarse_affordable, otce.cpp; ~29 x 18 cells here would make 500 x 300 groups). The groups only
+// steer the solver: the scores must agree with those solved without class balancing.
+static void test_otce_many_classes() {
+  std::mt19937_64 rng(31);
+  const int64_t n = 1200, d = 8;
+  const std::vector<double> x = normal(rng, n * d, 1.0), y = normal(rng, n * d, 1.0);
+  const std::vector<float> xf(x.begin(), x.end()), yf(y.begin(), y.end());
+  std::vector<int32_t> code(n), tcode(n);
+  for (int64_t i = 0; i < n; ++i) code[i] = static_cast<int32_t>((i * 7) % 29);
+  for (int64_t j = 0; j < n; ++j) tcode[j] = static_cast<int32_t>((j * 3) % 10);
+  const auto is = sample_pixels(code.data(), n, n, 2, 5, "source_labels");
+  const auto it = sample_pixels(tcode.data(), n, n, 2, 6, "target_labels");
+  const PixelView<float> vs{xf.data(), 1, n, d, n * d, d, 1}, vt{yf.data(), 1, n, d, n * d, d, 1};
+  SinkhornOptions opt;
+  opt.epsilon = 0.1;
+  opt.tol = 1e-8;
+  const OTCEResult on = otce<float>(vs, code.data(), 29, is.data(), n, vt, tcode.data(), 10, it.data(), n, 2, opt, 0.0);
+  opt.class_balance = false;
+  const OTCEResult off = otce<float>(vs, code.data(), 29, is.data(), n, vt, tcode.data(), 10, it.data(), n, 2, opt, 0.0);
+  for (int k = 0; k < 2; ++k) {
+    CHECK(on.converged[k] && off.converged[k]);
+    // Two plans within L1 ~2e-8 of the solution: entropies of their joints agree to ~1e-6.
+    CHECK(std::abs(on.conditional_entropy[k] - off.conditional_entropy[k]) <= 1e-6);
+  }
+}
+
 // Above 10^7 entries the fallback used not to apply: 3,200 x 3,200 points at eps = 0.1 keep ~62 % of
 // the entries in the last stage, above the 50 % a last-stage pattern starts with. With the default
 // dense_last_iterations Newton finishes the stage; the dense route (never falling back) must reach
@@ -1875,6 +1926,8 @@ int main(int argc, char** argv) {
       {"dense_newton", test_dense_newton},
       {"dense_newton_tight", test_dense_newton_tight},
       {"dense_last_stage_fallback", test_dense_last_stage_fallback},
+      {"small_last_stage_fallback", test_small_last_stage_fallback},
+      {"otce_many_classes", test_otce_many_classes},
       {"dense_last_stage_fallback_large", test_dense_last_stage_fallback_large},
       {"class_balance", test_class_balance},
       {"class_balance_threads", test_class_balance_threads},
