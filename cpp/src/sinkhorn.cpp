@@ -1763,7 +1763,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     // far off, as after a drift): the dense iterations give every one its mass back, and the
     // pattern then holds. 719 x 719 float32 points at eps = 0.1 (cost / eps ~ 1e6, ~1 entry a row)
     // had instead crawled densely from 5e-2 for 49,665 iterations (25 s); now 0.1 s.
-    bool full_fallback = last && opt.newton && entries <= kLastDenseUpTo;
+    bool full_fallback = last && opt.newton && opt.truncation > 0 && entries <= kLastDenseUpTo;
     double target = last ? 0.5 * opt.tol : std::max(opt.stage_tol, opt.tol);
     // The first full stage after a multiscale start is dense and removes the extension's error
     // (0.13-0.4 after its first iteration on the benchmark's draws); every dense iteration costs
