@@ -1001,3 +1001,18 @@ def test_weakly_joined_components_converge_at_a_tight_tol():
     plan = np.exp((r.f[:, None] + r.g[None] - cost) / 0.5) / (12 * 3)
     err = np.abs(plan.sum(1) - 1 / 12).sum() + np.abs(plan.sum(0) - 1 / 3).sum()
     assert err <= 2e-10 and err <= r.marginal_error * (1 + 1e-6) + 1e-15
+
+
+def test_pattern_that_loses_a_row_or_column_stays_sparse():
+    """A draw from tests/fuzz/medium_sweep.py (seed 2, call 255; session 29): 1,709 pixels a side, D = 8
+    with channel scales 10^-3..10^2 (cost / eps ~2e6), 10 x 28 classes. A stage's pattern, built right
+    after a sparse one, lost every entry of a row or column; the stage then ran dense (2,786 iterations
+    at eps = 0.8), and the last stage crawled densely for minutes. One dense pair of c-transforms and a
+    second try keep it sparse: ~925 iterations, under a second."""
+    from pathlib import Path
+
+    d = np.load(Path(__file__).parent / "data" / "otce_lost_column.npz")
+    r = st.otce(d["xs"], d["ls"], d["xt"], d["lt"], n_pixels=1709, repeats=1, epsilon=0.1, seed=671, tol=1e-6,
+                threads=1)
+    assert r.all_converged and r.marginal_error[0] <= 1e-6
+    assert r.iterations[0] < 3000
