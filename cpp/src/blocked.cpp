@@ -854,11 +854,15 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
   // class balancing at the start of every block (see sinkhorn_log).
   std::vector<double> f_snap(n), g_snap(m);
   double omega = 1.0, cap = opt.overrelaxation, last_err = kPosInf;
-  auto run = [&](double eps, double target, int64_t limit, bool lowp = false) {
+  // `intermediate`: the loop also ends after kIntermediateStallIterations without progress.
+  auto run = [&](double eps, double target, int64_t limit, bool lowp = false, bool intermediate = false) {
     constexpr int64_t kBlock = 10;
     double block_err = kPosInf;
     int64_t block_left = 0;
     StallBackoff cycle;
+    FloorWatch stall(cmax, eps, std::numeric_limits<int>::max(),
+                     intermediate ? static_cast<int>(kIntermediateStallIterations / kBlock)
+                                  : std::numeric_limits<int>::max());
     auto snapshot = [&]() {
       std::copy(f, f + n, f_snap.begin());
       std::copy(g, g + m, g_snap.begin());
@@ -883,6 +887,7 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
         std::copy(g_snap.begin(), g_snap.end(), g);
       }
       if (std::isfinite(err)) cycle.record(err, omega, cap);  // see StallBackoff
+      if (std::isfinite(err) && stall.stuck(err)) return;
       block_left = kBlock;
       balance();
       if (debug && rep.iterations % 100 < kBlock)
@@ -914,7 +919,7 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
     }
     if (!last) {
       const double stage_target = std::max(opt.stage_tol, opt.tol);
-      run(eps, stage_target, opt.max_iter, stage_float_exponents(opt, stage_target, cmax, f, n, g, m, eps));
+      run(eps, stage_target, opt.max_iter, stage_float_exponents(opt, stage_target, cmax, f, n, g, m, eps), true);
       continue;
     }
     // The last stage: Sinkhorn down to newton_switch, then Newton; when a Newton round stalls,

@@ -31,10 +31,8 @@ using Clock = std::chrono::steady_clock;
 // stages filter them instead of rescanning the dense cost (see Pattern).
 constexpr double kPatternSlack = 5.0;
 constexpr double kSmallProblem = 1e6;  // entries (n x m) of a problem whose kernel may stay full
-// An intermediate stage hands over after this many blocks of iterations (5 each) without a 0.1 %
-// gain, or this many pattern refreshes without one (FloorWatch): its potentials only start the next
-// stage. The benchmark's intermediate stages take 5-22 iterations.
-constexpr int kIntermediateStall = 200;
+// An intermediate stage also hands over after this many pattern refreshes without a 0.1 % gain (see
+// kIntermediateStallIterations, kernels.hpp).
 constexpr int kIntermediateStalledRounds = 3;
 // A dense last stage whose Sinkhorn has not reached tol within
 // SinkhornOptions::dense_last_iterations falls back to a sparse kernel and Newton (up to
@@ -1514,9 +1512,11 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
                            bool floor_stop = false) {
     double block_err = std::numeric_limits<double>::infinity();
     int64_t block_left = 0;
-    // 450 blocks without progress near the floor end the loop; in an intermediate stage, whose
-    // potentials only start the next one, kIntermediateStall blocks anywhere (see below).
-    FloorWatch blocks(pattern.cost_bound, eps, 450, intermediate_stage ? kIntermediateStall : std::numeric_limits<int>::max());
+    // 450 blocks without progress near the floor end the loop; in an intermediate stage
+    // kIntermediateStallIterations (kernels.hpp) without progress anywhere.
+    FloorWatch blocks(pattern.cost_bound, eps, 450,
+                      intermediate_stage ? static_cast<int>(kIntermediateStallIterations / loop_block)
+                                         : std::numeric_limits<int>::max());
     StallBackoff cycle;
     const int64_t block = loop_block;
     std::copy(f, f + n, f_snap.begin());
