@@ -1744,13 +1744,15 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     // Out of time or iterations before the last stage: no pattern is built (a dense scan, and at
     // N = 10^4 in float64 0.9 s of fresh pages, where the certificate's one dense pass is ~0.1 s).
     const bool out_of_budget = last && (rep.timed_out || rep.iterations >= opt.max_iter);
-    if (out_of_budget) {
-      // Stopped before reaching this epsilon: potentials of a far larger epsilon would give a plan
-      // with an overflowing mass. One dense pair of c-transforms at the target epsilon (not charged
-      // against max_iter) makes the column marginal exact and every reported number finite.
+    // One dense pair of c-transforms at this epsilon, rows then columns, without over-relaxation.
+    const auto dense_c_transforms = [&]() {
       half_step(cost, false, static_cast<const SparseRows<T>*>(nullptr), g, log_b.data(), a, eps, 1.0, f, err_rows, nt);
       half_step(cost, true, static_cast<const SparseRows<T>*>(nullptr), f, log_a.data(), b, eps, 1.0, g, err_rows, nt);
-    }
+    };
+    // Stopped before reaching this epsilon: potentials of a far larger epsilon would give a plan
+    // with an overflowing mass. The pair (not charged against max_iter) makes the column marginal
+    // exact and every reported number finite.
+    if (out_of_budget) dense_c_transforms();
     const double trunc = last || opt.stop_when_sparse ? opt.truncation : std::min(opt.truncation, opt.stage_truncation);
     // The last stage widens its pattern when refreshes stop helping (see the stale refresh below).
     double cutoff = trunc * eps;
@@ -1845,8 +1847,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
       // crawled densely in the last stage (session 29).
       if (!sparse && was_sparse && opt.truncation > 0 && !out_of_budget && !opt.stop_when_sparse &&
           rep.iterations < opt.max_iter && !rep.timed_out) {
-        half_step(cost, false, static_cast<const SparseRows<T>*>(nullptr), g, log_b.data(), a, eps, 1.0, f, err_rows, nt);
-        half_step(cost, true, static_cast<const SparseRows<T>*>(nullptr), f, log_a.data(), b, eps, 1.0, g, err_rows, nt);
+        dense_c_transforms();
         ++rep.iterations;
         sparse = refresh_pattern(cost, f, g, cutoff, stage_slack, density_cap, with_cols, nt, pattern);
         if (debug) std::fprintf(stderr, "  pattern lost a row or column: one dense iteration, then %s\n", sparse ? "sparse" : "dense");
