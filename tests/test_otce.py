@@ -1008,7 +1008,7 @@ def test_pattern_that_loses_a_row_or_column_stays_sparse():
     with channel scales 10^-3..10^2 (cost / eps ~2e6), 10 x 28 classes. A stage's pattern, built right
     after a sparse one, lost every entry of a row or column; the stage then ran dense (2,786 iterations
     at eps = 0.8), and the last stage crawled densely for minutes. One dense pair of c-transforms and a
-    second try keep it sparse: ~925 iterations, under a second."""
+    second try keep it sparse: under 1,000 iterations, under a second."""
     from pathlib import Path
 
     d = np.load(Path(__file__).parent / "data" / "otce_lost_column.npz")
