@@ -113,6 +113,54 @@ def test_float32_matches_reference(seed, eps):
     assert abs(r.score - r64.score) <= 2 * delta * (2 + hmax) + tol
 
 
+def duplicated_pair(seed: int, ns: int, nt: int, extra_s: int, extra_t: int):
+    """informative_pair's pixels, each at least once, plus repeats of random ones, some of them under
+    another label: bit-identical features within a class and across classes."""
+    xs0, ys0, xt0, yt0 = informative_pair(seed, ns, nt)
+    rng = np.random.default_rng(seed)
+    i = np.concatenate([np.arange(ns), rng.integers(0, ns, extra_s)])
+    j = np.concatenate([np.arange(nt), rng.integers(0, nt, extra_t)])
+    ys = np.where(rng.random(len(i)) < 0.15, rng.integers(0, 3, len(i)), ys0[i])
+    yt = np.where(rng.random(len(j)) < 0.15, rng.integers(0, 4, len(j)), yt0[j])
+    return xs0[i], ys, xt0[j], yt
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("seed", [2, 5])  # (seeds 0, 1, 3: the reference needs > 2 * 10^5 iterations)
+def test_duplicated_pixels_match_reference(dtype, seed):
+    """Pixels sharing a class and bit-identical features are solved as one point of their summed mass
+    (otce.cpp, merge_duplicates): the merged problem's plan is the sum of the merged rows, so the
+    reference, which solves every pixel, gives the same joint, score and transport cost, to the
+    bounds of test_float64/32_matches_reference. (60 and 50 distinct points, 300 and 250 pixels.)"""
+    xs, ys, xt, yt = duplicated_pair(seed, 60, 50, 240, 200)
+    xs, xt = xs.astype(dtype), xt.astype(dtype)
+    R = ref.otce(xs.astype(np.float64), ys, xt.astype(np.float64), yt, 0.1)
+    tol = TOL64 if dtype == "float64" else 1e-6
+    delta = DELTA64 if dtype == "float64" else f32_delta(xs, xt, 0.1)
+    r = run(xs, ys, xt, yt, n_pixels=None, epsilon=0.1, tol=tol)
+    assert r.all_converged and r.marginal_error[0] <= tol
+    hmax = np.log(len(R.target_classes))
+    assert abs(r.score - R.score) <= 2 * delta * (2 + hmax) + tol
+    np.testing.assert_allclose(r.joint[0], R.joint, rtol=2 * delta + tol, atol=tol)
+    cmax = float(ref.sq_dists(xs, xt).max())
+    assert abs(r.transport_cost[0] - R.transport_cost) <= cmax * (2 * delta + tol)
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+def test_duplicated_pixels_in_a_grouped_draw_match_the_unmerged_solve(blocked):
+    """Past 10^6 entries the merged points are also split into balancing groups, which carry their
+    weights along (group_within_classes): the score equals that of sinkhorn's plan on every pixel
+    (sinkhorn merges nothing). 1,050 and 1,040 distinct points, 200 repeats a side."""
+    xs, ys, xt, yt = duplicated_pair(4, 1050, 1040, 200, 200)
+    r = run(xs, ys, xt, yt, n_pixels=None, epsilon=0.5, tol=TOL64, blocked=blocked)
+    s = st.sinkhorn(xs, xt, epsilon=0.5, tol=TOL64, threads=1)
+    assert r.all_converged and s.converged
+    joint = ref.joint_labels(s.plan(xs, xt), ys, yt, r.source_classes, r.target_classes)
+    assert abs(r.score + ref.conditional_entropy(joint)) <= 1e-9
+    np.testing.assert_allclose(r.joint[0], joint, rtol=1e-8, atol=1e-12)
+    assert abs(r.transport_cost[0] - s.transport_cost) <= 1e-9 * s.transport_cost
+
+
 @pytest.mark.parametrize("shift", [100.0, 1000.0, 3000.0])
 def test_float32_sets_far_apart_keep_the_accuracy_of_their_spread(shift):
     """The target shifted by `shift` in every channel (costs up to ~shift^2 d = 4.5e7 at 3000), against

@@ -905,6 +905,45 @@ static void test_otce_many_classes() {
   }
 }
 
+// Pixels with one class and bit-identical features are solved as one point of their summed mass
+// (otce.cpp, merge_duplicates). The score must equal the one from transport_points' plan on every
+// pixel, which merges nothing: below 10^6 entries and above, where the merged points are also
+// split into balancing groups that carry their weights. Some repeats carry another class, so that
+// identical features across classes stay apart.
+static void test_otce_duplicates() {
+  std::mt19937_64 rng(41);
+  for (const int64_t distinct : {120, 1100}) {
+    const int64_t n = distinct + distinct / 4, d = 3, classes = 4;
+    const std::vector<double> base = normal(rng, distinct * d, 1.0);
+    std::vector<double> x(n * d);
+    std::vector<int32_t> code(n);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t p = i < distinct ? i : static_cast<int64_t>(rng() % distinct);
+      std::copy(base.begin() + p * d, base.begin() + (p + 1) * d, x.begin() + i * d);
+      code[i] = static_cast<int32_t>((p + (i >= distinct && i % 5 == 0 ? 1 : 0)) % classes);
+    }
+    const auto all = sample_pixels(code.data(), n, n, 1, 3, "source_labels");  // every pixel once
+    const PixelView<double> view{x.data(), 1, n, d, n * d, d, 1};
+    SinkhornOptions opt;
+    opt.epsilon = 0.3;
+    opt.tol = 1e-11;
+    const OTCEResult merged = otce<double>(view, code.data(), classes, all.data(), n, view, code.data(), classes,
+                                           all.data(), n, 1, opt, 0.0);
+    const TransportResult whole = transport_points<double>(x.data(), n, x.data(), n, d, nullptr, nullptr, opt, 0.0);
+    CHECK(merged.converged[0] && whole.report.converged);
+    std::vector<double> joint(classes * classes, 0.0);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j) {
+        double c = 0.0;
+        for (int64_t k = 0; k < d; ++k) c += (x[i * d + k] - x[j * d + k]) * (x[i * d + k] - x[j * d + k]);
+        joint[code[i] * classes + code[j]] += std::exp((whole.f[i] + whole.g[j] - c) / opt.epsilon) / (n * n);
+      }
+    const double h = conditional_entropy(joint.data(), classes, classes);
+    CHECK(std::abs(merged.conditional_entropy[0] - h) <= 1e-9);
+    CHECK(std::abs(merged.transport_cost[0] - whole.transport_cost) <= 1e-9 * whole.transport_cost);
+  }
+}
+
 // Above 10^7 entries the fallback used not to apply: 3,200 x 3,200 points at eps = 0.1 keep ~62 % of
 // the entries in the last stage, above the 50 % a last-stage pattern starts with. With the default
 // dense_last_iterations Newton finishes the stage; the dense route (never falling back) must reach
@@ -1928,6 +1967,7 @@ int main(int argc, char** argv) {
       {"dense_last_stage_fallback", test_dense_last_stage_fallback},
       {"small_last_stage_fallback", test_small_last_stage_fallback},
       {"otce_many_classes", test_otce_many_classes},
+      {"otce_duplicates", test_otce_duplicates},
       {"dense_last_stage_fallback_large", test_dense_last_stage_fallback_large},
       {"class_balance", test_class_balance},
       {"class_balance_threads", test_class_balance_threads},
