@@ -142,6 +142,29 @@ def test_float32_matches_pot(seed, n, m, d, ratio, uniform, blocked):
 @pytest.mark.parametrize("blocked", [False, True], ids=["stored", "blocked"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("uniform", [True, False], ids=["uniform", "weighted"])
+def test_duplicated_points_match_pot(uniform, dtype, blocked):
+    """Bit-identical points are solved as one point of their summed weight (otce.cpp, first_copies)
+    and given its potentials: the same answer as POT's on every point, within the bounds above.
+    120 and 90 distinct points, each side 2.5x repeated, every weight different."""
+    x0, y0, eps, _, _ = make_problem(2, 120, 90, 5, 50.0, True)
+    rng = np.random.default_rng(7)
+    i = np.concatenate([np.arange(120), rng.integers(0, 120, 180)])
+    j = np.concatenate([np.arange(90), rng.integers(0, 90, 135)])
+    x, y = x0[i].astype(dtype), y0[j].astype(dtype)
+    a = None if uniform else weights(rng, len(x))
+    b = None if uniform else weights(rng, len(y))
+    f, g, plan, cost = pot_potentials(x.astype(np.float64), y.astype(np.float64), eps, a, b)
+    tol = TOL64 if dtype == np.float64 else TOL32
+    delta = POT_F64 if dtype == np.float64 else f32_delta(x, y, eps)
+    sr = st.sinkhorn(x, y, epsilon=eps, a=a, b=b, tol=tol, blocked=blocked, **ONE_THREAD)
+    check_against(sr, x, y, eps, a, b, f, g, plan, cost, delta, tol)
+    np.testing.assert_array_equal(sr.f, sr.f[np.arange(120)][i])  # one potential a merged point
+    np.testing.assert_array_equal(sr.g, sr.g[np.arange(90)][j])
+
+
+@pytest.mark.parametrize("blocked", [False, True], ids=["stored", "blocked"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("uniform", [True, False], ids=["uniform", "weighted"])
 @pytest.mark.parametrize("seed,n,m,d,ratio", [(17, 60, 45, 3, 1000.0), (13, 100, 120, 5, 1000.0)])
 def test_hard_regime_matches_numpy_reference(seed, n, m, d, ratio, uniform, dtype, blocked):
     """cost/eps ~ 10^3: plain Sinkhorn needs tens of thousands of iterations; the reference anneals eps.

@@ -207,57 +207,73 @@ void group_within_classes(const PixelView<T>& view, const int32_t* code, const s
   gather_pixels(view, idx.data(), n, x.data(), arg);
 }
 
+// For each of n points (rows of d values), the first point with bit-identical features and the
+// same class (`cls`: one a point, or null for all one class); empty when every point is its own.
+// Such points are one point of their summed mass to entropic OT: identical rows of the cost get one
+// potential in the KL-regularised problem (relative to a x b, as the solver's is), and the plan
+// without merging splits each merged row by the points' masses. So the plan summed over them, the
+// joint label distribution, the transport cost and the L1 marginal error are the same. Flat
+// feature maps (saturated activations, padding, quantised features) otherwise hand the solver
+// thousands of copies of a few points: binary features with 8 distinct points a side took 4,579
+// iterations and 9 s for 1,306 pixels (session 29's medium sweep), 0.01 s merged.
+template <typename T>
+std::vector<int64_t> first_copies(const T* x, int64_t n, int64_t d, const int32_t* cls) {
+  if (n < 2) return {};
+  const size_t row_bytes = static_cast<size_t>(d) * sizeof(T);
+  const auto same_class = [cls](int64_t p, int64_t q) { return cls == nullptr || cls[p] == cls[q]; };
+  std::vector<int64_t> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](int64_t p, int64_t q) {
+    if (!same_class(p, q)) return cls[p] < cls[q];
+    const int c = std::memcmp(x + p * d, x + q * d, row_bytes);
+    return c != 0 ? c < 0 : p < q;
+  });
+  // Equal keys are adjacent in `order`, the first occurrence leading its run (ties go by position).
+  std::vector<int64_t> first(n);
+  bool merged = false;
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t p = order[k], q = k > 0 ? order[k - 1] : -1;
+    const bool same = q >= 0 && same_class(p, q) && std::memcmp(x + p * d, x + q * d, row_bytes) == 0;
+    first[p] = same ? first[q] : p;
+    merged = merged || same;
+  }
+  if (!merged) first.clear();
+  return first;
+}
+
+// Each point's index among the distinct ones (first occurrences, in their order), from first_copies.
+inline std::vector<int64_t> distinct_slots(const std::vector<int64_t>& first, int64_t& distinct) {
+  const int64_t n = static_cast<int64_t>(first.size());
+  std::vector<int64_t> slot(n);
+  distinct = 0;
+  for (int64_t p = 0; p < n; ++p) slot[p] = first[p] == p ? distinct++ : slot[first[p]];
+  return slot;
+}
+
 // Merges the sampled pixels (`idx`, sorted by class; `x`, their gathered features) that share a
-// class and have bit-identical features into one point weighing their count, and returns how many
+// class and features (first_copies) into one point weighing their count, and returns how many
 // points are left (idx and x compacted in place, first occurrences in their order; `count` left
 // empty when nothing merged, so that a draw without duplicates is solved exactly as before).
-// Exact: identical rows of the cost get one potential in the KL-regularised problem (relative to
-// a x b, as the solver's is), so the merged problem's plan is the sum of the merged rows, with the
-// same joint label distribution, transport cost and L1 marginal error. Flat feature maps
-// (saturated activations, padding, quantised features) otherwise hand the solver thousands of
-// copies of a few points: binary features with 8 distinct points a side took 4,579 iterations and
-// 9 s for 1,306 pixels (session 29's medium sweep).
 template <typename T>
 int64_t merge_duplicates(const int32_t* code, std::vector<int64_t>& idx, RowMatrix<T>& x, int64_t d,
                          std::vector<double>& count) {
   const int64_t n = static_cast<int64_t>(idx.size());
   count.clear();
-  if (n < 2) return n;
-  const size_t row_bytes = static_cast<size_t>(d) * sizeof(T);
-  const T* rows = x.data();
-  std::vector<int64_t> order(n);
-  std::iota(order.begin(), order.end(), 0);
-  std::sort(order.begin(), order.end(), [&](int64_t p, int64_t q) {
-    const int32_t cp = code[idx[p]], cq = code[idx[q]];
-    if (cp != cq) return cp < cq;
-    const int c = std::memcmp(rows + p * d, rows + q * d, row_bytes);
-    return c != 0 ? c < 0 : p < q;
-  });
-  // first[p]: the first occurrence of p's (class, features); equal keys are adjacent in `order`,
-  // the first occurrence leading its run (ties are broken by position).
-  std::vector<int64_t> first(n);
-  bool merged = false;
-  for (int64_t k = 0; k < n; ++k) {
-    const int64_t p = order[k], q = k > 0 ? order[k - 1] : -1;
-    const bool same = q >= 0 && code[idx[p]] == code[idx[q]] && std::memcmp(rows + p * d, rows + q * d, row_bytes) == 0;
-    first[p] = same ? first[q] : p;
-    merged = merged || same;
-  }
-  if (!merged) return n;
-  std::vector<int64_t> slot(n, -1);
+  std::vector<int32_t> cls(n);
+  for (int64_t p = 0; p < n; ++p) cls[p] = code[idx[p]];
+  const std::vector<int64_t> first = first_copies(x.data(), n, d, cls.data());
+  if (first.empty()) return n;
   int64_t kept = 0;
-  for (int64_t p = 0; p < n; ++p) {
-    if (first[p] != p) continue;
-    slot[p] = kept;
-    // kept <= p: the rows still to be read lie at or after p, so copying forward is safe.
-    if (kept != p) {
-      std::memmove(x.data() + kept * d, x.data() + p * d, row_bytes);
-      idx[kept] = idx[p];
-    }
-    ++kept;
-  }
+  const std::vector<int64_t> slot = distinct_slots(first, kept);
   count.assign(kept, 0.0);
-  for (int64_t p = 0; p < n; ++p) count[slot[first[p]]] += 1.0;
+  for (int64_t p = 0; p < n; ++p) {
+    count[slot[p]] += 1.0;
+    // slot[p] <= p: the rows still to be read lie after p, so compacting forward is safe.
+    if (first[p] == p && slot[p] != p) {
+      std::memmove(x.data() + slot[p] * d, x.data() + p * d, static_cast<size_t>(d) * sizeof(T));
+      idx[slot[p]] = idx[p];
+    }
+  }
   idx.resize(kept);
   return kept;
 }
@@ -382,6 +398,38 @@ double conditional_entropy(const double* joint, int rows, int cols) {
 template <typename T>
 TransportResult transport_points(const T* x, int64_t n, const T* y, int64_t m, int64_t d, const double* a,
                                  const double* b, const SinkhornOptions& opt, double memory_budget) {
+  // Bit-identical points solved as one (first_copies), their potentials copied back to each.
+  const std::vector<int64_t> first_x = first_copies(x, n, d, nullptr), first_y = first_copies(y, m, d, nullptr);
+  if (!first_x.empty() || !first_y.empty()) {
+    auto merge = [d](const T* p, int64_t count, const double* w, const std::vector<int64_t>& first,
+                     std::vector<int64_t>& slot, std::vector<T>& points, std::vector<double>& mass) {
+      int64_t distinct = count;
+      if (first.empty()) {
+        slot.resize(count);
+        std::iota(slot.begin(), slot.end(), 0);
+      } else {
+        slot = distinct_slots(first, distinct);
+      }
+      points.resize(static_cast<size_t>(distinct) * d);
+      mass.assign(distinct, 0.0);
+      for (int64_t i = 0; i < count; ++i) {
+        if (first.empty() || first[i] == i) std::copy(p + i * d, p + (i + 1) * d, points.begin() + slot[i] * d);
+        mass[slot[i]] += w != nullptr ? w[i] : 1.0 / count;
+      }
+      return distinct;
+    };
+    std::vector<int64_t> slot_x, slot_y;
+    std::vector<T> xm, ym;
+    std::vector<double> am, bm;
+    const int64_t nm = merge(x, n, a, first_x, slot_x, xm, am), mm = merge(y, m, b, first_y, slot_y, ym, bm);
+    TransportResult res = transport_points(xm.data(), nm, ym.data(), mm, d, am.data(), bm.data(), opt, memory_budget);
+    std::vector<double> f(n), g(m);
+    for (int64_t i = 0; i < n; ++i) f[i] = res.f[slot_x[i]];
+    for (int64_t j = 0; j < m; ++j) g[j] = res.g[slot_y[j]];
+    res.f.swap(f);
+    res.g.swap(g);
+    return res;
+  }
   const bool grouping = opt.class_balance && static_cast<double>(n) * static_cast<double>(m) >= kGroupingMin;
   check_budget(opt.blocked ? blocked_bytes<T>(n, m, d, opt.num_threads > 0 ? opt.num_threads : 64,
                                               grouping ? kMaxGroups : 1, grouping ? kMaxGroups : 1)

@@ -907,19 +907,24 @@ static void test_otce_many_classes() {
 
 // Pixels with one class and bit-identical features are solved as one point of their summed mass
 // (otce.cpp, merge_duplicates). The score must equal the one from transport_points' plan on every
-// pixel, which merges nothing: below 10^6 entries and above, where the merged points are also
-// split into balancing groups that carry their weights. Some repeats carry another class, so that
-// identical features across classes stay apart.
+// pixel, made bit-distinct (the k-th repeat of a point moved by k ulps: costs move by ~1e-15
+// relative) so that nothing merges there: below 10^6 entries and above, where the merged points
+// are also split into balancing groups that carry their weights. Some repeats carry another
+// class, so that identical features across classes stay apart.
 static void test_otce_duplicates() {
   std::mt19937_64 rng(41);
   for (const int64_t distinct : {120, 1100}) {
     const int64_t n = distinct + distinct / 4, d = 3, classes = 4;
     const std::vector<double> base = normal(rng, distinct * d, 1.0);
-    std::vector<double> x(n * d);
+    std::vector<double> x(n * d), apart(n * d);
     std::vector<int32_t> code(n);
+    std::vector<int> copies(distinct, 0);
     for (int64_t i = 0; i < n; ++i) {
       const int64_t p = i < distinct ? i : static_cast<int64_t>(rng() % distinct);
       std::copy(base.begin() + p * d, base.begin() + (p + 1) * d, x.begin() + i * d);
+      std::copy(base.begin() + p * d, base.begin() + (p + 1) * d, apart.begin() + i * d);
+      for (int k = 0; k < copies[p]; ++k) apart[i * d] = std::nextafter(apart[i * d], 1e300);
+      ++copies[p];
       code[i] = static_cast<int32_t>((p + (i >= distinct && i % 5 == 0 ? 1 : 0)) % classes);
     }
     const auto all = sample_pixels(code.data(), n, n, 1, 3, "source_labels");  // every pixel once
@@ -929,18 +934,28 @@ static void test_otce_duplicates() {
     opt.tol = 1e-11;
     const OTCEResult merged = otce<double>(view, code.data(), classes, all.data(), n, view, code.data(), classes,
                                            all.data(), n, 1, opt, 0.0);
-    const TransportResult whole = transport_points<double>(x.data(), n, x.data(), n, d, nullptr, nullptr, opt, 0.0);
+    const TransportResult whole =
+        transport_points<double>(apart.data(), n, apart.data(), n, d, nullptr, nullptr, opt, 0.0);
     CHECK(merged.converged[0] && whole.report.converged);
     std::vector<double> joint(classes * classes, 0.0);
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < n; ++j) {
         double c = 0.0;
-        for (int64_t k = 0; k < d; ++k) c += (x[i * d + k] - x[j * d + k]) * (x[i * d + k] - x[j * d + k]);
+        for (int64_t k = 0; k < d; ++k) c += (apart[i * d + k] - apart[j * d + k]) * (apart[i * d + k] - apart[j * d + k]);
         joint[code[i] * classes + code[j]] += std::exp((whole.f[i] + whole.g[j] - c) / opt.epsilon) / (n * n);
       }
     const double h = conditional_entropy(joint.data(), classes, classes);
     CHECK(std::abs(merged.conditional_entropy[0] - h) <= 1e-9);
     CHECK(std::abs(merged.transport_cost[0] - whole.transport_cost) <= 1e-9 * whole.transport_cost);
+    // transport_points merges the duplicates too (whatever their class) and copies the potentials
+    // back: f_i + g_j as without merging (the gauge removed through the pair).
+    const TransportResult same = transport_points<double>(x.data(), n, x.data(), n, d, nullptr, nullptr, opt, 0.0);
+    CHECK(same.report.converged);
+    CHECK(std::abs(same.transport_cost - whole.transport_cost) <= 1e-9 * whole.transport_cost);
+    double worst = 0.0;
+    for (int64_t i = 0; i < n; ++i)
+      worst = std::max(worst, std::abs((same.f[i] + same.g[0]) - (whole.f[i] + whole.g[0])) / opt.epsilon);
+    CHECK(worst <= 1e-7);
   }
 }
 
