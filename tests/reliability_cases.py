@@ -407,7 +407,8 @@ CASES: list[Case] = [
     _ok(F, "one side constant", "otce(np.broadcast_to(xs[:1], xs.shape), ys, xt, yt)", independent_coupling(1e-9),
         "accepted; every source pixel sees the same costs, so again W_T = H(Y_t)"),
     _ok(F, "duplicated pixels", "otce(np.repeat(xs[:6], 10, axis=0), ys, xt, yt)", sane,
-        "accepted; converges like any other input"),
+        "accepted; pixels with one label and identical features are solved as one point of their summed "
+        "mass, which is exact (README, step 3)"),
     _err(F, "features of magnitude 1e6", "otce(xs * 1e6, ys, xt * 1e6, yt)", V,
          r"epsilon: is too small for the cost scale \(largest cost the solver works on 33982308060166"),
     _ok(F, "features offset by 1e6, float32", "otce((xs + 1e6).astype(np.float32), ys, (xt + 1e6).astype(np.float32), yt)",
