@@ -37,15 +37,28 @@ inline bool avx2_tiles_available() {
 
 // The entries a tile's blocks left over (rows >= r, and columns >= wv of the rows < r), one at a
 // time with the blocks' operations in the same order.
+// Runs of up to 64 columns a row, swept by dimension: the same chain per entry as one entry at a
+// time, but reading y^T along its rows; entry by entry, the blocked solver's single-row recomputes
+// (its safe log-sum-exp form) took 23 % of a float64 D = 256 blocked draw.
 template <typename T>
 SEGTRANSFER_HOT void cost_tile_rest(const T* x, int64_t rows, int64_t d, const T* yt, int64_t ld, int64_t w, const T* xx,
                                    const T* yy, T* out, int64_t ldo, int64_t r, int64_t wv) {
+  constexpr int64_t kRun = 64;
+  T acc[kRun];
   for (int64_t rr = 0; rr < rows; ++rr) {
-    for (int64_t j = rr < r ? wv : 0; j < w; ++j) {
-      T acc = T(0);
-      for (int64_t k = 0; k < d; ++k) acc = std::fma(T(-2) * x[rr * d + k], yt[k * ld + j], acc);
-      const T c = acc + (xx[rr] + yy[j]);
-      out[rr * ldo + j] = c > T(0) ? c : T(0);
+    for (int64_t j0 = rr < r ? wv : 0; j0 < w; j0 += kRun) {
+      const int64_t c = std::min(kRun, w - j0);
+      std::fill(acc, acc + c, T(0));
+      for (int64_t k = 0; k < d; ++k) {
+        const T u = T(-2) * x[rr * d + k];
+        const T* yk = yt + k * ld + j0;
+#pragma omp simd
+        for (int64_t j = 0; j < c; ++j) acc[j] = std::fma(u, yk[j], acc[j]);
+      }
+      for (int64_t j = 0; j < c; ++j) {
+        const T v = acc[j] + (xx[rr] + yy[j0 + j]);
+        out[rr * ldo + j0 + j] = v > T(0) ? v : T(0);
+      }
     }
   }
 }
@@ -174,15 +187,69 @@ __attribute__((target("avx512f,fma"))) int64_t cost_tile_avx512(const float* x, 
   return r;
 }
 
-// Whether this CPU runs cost_tile_avx512.
+// The double tile in AVX-512: blocks of 8 rows x 16 columns (two registers a row) on the same
+// packed groups of 16 columns, with the portable form's fma chain per entry: bit-identical to it.
+// That form keeps its accumulators on the stack as the float one did: D = 256, a 5,000 x 5,000
+// cost ran at 42 GFLOP/s on one Zen 5 thread; this one at 83 (the blocked solver's float64
+// passes are mostly this).
+__attribute__((target("avx512f,fma"))) int64_t cost_tile_avx512_f64(const double* x, int64_t rows, int64_t d,
+                                                                    const double* yp, int64_t wv, const double* xx,
+                                                                    const double* yy, double* out, int64_t ldo) {
+  constexpr int64_t kG = 16, kR = 8;  // a packed group's columns; rows a block
+  const __m512d zero = _mm512_setzero_pd();
+  thread_local std::vector<double> xs_buf;  // the block's rows times -2, interleaved by dimension
+  xs_buf.resize(static_cast<size_t>(kR) * d);
+  double* const xs = xs_buf.data();
+  int64_t r = 0;
+  for (; r + kR <= rows; r += kR) {
+    const double* x0 = x + r * d;
+    for (int64_t k = 0; k < d; ++k)
+      for (int q = 0; q < kR; ++q) xs[kR * k + q] = -2.0 * x0[q * d + k];
+    for (int64_t j0 = 0; j0 < wv; j0 += kG) {
+      const double* yb = yp + j0 * d;
+      __m512d a0[kR], a1[kR];
+      {
+        const __m512d v0 = _mm512_loadu_pd(yb), v1 = _mm512_loadu_pd(yb + 8);
+        for (int q = 0; q < kR; ++q) {
+          const __m512d u = _mm512_set1_pd(xs[q]);
+          a0[q] = _mm512_fmadd_pd(u, v0, zero);
+          a1[q] = _mm512_fmadd_pd(u, v1, zero);
+        }
+      }
+      for (int64_t k = 1; k < d; ++k) {
+        const __m512d v0 = _mm512_loadu_pd(yb + kG * k), v1 = _mm512_loadu_pd(yb + kG * k + 8);
+        for (int q = 0; q < kR; ++q) {
+          const __m512d u = _mm512_set1_pd(xs[kR * k + q]);
+          a0[q] = _mm512_fmadd_pd(u, v0, a0[q]);
+          a1[q] = _mm512_fmadd_pd(u, v1, a1[q]);
+        }
+      }
+      const __m512d y0 = _mm512_loadu_pd(yy + j0), y1 = _mm512_loadu_pd(yy + j0 + 8);
+      for (int q = 0; q < kR; ++q) {
+        const __m512d xr = _mm512_set1_pd(xx[r + q]);
+        double* o = out + (r + q) * ldo + j0;
+        _mm512_storeu_pd(o, _mm512_max_pd(_mm512_add_pd(a0[q], _mm512_add_pd(xr, y0)), zero));  // NaN or -0 -> +0
+        _mm512_storeu_pd(o + 8, _mm512_max_pd(_mm512_add_pd(a1[q], _mm512_add_pd(xr, y1)), zero));
+      }
+    }
+  }
+  return r;
+}
+
+#endif
+
+// Whether this CPU runs cost_tile_avx512 and cost_tile_avx512_f64.
 inline bool avx512_tiles_available() {
+#ifdef SEGTRANSFER_AVX2_TILES
   static const bool yes = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
   }();
   return yes;
-}
+#else
+  return false;
 #endif
+}
 
 // out[r][j] = max(0, (-2 x_r . y_j) + (xx_r + yy_j)) for r < rows and j < w; x: rows x d
 // (row-major), yt: d x ld (y^T). A block of 4 rows x 16 (float) or 32 (double) columns accumulates over the
@@ -195,13 +262,25 @@ inline bool avx512_tiles_available() {
 // The first product initialises the accumulators (fma(u, v, 0), what the leftover entries
 // compute too): zeroing them first compiled to four `rep stos` per block, a quarter of the
 // function's time on an AVX2 machine (a blocked N = 10^4 draw there: 35.5 -> 31 s).
-// `yp` (float only, may be null): the same columns packed for cost_tile_avx2.
+// `yp` (may be null): the same columns packed for the intrinsics kernels (PointCost::pack).
 template <typename T>
 SEGTRANSFER_HOT void cost_tile(const T* x, int64_t rows, int64_t d, const T* yt, int64_t ld, int64_t w,
                                const T* xx, const T* yy, T* out, int64_t ldo, const T* yp = nullptr) {
   constexpr int64_t kW = std::is_same<T, float>::value ? 16 : 32;  // float: cost_tile_avx2's width too
   const int64_t wv = d > 0 ? w - w % kW : 0;
 #ifdef SEGTRANSFER_AVX2_TILES
+  if (std::is_same<T, double>::value && yp != nullptr && avx512_tiles_available()) {
+    const int64_t w16 = d > 0 ? w - w % 16 : 0;
+    const int64_t r = cost_tile_avx512_f64(reinterpret_cast<const double*>(x), rows, d,
+                                           reinterpret_cast<const double*>(yp), w16,
+                                           reinterpret_cast<const double*>(xx), reinterpret_cast<const double*>(yy),
+                                           reinterpret_cast<double*>(out), ldo);
+    cost_tile_rest(x, r, d, yt, ld, w, xx, yy, out, ldo, r, w16);
+    // Rows left over from the 8-row blocks (panels of fewer rows: the blocked solver's single rows
+    // and column panels) take the portable 4-row blocks, not the one-entry-at-a-time loop.
+    if (r < rows) cost_tile(x + r * d, rows - r, d, yt, ld, w, xx + r, yy, out + r * ldo, ldo, static_cast<const T*>(nullptr));
+    return;
+  }
   if (std::is_same<T, float>::value && yp != nullptr && avx2_tiles_available()) {
     const auto tile = avx512_tiles_available() ? &cost_tile_avx512 : &cost_tile_avx2;
     const int64_t r = tile(reinterpret_cast<const float*>(x), rows, d, reinterpret_cast<const float*>(yp), wv,
@@ -262,7 +341,7 @@ template <typename T>
 struct PointCost {
   int64_t n = 0, m = 0, d = 0;
   std::vector<T> x, yt, xx, yy;
-  std::vector<T> yp;  // float: yt's full groups of 16 columns packed for cost_tile_avx2 (see pack)
+  std::vector<T> yp;  // yt's full groups of 16 columns packed for the intrinsics kernels (see pack)
 
   PointCost() = default;
   PointCost(const T* px, int64_t n_, const T* py, int64_t m_, int64_t d_) : n(n_), m(m_), d(d_) {
@@ -292,11 +371,11 @@ struct PointCost {
   }
 
   // yp from yt: for each full group of 16 columns, its d x 16 values contiguous, in the order the
-  // register blocks read them. Float only (the intrinsics kernel's type), and only where that
-  // kernel runs.
+  // register blocks read them; only where an intrinsics kernel runs (float: AVX2 or AVX-512;
+  // double: AVX-512).
   void pack() {
     yp.clear();
-    if (!std::is_same<T, float>::value || !avx2_tiles_available()) return;
+    if (std::is_same<T, float>::value ? !avx2_tiles_available() : !avx512_tiles_available()) return;
     const int64_t groups = m / 16;
     yp.resize(static_cast<size_t>(groups) * 16 * d);
     for (int64_t gr = 0; gr < groups; ++gr)

@@ -105,38 +105,53 @@ static void check_squared_euclidean() {
 }
 
 // The stored and the blocked solver rely on every cost tile being bit-identical whichever kernel
-// computed it (AVX2 register blocks, where this CPU has them, or the portable loop) and for the
-// transposed problem: rows 0-38 (four-row blocks and leftover rows) x 301 columns (groups of 16 and
-// leftover columns), D = 19 and 256.
+// computed it (AVX2 or AVX-512 register blocks, where this CPU has them, or the portable loop) and
+// for the transposed problem: rows 0-38 (register blocks and leftover rows) x 301 columns (groups
+// of 16 and leftover columns), D = 19 and 256, float and double.
+template <typename T>
 static void check_cost_tiles_identical(int64_t d) {
   std::mt19937 rng(11);
-  std::normal_distribution<float> z(0.0f, 3.0f);
+  std::normal_distribution<T> z(T(0), T(3));
   const int64_t n = 39, m = 301;
-  std::vector<float> x(n * d), y(m * d);
-  for (float& v : x) v = z(rng);
-  for (float& v : y) v = z(rng);
-  const PointCost<float> pc(x.data(), n, y.data(), m, d);
-  const PointCost<float> pt = PointCost<float>::transposed(pc);
-  std::vector<float> fast(n * m), portable(n * m), trans(m * n);
+  std::vector<T> x(n * d), y(m * d);
+  for (T& v : x) v = z(rng);
+  for (T& v : y) v = z(rng);
+  const PointCost<T> pc(x.data(), n, y.data(), m, d);
+  const PointCost<T> pt = PointCost<T>::transposed(pc);
+  std::vector<T> fast(n * m), portable(n * m), trans(m * n);
   pc.rows(0, n, fast.data());
   for (int64_t j0 = 0; j0 < m; j0 += kCostTile)
     cost_tile(pc.x.data(), n, d, pc.yt.data() + j0, m, std::min(kCostTile, m - j0), pc.xx.data(), pc.yy.data() + j0,
               portable.data() + j0, m);
   pt.rows(0, m, trans.data());
+  // The chain every form computes, one entry at a time: fma(-2 x_k, y_k, .) from 0 over k, then the
+  // norms, clamped at 0. A single row goes through the leftover loop alone.
+  std::vector<T> one(m);
+  pc.rows(n - 1, n, one.data());
   bool same = true;
   for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < m; ++j)
-      same = same && fast[i * m + j] == portable[i * m + j] && fast[i * m + j] == trans[j * n + i];
+    for (int64_t j = 0; j < m; ++j) {
+      T acc = T(0);
+      for (int64_t k = 0; k < d; ++k) acc = std::fma(T(-2) * pc.x[i * d + k], pc.yt[k * m + j], acc);
+      const T c = acc + (pc.xx[i] + pc.yy[j]);
+      const T naive = c > T(0) ? c : T(0);
+      same = same && fast[i * m + j] == naive && portable[i * m + j] == naive && trans[j * n + i] == naive &&
+             (i != n - 1 || one[j] == naive);
+    }
   CHECK(same);
 #ifdef SEGTRANSFER_AVX2_TILES
   // Each intrinsics form this CPU can run, whichever `fast` took (AVX-512 where there is AVX-512).
   if (!pc.yp.empty()) {
-    using Tile = int64_t (*)(const float*, int64_t, int64_t, const float*, int64_t, const float*, const float*, float*,
-                             int64_t);
-    std::vector<Tile> forms{&cost_tile_avx2};
-    if (avx512_tiles_available()) forms.push_back(&cost_tile_avx512);
+    using Tile = int64_t (*)(const T*, int64_t, int64_t, const T*, int64_t, const T*, const T*, T*, int64_t);
+    std::vector<Tile> forms;
+    if constexpr (std::is_same<T, float>::value) {
+      forms.push_back(&cost_tile_avx2);
+      if (avx512_tiles_available()) forms.push_back(&cost_tile_avx512);
+    } else {
+      forms.push_back(&cost_tile_avx512_f64);  // (packed for double only where AVX-512 runs)
+    }
     for (Tile form : forms) {
-      std::vector<float> out(n * m);
+      std::vector<T> out(n * m);
       const int64_t wv = m - m % 16;
       const int64_t r = form(pc.x.data(), n, d, pc.yp.data(), wv, pc.xx.data(), pc.yy.data(), out.data(), m);
       cost_tile_rest(pc.x.data(), n, d, pc.yt.data(), m, m, pc.xx.data(), pc.yy.data(), out.data(), m, r, wv);
@@ -150,8 +165,10 @@ static void check_cost_tiles_identical(int64_t d) {
 static void test_squared_euclidean() {
   check_squared_euclidean<float>();
   check_squared_euclidean<double>();
-  check_cost_tiles_identical(19);
-  check_cost_tiles_identical(256);
+  for (const int64_t d : {19, 256}) {
+    check_cost_tiles_identical<float>(d);
+    check_cost_tiles_identical<double>(d);
+  }
 }
 
 #ifdef SEGTRANSFER_AVX2_LSE
