@@ -488,6 +488,21 @@ def test_float32_below_the_floor_stops_there():
     assert sr.iterations < 25_000 and sr.marginal_error < 2e-11, (sr.iterations, sr.marginal_error)
 
 
+def test_blocked_solve_below_the_floor_ends_without_doubling_its_phases():
+    """400 x 350 points at cost / eps = 10^7, tol 1e-13, below float64's floor there (~1e-8): the
+    blocked solver's rounds end it after three certificates without a 0.1 % gain. Its Sinkhorn
+    phases between rounds used to double there too (300 .. 4,800 iterations): 10,549 iterations;
+    now they stay at 300 near the floor (5,749), where the stored solver took 5,145."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 5))
+    y = rng.normal(size=(350, 5)) * 0.9 + 0.1
+    eps = float(ref.sq_dists(x, y).max() / 1e7)
+    with pytest.warns(RuntimeWarning, match="stopped falling"):
+        sr = st.sinkhorn(x, y, epsilon=eps, tol=1e-13, blocked=True, **ONE_THREAD)
+    assert not sr.converged and sr.marginal_error < 2e-8
+    assert sr.iterations < 8000, sr.iterations
+
+
 def test_float32_dense_last_stage_reaches_a_tight_tol():
     """3,500 points a side at eps = 3: the last stage's kernel is 99 % dense (1.2e7 entries), too dense
     for a pattern and above the 10^7 entries where the fallback to a full kernel and Newton used to

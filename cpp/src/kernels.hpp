@@ -209,6 +209,7 @@ class FloorWatch {
     return (stalled_ >= patience_ && err < 1e3 * floor_) || stalled_ >= far_patience_;
   }
   bool progressed() const { return progressed_; }  // by the last record
+  bool near_floor(double err) const { return err < 1e3 * floor_; }  // where `patience` applies
 
  private:
   double floor_, reference_ = std::numeric_limits<double>::infinity();
