@@ -329,6 +329,13 @@ class BlockedSolver {
   // the residuals, the line search and the certificate stay on the dense plan. At N = 10^4, D = 19
   // and eps = 0.1 that keeps 1.1 % of the entries (111 per row; 0.8 % at N = 10^5).
   static constexpr double kCaptureCut = 20.0;
+  // Nearly unregularised problems (cost / eps ~ 10^8) capture ~1 entry a row, and a point whose
+  // mass must move to an entry beyond the cut leaves the error at its mass (2 / n) round after
+  // round: the captured plan then widens to 700 eps, as the stored solver's pattern does
+  // (sinkhorn.cpp; exp(-745) underflows). 805 pixels at cost / eps 2.5e8, D = 256: 9,202 and
+  // 31,329 iterations at ~2.5e-3 before the floor's 4.2e-7.
+  void widen_capture() { capture_cut_ = 700.0; }
+  bool capture_widened() const { return capture_cut_ > kCaptureCut; }
 
   // Captures the plan at (br, bc) = (log a + f / eps, log b + g / eps) into cap_; false (and cap_
   // emptied) when it would hold more than max_entries entries.
@@ -353,7 +360,7 @@ class BlockedSolver {
         const int64_t i = i0 + r;
         const T* row = c + r * m_;
         // C - f - g < cut eps  <=>  g_j / eps - C_ij / eps > -cut - f_i / eps
-        const int64_t k = CaptureRow<T>::keep(row, m_, G.data(), inv_eps, -kCaptureCut - (br[i] - log_a_[i]), idx.data());
+        const int64_t k = CaptureRow<T>::keep(row, m_, G.data(), inv_eps, -capture_cut_ - (br[i] - log_a_[i]), idx.data());
         if (total.fetch_add(k) + k > max_entries) full = true;
         if (full) return;
         const size_t at = L.col.size();
@@ -789,6 +796,7 @@ private:
   std::vector<float> Af_, shiftf_;  // A_ and shift_ in float, for iterate(lowp)
   std::vector<CapturedLane> cap_;
   int64_t cap_entries_ = 0;
+  double capture_cut_ = kCaptureCut;
   const std::thread::id caller_;
   Clock::time_point last_poll_{};  // the first poll asks at once
   std::atomic<bool> stop_{false};
@@ -951,10 +959,11 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
             estimate = newton_estimate;
           }
           // Not near float64's floor, where the rounds only have to show three times that they
-          // no longer gain: phases doubled there took a draw at cost / eps 8e6 (1,874 points,
-          // D = 19) from 1.56e-8 at iteration 277 to four more rounds of 600 .. 4,800
-          // iterations, each within 0.1 % of 1.313e-8 (21 s; the stored solver stopped at 231).
-          if (!rounds.near_floor(certified)) phase *= 2;
+          // no longer gain (and where a phase doubled on the way there starts over): phases
+          // doubled there took a draw at cost / eps 8e6 (1,874 points, D = 19) from 1.56e-8 at
+          // iteration 277 to four more rounds of 600 .. 4,800 iterations, each within 0.1 % of
+          // 1.313e-8 (21 s; the stored solver stopped at 231).
+          phase = rounds.near_floor(certified) ? 300 : 2 * phase;
         }
       } else {
         run(eps, target, opt.max_iter);
@@ -975,6 +984,10 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
       if (done) {
         best.restore(rep, f, n, g);
         break;
+      }
+      if (newton && !rounds.progressed() && !rounds.near_floor(rep.marginal_error) && !solver.capture_widened()) {
+        solver.widen_capture();
+        if (debug) std::fprintf(stderr, "  blocked: a round without progress: captured plan widened to 700 eps\n");
       }
       best.keep(rep, f, n, g, m);
       if (estimate <= target) target *= 0.1;  // the estimate was optimistic: ask more of it

@@ -1937,9 +1937,9 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
           // be inconsistent far from the solution) leaves the work to longer Sinkhorn phases.
           newton_futile = rep.newton_steps - steps_before <= 1 || !rounds.progressed();
           // Near the floor, where the rounds only have to show that they no longer gain, the phase
-          // stays (blocked.cpp does the same): 400 x 350 points at cost / eps 10^7 spent 300 + 600 +
+          // is 300 again (blocked.cpp does the same): 400 x 350 points at cost / eps 10^7 spent 300 + 600 +
           // 1,200 + 2,400 + 4,800 iterations deciding that the error of 9.95e-9 was the floor.
-          if (newton_futile && !rounds.near_floor(err)) sinkhorn_phase *= 2;
+          if (newton_futile) sinkhorn_phase = rounds.near_floor(err) ? 300 : 2 * sinkhorn_phase;
         }
       } else if (full_fallback && sr == nullptr) {
         full_fallback = false;
