@@ -39,7 +39,8 @@ inline bool avx2_tiles_available() {
 // time with the blocks' operations in the same order.
 // Runs of up to 64 columns a row, swept by dimension: the same chain per entry as one entry at a
 // time, but reading y^T along its rows; entry by entry, the blocked solver's single-row recomputes
-// (its safe log-sum-exp form) took 23 % of a float64 D = 256 blocked draw.
+// (its safe log-sum-exp form) took 23 % of a float64 D = 256 blocked draw. One row at a time, a
+// 4,000 x 4,000 cost at D = 256: 2.8 -> 32 GFLOP/s (float), 2.5 -> 16 (double).
 template <typename T>
 SEGTRANSFER_HOT void cost_tile_rest(const T* x, int64_t rows, int64_t d, const T* yt, int64_t ld, int64_t w, const T* xx,
                                    const T* yy, T* out, int64_t ldo, int64_t r, int64_t wv) {
@@ -64,6 +65,21 @@ SEGTRANSFER_HOT void cost_tile_rest(const T* x, int64_t rows, int64_t d, const T
 }
 
 #ifdef SEGTRANSFER_AVX2_TILES
+// A register block's kR rows of x times -2 (exact: a power of two), interleaved by dimension
+// (xs[kR k + q]), so that each product's factor is one broadcast load: scaling and broadcasting in
+// registers cost a multiply and a shuffle per row and dimension and held the AVX2 kernel to half
+// the FMA rate. The kernels keep xs in a thread-local buffer, read through a local pointer (no
+// thread-local lookup or reload in their loops).
+template <int kR, typename T>
+inline T* interleave_rows(const T* x0, int64_t d) {
+  thread_local std::vector<T> buf;
+  buf.resize(static_cast<size_t>(kR) * d);
+  T* const xs = buf.data();
+  for (int64_t k = 0; k < d; ++k)
+    for (int q = 0; q < kR; ++q) xs[kR * k + q] = T(-2) * x0[q * d + k];
+  return xs;
+}
+
 // The float tile with AVX2 + FMA intrinsics: blocks of 4 rows x 16 columns whose 8 accumulators
 // stay in registers. The portable form below keeps its accumulator arrays on the stack (GCC 12
 // vectorises the column loop but not the arrays away: every fma loads and stores its accumulator),
@@ -78,17 +94,9 @@ __attribute__((target("avx2,fma"))) int64_t cost_tile_avx2(const float* x, int64
                                                              int64_t ldo) {
   constexpr int64_t kW = 16;
   const __m256 zero = _mm256_setzero_ps();
-  // The block's four rows times -2 (exact: a power of two), interleaved by dimension, so that each
-  // product's factor is one broadcast load; scaling and broadcasting in registers cost a multiply
-  // and a shuffle per row and dimension and held the kernel to half the FMA rate.
-  thread_local std::vector<float> xs_buf;
-  xs_buf.resize(static_cast<size_t>(4) * d);
-  float* const xs = xs_buf.data();  // a local pointer: no thread-local lookup or reload in the loops
   int64_t r = 0;
   for (; r + 4 <= rows; r += 4) {
-    const float* x0 = x + r * d;
-    for (int64_t k = 0; k < d; ++k)
-      for (int q = 0; q < 4; ++q) xs[4 * k + q] = -2.0f * x0[q * d + k];
+    const float* const xs = interleave_rows<4>(x + r * d, d);  // the block's rows (see there)
     for (int64_t j0 = 0; j0 < wv; j0 += kW) {
       const float* yb = yp + j0 * d;
       __m256 a[4][2];
@@ -129,14 +137,9 @@ __attribute__((target("avx512f,fma"))) int64_t cost_tile_avx512(const float* x, 
                                                                 const float* yy, float* out, int64_t ldo) {
   constexpr int64_t kW = 16, kR = 8;
   const __m512 zero = _mm512_setzero_ps();
-  thread_local std::vector<float> xs_buf;  // the block's rows times -2, interleaved by dimension
-  xs_buf.resize(static_cast<size_t>(kR) * d);
-  float* const xs = xs_buf.data();
   int64_t r = 0;
   for (; r + kR <= rows; r += kR) {
-    const float* x0 = x + r * d;
-    for (int64_t k = 0; k < d; ++k)
-      for (int q = 0; q < kR; ++q) xs[kR * k + q] = -2.0f * x0[q * d + k];
+    const float* const xs = interleave_rows<kR>(x + r * d, d);
     int64_t j0 = 0;
     // Two groups of 16 columns at a time: 16 independent accumulators, where 8 barely covered the
     // two FMA units' latency (4 cycles x 2), and two loads of y for 16 multiply-adds.
@@ -189,22 +192,17 @@ __attribute__((target("avx512f,fma"))) int64_t cost_tile_avx512(const float* x, 
 
 // The double tile in AVX-512: blocks of 8 rows x 16 columns (two registers a row) on the same
 // packed groups of 16 columns, with the portable form's fma chain per entry: bit-identical to it.
-// That form keeps its accumulators on the stack as the float one did: D = 256, a 5,000 x 5,000
-// cost ran at 42 GFLOP/s on one Zen 5 thread; this one at 83 (the blocked solver's float64
-// passes are mostly this).
+// That form keeps its accumulators on the stack as the float one did: a 4,000 x 4,000 cost in
+// 16-row panels on one Zen 5 thread ran at 59 GFLOP/s (D = 256) and 43 (D = 19); this one at 122
+// and 89 (the blocked solver's float64 passes are mostly this; float: 245 GFLOP/s).
 __attribute__((target("avx512f,fma"))) int64_t cost_tile_avx512_f64(const double* x, int64_t rows, int64_t d,
                                                                     const double* yp, int64_t wv, const double* xx,
                                                                     const double* yy, double* out, int64_t ldo) {
   constexpr int64_t kG = 16, kR = 8;  // a packed group's columns; rows a block
   const __m512d zero = _mm512_setzero_pd();
-  thread_local std::vector<double> xs_buf;  // the block's rows times -2, interleaved by dimension
-  xs_buf.resize(static_cast<size_t>(kR) * d);
-  double* const xs = xs_buf.data();
   int64_t r = 0;
   for (; r + kR <= rows; r += kR) {
-    const double* x0 = x + r * d;
-    for (int64_t k = 0; k < d; ++k)
-      for (int q = 0; q < kR; ++q) xs[kR * k + q] = -2.0 * x0[q * d + k];
+    const double* const xs = interleave_rows<kR>(x + r * d, d);
     for (int64_t j0 = 0; j0 < wv; j0 += kG) {
       const double* yb = yp + j0 * d;
       __m512d a0[kR], a1[kR];
