@@ -334,7 +334,7 @@ class BlockedSolver {
   // round: the captured plan then widens to 700 eps, as the stored solver's pattern does
   // (sinkhorn.cpp; exp(-745) underflows). 805 pixels at cost / eps 2.5e8, D = 256: 9,202 and
   // 31,329 iterations at ~2.5e-3 before the floor's 4.2e-7.
-  void widen_capture() { capture_cut_ = 700.0; }
+  void widen_capture() { capture_cut_ = kWidestCut; }
   bool capture_widened() const { return capture_cut_ > kCaptureCut; }
 
   // Captures the plan at (br, bc) = (log a + f / eps, log b + g / eps) into cap_; false (and cap_
@@ -933,7 +933,7 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
     // The last stage: Sinkhorn down to newton_switch, then Newton; when a Newton round stalls,
     // a Sinkhorn phase (doubling each time) before the next, as in sinkhorn_log.
     double target = 0.5 * opt.tol;
-    int64_t phase = 300;
+    int64_t phase = kFirstPhase;
     // Ends, not converged, once three certified rounds in a row made no progress near float64's
     // resolution at this cost scale, or kStalledRounds anywhere (FloorWatch, kernels.hpp).
     FloorWatch rounds(cmax, eps, 3, kStalledRounds);
@@ -958,12 +958,7 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
             std::copy(g_newton.begin(), g_newton.end(), g);
             estimate = newton_estimate;
           }
-          // Not near float64's floor, where the rounds only have to show three times that they
-          // no longer gain (and where a phase doubled on the way there starts over): phases
-          // doubled there took a draw at cost / eps 8e6 (1,874 points, D = 19) from 1.56e-8 at
-          // iteration 277 to four more rounds of 600 .. 4,800 iterations, each within 0.1 % of
-          // 1.313e-8 (21 s; the stored solver stopped at 231).
-          phase = rounds.near_floor(certified) ? 300 : 2 * phase;
+          phase = next_phase(phase, rounds, certified);
         }
       } else {
         run(eps, target, opt.max_iter);
@@ -987,7 +982,7 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
       }
       if (newton && !rounds.progressed() && !rounds.near_floor(rep.marginal_error) && !solver.capture_widened()) {
         solver.widen_capture();
-        if (debug) std::fprintf(stderr, "  blocked: a round without progress: captured plan widened to 700 eps\n");
+        if (debug) std::fprintf(stderr, "  blocked: a round without progress: captured plan widened to %g eps\n", kWidestCut);
       }
       best.keep(rep, f, n, g, m);
       if (estimate <= target) target *= 0.1;  // the estimate was optimistic: ask more of it

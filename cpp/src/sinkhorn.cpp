@@ -1798,7 +1798,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     cap = opt.overrelaxation;
     // After a futile Newton round, Sinkhorn runs a full phase (ignoring newton_switch) before the
     // next round, and the phase doubles each time: futile rounds then cost O(log iterations).
-    int64_t sinkhorn_phase = 300;
+    int64_t sinkhorn_phase = kFirstPhase;
     bool newton_futile = false;
     FloorWatch rounds(pattern.cost_bound, eps, 4, kStalledRounds);  // Newton rounds, for at_floor
     double refresh_err = std::numeric_limits<double>::infinity();  // the error at the last stale refresh
@@ -1936,10 +1936,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
           // A round that ended on a rejected first step (the truncated problem's Newton system can
           // be inconsistent far from the solution) leaves the work to longer Sinkhorn phases.
           newton_futile = rep.newton_steps - steps_before <= 1 || !rounds.progressed();
-          // Near the floor, where the rounds only have to show that they no longer gain, the phase
-          // is 300 again (blocked.cpp does the same): 400 x 350 points at cost / eps 10^7 spent 300 + 600 +
-          // 1,200 + 2,400 + 4,800 iterations deciding that the error of 9.95e-9 was the floor.
-          if (newton_futile) sinkhorn_phase = rounds.near_floor(err) ? 300 : 2 * sinkhorn_phase;
+          if (newton_futile) sinkhorn_phase = next_phase(sinkhorn_phase, rounds, err);
         }
       } else if (full_fallback && sr == nullptr) {
         full_fallback = false;
@@ -1960,7 +1957,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
       // like Newton rounds (kStalledRounds): far below the paper's scale (cost / eps ~ 5e8, 23 x 18
       // points) the potentials drifted on, the pattern went stale every ~68,000 iterations, and the
       // error sat at 9.662e-3 past 12 million iterations (session 28).
-      if (stale && last && cutoff >= 700.0 * eps && widest_refreshes.stuck(loop_err)) at_floor = true;
+      if (stale && last && cutoff >= kWidestCut * eps && widest_refreshes.stuck(loop_err)) at_floor = true;
       // An intermediate stage that stops progressing hands over: the next stage, and in the end the
       // last one, do what it cannot. A 1,325-pixel draw (D = 64, channel scales 10^-3..10^2, cost /
       // eps ~8e7) sat at 1.43e-2 against its stage_tol of 1e-2 at eps = 25.6, refreshing its pattern
@@ -1976,8 +1973,8 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
         // 3.333e-3 (1/200 x 2 - 1/150) for 50,000 iterations; with a 700 eps cutoff they converged in
         // 1,342. So such a refresh widens the cutoff to 700 eps at once (exp(-745) underflows; a
         // fourfold widening, 120 eps, let the next refresh come only after max_iter).
-        if (last && loop_err > 0.9 * refresh_err && cutoff < 700.0 * eps) {
-          cutoff = 700.0 * eps;
+        if (last && loop_err > 0.9 * refresh_err && cutoff < kWidestCut * eps) {
+          cutoff = kWidestCut * eps;
           if (debug) std::fprintf(stderr, "  no progress since the last refresh: cutoff -> %.0f eps\n", cutoff / eps);
         }
         refresh_err = loop_err;
