@@ -395,41 +395,11 @@ double conditional_entropy(const double* joint, int rows, int cols) {
   return std::max(h, 0.0);  // rounding can leave -1e-17 where the true value is 0
 }
 
+// The solve behind transport_points, on the points as given (transport_points merges their
+// duplicates first).
 template <typename T>
-TransportResult transport_points(const T* x, int64_t n, const T* y, int64_t m, int64_t d, const double* a,
-                                 const double* b, const SinkhornOptions& opt, double memory_budget) {
-  // Bit-identical points solved as one (first_copies), their potentials copied back to each.
-  const std::vector<int64_t> first_x = first_copies(x, n, d, nullptr), first_y = first_copies(y, m, d, nullptr);
-  if (!first_x.empty() || !first_y.empty()) {
-    auto merge = [d](const T* p, int64_t count, const double* w, const std::vector<int64_t>& first,
-                     std::vector<int64_t>& slot, std::vector<T>& points, std::vector<double>& mass) {
-      int64_t distinct = count;
-      if (first.empty()) {
-        slot.resize(count);
-        std::iota(slot.begin(), slot.end(), 0);
-      } else {
-        slot = distinct_slots(first, distinct);
-      }
-      points.resize(static_cast<size_t>(distinct) * d);
-      mass.assign(distinct, 0.0);
-      for (int64_t i = 0; i < count; ++i) {
-        if (first.empty() || first[i] == i) std::copy(p + i * d, p + (i + 1) * d, points.begin() + slot[i] * d);
-        mass[slot[i]] += w != nullptr ? w[i] : 1.0 / count;
-      }
-      return distinct;
-    };
-    std::vector<int64_t> slot_x, slot_y;
-    std::vector<T> xm, ym;
-    std::vector<double> am, bm;
-    const int64_t nm = merge(x, n, a, first_x, slot_x, xm, am), mm = merge(y, m, b, first_y, slot_y, ym, bm);
-    TransportResult res = transport_points(xm.data(), nm, ym.data(), mm, d, am.data(), bm.data(), opt, memory_budget);
-    std::vector<double> f(n), g(m);
-    for (int64_t i = 0; i < n; ++i) f[i] = res.f[slot_x[i]];
-    for (int64_t j = 0; j < m; ++j) g[j] = res.g[slot_y[j]];
-    res.f.swap(f);
-    res.g.swap(g);
-    return res;
-  }
+static TransportResult transport_distinct(const T* x, int64_t n, const T* y, int64_t m, int64_t d, const double* a,
+                                          const double* b, const SinkhornOptions& opt, double memory_budget) {
   const bool grouping = opt.class_balance && static_cast<double>(n) * static_cast<double>(m) >= kGroupingMin;
   check_budget(opt.blocked ? blocked_bytes<T>(n, m, d, opt.num_threads > 0 ? opt.num_threads : 64,
                                               grouping ? kMaxGroups : 1, grouping ? kMaxGroups : 1)
@@ -478,6 +448,44 @@ TransportResult transport_points(const T* x, int64_t n, const T* y, int64_t m, i
   }
   res.transport_cost = res.report.transport_cost;  // from the solver's certifying pass
   return res;
+}
+
+template <typename T>
+TransportResult transport_points(const T* x, int64_t n, const T* y, int64_t m, int64_t d, const double* a,
+                                 const double* b, const SinkhornOptions& opt, double memory_budget) {
+  // Bit-identical points solved as one (first_copies), their potentials copied back to each.
+  const std::vector<int64_t> first_x = first_copies(x, n, d, nullptr), first_y = first_copies(y, m, d, nullptr);
+  if (!first_x.empty() || !first_y.empty()) {
+    auto merge = [d](const T* p, int64_t count, const double* w, const std::vector<int64_t>& first,
+                     std::vector<int64_t>& slot, std::vector<T>& points, std::vector<double>& mass) {
+      int64_t distinct = count;
+      if (first.empty()) {
+        slot.resize(count);
+        std::iota(slot.begin(), slot.end(), 0);
+      } else {
+        slot = distinct_slots(first, distinct);
+      }
+      points.resize(static_cast<size_t>(distinct) * d);
+      mass.assign(distinct, 0.0);
+      for (int64_t i = 0; i < count; ++i) {
+        if (first.empty() || first[i] == i) std::copy(p + i * d, p + (i + 1) * d, points.begin() + slot[i] * d);
+        mass[slot[i]] += w != nullptr ? w[i] : 1.0 / count;
+      }
+      return distinct;
+    };
+    std::vector<int64_t> slot_x, slot_y;
+    std::vector<T> xm, ym;
+    std::vector<double> am, bm;
+    const int64_t nm = merge(x, n, a, first_x, slot_x, xm, am), mm = merge(y, m, b, first_y, slot_y, ym, bm);
+    TransportResult res = transport_distinct(xm.data(), nm, ym.data(), mm, d, am.data(), bm.data(), opt, memory_budget);
+    std::vector<double> f(n), g(m);
+    for (int64_t i = 0; i < n; ++i) f[i] = res.f[slot_x[i]];
+    for (int64_t j = 0; j < m; ++j) g[j] = res.g[slot_y[j]];
+    res.f.swap(f);
+    res.g.swap(g);
+    return res;
+  }
+  return transport_distinct(x, n, y, m, d, a, b, opt, memory_budget);
 }
 
 template <typename T>
