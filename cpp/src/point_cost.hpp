@@ -267,24 +267,21 @@ SEGTRANSFER_HOT void cost_tile(const T* x, int64_t rows, int64_t d, const T* yt,
   constexpr int64_t kW = std::is_same<T, float>::value ? 16 : 32;  // float: cost_tile_avx2's width too
   const int64_t wv = d > 0 ? w - w % kW : 0;
 #ifdef SEGTRANSFER_AVX2_TILES
-  if (std::is_same<T, double>::value && yp != nullptr && avx512_tiles_available()) {
-    const int64_t w16 = d > 0 ? w - w % 16 : 0;
-    const int64_t r = cost_tile_avx512_f64(reinterpret_cast<const double*>(x), rows, d,
-                                           reinterpret_cast<const double*>(yp), w16,
-                                           reinterpret_cast<const double*>(xx), reinterpret_cast<const double*>(yy),
-                                           reinterpret_cast<double*>(out), ldo);
-    cost_tile_rest(x, r, d, yt, ld, w, xx, yy, out, ldo, r, w16);
-    // Rows left over from the 8-row blocks (panels of fewer rows: the blocked solver's single rows
-    // and column panels) take the portable 4-row blocks, not the one-entry-at-a-time loop.
-    if (r < rows) cost_tile(x + r * d, rows - r, d, yt, ld, w, xx + r, yy, out + r * ldo, ldo, static_cast<const T*>(nullptr));
-    return;
+  // The intrinsics kernels, on packed groups of 16 columns: `covered`, the rows their blocks took.
+  int64_t covered = -1;
+  const int64_t w16 = d > 0 ? w - w % 16 : 0;
+  if constexpr (std::is_same<T, double>::value) {
+    if (yp != nullptr && avx512_tiles_available()) covered = cost_tile_avx512_f64(x, rows, d, yp, w16, xx, yy, out, ldo);
+  } else {
+    if (yp != nullptr && avx2_tiles_available())
+      covered = (avx512_tiles_available() ? &cost_tile_avx512 : &cost_tile_avx2)(x, rows, d, yp, w16, xx, yy, out, ldo);
   }
-  if (std::is_same<T, float>::value && yp != nullptr && avx2_tiles_available()) {
-    const auto tile = avx512_tiles_available() ? &cost_tile_avx512 : &cost_tile_avx2;
-    const int64_t r = tile(reinterpret_cast<const float*>(x), rows, d, reinterpret_cast<const float*>(yp), wv,
-                           reinterpret_cast<const float*>(xx), reinterpret_cast<const float*>(yy),
-                           reinterpret_cast<float*>(out), ldo);
-    cost_tile_rest(x, rows, d, yt, ld, w, xx, yy, out, ldo, r, wv);
+  if (covered >= 0) {
+    const int64_t r = covered;
+    cost_tile_rest(x, r, d, yt, ld, w, xx, yy, out, ldo, r, w16);  // their rows' columns past w16
+    // Rows left over from the register blocks (panels of fewer rows: the blocked solver's single
+    // rows) take the portable blocks below.
+    if (r < rows) cost_tile(x + r * d, rows - r, d, yt, ld, w, xx + r, yy, out + r * ldo, ldo, static_cast<const T*>(nullptr));
     return;
   }
 #endif
