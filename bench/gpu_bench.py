@@ -11,10 +11,11 @@ W_D, and the OTCE score from the joint label table, so that "same accuracy" mean
   thread (the solver's allocations are its own, invisible to torch's allocator). Draw 0 is re-solved by
   ``st.sinkhorn(device="cuda")`` and by the CPU solver, and both potentials go through the evaluator.
   The GPU solver polishes the last epsilon stage with Newton's method (the default).
-- segtransfer-sinkhorn, segtransfer-laststage, segtransfer-dense (not in the default list; they run last): the
-  same with Sinkhorn only (``SEGTRANSFER_CUDA_NEWTON=0``, the GPU solver before session 23), with Newton on
-  the last stage only (``SEGTRANSFER_CUDA_STAGE_NEWTON=0``), or with Newton's CG products over the dense
-  plan instead of its pattern (``SEGTRANSFER_CUDA_SPARSE=0``).
+- segtransfer-sinkhorn, segtransfer-laststage, segtransfer-dense, segtransfer-ilp4 (not in the default list;
+  they run last): the same with Sinkhorn only (``SEGTRANSFER_CUDA_NEWTON=0``, the GPU solver before session
+  23), with Newton on the last stage only (``SEGTRANSFER_CUDA_STAGE_NEWTON=0``), with Newton's CG products
+  over the dense plan instead of its pattern (``SEGTRANSFER_CUDA_SPARSE=0``), or with four log-sum-exp
+  chains a thread in the Sinkhorn half-steps (``SEGTRANSFER_CUDA_ILP=4``, session 31, not yet run).
 - torch-plain: the textbook log-domain Sinkhorn (alternating ``logsumexp`` half-steps on a stored cost),
   float64, all K problems batched, error checked every 10 iterations, stopped at segtransfer's worst
   marginal error or at the time budget.
@@ -135,19 +136,20 @@ def time_otce(torch, st, args, prob, contender: str) -> tuple[dict, object]:
     return out, res
 
 
-VARIANTS = {  # contender: (environment switch, label)
-    "segtransfer-sinkhorn": ("SEGTRANSFER_CUDA_NEWTON", "segtransfer (cuda, Sinkhorn only)"),
-    "segtransfer-laststage": ("SEGTRANSFER_CUDA_STAGE_NEWTON", "segtransfer (cuda, Newton on the last stage only)"),
-    "segtransfer-dense": ("SEGTRANSFER_CUDA_SPARSE", "segtransfer (cuda, Newton's CG products dense)"),
+VARIANTS = {  # contender: (environment switch, its value, label)
+    "segtransfer-sinkhorn": ("SEGTRANSFER_CUDA_NEWTON", "0", "segtransfer (cuda, Sinkhorn only)"),
+    "segtransfer-laststage": ("SEGTRANSFER_CUDA_STAGE_NEWTON", "0", "segtransfer (cuda, Newton on the last stage only)"),
+    "segtransfer-dense": ("SEGTRANSFER_CUDA_SPARSE", "0", "segtransfer (cuda, Newton's CG products dense)"),
+    "segtransfer-ilp4": ("SEGTRANSFER_CUDA_ILP", "4", "segtransfer (cuda, 4 log-sum-exp chains a thread)"),
 }
 
 
 def run_segtransfer_variant(torch, st, args, prob, variant: str) -> dict:
-    """segtransfer on the GPU with one of its switches off (VARIANTS), all K draws."""
+    """segtransfer on the GPU with one of its switches set (VARIANTS), all K draws."""
     import os
 
-    env, label = VARIANTS[variant]
-    os.environ[env] = "0"
+    env, value, label = VARIANTS[variant]
+    os.environ[env] = value
     try:
         return time_otce(torch, st, args, prob, label)[0]
     finally:
@@ -334,7 +336,7 @@ def main(argv=None) -> int:
             try:
                 r = run_segtransfer_variant(torch, st, args, problem(args, dim), variant)
             except Exception as exc:  # noqa: BLE001 - report and go on
-                r = {"contender": VARIANTS[variant][1], "status": f"failed: {type(exc).__name__}: {exc}"}
+                r = {"contender": VARIANTS[variant][2], "status": f"failed: {type(exc).__name__}: {exc}"}
             case.append(r)
             print(json.dumps(r), flush=True)
             if args.out:

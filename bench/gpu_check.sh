@@ -17,6 +17,7 @@
 # Session 23's last run (2 min 10 s): STEPS="build tests memcheck bench" and BENCH_ARGS adding
 #   "--contenders segtransfer torch-plain pot geomloss segtransfer-dense segtransfer-laststage", with
 #   SEGTRANSFER_DEBUG=1 for the per-stage trace in gpu_bench.log (bench/RESULTS.md, "GPU, session 23").
+# Next run: add segtransfer-ilp4 to those contenders (session 31's opt-in half-steps; docs/cuda.md).
 #   STEPS         which steps to run, in this order (default "build tests memcheck bench racecheck ncu")
 set -u
 cd "$(dirname "$0")/.."

@@ -10,8 +10,9 @@
 //   stage_features   finiteness check of every valid pixel + gather of the sampled rows into
 //                    contiguous (K, n, D) / (K, m, D) buffers (on the device for device inputs, on
 //                    the host + one upload for host inputs)
-//   mean_kernel      per-problem joint mean of the n + m points (double)
-//   centre_kernel    subtract it in place, squared norms in double
+//   mean_kernel      per-problem mean of each side's points (double)
+//   centre_kernel    subtract each side's own mean in place; squared norms and the separable part of
+//                    the cost that the centring removes (added back to W_D and the potentials), in double
 //   cost_kernel      C = max(0, |x|^2 + |y|^2 - 2 x.y): 16 x 16 shared-memory tiles, FMA accumulation in
 //                    the storage type (no tensor cores, hence no TF32)
 //   max_kernel       largest cost per problem (start of the epsilon schedule)
@@ -42,6 +43,7 @@
 
 #include "batch_solver.hpp"
 #include "overrelaxation.hpp"
+#include "schedule.hpp"
 #include "segtransfer/errors.hpp"
 
 namespace segtransfer::cuda {
@@ -349,49 +351,65 @@ __global__ void gather_kernel(const Tin* data, int64_t pixels, int64_t dim, int6
   }
 }
 
-// mean[k, d] = mean of channel d over the n rows of xs[k] and the m rows of xt[k], in double.
+// mean[k, d] = mean of channel d over the rows of x[k] (one side of problem k), in double.
 // grid (ceil(dim / 32), K), block (32, kMeanRows).
 template <typename T>
-__global__ void mean_kernel(const T* __restrict__ xs, const T* __restrict__ xt, int64_t n, int64_t m,
-                            int64_t dim, double* __restrict__ mean) {
+__global__ void mean_kernel(const T* __restrict__ x, int64_t rows, int64_t dim, double* __restrict__ mean) {
   __shared__ double part[kMeanRows][kWarp];
   const int64_t k = blockIdx.y;
   const int64_t d = static_cast<int64_t>(blockIdx.x) * kWarp + threadIdx.x;
   double acc = 0.0;
   if (d < dim) {
-    const T* x = xs + k * n * dim;
-    const T* y = xt + k * m * dim;
-    for (int64_t r = threadIdx.y; r < n; r += kMeanRows) acc += static_cast<double>(x[r * dim + d]);
-    for (int64_t r = threadIdx.y; r < m; r += kMeanRows) acc += static_cast<double>(y[r * dim + d]);
+    const T* xk = x + k * rows * dim;
+    for (int64_t r = threadIdx.y; r < rows; r += kMeanRows) acc += static_cast<double>(xk[r * dim + d]);
   }
   part[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
   if (threadIdx.y == 0 && d < dim) {
     double total = 0.0;
     for (int t = 0; t < kMeanRows; ++t) total += part[t][threadIdx.x];
-    mean[k * dim + d] = total / static_cast<double>(n + m);
+    mean[k * dim + d] = total / static_cast<double>(rows);
   }
 }
 
-// x[k, r] -= mean[k] (in double, rounded to T), norm[k, r] = |x[k, r]|^2 of the rounded values.
-// grid (ceil(rows / kRowWarps), K), block kRowThreads.
+// Centres one side of every problem on its own mean (the CPU path's centre_sides, otce.cpp): with
+// delta = mean_s - mean_t, |x_i - y_j|^2 = |x~_i - y~_j|^2 + r_i + c_j, r_i = 2 x~_i . delta + |delta|^2,
+// c_j = -2 y~_j . delta. The solver runs on the cost of the centred points, whose float32 rounding
+// follows the points' spread rather than the distance between the two sets (the potentials absorb r
+// and c; the host adds them back to W_D and the returned potentials).
+//   x[k, r] -= own_mean[k] (in double, rounded to T); norm[k, r] = |x[k, r]|^2 of the rounded values;
+//   offset[k, r] = scale (x[k, r] - own_mean[k]) . delta[k] (unrounded differences) + (with_dd ? |delta[k]|^2 : 0)
+// scale 2 with_dd for the source side, scale -2 for the target side. grid (ceil(rows / kRowWarps), K),
+// block kRowThreads.
 template <typename T>
-__global__ void centre_kernel(T* __restrict__ x, int64_t rows, int64_t dim, const double* __restrict__ mean,
-                              double* __restrict__ norm) {
+__global__ void centre_kernel(T* __restrict__ x, int64_t rows, int64_t dim, const double* __restrict__ own_mean,
+                              const double* __restrict__ mean_s, const double* __restrict__ mean_t, double scale,
+                              bool with_dd, double* __restrict__ norm, double* __restrict__ offset) {
   const int lane = threadIdx.x % kWarp;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;
   const int64_t k = blockIdx.y;
   if (r >= rows) return;  // warp-uniform
   T* row = x + (k * rows + r) * dim;
-  const double* mu = mean + k * dim;
-  double acc = 0.0;
+  const double* mu = own_mean + k * dim;
+  const double* ms = mean_s + k * dim;
+  const double* mt = mean_t + k * dim;
+  double acc = 0.0, dot = 0.0, dd = 0.0;
   for (int64_t d = lane; d < dim; d += kWarp) {
-    const T v = static_cast<T>(static_cast<double>(row[d]) - mu[d]);
-    row[d] = v;
-    acc += static_cast<double>(v) * static_cast<double>(v);
+    const double v = static_cast<double>(row[d]) - mu[d];
+    const double delta = ms[d] - mt[d];
+    const T rounded = static_cast<T>(v);
+    row[d] = rounded;
+    acc += static_cast<double>(rounded) * static_cast<double>(rounded);
+    dot += v * delta;
+    dd += delta * delta;
   }
   acc = warp_sum(acc);
-  if (lane == 0) norm[k * rows + r] = acc;
+  dot = warp_sum(dot);
+  dd = warp_sum(dd);
+  if (lane == 0) {
+    norm[k * rows + r] = acc;
+    offset[k * rows + r] = scale * dot + (with_dd ? dd : 0.0);
+  }
 }
 
 // cost[k, i, j] = max(0, ns[k, i] + nt[k, j] - 2 <xs[k, i], xt[k, j]>). The dot product accumulates in
@@ -450,12 +468,22 @@ __global__ void max_kernel(const T* __restrict__ cost, int64_t per_problem, unsi
     atomicMax(&max_bits[k], static_cast<unsigned long long>(__double_as_longlong(part[0])));
 }
 
+// The Sinkhorn half-steps' online log-sum-exps are chains: each element's update waits for the one
+// before (its running max and sum), and Nsight Compute found the session-23 kernels latency-bound
+// (DRAM at 23-28 % of peak, SM at 55 %). U > 1 gives each thread U independent chains over
+// interleaved elements, whose loads are issued together, merged (lse_merge) before the cross-thread
+// merge. U = 1 is the session-23 loop, element for element. SEGTRANSFER_CUDA_ILP chooses (kIlpDefault
+// unless set); U = 4 is compiled but was not yet run on a GPU (session 31).
+constexpr int kIlpDefault = 1;
+constexpr int kIlpWide = 4;
+
 // f half-step for every row i of every active problem k:
 //   lse_i = log sum_j exp((f_i + g_j - C_ij) / eps + log b_j)      (exponent formed in double)
 //   err_i = a_i |exp(lse_i) - 1|  = |row marginal_i - a_i| of the plan (f, g) before the update
 //   f_i  <- f_i - omega_k eps lse_i     (over-relaxed when omega_k > 1; omega == nullptr: measure only)
-// One warp per row, one pass (online log-sum-exp), butterfly merge. grid (ceil(n / 8), K).
-template <typename T, typename E>
+// One warp per row, one pass (online log-sum-exp; U chains a lane, see kIlpDefault), butterfly
+// merge. grid (ceil(n / 8), K).
+template <typename T, typename E, int U>
 __global__ void row_step_kernel(const T* __restrict__ cost, int64_t n, int64_t m, const double* __restrict__ g,
                                 const double* __restrict__ log_b, const double* __restrict__ a, double eps,
                                 double inv_eps, const int* __restrict__ active, const double* __restrict__ omega,
@@ -468,11 +496,27 @@ __global__ void row_step_kernel(const T* __restrict__ cost, int64_t n, int64_t m
   const T* c = cost + (k * n + i) * m;
   const double* gk = g + k * m;
   const double fi = f[k * n + i];
-  double mx = -INFINITY, s = 0.0;
-  for (int64_t j = lane; j < m; j += kWarp) {
-    const double x = (fi + gk[j] - static_cast<double>(c[j])) * inv_eps + log_b[j];
-    lse_push<E>(mx, s, x);
+  double mxs[U], ss[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    mxs[u] = -INFINITY;
+    ss[u] = 0.0;
   }
+  int64_t j = lane;
+  for (; j + (U - 1) * kWarp < m; j += U * kWarp) {
+    double x[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t q = j + u * kWarp;
+      x[u] = (fi + gk[q] - static_cast<double>(c[q])) * inv_eps + log_b[q];
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) lse_push<E>(mxs[u], ss[u], x[u]);
+  }
+  for (; j < m; j += kWarp) lse_push<E>(mxs[0], ss[0], (fi + gk[j] - static_cast<double>(c[j])) * inv_eps + log_b[j]);
+#pragma unroll
+  for (int u = 1; u < U; ++u) lse_merge(mxs[0], ss[0], mxs[u], ss[u]);
+  double mx = mxs[0], s = ss[0];
   warp_lse(mx, s);
   if (lane == 0) {
     const double lse = mx + log(s);
@@ -483,9 +527,10 @@ __global__ void row_step_kernel(const T* __restrict__ cost, int64_t n, int64_t m
 
 // g half-step, the mirror image over columns, without a transposed copy of C: a block owns 32
 // consecutive columns; its 8 row groups walk rows i = ty, ty + 8, ... reading C[i, j0 .. j0 + 31]
-// (one 128-byte line per warp for float), then the 8 partial log-sum-exps are merged in a fixed order.
+// (one 128-byte line per warp for float; U chains a thread over rows i, i + 8, ..., i + 8 (U - 1), see
+// kIlpDefault), then the 8 partial log-sum-exps are merged in a fixed order.
 // omega == nullptr measures only (certification). grid (ceil(m / 32), K), block (32, 8).
-template <typename T, typename E>
+template <typename T, typename E, int U>
 __global__ void col_step_kernel(const T* __restrict__ cost, int64_t n, int64_t m, const double* __restrict__ f,
                                 const double* __restrict__ log_a, const double* __restrict__ b, double eps,
                                 double inv_eps, const int* __restrict__ active, const double* __restrict__ omega,
@@ -501,10 +546,29 @@ __global__ void col_step_kernel(const T* __restrict__ cost, int64_t n, int64_t m
     gj = g[k * m + j];
     const T* c = cost + k * n * m + j;
     const double* fk = f + k * n;
-    for (int64_t i = ty; i < n; i += kColRows) {
-      const double x = (fk[i] + gj - static_cast<double>(c[i * m])) * inv_eps + log_a[i];
-      lse_push<E>(mx, s, x);
+    double mxs[U], ss[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      mxs[u] = -INFINITY;
+      ss[u] = 0.0;
     }
+    int64_t i = ty;
+    for (; i + (U - 1) * kColRows < n; i += U * kColRows) {
+      double x[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t r = i + u * kColRows;
+        x[u] = (fk[r] + gj - static_cast<double>(c[r * m])) * inv_eps + log_a[r];
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) lse_push<E>(mxs[u], ss[u], x[u]);
+    }
+    for (; i < n; i += kColRows)
+      lse_push<E>(mxs[0], ss[0], (fk[i] + gj - static_cast<double>(c[i * m])) * inv_eps + log_a[i]);
+#pragma unroll
+    for (int u = 1; u < U; ++u) lse_merge(mxs[0], ss[0], mxs[u], ss[u]);
+    mx = mxs[0];
+    s = ss[0];
   }
   part_mx[ty][tx] = mx;
   part_s[ty][tx] = s;
@@ -1211,8 +1275,10 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
   const size_t KN = static_cast<size_t>(K * n), KM = static_cast<size_t>(K * m);
   DeviceBuffer<T> d_cost(static_cast<size_t>(K) * n * m, "cost matrices");
   DeviceBuffer<T> d_xs(KN * D, "source features"), d_xt(KM * D, "target features");
-  DeviceBuffer<double> d_mean(static_cast<size_t>(K * D), "means");
+  DeviceBuffer<double> d_mean_s(static_cast<size_t>(K * D), "source means");
+  DeviceBuffer<double> d_mean_t(static_cast<size_t>(K * D), "target means");
   DeviceBuffer<double> d_ns(KN, "source norms"), d_nt(KM, "target norms");
+  DeviceBuffer<double> d_off_s(KN, "source cost offsets"), d_off_t(KM, "target cost offsets");
   DeviceBuffer<double> d_f(KN, "potentials f"), d_g(KM, "potentials g");
   DeviceBuffer<double> d_err_rows(KN, "row errors"), d_err_cols(KM, "column errors");
   DeviceBuffer<double> d_row_cost(KN, "row costs");
@@ -1228,19 +1294,25 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
   DeviceBuffer<int> d_active(K, "active flags");
   DrainOnExit drain(stream.get());  // destroyed first: queued kernels finish before buffers are freed
 
-  // ---- features: gather the sampled rows, centre each problem on its joint mean, cost, largest cost
+  // ---- features: gather the sampled rows, centre each side of each problem on its own mean, cost,
+  // largest cost
   std::vector<T> stage_s, stage_t;
   stage_any<T>(p.src, p.src_code, p.src_idx, K * n, p.src_name, q, d_xs.get(), stage_s);
   stage_any<T>(p.tgt, p.tgt_code, p.tgt_idx, K * m, p.tgt_name, q, d_xt.get(), stage_t);
 
+  // Each side centred on its own mean (centre_kernel): the cost of the centred points, plus offsets
+  // r (source) and c (target) that the potentials absorb.
   mean_kernel<T><<<dim3(blocks_for(D, kWarp), static_cast<unsigned>(K)), dim3(kWarp, kMeanRows), 0, q.stream()>>>(
-      d_xs.get(), d_xt.get(), n, m, D, d_mean.get());
-  q.launched("mean_kernel");
+      d_xs.get(), n, D, d_mean_s.get());
+  q.launched("mean_kernel (source)");
+  mean_kernel<T><<<dim3(blocks_for(D, kWarp), static_cast<unsigned>(K)), dim3(kWarp, kMeanRows), 0, q.stream()>>>(
+      d_xt.get(), m, D, d_mean_t.get());
+  q.launched("mean_kernel (target)");
   centre_kernel<T><<<dim3(blocks_for(n, kRowWarps), static_cast<unsigned>(K)), kRowThreads, 0, q.stream()>>>(
-      d_xs.get(), n, D, d_mean.get(), d_ns.get());
+      d_xs.get(), n, D, d_mean_s.get(), d_mean_s.get(), d_mean_t.get(), 2.0, true, d_ns.get(), d_off_s.get());
   q.launched("centre_kernel (source)");
   centre_kernel<T><<<dim3(blocks_for(m, kRowWarps), static_cast<unsigned>(K)), kRowThreads, 0, q.stream()>>>(
-      d_xt.get(), m, D, d_mean.get(), d_nt.get());
+      d_xt.get(), m, D, d_mean_t.get(), d_mean_s.get(), d_mean_t.get(), -2.0, false, d_nt.get(), d_off_t.get());
   q.launched("centre_kernel (target)");
   cost_kernel<T><<<dim3(blocks_for(m, kTile), blocks_for(n, kTile), static_cast<unsigned>(K)), dim3(kTile, kTile), 0,
                    q.stream()>>>(d_xs.get(), d_xt.get(), d_ns.get(), d_nt.get(), n, m, D, d_cost.get());
@@ -1252,6 +1324,9 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
   q.launched("max_kernel");
   std::vector<unsigned long long> max_bits(K);
   q.download(max_bits.data(), d_max_bits.get(), K, "cudaMemcpyAsync (largest costs)");
+  std::vector<double> off_s(KN), off_t(KM);
+  q.download(off_s.data(), d_off_s.get(), KN, "cudaMemcpyAsync (source cost offsets)");
+  q.download(off_t.data(), d_off_t.get(), KM, "cudaMemcpyAsync (target cost offsets)");
   q.sync("the cost matrices");
   stage_s = std::vector<T>();  // the uploads are complete: release the host staging copies
   stage_t = std::vector<T>();
@@ -1265,6 +1340,12 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
       throw cost_overflow();
     cmax = std::max(cmax, v);
   }
+  // The offsets overflowing double is the full cost overflowing (as on the CPU).
+  const auto finite = [](const std::vector<double>& v) {
+    return std::all_of(v.begin(), v.end(), [](double e) { return std::isfinite(e); });
+  };
+  if (!finite(off_s) || !finite(off_t))
+    throw cost_overflow();
   if (cmax / o.epsilon > 1e12 || !std::isfinite(1.0 / o.epsilon))
     throw InvalidArgument("epsilon", "is too small for the cost scale (largest cost " + std::to_string(cmax) +
                                          ", cost / epsilon must stay below 1e12)");
@@ -1275,6 +1356,12 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
   for (int64_t j = 0; j < m; ++j) b[j] = p.b != nullptr ? p.b[j] : 1.0 / static_cast<double>(m);
   for (int64_t i = 0; i < n; ++i) log_a[i] = std::log(a[i]);
   for (int64_t j = 0; j < m; ++j) log_b[j] = std::log(b[j]);
+  // W_D's separable part (see centre_kernel and the certifying pass).
+  std::vector<double> shift(K, 0.0);
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t i = 0; i < n; ++i) shift[k] += a[i] * off_s[k * n + i];
+    for (int64_t j = 0; j < m; ++j) shift[k] += b[j] * off_t[k * m + j];
+  }
   q.upload(d_a.get(), a.data(), n, "cudaMemcpyAsync (a)");
   q.upload(d_log_a.get(), log_a.data(), n, "cudaMemcpyAsync (log a)");
   q.upload(d_b.get(), b.data(), m, "cudaMemcpyAsync (b)");
@@ -1284,12 +1371,12 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
   q.zero(d_f.get(), KN * sizeof(double), "cudaMemsetAsync (f)");  // all-zero bits are +0.0
   q.zero(d_g.get(), KM * sizeof(double), "cudaMemsetAsync (g)");
 
-  // ---- epsilon schedule, as on the CPU: from the largest cost down by scaling_factor, then epsilon.
-  // One schedule for the whole batch, from the largest cost of all problems (a problem with smaller
-  // costs spends an iteration or two in the extra early stages).
+  // ---- epsilon schedule, as on the CPU (epsilon_grid, schedule.hpp): the grid epsilon / factor^k from
+  // the first stage at or above the largest cost, then epsilon. One schedule for the whole batch, from
+  // the largest cost of all problems (a problem with smaller costs spends an iteration or two in the
+  // extra early stages).
   std::vector<double> schedule;
-  if (o.eps_scaling)
-    for (double e = cmax; e > o.epsilon; e *= o.scaling_factor) schedule.push_back(e);
+  if (o.eps_scaling) schedule = epsilon_grid(cmax, o.epsilon, o.scaling_factor);
   schedule.push_back(o.epsilon);
 
   BatchResult res;
@@ -1313,6 +1400,13 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
   auto last_poll = start;
   // SEGTRANSFER_DEBUG: a line per stage / Newton round on stderr (what the CPU solvers print too).
   const bool debug = std::getenv("SEGTRANSFER_DEBUG") != nullptr;
+  // The Sinkhorn half-steps' chains a thread (see kIlpDefault): SEGTRANSFER_CUDA_ILP=4 or 1.
+  const char* ilp_env = std::getenv("SEGTRANSFER_CUDA_ILP");
+  const int ilp = ilp_env != nullptr ? std::atoi(ilp_env) : kIlpDefault;
+  if (ilp != 1 && ilp != kIlpWide)
+    throw InvalidArgument("SEGTRANSFER_CUDA_ILP", "must be 1 or " + std::to_string(kIlpWide) + ", got '" +
+                                                      std::string(ilp_env) + "'");
+  const bool wide_chains = ilp == kIlpWide;
   auto trace = [&](const char* what, double eps) {
     if (!debug) return;
     int64_t it = 0;
@@ -1350,13 +1444,27 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
   // One iteration (row then column half-step) on the active problems, exponentials in X's precision.
   auto half_steps = [&](auto precision, double eps, double inv_eps) {
     using X = decltype(precision);
-    row_step_kernel<T, X><<<dim3(blocks_for(n, kRowWarps), static_cast<unsigned>(K)), kRowThreads, 0, q.stream()>>>(
-        d_cost.get(), n, m, d_g.get(), d_log_b.get(), d_a.get(), eps, inv_eps, d_active.get(), d_omega.get(),
-        d_f.get(), d_err_rows.get());
+    const dim3 row_grid(blocks_for(n, kRowWarps), static_cast<unsigned>(K));
+    const dim3 col_grid(blocks_for(m, kColCols), static_cast<unsigned>(K)), col_block(kColCols, kColRows);
+    if (wide_chains) {
+      row_step_kernel<T, X, kIlpWide><<<row_grid, kRowThreads, 0, q.stream()>>>(
+          d_cost.get(), n, m, d_g.get(), d_log_b.get(), d_a.get(), eps, inv_eps, d_active.get(), d_omega.get(),
+          d_f.get(), d_err_rows.get());
+    } else {
+      row_step_kernel<T, X, 1><<<row_grid, kRowThreads, 0, q.stream()>>>(
+          d_cost.get(), n, m, d_g.get(), d_log_b.get(), d_a.get(), eps, inv_eps, d_active.get(), d_omega.get(),
+          d_f.get(), d_err_rows.get());
+    }
     q.launched("row_step_kernel");
-    col_step_kernel<T, X><<<dim3(blocks_for(m, kColCols), static_cast<unsigned>(K)), dim3(kColCols, kColRows), 0,
-                            q.stream()>>>(d_cost.get(), n, m, d_f.get(), d_log_a.get(), d_b.get(), eps, inv_eps,
-                                          d_active.get(), d_omega.get(), d_g.get(), d_err_cols.get());
+    if (wide_chains) {
+      col_step_kernel<T, X, kIlpWide><<<col_grid, col_block, 0, q.stream()>>>(
+          d_cost.get(), n, m, d_f.get(), d_log_a.get(), d_b.get(), eps, inv_eps, d_active.get(), d_omega.get(),
+          d_g.get(), d_err_cols.get());
+    } else {
+      col_step_kernel<T, X, 1><<<col_grid, col_block, 0, q.stream()>>>(
+          d_cost.get(), n, m, d_f.get(), d_log_a.get(), d_b.get(), eps, inv_eps, d_active.get(), d_omega.get(),
+          d_g.get(), d_err_cols.get());
+    }
     q.launched("col_step_kernel");
   };
 
@@ -1496,7 +1604,7 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
         d_cost.get(), n, m, d_f.get(), d_g.get(), d_log_a.get(), d_log_b.get(), d_a.get(), inv_eps, d_col_start.get(),
         cc, d_row_joint.get(), d_err_rows.get(), d_row_cost.get());
     q.launched("summary_row_kernel");
-    col_step_kernel<T, double><<<dim3(blocks_for(m, kColCols), static_cast<unsigned>(K)), dim3(kColCols, kColRows), 0,
+    col_step_kernel<T, double, 1><<<dim3(blocks_for(m, kColCols), static_cast<unsigned>(K)), dim3(kColCols, kColRows), 0,
                                  q.stream()>>>(d_cost.get(), n, m, d_f.get(), d_log_a.get(), d_b.get(), eps, inv_eps,
                                                nullptr, nullptr, d_g.get(), d_err_cols.get());
     q.launched("col_step_kernel (measure)");
@@ -1519,7 +1627,10 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
     q.sync("the certifying pass");
     for (int64_t k = 0; k < K; ++k) {
       res.marginal_error[k] = err[k] + err2[k];
-      res.transport_cost[k] = wd[k];
+      // <pi, C> = <pi, C~> + sum_i (pi 1)_i r_i + sum_j (pi^T 1)_j c_j, with the marginals a and b
+      // standing in for the plan's (as on the CPU: off by at most max(|r|, |c|) times the marginal
+      // error, the uncertainty that error leaves on <pi, C> anyway).
+      res.transport_cost[k] = wd[k] + shift[k];
       res.converged[k] = res.marginal_error[k] <= o.tol ? 1 : 0;
     }
   };
@@ -1602,6 +1713,10 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
     q.download(res.g.data(), d_g.get(), KM, "cudaMemcpyAsync (g)");
   }
   q.sync("the end of the solve");
+  if (p.want_potentials) {  // the potentials of the cost of the points as given (see centre_kernel)
+    for (size_t e = 0; e < KN; ++e) res.f[e] += off_s[e];
+    for (size_t e = 0; e < KM; ++e) res.g[e] += off_t[e];
+  }
   return res;
 }
 

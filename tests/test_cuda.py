@@ -1,9 +1,10 @@
 """The CUDA backend: placement rules and zero-copy plumbing (run everywhere), and the GPU solver against the
 CPU solver (marked ``gpu``; skipped unless ``segtransfer.cuda_available()``).
 
-The ``gpu`` tests ran on an H200 on 2026-12-04 (``bench/gpu_check.sh``, sessions 22 and 23): all pass at
-the current design, except the two written after the device time was spent (timeout, Ctrl-C), which have
-not run on a GPU yet. See docs/cuda.md.
+The ``gpu`` tests ran on an H200 on 2026-12-04 (``bench/gpu_check.sh``, sessions 22 and 23): all passed.
+Not yet run on a GPU: the two written after that device time was spent (timeout, Ctrl-C), and session
+31's (far-apart float32 sets, the opt-in wide chains), written for changes made while no GPU was lent.
+See docs/cuda.md.
 """
 
 from __future__ import annotations
@@ -299,6 +300,25 @@ def test_gpu_matches_cpu_float32(epsilon):
 
 @pytest.mark.gpu
 @requires_gpu
+@pytest.mark.parametrize("shift", [100.0, 1000.0, 3000.0])
+def test_gpu_float32_sets_far_apart_keep_the_accuracy_of_their_spread(shift):
+    """The target shifted by `shift` in every channel: the GPU centres each side on its own mean, as the
+    CPU does (test_otce.py's test of the same name derives the bound), so float32 rounds costs of the
+    size the points' spread gives, not shift^2 d. Its float32 scores against the CPU's float64 ones on
+    the same draws, and W_D, whose separable part the host adds back in float64. (Not yet run on a GPU:
+    written in session 31, when none was lent.)"""
+    xs, ys, xt, yt = _data(dtype=np.float32)
+    xt = (xt + shift).astype(np.float32)
+    kw = dict(n_pixels=200, repeats=2, epsilon=0.1)
+    cuda = st.otce(xs, ys, xt, yt, device="cuda", tol=1e-6, **kw)
+    cpu64 = st.otce(xs.astype(np.float64), ys, xt.astype(np.float64), yt, device="cpu", tol=1e-10, **kw)
+    assert cuda.dtype == "float32" and cuda.all_converged and cpu64.all_converged
+    np.testing.assert_allclose(cuda.scores, cpu64.scores, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(cuda.transport_cost, cpu64.transport_cost, rtol=2e-6)
+
+
+@pytest.mark.gpu
+@requires_gpu
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("sparse", ["1", "0"])
 def test_gpu_newton_matches_cpu(monkeypatch, dtype, sparse):
@@ -328,6 +348,32 @@ def test_gpu_large_batch_matches_cpu(monkeypatch, stage_newton):
     assert cpu.all_converged and cuda.all_converged, (cpu.marginal_error, cuda.marginal_error)
     np.testing.assert_allclose(cuda.scores, cpu.scores, rtol=0, atol=1e-7)
     np.testing.assert_allclose(cuda.transport_cost, cpu.transport_cost, rtol=1e-7)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_gpu_wide_chains_match_cpu(monkeypatch, dtype):
+    """SEGTRANSFER_CUDA_ILP=4: four independent log-sum-exp chains a thread in the Sinkhorn half-steps
+    (session 31; compiled, not yet run on a GPU), against the CPU, at sizes that leave a tail after the
+    unrolled loops (203 and 197 points: multiples of neither 4 x 32 nor 4 x 8); an unknown value is
+    refused naming the variable."""
+    monkeypatch.setenv("SEGTRANSFER_CUDA_ILP", "4")
+    xs, ys, xt, yt = _data(dtype=dtype)
+    tol, atol = (1e-10, 1e-8) if dtype == np.float64 else (1e-6, 1e-4)
+    cpu = st.otce(xs, ys, xt, yt, n_pixels=203, repeats=3, epsilon=0.3, tol=tol, device="cpu")
+    rng = np.random.default_rng(7)
+    cuda = st.otce(xs, ys, xt, yt, n_pixels=203, repeats=3, epsilon=0.3, tol=tol, device="cuda")
+    assert cuda.all_converged, cuda.marginal_error
+    np.testing.assert_allclose(cuda.scores, cpu.scores, rtol=0, atol=atol)
+    x, y = rng.normal(size=(203, 4)).astype(dtype), (rng.normal(size=(197, 4)) + 0.5).astype(dtype)
+    one = st.sinkhorn(x, y, epsilon=0.2, tol=tol, device="cuda")
+    ref = st.sinkhorn(x, y, epsilon=0.2, tol=tol, device="cpu")
+    assert one.converged
+    np.testing.assert_allclose(one.transport_cost, ref.transport_cost, rtol=1e-6)
+    monkeypatch.setenv("SEGTRANSFER_CUDA_ILP", "3")
+    with pytest.raises(ValueError, match="SEGTRANSFER_CUDA_ILP"):
+        st.sinkhorn(x, y, epsilon=0.2, device="cuda")
 
 
 @pytest.mark.gpu

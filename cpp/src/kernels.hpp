@@ -20,6 +20,7 @@
 #include "clones.hpp"
 #include "lse_avx2.hpp"
 #include "overrelaxation.hpp"
+#include "schedule.hpp"
 #include "prefetch.hpp"
 #include "lse_avx512.hpp"
 
@@ -79,14 +80,7 @@ inline std::vector<double> stage_schedule(double cmax, const SinkhornOptions& op
     if (opt.schedule_from > 0) {
       for (double e = opt.schedule_from; e > opt.epsilon; e *= opt.scaling_factor) schedule.push_back(e);
     } else {
-      // The stages sit on the grid epsilon / factor^k, from the first at or above the largest cost:
-      // the last stage then always follows a whole step. Starting the grid at the largest cost left
-      // that step anywhere in (factor, 1] by the cost's scale: centring each side of the points on its
-      // own mean (otce.cpp) moved it on the benchmark's draws, and K = 10 at N = 10^4 took 137.6 ->
-      // 153.5 iterations a draw at D = 19; on this grid 127.4 (D = 256: 105.5 -> 106.4), and the
-      // mid-size draws mostly fewer (the demo's 23.6 -> 23.8; RESULTS.md, session 26).
-      const double k = std::ceil(std::log(cmax / opt.epsilon) / std::log(1.0 / opt.scaling_factor) - 1e-9);
-      for (double j = k; j >= 1; --j) schedule.push_back(opt.epsilon * std::pow(1.0 / opt.scaling_factor, j));
+      schedule = epsilon_grid(cmax, opt.epsilon, opt.scaling_factor);
     }
   }
   schedule.push_back(opt.epsilon);

@@ -32,8 +32,8 @@ inline double cuda_workspace_bytes(int64_t repeats, int64_t n, int64_t m, int64_
   double bytes = 0.0;
   bytes += K * N * M * t;                                  // cost matrices, one per repeat
   bytes += K * (N + M) * D * t;                            // gathered, centred features
-  bytes += K * D * 8.0;                                    // joint means
-  bytes += K * (N + M) * 8.0 * 3;                          // squared norms; potentials f, g and their snapshot
+  bytes += K * D * 8.0 * 2;                                // each side's mean
+  bytes += K * (N + M) * 8.0 * 4;                          // squared norms, cost offsets; f, g and their snapshot
   bytes += K * (N + M) * 8.0;                              // per-row / per-column errors
   bytes += K * N * 8.0;                                    // per-row transport cost
   bytes += K * N * static_cast<double>(col_classes) * 8.0;  // per-row mass by target class
