@@ -378,6 +378,30 @@ class BlockedSolver {
     return true;
   }
 
+  // Whether a captured plan of every row is at hand (the last Newton call may have run without one).
+  bool captured_all_rows() const {
+    if (static_cast<int>(cap_.size()) != lanes_) return false;
+    for (int lane = 0; lane < lanes_; ++lane)
+      if (static_cast<int64_t>(cap_[lane].ptr.size()) != lane_start(lane + 1) - lane_start(lane) + 1) return false;
+    return true;
+  }
+  // Calls visit(i, j) for every entry of the captured plan (captured_all_rows).
+  template <typename Visit>
+  void captured_entries(const Visit& visit) const {
+    for (int lane = 0; lane < lanes_; ++lane) {
+      const CapturedLane& L = cap_[lane];
+      const int64_t r0 = lane_start(lane);
+      for (size_t r = 0; r + 1 < L.ptr.size(); ++r)
+        for (int64_t k = L.ptr[r]; k < L.ptr[r + 1]; ++k) visit(r0 + static_cast<int64_t>(r), L.col[k]);
+    }
+  }
+  // Row i of the cost, computed into buf (m values).
+  const T* cost_row(int64_t i, std::vector<T>& buf) const {
+    buf.resize(m_);
+    C_.rows(i, i + 1, buf.data());
+    return buf.data();
+  }
+
   // out_i = sum_j p_ij V_j (and out2_i = sum_j p_ij^2 V2_j) on the captured plan.
   void captured_rows(const double* V, const double* V2, double* out, double* out2) const {
     const int threads = lane_threads();
@@ -937,6 +961,7 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
     // Ends, not converged, once three certified rounds in a row made no progress near float64's
     // resolution at this cost scale, or kStalledRounds anywhere (FloorWatch, kernels.hpp).
     FloorWatch rounds(cmax, eps, 3, kStalledRounds);
+    int shifts = 0;  // shift_imbalanced_component's
     BestCertificate best;
     double certified = kPosInf;  // the last round's certificate
     for (;;) {
@@ -980,9 +1005,22 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
         best.restore(rep, f, n, g);
         break;
       }
-      if (newton && !rounds.progressed() && !rounds.near_floor(rep.marginal_error) && !solver.capture_widened()) {
-        solver.widen_capture();
-        if (debug) std::fprintf(stderr, "  blocked: a round without progress: captured plan widened to %g eps\n", kWidestCut);
+      if (newton && !rounds.progressed() && !rounds.near_floor(rep.marginal_error)) {
+        // A round without progress may face a component of the captured plan whose masses do not
+        // balance (shift_imbalanced_component, kernels.hpp), as in the stored solver; otherwise the
+        // captured plan widens.
+        std::vector<T> row;
+        const auto entries = [&](const auto& visit) { solver.captured_entries(visit); };
+        if (shifts < kComponentShifts && solver.captured_all_rows() &&
+            shift_imbalanced_component(n, m, a, b, std::max(0.25 * opt.tol, 0.1 * rep.marginal_error), entries,
+                                       [&](int64_t i) { return solver.cost_row(i, row); }, f, g, debug)) {
+          ++shifts;
+          rounds = FloorWatch(cmax, eps, 3, kStalledRounds);
+          phase = kFirstPhase;
+        } else if (!solver.capture_widened()) {
+          solver.widen_capture();
+          if (debug) std::fprintf(stderr, "  blocked: a round without progress: captured plan widened to %g eps\n", kWidestCut);
+        }
       }
       best.keep(rep, f, n, g, m);
       if (estimate <= target) target *= 0.1;  // the estimate was optimistic: ask more of it

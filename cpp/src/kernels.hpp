@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <limits>
+#include <numeric>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -254,6 +256,119 @@ constexpr double kDampingCutBelow = 1e-7;
 inline double next_damping(double lambda, double t, bool ascent, double err_try, double err) {
   if (!ascent && err < kDampingCutBelow && err_try > 0.99 * err) return lambda > 1e-9 ? lambda * 1e-3 : 0.0;
   return t == 1.0 ? (lambda > 1e-6 ? lambda / 3.0 : 0.0) : std::max(1e-4, 2.0 * lambda);
+}
+
+// The dual steps of the Hungarian algorithm, for a last stage stalled on points whose masses do not
+// balance. Near the unregularised limit (cost / eps >~ 10^6) the pattern's plan can fall apart into
+// components joined only by entries beyond any kernel's reach (below e^-700 even at the widest
+// cutoff). A component whose rows hold more mass than its columns (or less) cannot then reach its
+// marginals by any iteration on the pattern, Newton's included: the error sits at the imbalance,
+// since moving that mass needs the component's potentials shifted against the rest's by far more
+// than Sinkhorn moves them. A 1,795-pixel draw (D = 8, cost / eps 8.6e6) sat at one point's mass
+// (249 rows against 248 columns, the next entry out 1.9e5 eps away) for 50,000 iterations (session 31).
+// `entries(visit)` calls visit(i, j) for every entry of the pattern (Newton's captured plan in the
+// blocked solver); `cost_row(i)` returns row i of the cost (m values, valid until the next call).
+// Finds the components of those entries. While the most imbalanced one holds more than
+// `min_imbalance`, shifts its potentials by the least amount that makes one entry leaving it as tight
+// as the best entry of that entry's row (column) inside it: f + delta on its rows and g - delta on
+// its columns when it is short of columns, the mirror when it is short of rows. Entries inside keep
+// their values, and no entry outside becomes tighter than its row's (column's) best one inside. The
+// component then takes in the one that entry reaches (the Hungarian tree grows), until its imbalance
+// falls to `min_imbalance` or changes sign (at most kComponentMerges times). Returns whether it
+// shifted; the pattern must be rebuilt then.
+constexpr int kComponentShifts = 8;    // calls a stage at most (each followed by a new pattern)
+constexpr int kComponentMerges = 64;   // shifts a call at most
+template <typename Entries, typename CostRow>
+bool shift_imbalanced_component(int64_t n, int64_t m, const double* a, const double* b, double min_imbalance,
+                                const Entries& entries, const CostRow& cost_row, double* f, double* g, bool debug) {
+  std::vector<int64_t> comp(n + m);  // union-find over rows 0..n-1 and columns n..n+m-1, then labels
+  std::iota(comp.begin(), comp.end(), int64_t{0});
+  const auto find = [&comp](int64_t v) {
+    while (comp[v] != v) v = comp[v] = comp[comp[v]];
+    return v;
+  };
+  entries([&](int64_t i, int64_t j) {
+    const int64_t r = find(i), c = find(n + j);
+    if (r != c) comp[r] = c;
+  });
+  for (int64_t v = 0; v < n + m; ++v) comp[v] = find(v);
+  std::vector<double> imbalance(n + m, 0.0);  // by component label: row mass - column mass
+  for (int64_t i = 0; i < n; ++i) imbalance[comp[i]] += a[i];
+  for (int64_t j = 0; j < m; ++j) imbalance[comp[n + j]] -= b[j];
+  int64_t worst = -1;
+  for (int64_t v = 0; v < n + m; ++v)
+    if (comp[v] == v && (worst < 0 || std::fabs(imbalance[v]) > std::fabs(imbalance[worst]))) worst = v;
+  if (worst < 0) return false;
+  const bool short_of_columns = imbalance[worst] > 0;
+  const double sign = short_of_columns ? 1.0 : -1.0;
+  std::vector<double> in(m), out(m);
+  int merges = 0;
+  double total = 0.0;
+  while (merges < kComponentMerges && sign * imbalance[worst] > min_imbalance) {
+    double delta = kPosInf;
+    int64_t reach = -1;  // the node outside that the tightened entry reaches
+    if (short_of_columns) {
+      // Per row inside: its best entry outside against its best inside (f_i cancels).
+      for (int64_t i = 0; i < n; ++i) {
+        if (comp[i] != worst) continue;
+        const auto* c = cost_row(i);
+        double best_in = kPosInf, best_out = kPosInf;
+        int64_t j_out = -1;
+        for (int64_t j = 0; j < m; ++j) {
+          const double r = static_cast<double>(c[j]) - g[j];
+          if (comp[n + j] == worst) {
+            best_in = std::min(best_in, r);
+          } else if (r < best_out) {
+            best_out = r;
+            j_out = j;
+          }
+        }
+        if (j_out >= 0 && best_out - best_in < delta) {
+          delta = best_out - best_in;
+          reach = n + j_out;
+        }
+      }
+    } else {
+      // Per column inside: its best entry outside against its best inside (g_j cancels), row by row.
+      std::fill(in.begin(), in.end(), kPosInf);
+      std::fill(out.begin(), out.end(), kPosInf);
+      std::vector<int64_t> i_out(m, -1);
+      for (int64_t i = 0; i < n; ++i) {
+        const auto* c = cost_row(i);
+        const bool row_in = comp[i] == worst;
+        for (int64_t j = 0; j < m; ++j) {
+          if (comp[n + j] != worst) continue;
+          const double r = static_cast<double>(c[j]) - f[i];
+          if (row_in) {
+            in[j] = std::min(in[j], r);
+          } else if (r < out[j]) {
+            out[j] = r;
+            i_out[j] = i;
+          }
+        }
+      }
+      for (int64_t j = 0; j < m; ++j)
+        if (comp[n + j] == worst && i_out[j] >= 0 && out[j] - in[j] < delta) {
+          delta = out[j] - in[j];
+          reach = i_out[j];
+        }
+    }
+    if (reach < 0 || !(delta > 0) || !std::isfinite(delta)) break;
+    for (int64_t i = 0; i < n; ++i)
+      if (comp[i] == worst) f[i] += sign * delta;
+    for (int64_t j = 0; j < m; ++j)
+      if (comp[n + j] == worst) g[j] -= sign * delta;
+    ++merges;
+    total += delta;
+    const int64_t other = comp[reach];
+    for (int64_t v = 0; v < n + m; ++v)
+      if (comp[v] == other) comp[v] = worst;
+    imbalance[worst] += imbalance[other];
+  }
+  if (debug && merges > 0)
+    std::fprintf(stderr, "  component short of %s: %d shifts (%.4g in all), imbalance now %.3e\n",
+                 short_of_columns ? "columns" : "rows", merges, total, std::fabs(imbalance[worst]));
+  return merges > 0;
 }
 
 // The best certificate of a last stage's rounds and its potentials, shared by the stored and the

@@ -1801,6 +1801,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     int64_t sinkhorn_phase = kFirstPhase;
     bool newton_futile = false;
     FloorWatch rounds(pattern.cost_bound, eps, 4, kStalledRounds);  // Newton rounds, for at_floor
+    int shifts = 0;  // shift_imbalanced_component's, this stage
     double refresh_err = std::numeric_limits<double>::infinity();  // the error at the last stale refresh
     double certified = std::numeric_limits<double>::infinity();    // the last certificate that missed tol
     // Rounds of this loop (a pattern, a solve, a certificate) that did no work: no iteration (a Newton
@@ -1929,13 +1930,33 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
           // rejected steps a round, and the next Sinkhorn phase must then run in full). Four such
           // rounds in a row (Sinkhorn phases of 300, 600, 1200 and 2400 iterations between them) near
           // the noise floor end the stage, as do kStalledRounds such rounds anywhere.
-          if (rounds.stuck(err)) {
-            at_floor = true;
-            break;
-          }
+          const bool stuck = rounds.stuck(err);
           // A round that ended on a rejected first step (the truncated problem's Newton system can
           // be inconsistent far from the solution) leaves the work to longer Sinkhorn phases.
           newton_futile = rep.newton_steps - steps_before <= 1 || !rounds.progressed();
+          // On the widest pattern, a futile round may face a component whose masses do not balance
+          // (shift_imbalanced_component): its potentials are shifted and the pattern rebuilt, and
+          // the stage goes on afresh. At most kComponentShifts times a stage.
+          if (newton_futile && shifts < kComponentShifts &&
+              shift_imbalanced_component(
+                  n, m, a, b, std::max(0.25 * opt.tol, 0.1 * err),
+                  [&](const auto& visit) {
+                    for (int64_t i = 0; i < n; ++i)
+                      for (int64_t k = rows.ptr[i]; k < rows.ptr[i + 1]; ++k) visit(i, rows.col[k]);
+                  },
+                  [&](int64_t i) { return cost.data() + i * m; }, f, g, debug)) {
+            ++shifts;
+            stale = true;
+            refresh_err = std::numeric_limits<double>::infinity();
+            rounds = FloorWatch(pattern.cost_bound, eps, 4, kStalledRounds);
+            newton_futile = false;
+            sinkhorn_phase = kFirstPhase;
+            break;
+          }
+          if (stuck) {
+            at_floor = true;
+            break;
+          }
           if (newton_futile) sinkhorn_phase = next_phase(sinkhorn_phase, rounds, err);
         }
       } else if (full_fallback && sr == nullptr) {

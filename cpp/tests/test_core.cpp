@@ -1869,6 +1869,63 @@ static void test_floor_watch() {
   CHECK(!low.stuck(1e-14) && !low.stuck(1e-14) && low.stuck(1e-14));      // near the floor: patience 2
 }
 
+// shift_imbalanced_component: the most imbalanced component of the entries gets the Hungarian dual
+// steps, exactly: the least shift that makes an entry leaving it as tight as its row's (column's)
+// best entry inside, then the same for the component grown by the one that entry reaches, until the
+// imbalance is down to min_imbalance. Components here (n = m = 5, uniform masses): A = rows {0, 1, 2}
+// + column {0} (+2/5, short of columns), B = row {3} + columns {1, 2}, C = row {4} + columns {3, 4}
+// (-1/5 each).
+static void test_component_shift() {
+  const int64_t n = 5, m = 5;
+  const std::vector<double> a(n, 0.2), b(m, 0.2);
+  const std::vector<std::pair<int64_t, int64_t>> pairs = {{0, 0}, {1, 0}, {2, 0}, {3, 1}, {3, 2}, {4, 3}, {4, 4}};
+  const auto entries = [&](const auto& visit) {
+    for (const auto& [i, j] : pairs) visit(i, j);
+  };
+  const std::vector<double> C = {0, 5, 7, 9, 9,  //
+                                 1, 4, 9, 9, 9,  //
+                                 2, 9, 9, 3.5, 9,  //
+                                 9, 0, 0, 9, 9,  //
+                                 9, 9, 9, 0, 0};
+  std::vector<double> f(n, 0.0), g(m, 0.0);
+  const auto row = [&](int64_t i) { return C.data() + i * m; };
+  // Rows 0, 1, 2 leave A at 5 - 0, 4 - 1, 3.5 - 2 above their best inside: the shift is 1.5, by row
+  // 2's entry into C. A + C is short by 1/5, within 0.25: done.
+  CHECK(shift_imbalanced_component(n, m, a.data(), b.data(), 0.25, entries, row, f.data(), g.data(), false));
+  CHECK(f[0] == 1.5 && f[1] == 1.5 && f[2] == 1.5 && f[3] == 0.0 && f[4] == 0.0);
+  CHECK(g[0] == -1.5 && g[1] == 0.0 && g[2] == 0.0 && g[3] == 0.0 && g[4] == 0.0);
+  // With 0.05 the grown component A + C takes a second step: its rows leave it at 5 - 1.5, 4 - 2.5,
+  // 9 - 3.5 and 9 - 0 above their best inside (now g_0 = -1.5), so 1.5 again, into B: balanced.
+  std::fill(f.begin(), f.end(), 0.0);
+  std::fill(g.begin(), g.end(), 0.0);
+  CHECK(shift_imbalanced_component(n, m, a.data(), b.data(), 0.05, entries, row, f.data(), g.data(), false));
+  CHECK(f[0] == 3.0 && f[1] == 3.0 && f[2] == 3.0 && f[3] == 0.0 && f[4] == 1.5);
+  CHECK(g[0] == -3.0 && g[1] == 0.0 && g[2] == 0.0 && g[3] == -1.5 && g[4] == -1.5);
+  // Below min_imbalance (2/5 here), nothing moves.
+  std::fill(f.begin(), f.end(), 0.0);
+  std::fill(g.begin(), g.end(), 0.0);
+  CHECK(!shift_imbalanced_component(n, m, a.data(), b.data(), 0.5, entries, row, f.data(), g.data(), false));
+  CHECK(std::all_of(f.begin(), f.end(), [](double v) { return v == 0.0; }));
+  CHECK(std::all_of(g.begin(), g.end(), [](double v) { return v == 0.0; }));
+  // The mirror image (the transposed problem): A is short of rows, the shift goes to its columns.
+  std::vector<double> Ct(n * m);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < m; ++j) Ct[j * n + i] = C[i * m + j];
+  const auto entries_t = [&](const auto& visit) {
+    for (const auto& [i, j] : pairs) visit(j, i);
+  };
+  const auto row_t = [&](int64_t i) { return Ct.data() + i * n; };
+  CHECK(shift_imbalanced_component(n, m, a.data(), b.data(), 0.25, entries_t, row_t, f.data(), g.data(), false));
+  CHECK(g[0] == 1.5 && g[1] == 1.5 && g[2] == 1.5 && g[3] == 0.0 && g[4] == 0.0);
+  CHECK(f[0] == -1.5 && f[1] == 0.0 && f[2] == 0.0 && f[3] == 0.0 && f[4] == 0.0);
+  // One component holding everything (balanced): nothing to do.
+  const auto all = [&](const auto& visit) {
+    for (int64_t i = 0; i < n; ++i) visit(i, i);
+    for (int64_t i = 0; i + 1 < n; ++i) visit(i, i + 1);
+  };
+  CHECK(!shift_imbalanced_component(n, m, a.data(), b.data(), 0.0, all, row, f.data(), g.data(), false));
+}
+
 // The certificates add what float64 rounding can hide (certificate_rounding): 2 (4 M + terms + 8)
 // 2^-53 with M = (max|C| + max|f| + max|g|) / eps; non-finite potentials make it non-finite. A
 // solve asked for a tol below that floor can then never report converged (early_exits checks it).
@@ -2010,6 +2067,7 @@ int main(int argc, char** argv) {
       {"transport_grouping", test_transport_grouping},
       {"otce_grouping", test_otce_grouping},
       {"floor_watch", test_floor_watch},
+      {"component_shift", test_component_shift},
       {"certificate_rounding", test_certificate_rounding},
       {"early_exits", test_early_exits},
       {"stall_backoff", test_stall_backoff},
