@@ -385,14 +385,14 @@ class BlockedSolver {
       if (static_cast<int64_t>(cap_[lane].ptr.size()) != lane_start(lane + 1) - lane_start(lane) + 1) return false;
     return true;
   }
-  // Calls visit(i, j) for every entry of the captured plan (captured_all_rows).
+  // Calls visit(i, j, p_ij) for every entry of the captured plan (captured_all_rows).
   template <typename Visit>
   void captured_entries(const Visit& visit) const {
     for (int lane = 0; lane < lanes_; ++lane) {
       const CapturedLane& L = cap_[lane];
       const int64_t r0 = lane_start(lane);
       for (size_t r = 0; r + 1 < L.ptr.size(); ++r)
-        for (int64_t k = L.ptr[r]; k < L.ptr[r + 1]; ++k) visit(r0 + static_cast<int64_t>(r), L.col[k]);
+        for (int64_t k = L.ptr[r]; k < L.ptr[r + 1]; ++k) visit(r0 + static_cast<int64_t>(r), L.col[k], L.val[k]);
     }
   }
   // Row i of the cost, computed into buf (m values).
@@ -1005,19 +1005,26 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
         best.restore(rep, f, n, g);
         break;
       }
-      if (newton && !rounds.progressed() && !rounds.near_floor(rep.marginal_error)) {
+      if (newton && !rounds.progressed()) {
         // A round without progress may face a component of the captured plan whose masses do not
-        // balance (shift_imbalanced_component, kernels.hpp), as in the stored solver; otherwise the
-        // captured plan widens.
+        // balance (shift_imbalanced_component, kernels.hpp), as in the stored solver (also within
+        // FloorWatch's generous reach of the floor: at cost / eps 1e10 that is errors up to 2.7e-3);
+        // otherwise, away from the floor, the captured plan widens.
         std::vector<T> row;
-        const auto entries = [&](const auto& visit) { solver.captured_entries(visit); };
+        // The entries that can carry mass (kCarryingCut, kernels.hpp).
+        const double carrying = std::exp(-kCarryingCut);
+        const auto entries = [&](const auto& visit) {
+          solver.captured_entries([&](int64_t i, int64_t j, double p) {
+            if (p >= carrying * std::min(a[i], b[j])) visit(i, j);
+          });
+        };
         if (shifts < kComponentShifts && solver.captured_all_rows() &&
             shift_imbalanced_component(n, m, a, b, std::max(0.25 * opt.tol, 0.1 * rep.marginal_error), entries,
                                        [&](int64_t i) { return solver.cost_row(i, row); }, f, g, debug)) {
           ++shifts;
           rounds = FloorWatch(cmax, eps, 3, kStalledRounds);
           phase = kFirstPhase;
-        } else if (!solver.capture_widened()) {
+        } else if (!rounds.near_floor(rep.marginal_error) && !solver.capture_widened()) {
           solver.widen_capture();
           if (debug) std::fprintf(stderr, "  blocked: a round without progress: captured plan widened to %g eps\n", kWidestCut);
         }

@@ -261,23 +261,27 @@ inline double next_damping(double lambda, double t, bool ascent, double err_try,
 // The dual steps of the Hungarian algorithm, for a last stage stalled on points whose masses do not
 // balance. Near the unregularised limit (cost / eps >~ 10^6) the pattern's plan can fall apart into
 // components joined only by entries beyond any kernel's reach (below e^-700 even at the widest
-// cutoff). A component whose rows hold more mass than its columns (or less) cannot then reach its
-// marginals by any iteration on the pattern, Newton's included: the error sits at the imbalance,
-// since moving that mass needs the component's potentials shifted against the rest's by far more
-// than Sinkhorn moves them. A 1,795-pixel draw (D = 8, cost / eps 8.6e6) sat at one point's mass
-// (249 rows against 248 columns, the next entry out 1.9e5 eps away) for 50,000 iterations (session 31).
+// cutoff). A component whose rows hold more mass than its columns cannot then reach its marginals
+// by any iteration on the pattern, Newton's included: the error sits at the imbalance, since moving
+// that mass needs the component's potentials shifted against the rest's by far more than Sinkhorn
+// moves them. A 1,795-pixel draw (D = 8, cost / eps 8.6e6) sat at one point's mass (249 rows against
+// 248 columns, the next entry out 1.9e5 eps away) for 50,000 iterations (session 31).
 // `entries(visit)` calls visit(i, j) for every entry of the pattern (Newton's captured plan in the
 // blocked solver); `cost_row(i)` returns row i of the cost (m values, valid until the next call).
-// Finds the components of those entries. While the most imbalanced one holds more than
-// `min_imbalance`, shifts its potentials by the least amount that makes one entry leaving it as tight
-// as the best entry of that entry's row (column) inside it: f + delta on its rows and g - delta on
-// its columns when it is short of columns, the mirror when it is short of rows. Entries inside keep
-// their values, and no entry outside becomes tighter than its row's (column's) best one inside. The
-// component then takes in the one that entry reaches (the Hungarian tree grows), until its imbalance
-// falls to `min_imbalance` or changes sign (at most kComponentMerges times). Returns whether it
-// shifted; the pattern must be rebuilt then.
-constexpr int kComponentShifts = 8;    // calls a stage at most (each followed by a new pattern)
-constexpr int kComponentMerges = 64;   // shifts a call at most
+// Finds the components of those entries and grows the one whose rows hold the most mass more than
+// its columns, if by more than `min_imbalance`, as the Hungarian algorithm grows its tree: shift the
+// tree's potentials (f + delta on its rows, g - delta on its columns) by the least amount that makes
+// an entry leaving it as tight as the best entry inside of that entry's row, and take in the
+// component that entry reaches; until the tree's imbalance is down to `min_imbalance` (or below 0).
+// A component short of rows needs no mirror: the masses sum to the same on both sides, so some
+// component is then short of columns, and its growth reaches the other. Entries inside the tree keep
+// their values, and no entry leaving it becomes tighter than its row's best inside. Each row is read
+// once (cost_row), when it joins. Returns whether it shifted; the pattern must be rebuilt then.
+constexpr int kComponentShifts = 8;  // calls a stage at most (each followed by a new pattern)
+// The entries that join components: plan values above e^-kCarryingCut of min(a_i, b_j). Below that an
+// entry carries no mass the rounds can move (a 1-D draw at cost / eps 1e10 kept an error of 3e-3
+// with every component of its 700 eps pattern balanced; session 31).
+constexpr double kCarryingCut = 40.0;
 template <typename Entries, typename CostRow>
 bool shift_imbalanced_component(int64_t n, int64_t m, const double* a, const double* b, double min_imbalance,
                                 const Entries& entries, const CostRow& cost_row, double* f, double* g, bool debug) {
@@ -297,78 +301,57 @@ bool shift_imbalanced_component(int64_t n, int64_t m, const double* a, const dou
   for (int64_t j = 0; j < m; ++j) imbalance[comp[n + j]] -= b[j];
   int64_t worst = -1;
   for (int64_t v = 0; v < n + m; ++v)
-    if (comp[v] == v && (worst < 0 || std::fabs(imbalance[v]) > std::fabs(imbalance[worst]))) worst = v;
-  if (worst < 0) return false;
-  const bool short_of_columns = imbalance[worst] > 0;
-  const double sign = short_of_columns ? 1.0 : -1.0;
-  std::vector<double> in(m), out(m);
-  int merges = 0;
-  double total = 0.0;
-  while (merges < kComponentMerges && sign * imbalance[worst] > min_imbalance) {
-    double delta = kPosInf;
-    int64_t reach = -1;  // the node outside that the tightened entry reaches
-    if (short_of_columns) {
-      // Per row inside: its best entry outside against its best inside (f_i cancels).
-      for (int64_t i = 0; i < n; ++i) {
-        if (comp[i] != worst) continue;
-        const auto* c = cost_row(i);
-        double best_in = kPosInf, best_out = kPosInf;
-        int64_t j_out = -1;
-        for (int64_t j = 0; j < m; ++j) {
-          const double r = static_cast<double>(c[j]) - g[j];
-          if (comp[n + j] == worst) {
-            best_in = std::min(best_in, r);
-          } else if (r < best_out) {
-            best_out = r;
-            j_out = j;
-          }
-        }
-        if (j_out >= 0 && best_out - best_in < delta) {
-          delta = best_out - best_in;
-          reach = n + j_out;
-        }
-      }
-    } else {
-      // Per column inside: its best entry outside against its best inside (g_j cancels), row by row.
-      std::fill(in.begin(), in.end(), kPosInf);
-      std::fill(out.begin(), out.end(), kPosInf);
-      std::vector<int64_t> i_out(m, -1);
-      for (int64_t i = 0; i < n; ++i) {
-        const auto* c = cost_row(i);
-        const bool row_in = comp[i] == worst;
-        for (int64_t j = 0; j < m; ++j) {
-          if (comp[n + j] != worst) continue;
-          const double r = static_cast<double>(c[j]) - f[i];
-          if (row_in) {
-            in[j] = std::min(in[j], r);
-          } else if (r < out[j]) {
-            out[j] = r;
-            i_out[j] = i;
-          }
-        }
-      }
-      for (int64_t j = 0; j < m; ++j)
-        if (comp[n + j] == worst && i_out[j] >= 0 && out[j] - in[j] < delta) {
-          delta = out[j] - in[j];
-          reach = i_out[j];
-        }
-    }
-    if (reach < 0 || !(delta > 0) || !std::isfinite(delta)) break;
-    for (int64_t i = 0; i < n; ++i)
-      if (comp[i] == worst) f[i] += sign * delta;
+    if (comp[v] == v && (worst < 0 || imbalance[v] > imbalance[worst])) worst = v;
+  if (worst < 0 || !(imbalance[worst] > min_imbalance)) return false;
+  // The tree: its nodes with the total shift at which each joined (it is shifted by what comes
+  // after); slack[j] for a column outside: min over the tree's rows i of (C_ij - g_j) - (row i's best
+  // inside), plus the total at i's joining, so that its current value is slack[j] - total.
+  std::vector<char> in_tree(n + m, 0);
+  std::vector<double> joined(n + m, 0.0), slack(m, kPosInf);
+  double total = 0.0, excess = 0.0;
+  int64_t outside = m, steps = 0;
+  const auto take_in = [&](int64_t label) {
     for (int64_t j = 0; j < m; ++j)
-      if (comp[n + j] == worst) g[j] -= sign * delta;
-    ++merges;
-    total += delta;
-    const int64_t other = comp[reach];
-    for (int64_t v = 0; v < n + m; ++v)
-      if (comp[v] == other) comp[v] = worst;
-    imbalance[worst] += imbalance[other];
+      if (comp[n + j] == label) {
+        in_tree[n + j] = 1;
+        joined[n + j] = total;
+        slack[j] = kPosInf;
+        --outside;
+      }
+    for (int64_t i = 0; i < n; ++i) {
+      if (comp[i] != label) continue;
+      in_tree[i] = 1;
+      joined[i] = total;
+      const auto* c = cost_row(i);
+      double best_in = kPosInf;  // with the tree's columns' current potentials
+      for (int64_t j = 0; j < m; ++j)
+        if (in_tree[n + j]) best_in = std::min(best_in, static_cast<double>(c[j]) - (g[j] - (total - joined[n + j])));
+      if (!std::isfinite(best_in)) continue;  // a row without columns inside: leads nowhere
+      for (int64_t j = 0; j < m; ++j)
+        if (!in_tree[n + j]) slack[j] = std::min(slack[j], static_cast<double>(c[j]) - g[j] - best_in + total);
+    }
+    excess += imbalance[label];
+  };
+  take_in(worst);
+  while (excess > min_imbalance && outside > 0) {
+    int64_t reach = -1;
+    for (int64_t j = 0; j < m; ++j)
+      if (!in_tree[n + j] && (reach < 0 || slack[j] < slack[reach])) reach = j;
+    const double delta = slack[reach] - total;
+    if (!std::isfinite(delta)) break;
+    total += std::max(0.0, delta);
+    ++steps;
+    take_in(comp[n + reach]);
   }
-  if (debug && merges > 0)
-    std::fprintf(stderr, "  component short of %s: %d shifts (%.4g in all), imbalance now %.3e\n",
-                 short_of_columns ? "columns" : "rows", merges, total, std::fabs(imbalance[worst]));
-  return merges > 0;
+  if (!(total > 0)) return false;
+  for (int64_t i = 0; i < n; ++i)
+    if (in_tree[i]) f[i] += total - joined[i];
+  for (int64_t j = 0; j < m; ++j)
+    if (in_tree[n + j]) g[j] -= total - joined[n + j];
+  if (debug)
+    std::fprintf(stderr, "  component short of columns by %.3e: %lld shifts (%.4g in all), tree now short by %.3e\n",
+                 imbalance[worst], static_cast<long long>(steps), total, excess);
+  return true;
 }
 
 // The best certificate of a last stage's rounds and its potentials, shared by the stored and the

@@ -1941,8 +1941,14 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
               shift_imbalanced_component(
                   n, m, a, b, std::max(0.25 * opt.tol, 0.1 * err),
                   [&](const auto& visit) {
+                    // Entries that can carry mass in a round: plan values above e^-kCarryingCut of
+                    // min(a_i, b_j) (the pattern keeps all within the cutoff, up to 700 eps).
                     for (int64_t i = 0; i < n; ++i)
-                      for (int64_t k = rows.ptr[i]; k < rows.ptr[i + 1]; ++k) visit(i, rows.col[k]);
+                      for (int64_t k = rows.ptr[i]; k < rows.ptr[i + 1]; ++k) {
+                        const int32_t j = rows.col[k];
+                        const double r = (static_cast<double>(rows.val[k]) - f[i] - g[j]) / eps;
+                        if (r <= kCarryingCut + std::max(log_a[i], log_b[j])) visit(i, j);
+                      }
                   },
                   [&](int64_t i) { return cost.data() + i * m; }, f, g, debug)) {
             ++shifts;

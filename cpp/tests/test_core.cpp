@@ -1869,12 +1869,11 @@ static void test_floor_watch() {
   CHECK(!low.stuck(1e-14) && !low.stuck(1e-14) && low.stuck(1e-14));      // near the floor: patience 2
 }
 
-// shift_imbalanced_component: the most imbalanced component of the entries gets the Hungarian dual
-// steps, exactly: the least shift that makes an entry leaving it as tight as its row's (column's)
-// best entry inside, then the same for the component grown by the one that entry reaches, until the
-// imbalance is down to min_imbalance. Components here (n = m = 5, uniform masses): A = rows {0, 1, 2}
-// + column {0} (+2/5, short of columns), B = row {3} + columns {1, 2}, C = row {4} + columns {3, 4}
-// (-1/5 each).
+// shift_imbalanced_component: the component most short of columns grows as the Hungarian tree does,
+// exactly: the least shift that makes an entry leaving it as tight as its row's best entry inside,
+// then the same for the tree grown by the component that entry reaches, until the imbalance is down
+// to min_imbalance. Components here (n = m = 5, uniform masses): A = rows {0, 1, 2} + column {0}
+// (+2/5, short of columns), B = row {3} + columns {1, 2}, C = row {4} + columns {3, 4} (-1/5 each).
 static void test_component_shift() {
   const int64_t n = 5, m = 5;
   const std::vector<double> a(n, 0.2), b(m, 0.2);
@@ -1894,8 +1893,8 @@ static void test_component_shift() {
   CHECK(shift_imbalanced_component(n, m, a.data(), b.data(), 0.25, entries, row, f.data(), g.data(), false));
   CHECK(f[0] == 1.5 && f[1] == 1.5 && f[2] == 1.5 && f[3] == 0.0 && f[4] == 0.0);
   CHECK(g[0] == -1.5 && g[1] == 0.0 && g[2] == 0.0 && g[3] == 0.0 && g[4] == 0.0);
-  // With 0.05 the grown component A + C takes a second step: its rows leave it at 5 - 1.5, 4 - 2.5,
-  // 9 - 3.5 and 9 - 0 above their best inside (now g_0 = -1.5), so 1.5 again, into B: balanced.
+  // With 0.05 the tree A + C takes a second step: row 1's entry into B, 4 - 1 = 3 above its best
+  // inside, now 3 - 1.5 = 1.5 away (row 4's are 9): 1.5 more for A, 1.5 for C (joined at 1.5).
   std::fill(f.begin(), f.end(), 0.0);
   std::fill(g.begin(), g.end(), 0.0);
   CHECK(shift_imbalanced_component(n, m, a.data(), b.data(), 0.05, entries, row, f.data(), g.data(), false));
@@ -1907,17 +1906,21 @@ static void test_component_shift() {
   CHECK(!shift_imbalanced_component(n, m, a.data(), b.data(), 0.5, entries, row, f.data(), g.data(), false));
   CHECK(std::all_of(f.begin(), f.end(), [](double v) { return v == 0.0; }));
   CHECK(std::all_of(g.begin(), g.end(), [](double v) { return v == 0.0; }));
-  // The mirror image (the transposed problem): A is short of rows, the shift goes to its columns.
+  // The transposed problem with row masses (0.2, 0.25, 0.25, 0.15, 0.15): A' (row 0, columns 0-2) is
+  // short of rows by 0.4, B' (rows 1, 2, column 3) short of columns by 0.3, C' (rows 3, 4, column 4)
+  // by 0.1. B' grows: its rows leave it at 4 (row 1 into column 1) and 7 above their best: 4, into
+  // A'; then short of rows, so done.
   std::vector<double> Ct(n * m);
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < m; ++j) Ct[j * n + i] = C[i * m + j];
+  const std::vector<double> at = {0.2, 0.25, 0.25, 0.15, 0.15};
   const auto entries_t = [&](const auto& visit) {
     for (const auto& [i, j] : pairs) visit(j, i);
   };
   const auto row_t = [&](int64_t i) { return Ct.data() + i * n; };
-  CHECK(shift_imbalanced_component(n, m, a.data(), b.data(), 0.25, entries_t, row_t, f.data(), g.data(), false));
-  CHECK(g[0] == 1.5 && g[1] == 1.5 && g[2] == 1.5 && g[3] == 0.0 && g[4] == 0.0);
-  CHECK(f[0] == -1.5 && f[1] == 0.0 && f[2] == 0.0 && f[3] == 0.0 && f[4] == 0.0);
+  CHECK(shift_imbalanced_component(n, m, at.data(), b.data(), 0.25, entries_t, row_t, f.data(), g.data(), false));
+  CHECK(f[0] == 0.0 && f[1] == 4.0 && f[2] == 4.0 && f[3] == 0.0 && f[4] == 0.0);
+  CHECK(g[0] == 0.0 && g[1] == 0.0 && g[2] == 0.0 && g[3] == -4.0 && g[4] == 0.0);
   // One component holding everything (balanced): nothing to do.
   const auto all = [&](const auto& visit) {
     for (int64_t i = 0; i < n; ++i) visit(i, i);
