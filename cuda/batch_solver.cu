@@ -477,6 +477,32 @@ __global__ void max_kernel(const T* __restrict__ cost, int64_t per_problem, unsi
 constexpr int kIlpDefault = 1;
 constexpr int kIlpWide = 4;
 
+// The online log-sum-exp (mx, s) of term(e) over e = first, first + stride, ... < count, in U chains
+// (element e in chain ((e - first) / stride) % U up to the tail, which goes to chain 0), merged.
+template <typename E, int U, typename Term>
+__device__ __forceinline__ void chained_lse(int64_t first, int64_t stride, int64_t count, const Term& term,
+                                            double& mx, double& s) {
+  double mxs[U], ss[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    mxs[u] = -INFINITY;
+    ss[u] = 0.0;
+  }
+  int64_t e = first;
+  for (; e + (U - 1) * stride < count; e += U * stride) {
+    double x[U];  // all loads before the chains' updates
+#pragma unroll
+    for (int u = 0; u < U; ++u) x[u] = term(e + u * stride);
+#pragma unroll
+    for (int u = 0; u < U; ++u) lse_push<E>(mxs[u], ss[u], x[u]);
+  }
+  for (; e < count; e += stride) lse_push<E>(mxs[0], ss[0], term(e));
+#pragma unroll
+  for (int u = 1; u < U; ++u) lse_merge(mxs[0], ss[0], mxs[u], ss[u]);
+  mx = mxs[0];
+  s = ss[0];
+}
+
 // f half-step for every row i of every active problem k:
 //   lse_i = log sum_j exp((f_i + g_j - C_ij) / eps + log b_j)      (exponent formed in double)
 //   err_i = a_i |exp(lse_i) - 1|  = |row marginal_i - a_i| of the plan (f, g) before the update
@@ -496,27 +522,9 @@ __global__ void row_step_kernel(const T* __restrict__ cost, int64_t n, int64_t m
   const T* c = cost + (k * n + i) * m;
   const double* gk = g + k * m;
   const double fi = f[k * n + i];
-  double mxs[U], ss[U];
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    mxs[u] = -INFINITY;
-    ss[u] = 0.0;
-  }
-  int64_t j = lane;
-  for (; j + (U - 1) * kWarp < m; j += U * kWarp) {
-    double x[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t q = j + u * kWarp;
-      x[u] = (fi + gk[q] - static_cast<double>(c[q])) * inv_eps + log_b[q];
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) lse_push<E>(mxs[u], ss[u], x[u]);
-  }
-  for (; j < m; j += kWarp) lse_push<E>(mxs[0], ss[0], (fi + gk[j] - static_cast<double>(c[j])) * inv_eps + log_b[j]);
-#pragma unroll
-  for (int u = 1; u < U; ++u) lse_merge(mxs[0], ss[0], mxs[u], ss[u]);
-  double mx = mxs[0], s = ss[0];
+  double mx, s;
+  chained_lse<E, U>(
+      lane, kWarp, m, [&](int64_t j) { return (fi + gk[j] - static_cast<double>(c[j])) * inv_eps + log_b[j]; }, mx, s);
   warp_lse(mx, s);
   if (lane == 0) {
     const double lse = mx + log(s);
@@ -546,29 +554,9 @@ __global__ void col_step_kernel(const T* __restrict__ cost, int64_t n, int64_t m
     gj = g[k * m + j];
     const T* c = cost + k * n * m + j;
     const double* fk = f + k * n;
-    double mxs[U], ss[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      mxs[u] = -INFINITY;
-      ss[u] = 0.0;
-    }
-    int64_t i = ty;
-    for (; i + (U - 1) * kColRows < n; i += U * kColRows) {
-      double x[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int64_t r = i + u * kColRows;
-        x[u] = (fk[r] + gj - static_cast<double>(c[r * m])) * inv_eps + log_a[r];
-      }
-#pragma unroll
-      for (int u = 0; u < U; ++u) lse_push<E>(mxs[u], ss[u], x[u]);
-    }
-    for (; i < n; i += kColRows)
-      lse_push<E>(mxs[0], ss[0], (fk[i] + gj - static_cast<double>(c[i * m])) * inv_eps + log_a[i]);
-#pragma unroll
-    for (int u = 1; u < U; ++u) lse_merge(mxs[0], ss[0], mxs[u], ss[u]);
-    mx = mxs[0];
-    s = ss[0];
+    chained_lse<E, U>(
+        ty, kColRows, n, [&](int64_t i) { return (fk[i] + gj - static_cast<double>(c[i * m])) * inv_eps + log_a[i]; },
+        mx, s);
   }
   part_mx[ty][tx] = mx;
   part_s[ty][tx] = s;

@@ -259,15 +259,16 @@ inline double next_damping(double lambda, double t, bool ascent, double err_try,
 }
 
 // The dual steps of the Hungarian algorithm, for a last stage stalled on points whose masses do not
-// balance. Near the unregularised limit (cost / eps >~ 10^6) the pattern's plan can fall apart into
-// components joined only by entries beyond any kernel's reach (below e^-700 even at the widest
-// cutoff). A component whose rows hold more mass than its columns cannot then reach its marginals
+// balance. Near the unregularised limit (cost / eps >~ 10^6) the plan can fall apart into components
+// joined only by entries too small to carry mass (kCarryingCut), or by none within any kernel's reach
+// (e^-700). A component whose rows hold more mass than its columns cannot then reach its marginals
 // by any iteration on the pattern, Newton's included: the error sits at the imbalance, since moving
 // that mass needs the component's potentials shifted against the rest's by far more than Sinkhorn
 // moves them. A 1,795-pixel draw (D = 8, cost / eps 8.6e6) sat at one point's mass (249 rows against
 // 248 columns, the next entry out 1.9e5 eps away) for 50,000 iterations (session 31).
-// `entries(visit)` calls visit(i, j) for every entry of the pattern (Newton's captured plan in the
-// blocked solver); `cost_row(i)` returns row i of the cost (m values, valid until the next call).
+// `entries(visit)` calls visit(i, j) for every entry that joins components (the pattern's, or the
+// blocked solver's captured plan's, above kCarryingCut); `cost_row(i)` returns row i of the cost (m
+// values, valid until the next call).
 // Finds the components of those entries and grows the one whose rows hold the most mass more than
 // its columns, if by more than `min_imbalance`, as the Hungarian algorithm grows its tree: shift the
 // tree's potentials (f + delta on its rows, g - delta on its columns) by the least amount that makes

@@ -1934,9 +1934,9 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
           // A round that ended on a rejected first step (the truncated problem's Newton system can
           // be inconsistent far from the solution) leaves the work to longer Sinkhorn phases.
           newton_futile = rep.newton_steps - steps_before <= 1 || !rounds.progressed();
-          // On the widest pattern, a futile round may face a component whose masses do not balance
-          // (shift_imbalanced_component): its potentials are shifted and the pattern rebuilt, and
-          // the stage goes on afresh. At most kComponentShifts times a stage.
+          // A futile round may face a component of the pattern whose masses do not balance
+          // (shift_imbalanced_component, kernels.hpp): its potentials are shifted, the pattern is
+          // rebuilt, and the stage goes on afresh. At most kComponentShifts times a stage.
           if (newton_futile && shifts < kComponentShifts &&
               shift_imbalanced_component(
                   n, m, a, b, std::max(0.25 * opt.tol, 0.1 * err),
