@@ -313,7 +313,10 @@ def test_gpu_float32_sets_far_apart_keep_the_accuracy_of_their_spread(shift):
     cuda = st.otce(xs, ys, xt, yt, device="cuda", tol=1e-6, **kw)
     cpu64 = st.otce(xs.astype(np.float64), ys, xt.astype(np.float64), yt, device="cpu", tol=1e-10, **kw)
     assert cuda.dtype == "float32" and cuda.all_converged and cpu64.all_converged
-    np.testing.assert_allclose(cuda.scores, cpu64.scores, rtol=0, atol=1e-5)
+    # The CPU's float32 solve of such sets lands within 3e-8 of float64 (1e-5 derived); on the joint-mean
+    # cost it was 1.2e-4 / 2.9e-4 / 2.1e-2 off at these shifts. 5e-5 leaves room for the two paths'
+    # own roundings and separates the two cases.
+    np.testing.assert_allclose(cuda.scores, cpu64.scores, rtol=0, atol=5e-5)
     np.testing.assert_allclose(cuda.transport_cost, cpu64.transport_cost, rtol=2e-6)
 
 
@@ -360,7 +363,7 @@ def test_gpu_wide_chains_match_cpu(monkeypatch, dtype):
     refused naming the variable."""
     monkeypatch.setenv("SEGTRANSFER_CUDA_ILP", "4")
     xs, ys, xt, yt = _data(dtype=dtype)
-    tol, atol = (1e-10, 1e-8) if dtype == np.float64 else (1e-6, 1e-4)
+    tol, atol, rtol = (1e-10, 1e-8, 1e-8) if dtype == np.float64 else (1e-6, 1e-4, 1e-4)
     cpu = st.otce(xs, ys, xt, yt, n_pixels=203, repeats=3, epsilon=0.3, tol=tol, device="cpu")
     rng = np.random.default_rng(7)
     cuda = st.otce(xs, ys, xt, yt, n_pixels=203, repeats=3, epsilon=0.3, tol=tol, device="cuda")
@@ -370,7 +373,7 @@ def test_gpu_wide_chains_match_cpu(monkeypatch, dtype):
     one = st.sinkhorn(x, y, epsilon=0.2, tol=tol, device="cuda")
     ref = st.sinkhorn(x, y, epsilon=0.2, tol=tol, device="cpu")
     assert one.converged
-    np.testing.assert_allclose(one.transport_cost, ref.transport_cost, rtol=1e-6)
+    np.testing.assert_allclose(one.transport_cost, ref.transport_cost, rtol=rtol)
     monkeypatch.setenv("SEGTRANSFER_CUDA_ILP", "3")
     with pytest.raises(ValueError, match="SEGTRANSFER_CUDA_ILP"):
         st.sinkhorn(x, y, epsilon=0.2, device="cuda")
