@@ -39,6 +39,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "batch_solver.hpp"
@@ -1429,31 +1430,25 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
     if (o.timeout > 0 && std::chrono::duration<double>(now - start).count() > o.timeout) timed_out = true;
     return timed_out;
   };
-  // One iteration (row then column half-step) on the active problems, exponentials in X's precision.
-  auto half_steps = [&](auto precision, double eps, double inv_eps) {
+  // One iteration (row then column half-step) on the active problems, exponentials in X's precision,
+  // U log-sum-exp chains a thread (kIlpDefault).
+  auto half_steps_u = [&](auto precision, auto chains, double eps, double inv_eps) {
     using X = decltype(precision);
-    const dim3 row_grid(blocks_for(n, kRowWarps), static_cast<unsigned>(K));
-    const dim3 col_grid(blocks_for(m, kColCols), static_cast<unsigned>(K)), col_block(kColCols, kColRows);
-    if (wide_chains) {
-      row_step_kernel<T, X, kIlpWide><<<row_grid, kRowThreads, 0, q.stream()>>>(
-          d_cost.get(), n, m, d_g.get(), d_log_b.get(), d_a.get(), eps, inv_eps, d_active.get(), d_omega.get(),
-          d_f.get(), d_err_rows.get());
-    } else {
-      row_step_kernel<T, X, 1><<<row_grid, kRowThreads, 0, q.stream()>>>(
-          d_cost.get(), n, m, d_g.get(), d_log_b.get(), d_a.get(), eps, inv_eps, d_active.get(), d_omega.get(),
-          d_f.get(), d_err_rows.get());
-    }
+    constexpr int U = decltype(chains)::value;
+    row_step_kernel<T, X, U><<<dim3(blocks_for(n, kRowWarps), static_cast<unsigned>(K)), kRowThreads, 0, q.stream()>>>(
+        d_cost.get(), n, m, d_g.get(), d_log_b.get(), d_a.get(), eps, inv_eps, d_active.get(), d_omega.get(),
+        d_f.get(), d_err_rows.get());
     q.launched("row_step_kernel");
-    if (wide_chains) {
-      col_step_kernel<T, X, kIlpWide><<<col_grid, col_block, 0, q.stream()>>>(
-          d_cost.get(), n, m, d_f.get(), d_log_a.get(), d_b.get(), eps, inv_eps, d_active.get(), d_omega.get(),
-          d_g.get(), d_err_cols.get());
-    } else {
-      col_step_kernel<T, X, 1><<<col_grid, col_block, 0, q.stream()>>>(
-          d_cost.get(), n, m, d_f.get(), d_log_a.get(), d_b.get(), eps, inv_eps, d_active.get(), d_omega.get(),
-          d_g.get(), d_err_cols.get());
-    }
+    col_step_kernel<T, X, U><<<dim3(blocks_for(m, kColCols), static_cast<unsigned>(K)), dim3(kColCols, kColRows), 0,
+                               q.stream()>>>(d_cost.get(), n, m, d_f.get(), d_log_a.get(), d_b.get(), eps, inv_eps,
+                                             d_active.get(), d_omega.get(), d_g.get(), d_err_cols.get());
     q.launched("col_step_kernel");
+  };
+  auto half_steps = [&](auto precision, double eps, double inv_eps) {
+    if (wide_chains)
+      half_steps_u(precision, std::integral_constant<int, kIlpWide>{}, eps, inv_eps);
+    else
+      half_steps_u(precision, std::integral_constant<int, 1>{}, eps, inv_eps);
   };
 
   // Iterations on the active problems until none is left; a convergence check (one host sync) every
