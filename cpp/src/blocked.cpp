@@ -960,7 +960,8 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
     int64_t phase = kFirstPhase;
     // Ends, not converged, once three certified rounds in a row made no progress near float64's
     // resolution at this cost scale, or kStalledRounds anywhere (FloorWatch, kernels.hpp).
-    FloorWatch rounds(cmax, eps, 3, kStalledRounds);
+    const auto round_watch = [&] { return FloorWatch(cmax, eps, 3, kStalledRounds); };  // afresh after a shift
+    FloorWatch rounds = round_watch();
     int shifts = 0;  // shift_imbalanced_component's
     BestCertificate best;
     double certified = kPosInf;  // the last round's certificate
@@ -1019,10 +1020,10 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
           });
         };
         if (shifts < kComponentShifts && solver.captured_all_rows() &&
-            shift_imbalanced_component(n, m, a, b, std::max(0.25 * opt.tol, 0.1 * rep.marginal_error), entries,
+            shift_imbalanced_component(n, m, a, b, component_min_imbalance(opt.tol, rep.marginal_error), entries,
                                        [&](int64_t i) { return solver.cost_row(i, row); }, f, g, debug)) {
           ++shifts;
-          rounds = FloorWatch(cmax, eps, 3, kStalledRounds);
+          rounds = round_watch();
           phase = kFirstPhase;
         } else if (!rounds.near_floor(rep.marginal_error) && !solver.capture_widened()) {
           solver.widen_capture();

@@ -283,6 +283,9 @@ constexpr int kComponentShifts = 8;  // calls a stage at most (each followed by 
 // entry carries no mass the rounds can move (a 1-D draw at cost / eps 1e10 kept an error of 3e-3
 // with every component of its 700 eps pattern balanced; session 31).
 constexpr double kCarryingCut = 40.0;
+// The imbalance a component must exceed to be shifted, in both solvers: a quarter of tol (below it the
+// component cannot keep the solve from tol) and a tenth of the current error (one that matters there).
+inline double component_min_imbalance(double tol, double err) { return std::max(0.25 * tol, 0.1 * err); }
 template <typename Entries, typename CostRow>
 bool shift_imbalanced_component(int64_t n, int64_t m, const double* a, const double* b, double min_imbalance,
                                 const Entries& entries, const CostRow& cost_row, double* f, double* g, bool debug) {

@@ -1800,7 +1800,9 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     // next round, and the phase doubles each time: futile rounds then cost O(log iterations).
     int64_t sinkhorn_phase = kFirstPhase;
     bool newton_futile = false;
-    FloorWatch rounds(pattern.cost_bound, eps, 4, kStalledRounds);  // Newton rounds, for at_floor
+    // Newton rounds, for at_floor (afresh after a component shift).
+    const auto round_watch = [&] { return FloorWatch(pattern.cost_bound, eps, 4, kStalledRounds); };
+    FloorWatch rounds = round_watch();
     int shifts = 0;  // shift_imbalanced_component's, this stage
     double refresh_err = std::numeric_limits<double>::infinity();  // the error at the last stale refresh
     double certified = std::numeric_limits<double>::infinity();    // the last certificate that missed tol
@@ -1939,7 +1941,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
           // rebuilt, and the stage goes on afresh. At most kComponentShifts times a stage.
           if (newton_futile && shifts < kComponentShifts &&
               shift_imbalanced_component(
-                  n, m, a, b, std::max(0.25 * opt.tol, 0.1 * err),
+                  n, m, a, b, component_min_imbalance(opt.tol, err),
                   [&](const auto& visit) {
                     // Entries that can carry mass in a round: plan values above e^-kCarryingCut of
                     // min(a_i, b_j) (the pattern keeps all within the cutoff, up to 700 eps).
@@ -1954,7 +1956,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
             ++shifts;
             stale = true;
             refresh_err = std::numeric_limits<double>::infinity();
-            rounds = FloorWatch(pattern.cost_bound, eps, 4, kStalledRounds);
+            rounds = round_watch();
             newton_futile = false;
             sinkhorn_phase = kFirstPhase;
             break;
