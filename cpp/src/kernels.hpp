@@ -277,7 +277,8 @@ inline double next_damping(double lambda, double t, bool ascent, double err_try,
 // A component short of rows needs no mirror: the masses sum to the same on both sides, so some
 // component is then short of columns, and its growth reaches the other. Entries inside the tree keep
 // their values, and no entry leaving it becomes tighter than its row's best inside. Each row is read
-// once (cost_row), when it joins. Returns whether it shifted; the pattern must be rebuilt then.
+// once a tree (cost_row), when it joins. Then the next component most short of columns, the same way
+// (below). Returns whether it shifted; the pattern must be rebuilt then.
 constexpr int kComponentShifts = 8;  // calls a stage at most (each followed by a new pattern)
 // The entries that join components: plan values above e^-kCarryingCut of min(a_i, b_j). Below that an
 // entry carries no mass the rounds can move (a 1-D draw at cost / eps 1e10 kept an error of 3e-3
@@ -303,17 +304,13 @@ bool shift_imbalanced_component(int64_t n, int64_t m, const double* a, const dou
   std::vector<double> imbalance(n + m, 0.0);  // by component label: row mass - column mass
   for (int64_t i = 0; i < n; ++i) imbalance[comp[i]] += a[i];
   for (int64_t j = 0; j < m; ++j) imbalance[comp[n + j]] -= b[j];
-  int64_t worst = -1;
-  for (int64_t v = 0; v < n + m; ++v)
-    if (comp[v] == v && (worst < 0 || imbalance[v] > imbalance[worst])) worst = v;
-  if (worst < 0 || !(imbalance[worst] > min_imbalance)) return false;
   // The tree: its nodes with the total shift at which each joined (it is shifted by what comes
   // after); slack[j] for a column outside: min over the tree's rows i of (C_ij - g_j) - (row i's best
   // inside), plus the total at i's joining, so that its current value is slack[j] - total.
-  std::vector<char> in_tree(n + m, 0);
-  std::vector<double> joined(n + m, 0.0), slack(m, kPosInf);
+  std::vector<char> in_tree(n + m), stuck(n + m, 0);
+  std::vector<double> joined(n + m), slack(m);
   double total = 0.0, excess = 0.0;
-  int64_t outside = m, steps = 0;
+  int64_t outside = m, rows_read = 0;
   const auto take_in = [&](int64_t label) {
     for (int64_t j = 0; j < m; ++j)
       if (comp[n + j] == label) {
@@ -327,6 +324,7 @@ bool shift_imbalanced_component(int64_t n, int64_t m, const double* a, const dou
       in_tree[i] = 1;
       joined[i] = total;
       const auto* c = cost_row(i);
+      ++rows_read;
       double best_in = kPosInf;  // with the tree's columns' current potentials
       for (int64_t j = 0; j < m; ++j)
         if (in_tree[n + j]) best_in = std::min(best_in, static_cast<double>(c[j]) - (g[j] - (total - joined[n + j])));
@@ -336,26 +334,53 @@ bool shift_imbalanced_component(int64_t n, int64_t m, const double* a, const dou
     }
     excess += imbalance[label];
   };
-  take_in(worst);
-  while (excess > min_imbalance && outside > 0) {
-    int64_t reach = -1;
-    for (int64_t j = 0; j < m; ++j)
-      if (!in_tree[n + j] && (reach < 0 || slack[j] < slack[reach])) reach = j;
-    const double delta = slack[reach] - total;
-    if (!std::isfinite(delta)) break;
-    total += std::max(0.0, delta);
-    ++steps;
-    take_in(comp[n + reach]);
+  // Tree after tree, while a component stays short of columns by more than min_imbalance: a tree that
+  // overshoots (takes in a component short of rows by more than it was short of columns) leaves the
+  // rest of the problem short of columns elsewhere, and one tree a call had left each such
+  // component to another round without progress, seconds each in the blocked mode (1,427 pixels,
+  // D = 19, cost / eps 1.4e7: three calls 10 s apart; session 32). A later tree starts from the
+  // earlier ones' potentials, and the rows it reads are at most kShiftRowReads n in all.
+  constexpr int64_t kShiftRowReads = 3;
+  bool shifted = false;
+  for (;;) {
+    int64_t worst = -1;
+    for (int64_t v = 0; v < n + m; ++v)
+      if (comp[v] == v && !stuck[v] && (worst < 0 || imbalance[v] > imbalance[worst])) worst = v;
+    if (worst < 0 || !(imbalance[worst] > min_imbalance) || (shifted && rows_read >= kShiftRowReads * n)) break;
+    std::fill(in_tree.begin(), in_tree.end(), 0);
+    std::fill(joined.begin(), joined.end(), 0.0);
+    std::fill(slack.begin(), slack.end(), kPosInf);
+    total = excess = 0.0;
+    outside = m;
+    int64_t steps = 0;
+    take_in(worst);
+    while (excess > min_imbalance && outside > 0) {
+      int64_t reach = -1;
+      for (int64_t j = 0; j < m; ++j)
+        if (!in_tree[n + j] && (reach < 0 || slack[j] < slack[reach])) reach = j;
+      const double delta = slack[reach] - total;
+      if (!std::isfinite(delta)) break;
+      total += std::max(0.0, delta);
+      ++steps;
+      take_in(comp[n + reach]);
+    }
+    if (debug)
+      std::fprintf(stderr, "  component short of columns by %.3e: %lld shifts (%.4g in all), tree now short by %.3e\n",
+                   imbalance[worst], static_cast<long long>(steps), total, excess);
+    if (total > 0) {
+      for (int64_t i = 0; i < n; ++i)
+        if (in_tree[i]) f[i] += total - joined[i];
+      for (int64_t j = 0; j < m; ++j)
+        if (in_tree[n + j]) g[j] -= total - joined[n + j];
+      shifted = true;
+    }
+    // The tree is one component now (its entries that joined are as tight as their rows' best).
+    for (int64_t v = 0; v < n + m; ++v)
+      if (in_tree[v]) comp[v] = worst;
+    imbalance[worst] = excess;
+    if (excess > min_imbalance) stuck[worst] = 1;  // it reached every column it can: left as it is
   }
-  if (!(total > 0)) return false;
-  for (int64_t i = 0; i < n; ++i)
-    if (in_tree[i]) f[i] += total - joined[i];
-  for (int64_t j = 0; j < m; ++j)
-    if (in_tree[n + j]) g[j] -= total - joined[n + j];
-  if (debug)
-    std::fprintf(stderr, "  component short of columns by %.3e: %lld shifts (%.4g in all), tree now short by %.3e\n",
-                 imbalance[worst], static_cast<long long>(steps), total, excess);
-  return true;
+  return shifted;
 }
 
 // The best certificate of a last stage's rounds and its potentials, shared by the stored and the

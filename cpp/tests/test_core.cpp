@@ -1927,6 +1927,29 @@ static void test_component_shift() {
     for (int64_t i = 0; i + 1 < n; ++i) visit(i, i + 1);
   };
   CHECK(!shift_imbalanced_component(n, m, a.data(), b.data(), 0.0, all, row, f.data(), g.data(), false));
+  // Two components short of columns in one call (n = m = 6, masses 1/6): A = rows {0, 1} + column 0
+  // and C = rows {3, 4} + column 3 (+1/6 each), B = row 2 + columns {1, 2} and D = row 5 + columns
+  // {4, 5} (-1/6 each). A's way out is row 0 into B at 2, C's is row 3 into D at 3; every other
+  // entry costs 9. Both trees grow, each by its own shift (one call left C to a later round).
+  {
+    const int64_t k = 6;
+    const std::vector<double> w(k, 1.0 / 6.0);
+    std::vector<double> C2(k * k, 9.0);
+    for (const auto& [i, j] : std::vector<std::pair<int64_t, int64_t>>{{0, 0}, {1, 0}, {2, 1}, {2, 2}, {3, 3}, {4, 3}, {5, 4}, {5, 5}})
+      C2[i * k + j] = 0.0;
+    C2[0 * k + 1] = 2.0;
+    C2[3 * k + 4] = 3.0;
+    const auto entries2 = [&](const auto& visit) {
+      for (int64_t i = 0; i < k; ++i)
+        for (int64_t j = 0; j < k; ++j)
+          if (C2[i * k + j] == 0.0) visit(i, j);
+    };
+    const auto row2 = [&](int64_t i) { return C2.data() + i * k; };
+    std::vector<double> f2(k, 0.0), g2(k, 0.0);
+    CHECK(shift_imbalanced_component(k, k, w.data(), w.data(), 0.05, entries2, row2, f2.data(), g2.data(), false));
+    CHECK(f2 == (std::vector<double>{2, 2, 0, 3, 3, 0}));
+    CHECK(g2 == (std::vector<double>{-2, 0, 0, -3, 0, 0}));
+  }
 }
 
 // The certificates add what float64 rounding can hide (certificate_rounding): 2 (4 M + terms + 8)
