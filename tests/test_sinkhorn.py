@@ -453,7 +453,7 @@ def test_near_unregularised_problem_widens_a_pattern_that_cannot_carry_the_plan(
 
 
 @pytest.mark.parametrize("blocked", [False, True], ids=["stored", "blocked"])
-@pytest.mark.parametrize("seed", [2, 7])
+@pytest.mark.parametrize("seed", [2, 7, 41])
 def test_nearly_unregularised_component_whose_masses_do_not_balance(seed, blocked):
     """cost / eps ~ 4e8 (seed 2: 103 x 46 random points; seed 7: 114 x 82 on a half-integer grid): the
     plan is nearly an unregularised one, and the last stage's pattern (the blocked mode's captured
@@ -461,7 +461,9 @@ def test_nearly_unregularised_component_whose_masses_do_not_balance(seed, blocke
     mass than its columns (or less) kept the error at that imbalance (1.7e-3 and 4.3e-3 / 1.7e-3) until
     max_iter in both modes: moving the mass needs that component's potentials shifted against the
     rest's by far more than Sinkhorn or Newton move them. The Hungarian algorithm's dual step does it
-    (shift_imbalanced_component, kernels.hpp). Checked on the plan rebuilt from the potentials in
+    (shift_imbalanced_component, kernels.hpp). Seed 41 (86 x 115 on the grid): the blocked mode looked
+    for such components only after a round without progress and grew one of them a call, and took
+    39,412 iterations (2,639 since session 32). Checked on the plan rebuilt from the potentials in
     NumPy, and against the exact optimal transport cost (POT's network simplex): the entropic plan
     costs at most eps log(n m) more, up to what its marginal error moves."""
     ot = pytest.importorskip("ot")
