@@ -401,6 +401,12 @@ class BlockedSolver {
     C_.rows(i, i + 1, buf.data());
     return buf.data();
   }
+  // Column j of the cost (n values in buf); needs set_transposed().
+  const T* cost_col(int64_t j, std::vector<T>& buf) const {
+    buf.resize(n_);
+    Ct_->rows(j, j + 1, buf.data());
+    return buf.data();
+  }
 
   // out_i = sum_j p_ij V_j (and out2_i = sum_j p_ij^2 V2_j) on the captured plan.
   void captured_rows(const double* V, const double* V2, double* out, double* out2) const {
@@ -887,14 +893,15 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
   std::vector<double> f_snap(n), g_snap(m);
   double omega = 1.0, cap = opt.overrelaxation, last_err = kPosInf;
   // `intermediate`: the loop also ends after kIntermediateStallIterations without progress.
-  auto run = [&](double eps, double target, int64_t limit, bool lowp = false, bool intermediate = false) {
+  auto run = [&](double eps, double target, int64_t limit, bool lowp = false, bool intermediate = false,
+                 bool phase = false) {
     constexpr int64_t kBlock = 10;
     double block_err = kPosInf;
     int64_t block_left = 0;
     StallBackoff cycle;
     FloorWatch stall(cmax, eps, std::numeric_limits<int>::max(),
                      intermediate ? static_cast<int>(kIntermediateStallIterations / kBlock)
-                                  : std::numeric_limits<int>::max());
+                                  : (phase ? static_cast<int>(kPhaseStallIterations / kBlock) : std::numeric_limits<int>::max()));
     auto snapshot = [&]() {
       std::copy(f, f + n, f_snap.begin());
       std::copy(g, g + m, g_snap.begin());
@@ -977,7 +984,7 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
           const std::vector<double> f_newton(f, f + n), g_newton(g, g + m);
           const double newton_estimate = estimate;
           last_err = kPosInf;
-          run(eps, target, std::min(opt.max_iter, rep.iterations + phase));
+          run(eps, target, std::min(opt.max_iter, rep.iterations + phase), false, false, true);
           estimate = last_err;
           if (!(estimate <= newton_estimate)) {
             std::copy(f_newton.begin(), f_newton.end(), f);
@@ -1033,7 +1040,8 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
         };
         if (shifts < kComponentShifts && solver.captured_all_rows() &&
             shift_imbalanced_component(n, m, a, b, component_min_imbalance(opt.tol, rep.marginal_error), entries,
-                                       [&](int64_t i) { return solver.cost_row(i, row); }, f, g, debug)) {
+                                       [&](int64_t i) { return solver.cost_row(i, row); },
+                                       [&](int64_t j) { return solver.cost_col(j, row); }, f, g, debug)) {
           ++shifts;
           rounds = round_watch();
           phase = kFirstPhase;

@@ -218,6 +218,14 @@ class FloorWatch {
 // stage_tol (1e-2) at eps = 25.6 for all of max_iter (50,000) and returned an error of 0.20 (session
 // 29). The benchmark's intermediate stages take 5-22 iterations.
 constexpr int64_t kIntermediateStallIterations = 1000;
+// A last-stage Sinkhorn phase between Newton rounds (kFirstPhase .. iterations, see below) that made
+// no 0.1 % gain over this many iterations ends early, in both solvers: the next round (Newton, a
+// component shift) moves on. Such phases sat flat at a component's imbalance for their whole length,
+// 600-2,400 iterations each, seconds a round in the blocked mode (181 x 183 float32 points at
+// cost / eps 1.3e9, tol 3e-8, blocked: 200,000 iterations ending at 2.4e-3 -> 9,423 ending at 1.3e-6,
+// before the mirrored component shift; 400 tight-tol calls 19.7 -> 10.2 s, the same converged;
+// session 32).
+constexpr int64_t kPhaseStallIterations = 100;
 
 // Last-stage rounds (Newton, then a Sinkhorn phase of 300, 600, ... iterations) without progress that
 // end a solve anywhere: about 300k iterations of no gain, so never within the default max_iter.
@@ -274,11 +282,13 @@ inline double next_damping(double lambda, double t, bool ascent, double err_try,
 // tree's potentials (f + delta on its rows, g - delta on its columns) by the least amount that makes
 // an entry leaving it as tight as the best entry inside of that entry's row, and take in the
 // component that entry reaches; until the tree's imbalance is down to `min_imbalance` (or below 0).
-// A component short of rows needs no mirror: the masses sum to the same on both sides, so some
-// component is then short of columns, and its growth reaches the other. Entries inside the tree keep
-// their values, and no entry leaving it becomes tighter than its row's best inside. Each row is read
-// once a tree (cost_row), when it joins. Then the next component most short of columns, the same way
-// (below). Returns whether it shifted; the pattern must be rebuilt then.
+// The masses sum to the same on both sides, so where a component is short of rows some other is
+// short of columns, and its growth usually reaches the first; where that excess is spread over
+// components each below min_imbalance, the one short of rows grows instead, on the transposed
+// problem (`cost_col(j)`: column j, n values). Entries inside the tree keep their values, and no
+// entry leaving it becomes tighter than its row's best inside. Each row is read once a tree
+// (cost_row), when it joins. Then the next component, the same way (below). Returns whether it
+// shifted; the pattern must be rebuilt then.
 constexpr int kComponentShifts = 8;  // calls a stage at most (each followed by a new pattern)
 // The entries that join components: plan values above e^-kCarryingCut of min(a_i, b_j). Below that an
 // entry carries no mass the rounds can move (a 1-D draw at cost / eps 1e10 kept an error of 3e-3
@@ -287,30 +297,21 @@ constexpr double kCarryingCut = 40.0;
 // The imbalance a component must exceed to be shifted, in both solvers: a quarter of tol (below it the
 // component cannot keep the solve from tol) and a tenth of the current error (one that matters there).
 inline double component_min_imbalance(double tol, double err) { return std::max(0.25 * tol, 0.1 * err); }
-template <typename Entries, typename CostRow>
-bool shift_imbalanced_component(int64_t n, int64_t m, const double* a, const double* b, double min_imbalance,
-                                const Entries& entries, const CostRow& cost_row, double* f, double* g, bool debug) {
-  std::vector<int64_t> comp(n + m);  // union-find over rows 0..n-1 and columns n..n+m-1, then labels
-  std::iota(comp.begin(), comp.end(), int64_t{0});
-  const auto find = [&comp](int64_t v) {
-    while (comp[v] != v) v = comp[v] = comp[comp[v]];
-    return v;
-  };
-  entries([&](int64_t i, int64_t j) {
-    const int64_t r = find(i), c = find(n + j);
-    if (r != c) comp[r] = c;
-  });
-  for (int64_t v = 0; v < n + m; ++v) comp[v] = find(v);
-  std::vector<double> imbalance(n + m, 0.0);  // by component label: row mass - column mass
-  for (int64_t i = 0; i < n; ++i) imbalance[comp[i]] += a[i];
-  for (int64_t j = 0; j < m; ++j) imbalance[comp[n + j]] -= b[j];
+// One tree of shift_imbalanced_component on rows 0..n-1 and columns n..n+m-1 (`comp`: each node's
+// component label, a node index; `imbalance` by label): grows the component `root`, short of columns
+// by more than min_imbalance, and shifts its potentials. The tree is then one component (its labels
+// and imbalance updated). Returns the tree's imbalance left, `shifted` set when potentials moved.
+template <typename CostRow>
+double grow_component_tree(int64_t n, int64_t m, std::vector<int64_t>& comp, std::vector<double>& imbalance,
+                           int64_t root, double min_imbalance, const CostRow& cost_row, double* f, double* g,
+                           int64_t& rows_read, bool& shifted, bool debug, const char* columns = "columns") {
   // The tree: its nodes with the total shift at which each joined (it is shifted by what comes
   // after); slack[j] for a column outside: min over the tree's rows i of (C_ij - g_j) - (row i's best
   // inside), plus the total at i's joining, so that its current value is slack[j] - total.
-  std::vector<char> in_tree(n + m), stuck(n + m, 0);
-  std::vector<double> joined(n + m), slack(m);
+  std::vector<char> in_tree(n + m, 0);
+  std::vector<double> joined(n + m, 0.0), slack(m, kPosInf);
   double total = 0.0, excess = 0.0;
-  int64_t outside = m, rows_read = 0;
+  int64_t outside = m, steps = 0;
   const auto take_in = [&](int64_t label) {
     for (int64_t j = 0; j < m; ++j)
       if (comp[n + j] == label) {
@@ -334,51 +335,100 @@ bool shift_imbalanced_component(int64_t n, int64_t m, const double* a, const dou
     }
     excess += imbalance[label];
   };
+  const double start = imbalance[root];
+  take_in(root);
+  while (excess > min_imbalance && outside > 0) {
+    int64_t reach = -1;
+    for (int64_t j = 0; j < m; ++j)
+      if (!in_tree[n + j] && (reach < 0 || slack[j] < slack[reach])) reach = j;
+    const double delta = slack[reach] - total;
+    if (!std::isfinite(delta)) break;
+    total += std::max(0.0, delta);
+    ++steps;
+    take_in(comp[n + reach]);
+  }
+  if (debug)
+    std::fprintf(stderr, "  component short of %s by %.3e: %lld shifts (%.4g in all), tree now short by %.3e\n",
+                 columns, start, static_cast<long long>(steps), total, excess);
+  if (total > 0) {
+    for (int64_t i = 0; i < n; ++i)
+      if (in_tree[i]) f[i] += total - joined[i];
+    for (int64_t j = 0; j < m; ++j)
+      if (in_tree[n + j]) g[j] -= total - joined[n + j];
+    shifted = true;
+  }
+  // The tree is one component now (its entries that joined are as tight as their rows' best).
+  for (int64_t v = 0; v < n + m; ++v)
+    if (in_tree[v]) comp[v] = root;
+  imbalance[root] = excess;
+  return excess;
+}
+
+template <typename Entries, typename CostRow, typename CostCol>
+bool shift_imbalanced_component(int64_t n, int64_t m, const double* a, const double* b, double min_imbalance,
+                                const Entries& entries, const CostRow& cost_row, const CostCol& cost_col, double* f,
+                                double* g, bool debug) {
+  std::vector<int64_t> comp(n + m);  // union-find over rows 0..n-1 and columns n..n+m-1, then labels
+  std::iota(comp.begin(), comp.end(), int64_t{0});
+  const auto find = [&comp](int64_t v) {
+    while (comp[v] != v) v = comp[v] = comp[comp[v]];
+    return v;
+  };
+  entries([&](int64_t i, int64_t j) {
+    const int64_t r = find(i), c = find(n + j);
+    if (r != c) comp[r] = c;
+  });
+  for (int64_t v = 0; v < n + m; ++v) comp[v] = find(v);
+  std::vector<double> imbalance(n + m, 0.0);  // by component label: row mass - column mass
+  for (int64_t i = 0; i < n; ++i) imbalance[comp[i]] += a[i];
+  for (int64_t j = 0; j < m; ++j) imbalance[comp[n + j]] -= b[j];
   // Tree after tree, while a component stays short of columns by more than min_imbalance: a tree that
   // overshoots (takes in a component short of rows by more than it was short of columns) leaves the
   // rest of the problem short of columns elsewhere, and one tree a call had left each such
   // component to another round without progress, seconds each in the blocked mode (1,427 pixels,
-  // D = 19, cost / eps 1.4e7: three calls 10 s apart; session 32). A later tree starts from the
-  // earlier ones' potentials, and the rows it reads are at most kShiftRowReads n in all.
+  // D = 19, cost / eps 1.4e7: three calls 10 s apart; session 32). Where none is but a component is
+  // short of rows by more (the excess it lacks spread over components each below min_imbalance),
+  // that one grows on the transposed problem (columns as rows, cost_col(j) its rows): a 181 x 183
+  // grid problem at cost / eps 1.3e9 had otherwise sat at 1.9e-3 (session 32). A later tree starts
+  // from the earlier ones' potentials, and the rows and columns read are at most
+  // kShiftRowReads (n + m) in all.
   constexpr int64_t kShiftRowReads = 3;
+  std::vector<char> stuck(n + m, 0);
+  std::vector<int64_t> comp_t;
+  std::vector<double> imbalance_t;
+  int64_t read = 0;
   bool shifted = false;
   for (;;) {
-    int64_t worst = -1;
-    for (int64_t v = 0; v < n + m; ++v)
-      if (comp[v] == v && !stuck[v] && (worst < 0 || imbalance[v] > imbalance[worst])) worst = v;
-    if (worst < 0 || !(imbalance[worst] > min_imbalance) || (shifted && rows_read >= kShiftRowReads * n)) break;
-    std::fill(in_tree.begin(), in_tree.end(), 0);
-    std::fill(joined.begin(), joined.end(), 0.0);
-    std::fill(slack.begin(), slack.end(), kPosInf);
-    total = excess = 0.0;
-    outside = m;
-    int64_t steps = 0;
-    take_in(worst);
-    while (excess > min_imbalance && outside > 0) {
-      int64_t reach = -1;
-      for (int64_t j = 0; j < m; ++j)
-        if (!in_tree[n + j] && (reach < 0 || slack[j] < slack[reach])) reach = j;
-      const double delta = slack[reach] - total;
-      if (!std::isfinite(delta)) break;
-      total += std::max(0.0, delta);
-      ++steps;
-      take_in(comp[n + reach]);
+    int64_t most = -1, least = -1;  // the roots most short of columns and most short of rows
+    for (int64_t v = 0; v < n + m; ++v) {
+      if (comp[v] != v || stuck[v]) continue;
+      if (most < 0 || imbalance[v] > imbalance[most]) most = v;
+      if (least < 0 || imbalance[v] < imbalance[least]) least = v;
     }
-    if (debug)
-      std::fprintf(stderr, "  component short of columns by %.3e: %lld shifts (%.4g in all), tree now short by %.3e\n",
-                   imbalance[worst], static_cast<long long>(steps), total, excess);
-    if (total > 0) {
-      for (int64_t i = 0; i < n; ++i)
-        if (in_tree[i]) f[i] += total - joined[i];
-      for (int64_t j = 0; j < m; ++j)
-        if (in_tree[n + j]) g[j] -= total - joined[n + j];
-      shifted = true;
+    if (most < 0 || (shifted && read >= kShiftRowReads * (n + m))) break;
+    if (imbalance[most] > min_imbalance) {
+      if (grow_component_tree(n, m, comp, imbalance, most, min_imbalance, cost_row, f, g, read, shifted, debug) >
+          min_imbalance)
+        stuck[most] = 1;  // it reached every column it can: left as it is
+      continue;
     }
-    // The tree is one component now (its entries that joined are as tight as their rows' best).
-    for (int64_t v = 0; v < n + m; ++v)
-      if (in_tree[v]) comp[v] = worst;
-    imbalance[worst] = excess;
-    if (excess > min_imbalance) stuck[worst] = 1;  // it reached every column it can: left as it is
+    if (!(imbalance[least] < -min_imbalance)) break;
+    // The transposed view: node v' < m is column v', node m + i is row i; a label maps the same way.
+    const auto to_t = [n, m](int64_t v) { return v < n ? m + v : v - n; };
+    const auto from_t = [n, m](int64_t v) { return v < m ? n + v : v - m; };
+    comp_t.resize(n + m);
+    imbalance_t.assign(n + m, 0.0);
+    for (int64_t v = 0; v < n + m; ++v) {
+      comp_t[to_t(v)] = to_t(comp[v]);
+      imbalance_t[to_t(v)] = -imbalance[v];
+    }
+    const double left = grow_component_tree(m, n, comp_t, imbalance_t, to_t(least), min_imbalance, cost_col, g, f,
+                                            read, shifted, debug, "rows");
+    for (int64_t v = 0; v < n + m; ++v) {
+      comp[from_t(v)] = from_t(comp_t[v]);
+      imbalance[from_t(v)] = -imbalance_t[v];
+    }
+    if (left > min_imbalance) stuck[least] = 1;
   }
   return shifted;
 }

@@ -1509,14 +1509,15 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
   int64_t loop_block = 10;  // iterations between balancings and over-relaxation checks (set per stage)
   bool intermediate_stage = false;  // the stage is not the last one (set per stage)
   auto sinkhorn_loop = [&](double eps, double target, const SparseRows<T>* sr, int64_t iter_limit,
-                           bool floor_stop = false) {
+                           bool floor_stop = false, bool phase = false) {
     double block_err = std::numeric_limits<double>::infinity();
     int64_t block_left = 0;
     // 450 blocks without progress near the floor end the loop; in an intermediate stage
     // kIntermediateStallIterations (kernels.hpp) without progress anywhere.
     FloorWatch blocks(pattern.cost_bound, eps, 450,
                       intermediate_stage ? static_cast<int>(kIntermediateStallIterations / loop_block)
-                                         : std::numeric_limits<int>::max());
+                                         : (phase ? static_cast<int>(kPhaseStallIterations / loop_block)
+                                                  : std::numeric_limits<int>::max()));
     StallBackoff cycle;
     const int64_t block = loop_block;
     std::copy(f, f + n, f_snap.begin());
@@ -1571,8 +1572,8 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
       block_left = block;
       balance();
       if (sr != nullptr && pattern_stale()) return;
-      if (floor_stop && std::isfinite(err) && blocks.stuck(err)) {
-        at_floor = true;
+      if ((floor_stop || phase) && std::isfinite(err) && blocks.stuck(err)) {
+        if (!phase) at_floor = true;
         return;
       }
       if (debug && rep.iterations % 500 < block)
@@ -1804,6 +1805,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     const auto round_watch = [&] { return FloorWatch(pattern.cost_bound, eps, 4, kStalledRounds); };
     FloorWatch rounds = round_watch();
     int shifts = 0;  // shift_imbalanced_component's, this stage
+    std::vector<T> column;  // a column of the cost, for its transposed trees
     double refresh_err = std::numeric_limits<double>::infinity();  // the error at the last stale refresh
     double certified = std::numeric_limits<double>::infinity();    // the last certificate that missed tol
     // Rounds of this loop (a pattern, a solve, a certificate) that did no work: no iteration (a Newton
@@ -1886,7 +1888,8 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
           // max_iter instead of stopping at the floor).
           if (newton_futile || !(certified <= opt.newton_switch)) {
             lowp = stage_float_exponents(opt, phase_target, pattern.cost_bound, f, n, g, m, eps);
-            sinkhorn_loop(eps, phase_target, sr, std::min(opt.max_iter, rep.iterations + sinkhorn_phase));
+            sinkhorn_loop(eps, phase_target, sr, std::min(opt.max_iter, rep.iterations + sinkhorn_phase), false,
+                          phase_target == target);
             lowp = false;
             if (stale || at_floor) break;
           }
@@ -1955,7 +1958,13 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
                         if (r <= kCarryingCut + std::max(log_a[i], log_b[j])) visit(i, j);
                       }
                   },
-                  [&](int64_t i) { return cost.data() + i * m; }, f, g, debug)) {
+                  [&](int64_t i) { return cost.data() + i * m; },
+                  [&](int64_t j) {
+                    column.resize(n);
+                    for (int64_t i = 0; i < n; ++i) column[i] = cost(i, j);
+                    return column.data();
+                  },
+                  f, g, debug)) {
             ++shifts;
             stale = true;
             refresh_err = std::numeric_limits<double>::infinity();

@@ -1888,22 +1888,28 @@ static void test_component_shift() {
                                  9, 9, 9, 0, 0};
   std::vector<double> f(n, 0.0), g(m, 0.0);
   const auto row = [&](int64_t i) { return C.data() + i * m; };
+  std::vector<double> column;
+  const auto col = [&](int64_t j) {
+    column.resize(n);
+    for (int64_t i = 0; i < n; ++i) column[i] = C[i * m + j];
+    return column.data();
+  };
   // Rows 0, 1, 2 leave A at 5 - 0, 4 - 1, 3.5 - 2 above their best inside: the shift is 1.5, by row
   // 2's entry into C. A + C is short by 1/5, within 0.25: done.
-  CHECK(shift_imbalanced_component(n, m, a.data(), b.data(), 0.25, entries, row, f.data(), g.data(), false));
+  CHECK(shift_imbalanced_component(n, m, a.data(), b.data(), 0.25, entries, row, col, f.data(), g.data(), false));
   CHECK(f[0] == 1.5 && f[1] == 1.5 && f[2] == 1.5 && f[3] == 0.0 && f[4] == 0.0);
   CHECK(g[0] == -1.5 && g[1] == 0.0 && g[2] == 0.0 && g[3] == 0.0 && g[4] == 0.0);
   // With 0.05 the tree A + C takes a second step: row 1's entry into B, 4 - 1 = 3 above its best
   // inside, now 3 - 1.5 = 1.5 away (row 4's are 9): 1.5 more for A, 1.5 for C (joined at 1.5).
   std::fill(f.begin(), f.end(), 0.0);
   std::fill(g.begin(), g.end(), 0.0);
-  CHECK(shift_imbalanced_component(n, m, a.data(), b.data(), 0.05, entries, row, f.data(), g.data(), false));
+  CHECK(shift_imbalanced_component(n, m, a.data(), b.data(), 0.05, entries, row, col, f.data(), g.data(), false));
   CHECK(f[0] == 3.0 && f[1] == 3.0 && f[2] == 3.0 && f[3] == 0.0 && f[4] == 1.5);
   CHECK(g[0] == -3.0 && g[1] == 0.0 && g[2] == 0.0 && g[3] == -1.5 && g[4] == -1.5);
   // Below min_imbalance (2/5 here), nothing moves.
   std::fill(f.begin(), f.end(), 0.0);
   std::fill(g.begin(), g.end(), 0.0);
-  CHECK(!shift_imbalanced_component(n, m, a.data(), b.data(), 0.5, entries, row, f.data(), g.data(), false));
+  CHECK(!shift_imbalanced_component(n, m, a.data(), b.data(), 0.5, entries, row, col, f.data(), g.data(), false));
   CHECK(std::all_of(f.begin(), f.end(), [](double v) { return v == 0.0; }));
   CHECK(std::all_of(g.begin(), g.end(), [](double v) { return v == 0.0; }));
   // The transposed problem with row masses (0.2, 0.25, 0.25, 0.15, 0.15): A' (row 0, columns 0-2) is
@@ -1918,7 +1924,12 @@ static void test_component_shift() {
     for (const auto& [i, j] : pairs) visit(j, i);
   };
   const auto row_t = [&](int64_t i) { return Ct.data() + i * n; };
-  CHECK(shift_imbalanced_component(n, m, at.data(), b.data(), 0.25, entries_t, row_t, f.data(), g.data(), false));
+  const auto col_t = [&](int64_t j) {
+    column.resize(n);
+    for (int64_t i = 0; i < n; ++i) column[i] = Ct[i * n + j];
+    return column.data();
+  };
+  CHECK(shift_imbalanced_component(n, m, at.data(), b.data(), 0.25, entries_t, row_t, col_t, f.data(), g.data(), false));
   CHECK(f[0] == 0.0 && f[1] == 4.0 && f[2] == 4.0 && f[3] == 0.0 && f[4] == 0.0);
   CHECK(g[0] == 0.0 && g[1] == 0.0 && g[2] == 0.0 && g[3] == -4.0 && g[4] == 0.0);
   // One component holding everything (balanced): nothing to do.
@@ -1926,7 +1937,7 @@ static void test_component_shift() {
     for (int64_t i = 0; i < n; ++i) visit(i, i);
     for (int64_t i = 0; i + 1 < n; ++i) visit(i, i + 1);
   };
-  CHECK(!shift_imbalanced_component(n, m, a.data(), b.data(), 0.0, all, row, f.data(), g.data(), false));
+  CHECK(!shift_imbalanced_component(n, m, a.data(), b.data(), 0.0, all, row, col, f.data(), g.data(), false));
   // Two components short of columns in one call (n = m = 6, masses 1/6): A = rows {0, 1} + column 0
   // and C = rows {3, 4} + column 3 (+1/6 each), B = row 2 + columns {1, 2} and D = row 5 + columns
   // {4, 5} (-1/6 each). A's way out is row 0 into B at 2, C's is row 3 into D at 3; every other
@@ -1945,10 +1956,45 @@ static void test_component_shift() {
           if (C2[i * k + j] == 0.0) visit(i, j);
     };
     const auto row2 = [&](int64_t i) { return C2.data() + i * k; };
+    std::vector<double> column2;
+    const auto col2 = [&](int64_t j) {
+      column2.resize(k);
+      for (int64_t i = 0; i < k; ++i) column2[i] = C2[i * k + j];
+      return column2.data();
+    };
     std::vector<double> f2(k, 0.0), g2(k, 0.0);
-    CHECK(shift_imbalanced_component(k, k, w.data(), w.data(), 0.05, entries2, row2, f2.data(), g2.data(), false));
+    CHECK(shift_imbalanced_component(k, k, w.data(), w.data(), 0.05, entries2, row2, col2, f2.data(), g2.data(), false));
     CHECK(f2 == (std::vector<double>{2, 2, 0, 3, 3, 0}));
     CHECK(g2 == (std::vector<double>{-2, 0, 0, -3, 0, 0}));
+  }
+  // The mirror: no component short of columns by more than min_imbalance (0.15), one short of rows by
+  // more. n = m = 3, a = (0.3, 0.3, 0.4), b = (0.2, 0.2, 0.6): A = row 0 + column 0 (+0.1), B = row 1
+  // + column 1 (+0.1), C = row 2 + column 2 (-0.2). C grows on the transposed problem: column 2's way
+  // out is row 0 at 2 (row 1's at 5): g_2 + 2, f_2 - 2, and C + A is short of rows by 0.1 only.
+  {
+    const int64_t k = 3;
+    const std::vector<double> a3 = {0.3, 0.3, 0.4}, b3 = {0.2, 0.2, 0.6};
+    const std::vector<double> C3 = {0, 9, 2,  //
+                                    9, 0, 5,  //
+                                    9, 9, 0};
+    const auto entries3 = [&](const auto& visit) {
+      for (int64_t i = 0; i < k; ++i) visit(i, i);
+    };
+    const auto row3 = [&](int64_t i) { return C3.data() + i * k; };
+    std::vector<double> column3;
+    const auto col3 = [&](int64_t j) {
+      column3.resize(k);
+      for (int64_t i = 0; i < k; ++i) column3[i] = C3[i * k + j];
+      return column3.data();
+    };
+    std::vector<double> f3(k, 0.0), g3(k, 0.0);
+    CHECK(shift_imbalanced_component(k, k, a3.data(), b3.data(), 0.15, entries3, row3, col3, f3.data(), g3.data(), false));
+    CHECK(f3 == (std::vector<double>{0, 0, -2}));
+    CHECK(g3 == (std::vector<double>{0, 0, 2}));
+    // Below min_imbalance on both sides: nothing moves.
+    std::fill(f3.begin(), f3.end(), 0.0);
+    std::fill(g3.begin(), g3.end(), 0.0);
+    CHECK(!shift_imbalanced_component(k, k, a3.data(), b3.data(), 0.25, entries3, row3, col3, f3.data(), g3.data(), false));
   }
 }
 
