@@ -1939,13 +1939,14 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
           // A round that ended on a rejected first step (the truncated problem's Newton system can
           // be inconsistent far from the solution) leaves the work to longer Sinkhorn phases.
           newton_futile = rep.newton_steps - steps_before <= 1 || !rounds.progressed();
-          // An unconverged round may face a component of the pattern whose masses do not balance
+          // A futile round may face a component of the pattern whose masses do not balance
           // (shift_imbalanced_component, kernels.hpp): its potentials are shifted, the pattern is
-          // rebuilt, and the stage goes on afresh. At most kComponentShifts times a stage. After
-          // every such round, not only a futile one (finding none costs a pass over the pattern):
-          // 150 problems at cost / eps 1e7-1e9 took 7.5 % fewer iterations, 106 of them fewer and
-          // none more (session 32). The benchmark's draws end in their first round.
-          if (shifts < kComponentShifts &&
+          // rebuilt, and the stage goes on afresh. At most kComponentShifts times a stage. Only
+          // after a futile round (the blocked solver, whose rounds cost seconds, looks after every
+          // one): looking after every round took 7.5 % fewer iterations on 150 problems at
+          // cost / eps 1e7-1e9, but spent the stage's shifts early on a draw at cost / eps 2.5e8
+          // (1,357 points, D = 256) that then ended at 1.6e-3 instead of converging (session 32).
+          if (newton_futile && shifts < kComponentShifts &&
               shift_imbalanced_component(
                   n, m, a, b, component_min_imbalance(opt.tol, err),
                   [&](const auto& visit) {
