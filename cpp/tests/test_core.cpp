@@ -1874,6 +1874,20 @@ static void test_floor_watch() {
 // then the same for the tree grown by the component that entry reaches, until the imbalance is down
 // to min_imbalance. Components here (n = m = 5, uniform masses): A = rows {0, 1, 2} + column {0}
 // (+2/5, short of columns), B = row {3} + columns {1, 2}, C = row {4} + columns {3, 4} (-1/5 each).
+// A row-major rows x cols cost as shift_imbalanced_component reads it: row i in place, column j
+// gathered into a buffer (valid until the next call).
+struct DenseCostView {
+  const std::vector<double>& c;
+  int64_t rows, cols;
+  mutable std::vector<double> column;
+  const double* row(int64_t i) const { return c.data() + i * cols; }
+  const double* col(int64_t j) const {
+    column.resize(rows);
+    for (int64_t i = 0; i < rows; ++i) column[i] = c[i * cols + j];
+    return column.data();
+  }
+};
+
 static void test_component_shift() {
   const int64_t n = 5, m = 5;
   const std::vector<double> a(n, 0.2), b(m, 0.2);
@@ -1887,13 +1901,9 @@ static void test_component_shift() {
                                  9, 0, 0, 9, 9,  //
                                  9, 9, 9, 0, 0};
   std::vector<double> f(n, 0.0), g(m, 0.0);
-  const auto row = [&](int64_t i) { return C.data() + i * m; };
-  std::vector<double> column;
-  const auto col = [&](int64_t j) {
-    column.resize(n);
-    for (int64_t i = 0; i < n; ++i) column[i] = C[i * m + j];
-    return column.data();
-  };
+  const DenseCostView view{C, n, m};
+  const auto row = [&](int64_t i) { return view.row(i); };
+  const auto col = [&](int64_t j) { return view.col(j); };
   // Rows 0, 1, 2 leave A at 5 - 0, 4 - 1, 3.5 - 2 above their best inside: the shift is 1.5, by row
   // 2's entry into C. A + C is short by 1/5, within 0.25: done.
   CHECK(shift_imbalanced_component(n, m, a.data(), b.data(), 0.25, entries, row, col, f.data(), g.data(), false));
@@ -1923,12 +1933,9 @@ static void test_component_shift() {
   const auto entries_t = [&](const auto& visit) {
     for (const auto& [i, j] : pairs) visit(j, i);
   };
-  const auto row_t = [&](int64_t i) { return Ct.data() + i * n; };
-  const auto col_t = [&](int64_t j) {
-    column.resize(n);
-    for (int64_t i = 0; i < n; ++i) column[i] = Ct[i * n + j];
-    return column.data();
-  };
+  const DenseCostView view_t{Ct, m, n};
+  const auto row_t = [&](int64_t i) { return view_t.row(i); };
+  const auto col_t = [&](int64_t j) { return view_t.col(j); };
   CHECK(shift_imbalanced_component(n, m, at.data(), b.data(), 0.25, entries_t, row_t, col_t, f.data(), g.data(), false));
   CHECK(f[0] == 0.0 && f[1] == 4.0 && f[2] == 4.0 && f[3] == 0.0 && f[4] == 0.0);
   CHECK(g[0] == 0.0 && g[1] == 0.0 && g[2] == 0.0 && g[3] == -4.0 && g[4] == 0.0);
@@ -1955,13 +1962,9 @@ static void test_component_shift() {
         for (int64_t j = 0; j < k; ++j)
           if (C2[i * k + j] == 0.0) visit(i, j);
     };
-    const auto row2 = [&](int64_t i) { return C2.data() + i * k; };
-    std::vector<double> column2;
-    const auto col2 = [&](int64_t j) {
-      column2.resize(k);
-      for (int64_t i = 0; i < k; ++i) column2[i] = C2[i * k + j];
-      return column2.data();
-    };
+    const DenseCostView view2{C2, k, k};
+    const auto row2 = [&](int64_t i) { return view2.row(i); };
+    const auto col2 = [&](int64_t j) { return view2.col(j); };
     std::vector<double> f2(k, 0.0), g2(k, 0.0);
     CHECK(shift_imbalanced_component(k, k, w.data(), w.data(), 0.05, entries2, row2, col2, f2.data(), g2.data(), false));
     CHECK(f2 == (std::vector<double>{2, 2, 0, 3, 3, 0}));
@@ -1980,13 +1983,9 @@ static void test_component_shift() {
     const auto entries3 = [&](const auto& visit) {
       for (int64_t i = 0; i < k; ++i) visit(i, i);
     };
-    const auto row3 = [&](int64_t i) { return C3.data() + i * k; };
-    std::vector<double> column3;
-    const auto col3 = [&](int64_t j) {
-      column3.resize(k);
-      for (int64_t i = 0; i < k; ++i) column3[i] = C3[i * k + j];
-      return column3.data();
-    };
+    const DenseCostView view3{C3, k, k};
+    const auto row3 = [&](int64_t i) { return view3.row(i); };
+    const auto col3 = [&](int64_t j) { return view3.col(j); };
     std::vector<double> f3(k, 0.0), g3(k, 0.0);
     CHECK(shift_imbalanced_component(k, k, a3.data(), b3.data(), 0.15, entries3, row3, col3, f3.data(), g3.data(), false));
     CHECK(f3 == (std::vector<double>{0, 0, -2}));
