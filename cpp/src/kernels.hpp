@@ -291,7 +291,7 @@ inline double next_damping(double lambda, double t, bool ascent, double err_try,
 // shifted; the pattern must be rebuilt then.
 // Calls a stage at most (each followed by a new pattern). 8 until session 32: a draw at cost / eps
 // 2.5e8 (1,357 points, D = 256) whose imbalances kept coming back one point's mass at a time spent
-// them and ended at 1.5e-3; it converges after 13 (9,375 iterations). No other problem measured
+// them and ended at 1.5e-3; it converges after 10 (9,375 iterations). No other problem measured
 // changed (150 at cost / eps 1e7-1e9, 400 tight-tol calls).
 constexpr int kComponentShifts = 32;
 // The entries that join components: plan values above e^-kCarryingCut of min(a_i, b_j). Below that an
