@@ -453,6 +453,19 @@ def test_near_unregularised_problem_widens_a_pattern_that_cannot_carry_the_plan(
     assert np.abs(s.plan(x, y) - b.plan(x, y)).sum() < 1e-5
 
 
+def _check_nearly_unregularised_solution(sr, x, y, eps, tol):
+    """A converged uniform-marginal solve near the unregularised limit, checked on the plan rebuilt from
+    its potentials in NumPy and against the exact optimal transport cost (POT's network simplex): the
+    entropic plan costs at most eps log(n m) more, up to what its marginal error moves."""
+    ot = pytest.importorskip("ot")
+    n, m = len(x), len(y)
+    a, b = np.full(n, 1 / n), np.full(m, 1 / m)
+    assert ref.marginal_error(sr.plan(x, y), a, b) <= 2 * tol
+    cost = ref.sq_dists(x, y)
+    exact = float(ot.emd2(a, b, cost, numItermax=10**7))
+    assert -cost.max() * 2 * tol <= sr.transport_cost - exact <= eps * np.log(n * m) + cost.max() * 2 * tol
+
+
 @pytest.mark.parametrize("blocked", [False, True], ids=["stored", "blocked"])
 def test_nearly_unregularised_component_short_of_rows(blocked):
     """181 x 183 points on a half-integer grid at cost / eps 1.3e9 (data/sinkhorn_short_of_rows.npz, the
@@ -462,17 +475,13 @@ def test_nearly_unregularised_component_short_of_rows(blocked):
     blocked one at 2.5e-3 until max_iter (its Sinkhorn phases flat at the imbalance for 600 .. 4,800
     iterations each). The component short of rows now grows on the transposed problem. Checked on the
     plan rebuilt from the potentials in NumPy and against POT's exact optimal transport cost."""
-    ot = pytest.importorskip("ot")
+    pytest.importorskip("ot")
     d = np.load(Path(__file__).parent / "data" / "sinkhorn_short_of_rows.npz")
     x, y = d["x"].astype(np.float64), d["y"].astype(np.float64)
     eps, tol = 0.5, 1e-5
     sr = st.sinkhorn(x, y, epsilon=eps, tol=tol, max_iter=30_000, blocked=blocked, **ONE_THREAD)
     assert sr.converged and sr.iterations < 10_000, (sr.marginal_error, sr.iterations)
-    a, b = np.full(len(x), 1 / len(x)), np.full(len(y), 1 / len(y))
-    assert ref.marginal_error(sr.plan(x, y), a, b) <= 2 * tol
-    cost = ref.sq_dists(x, y)
-    exact = float(ot.emd2(a, b, cost, numItermax=10**7))
-    assert -cost.max() * 2 * tol <= sr.transport_cost - exact <= eps * np.log(len(x) * len(y)) + cost.max() * 2 * tol
+    _check_nearly_unregularised_solution(sr, x, y, eps, tol)
 
 
 @pytest.mark.parametrize("blocked", [False, True], ids=["stored", "blocked"])
@@ -489,7 +498,7 @@ def test_nearly_unregularised_component_whose_masses_do_not_balance(seed, blocke
     39,412 iterations (2,639 since session 32). Checked on the plan rebuilt from the potentials in
     NumPy, and against the exact optimal transport cost (POT's network simplex): the entropic plan
     costs at most eps log(n m) more, up to what its marginal error moves."""
-    ot = pytest.importorskip("ot")
+    pytest.importorskip("ot")
     rng = np.random.default_rng(seed)
     n, m, d = int(rng.integers(20, 120)), int(rng.integers(20, 120)), int(rng.integers(1, 6))
     ratio = 10 ** rng.uniform(7, 9)
@@ -497,18 +506,13 @@ def test_nearly_unregularised_component_whose_masses_do_not_balance(seed, blocke
     x, y = rng.normal(size=(n, d)), rng.normal(size=(m, d))
     if kind == 2:
         x, y = np.round(x * 2) / 2 + 1e-6 * rng.normal(size=(n, d)), np.round(y * 2) / 2
-    cost = ref.sq_dists(x, y)
-    scale = np.sqrt(ratio * 0.5 / cost.max())
-    x, y, cost = x * scale, y * scale, cost * scale**2
+    scale = np.sqrt(ratio * 0.5 / ref.sq_dists(x, y).max())
+    x, y = x * scale, y * scale
     eps, tol = 0.5, 1e-6
     sr = st.sinkhorn(x, y, epsilon=eps, tol=tol, blocked=blocked, **ONE_THREAD)
     assert sr.converged and sr.marginal_error <= tol, sr.marginal_error
     assert sr.iterations < 20_000
-    a, b = np.full(n, 1 / n), np.full(m, 1 / m)
-    plan = sr.plan(x, y)
-    assert ref.marginal_error(plan, a, b) <= 2 * tol
-    exact = float(ot.emd2(a, b, cost, numItermax=10**7))
-    assert -cost.max() * 2 * tol <= sr.transport_cost - exact <= eps * np.log(n * m) + cost.max() * 2 * tol
+    _check_nearly_unregularised_solution(sr, x, y, eps, tol)
 
 
 def test_blocked_keeps_newtons_point_when_the_sinkhorn_phase_after_it_ends_worse():

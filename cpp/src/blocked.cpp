@@ -892,16 +892,16 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
   // class balancing at the start of every block (see sinkhorn_log).
   std::vector<double> f_snap(n), g_snap(m);
   double omega = 1.0, cap = opt.overrelaxation, last_err = kPosInf;
-  // `intermediate`: the loop also ends after kIntermediateStallIterations without progress.
-  auto run = [&](double eps, double target, int64_t limit, bool lowp = false, bool intermediate = false,
-                 bool phase = false) {
+  // `stall_iterations` (0: none): the loop also ends after that many iterations without progress
+  // (kIntermediateStallIterations in an intermediate stage, kPhaseStallIterations in a last-stage
+  // phase between Newton rounds).
+  auto run = [&](double eps, double target, int64_t limit, bool lowp = false, int64_t stall_iterations = 0) {
     constexpr int64_t kBlock = 10;
     double block_err = kPosInf;
     int64_t block_left = 0;
     StallBackoff cycle;
     FloorWatch stall(cmax, eps, std::numeric_limits<int>::max(),
-                     intermediate ? static_cast<int>(kIntermediateStallIterations / kBlock)
-                                  : (phase ? static_cast<int>(kPhaseStallIterations / kBlock) : std::numeric_limits<int>::max()));
+                     stall_iterations > 0 ? static_cast<int>(stall_iterations / kBlock) : std::numeric_limits<int>::max());
     auto snapshot = [&]() {
       std::copy(f, f + n, f_snap.begin());
       std::copy(g, g + m, g_snap.begin());
@@ -958,7 +958,8 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
     }
     if (!last) {
       const double stage_target = std::max(opt.stage_tol, opt.tol);
-      run(eps, stage_target, opt.max_iter, stage_float_exponents(opt, stage_target, cmax, f, n, g, m, eps), true);
+      run(eps, stage_target, opt.max_iter, stage_float_exponents(opt, stage_target, cmax, f, n, g, m, eps),
+          kIntermediateStallIterations);
       continue;
     }
     // The last stage: Sinkhorn down to newton_switch, then Newton; when a Newton round stalls,
@@ -984,7 +985,7 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
           const std::vector<double> f_newton(f, f + n), g_newton(g, g + m);
           const double newton_estimate = estimate;
           last_err = kPosInf;
-          run(eps, target, std::min(opt.max_iter, rep.iterations + phase), false, false, true);
+          run(eps, target, std::min(opt.max_iter, rep.iterations + phase), false, kPhaseStallIterations);
           estimate = last_err;
           if (!(estimate <= newton_estimate)) {
             std::copy(f_newton.begin(), f_newton.end(), f);

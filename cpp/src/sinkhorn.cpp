@@ -1504,6 +1504,8 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
   double cg_floor = opt.newton_cg_floor;  // newton_polish lowers it to 0 for good when it fails
   // `floor_stop`: the loop may end at the noise floor (at_floor), for the last stage without Newton;
   // with Newton, its rounds watch for that instead.
+  // `phase`: a last-stage phase between futile Newton rounds; it ends (without at_floor) after
+  // kPhaseStallIterations without progress, or at the floor.
   // `sr`: the pattern's rows (pattern.rows), or null for a dense loop.
   double loop_err = std::numeric_limits<double>::infinity();  // the last iteration's error
   int64_t loop_block = 10;  // iterations between balancings and over-relaxation checks (set per stage)
