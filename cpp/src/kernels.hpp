@@ -641,16 +641,18 @@ struct ColLse {
   }
 };
 
-// fused_iteration's column update from a row's own terms, where AVX-512 runs (available()): sum()
-// is RowLse<float>::sum_lowp on that row (the same value to the bit) that also keeps its terms
-// e_k = exp(Af[cols[k]] - c[k] inv_eps - shift) (cols null: a dense row, Af[k]); add_scaled() then
-// adds r e_k to part[cols[k]] (part[k]). A column's term at the row's new potential is e_k times a per-row factor r and a
-// per-column constant, so one exponential per entry serves both half-steps (elsewhere the column
-// update recomputes it, ColLse::sum_sparse_row_lowp).
+// fused_iteration's column update from a row's own terms, where the hand-written loops run
+// (available(): AVX-512 or AVX2 + FMA): sum() is RowLse<float>::sum_lowp on that row (the same value
+// to the bit) that also keeps its terms e_k = exp(Af[cols[k]] - c[k] inv_eps - shift) (cols null: a
+// dense row, Af[k]); add_scaled() then adds r e_k to part[cols[k]] (part[k]). A column's term at the
+// row's new potential is e_k times a per-row factor r and a per-column constant, so one exponential
+// per entry serves both half-steps (elsewhere the column update recomputes it,
+// ColLse::sum_sparse_row_lowp, whose AVX2 clone gathers and scatters lane by lane: 3.9 ns an entry
+// on Zen 2 against 1.0 for add_scaled's scalar read-modify-writes, bench/RESULTS.md session 33).
 struct KeptTerms {
   static bool available() {
 #ifdef SEGTRANSFER_AVX512_LSE
-    return avx512_lse_available();
+    return avx512_lse_available() || cpu_has_avx2_fma();
 #else
     return false;
 #endif
@@ -658,8 +660,11 @@ struct KeptTerms {
   static double sum(const float* c, const int32_t* cols, int64_t len, const float* Af, float inv_eps, float shift,
                     float* terms) {
 #ifdef SEGTRANSFER_AVX512_LSE
-    return cols != nullptr ? lse_sum_avx512<true, true>(c, cols, len, Af, inv_eps, shift, terms)
-                           : lse_sum_avx512<false, true>(c, nullptr, len, Af, inv_eps, shift, terms);
+    if (avx512_lse_available())
+      return cols != nullptr ? lse_sum_avx512<true, true>(c, cols, len, Af, inv_eps, shift, terms)
+                             : lse_sum_avx512<false, true>(c, nullptr, len, Af, inv_eps, shift, terms);
+    return cols != nullptr ? lse_sum_avx2<true, true>(c, cols, len, Af, inv_eps, shift, terms)
+                           : lse_sum_avx2<false, true>(c, nullptr, len, Af, inv_eps, shift, terms);
 #else
     (void)c, (void)cols, (void)len, (void)Af, (void)inv_eps, (void)shift, (void)terms;
     return std::numeric_limits<double>::quiet_NaN();
@@ -668,10 +673,9 @@ struct KeptTerms {
   static void add_scaled(const float* terms, const int32_t* cols, int64_t len, float r, float* part) {
     if (cols == nullptr) return add_scaled_dense(terms, len, r, part);
 #ifdef SEGTRANSFER_AVX512_LSE
-    scatter_scaled_avx512(terms, cols, len, r, part);
-#else
-    for (int64_t k = 0; k < len; ++k) part[cols[k]] += r * terms[k];
+    if (avx512_lse_available()) return scatter_scaled_avx512(terms, cols, len, r, part);
 #endif
+    for (int64_t k = 0; k < len; ++k) part[cols[k]] += r * terms[k];
   }
   SEGTRANSFER_HOT static void add_scaled_dense(const float* terms, int64_t len, float r, float* part) {
 #pragma omp simd

@@ -831,8 +831,10 @@ struct PlanRow {
   static double fill(const T* c, const int32_t* cols, int64_t len, double base, const double* B, double inv_eps,
                      float* out, double* col_part) {
 #ifdef SEGTRANSFER_AVX512_LSE
-    if constexpr (std::is_same_v<T, float>)
+    if constexpr (std::is_same_v<T, float>) {
       if (avx512_lse_available()) return plan_row_avx512(c, cols, len, base, B, inv_eps, out, col_part);
+      if (cpu_has_avx2_fma()) return plan_row_avx2(c, cols, len, base, B, inv_eps, out, col_part);
+    }
 #endif
     return fill_clones(c, cols, len, base, B, inv_eps, out, col_part);
   }

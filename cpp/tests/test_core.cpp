@@ -353,6 +353,16 @@ static void test_lse_kernels() {
       bool close = true;
       for (int64_t j = 0; j < width; ++j) close = close && std::fabs(part[j] - ref[j]) <= 1e-6 * ref[j] + 1e-30;
       CHECK(close);
+      // A dense row (cols null): the same, its terms in column order.
+      std::fill(terms.begin(), terms.end(), -7.f);
+      const double dense = KeptTerms::sum(c.data(), nullptr, len, A.data(), inv_eps, shift, terms.data());
+      CHECK(dense == RowLse<float>::sum_lowp(c.data(), nullptr, len, A.data(), inv_eps, shift));
+      bool dense_same = terms[len] == -7.f;
+      for (int64_t k = 0; k < len; ++k) {
+        const double x = static_cast<double>(A[k]) - static_cast<double>(c[k]) * inv_eps - shift;
+        dense_same = dense_same && std::fabs(terms[k] - (x >= -87.0 ? std::exp(x) : 0.0)) <= 3e-5 * std::exp(x) + 1e-30;
+      }
+      CHECK(dense_same);
     }
   }
   // Overflow: terms clamped at e^88 (~1.7e38) sum past FLT_MAX to inf, never to a finite wrong value.
@@ -442,16 +452,15 @@ static void test_compact_above() {
 #endif
 }
 
-// Newton's plan rows in AVX-512 (plan_row_avx512) against std::exp in double: each value (rounded
-// to float), the column sums accumulated over several rows, and the row sums, on lengths that leave
-// partial groups of 8 and prefetch blocks of 256, with exponents from below the flush (-708) to a
-// little above 0. Bound: fast_exp's 4e-16 relative (test_fast_exp) plus the roundings of forming
+// Newton's plan rows in AVX-512 and AVX2 (plan_row_avx512, plan_row_avx2; each where this CPU runs
+// it) against std::exp in double: each value (rounded to float), the column sums accumulated over
+// several rows, and the row sums, on lengths that leave partial groups of 8 (4) and prefetch blocks
+// of 256, with exponents from below the flush (-708) to a little above 0. Bound: fast_exp's 4e-16 relative (test_fast_exp) plus the roundings of forming
 // the exponent (|x| <= 800: 800 * 2^-53 ~ 1e-13 absolute in x, the same relative on the value) and
 // of adding <= ~1000 positive terms in double (1e-13): 4e-13 relative on every sum. Entries below
 // e^-708 must come out 0 exactly.
-static void test_plan_rows() {
-#ifdef SEGTRANSFER_AVX512_LSE
-  if (!avx512_lse_available()) return;
+using PlanRowFill = double (*)(const float*, const int32_t*, int64_t, double, const double*, double, float*, double*);
+static void check_plan_rows(PlanRowFill plan_row) {
   std::mt19937_64 rng(29);
   const int64_t m = 1500;
   std::uniform_real_distribution<double> uB(-3.0, 3.0);
@@ -477,7 +486,7 @@ static void test_plan_rows() {
       want += e;
       want_col[cols[k]] += e;
     }
-    const double got = plan_row_avx512(c.data(), cols.data(), len, base, B.data(), inv_eps, out.data(), col_part.data());
+    const double got = plan_row(c.data(), cols.data(), len, base, B.data(), inv_eps, out.data(), col_part.data());
     sums_ok = sums_ok && std::fabs(got - want) <= 4e-13 * want;
     for (int64_t k = 0; k < len; ++k) {
       const double x = base + B[cols[k]] - static_cast<double>(c[k]) * inv_eps;
@@ -500,6 +509,12 @@ static void test_plan_rows() {
   bool cols_ok = true;
   for (int64_t j = 0; j < m; ++j) cols_ok = cols_ok && std::fabs(col_part[j] - want_col[j]) <= 4e-13 * want_col[j];
   CHECK(cols_ok);
+}
+
+static void test_plan_rows() {
+#ifdef SEGTRANSFER_AVX512_LSE
+  if (avx512_lse_available()) check_plan_rows(plan_row_avx512);
+  if (cpu_has_avx2_fma()) check_plan_rows(plan_row_avx2);
 #endif
 }
 
