@@ -674,6 +674,7 @@ struct KeptTerms {
     if (cols == nullptr) return add_scaled_dense(terms, len, r, part);
 #ifdef SEGTRANSFER_AVX512_LSE
     if (avx512_lse_available()) return scatter_scaled_avx512(terms, cols, len, r, part);
+    if (cpu_has_avx2_fma()) return scatter_scaled_avx2(terms, cols, len, r, part);
 #endif
     for (int64_t k = 0; k < len; ++k) part[cols[k]] += r * terms[k];
   }
