@@ -12,6 +12,7 @@
 // order in which a row's 256-entry blocks are summed differs (two accumulators instead of one),
 // a float rounding difference far inside what the lowp stages tolerate (kernels.hpp).
 #pragma once
+#include <algorithm>
 #include <cstdint>
 
 #include "prefetch.hpp"
@@ -189,6 +190,123 @@ __attribute__((target("avx2,fma"))) inline void scatter_scaled_avx2(const float*
     }
   }
   for (; k < len; ++k) part[cols[k]] = __builtin_fmaf(r, terms[k], part[cols[k]]);
+}
+
+// Lane permutations that pack the lanes a mask selects to the front, in order (AVX2 has no
+// compress): idx8[mask] for 8 lanes (vpermps), idx4[mask] for 4 (vpermilps). 8.3 kB.
+struct PackTables {
+  alignas(32) int32_t idx8[256][8];
+  alignas(16) int32_t idx4[16][4];
+  constexpr PackTables() : idx8{}, idx4{} {
+    for (int mask = 0; mask < 256; ++mask)
+      for (int l = 0, at = 0; l < 8; ++l)
+        if ((mask >> l) & 1) idx8[mask][at++] = l;
+    for (int mask = 0; mask < 16; ++mask)
+      for (int l = 0, at = 0; l < 4; ++l)
+        if ((mask >> l) & 1) idx4[mask][at++] = l;
+  }
+};
+inline constexpr PackTables kPack{};
+
+// DenseRowScan<float>::fill (pattern_scan.hpp) in AVX2, as dense_fill_avx512: the first k entries
+// of the dense row c[0, m) with c[j] - p_col[j] < th, their columns to oc and values to ov, in
+// column order; returns how many were written. The same float subtraction and comparison as
+// DenseRowScan's count; slots after the last one may be written, but none past oc + k / ov + k
+// (the caller's room, as for fill).
+__attribute__((target("avx2,fma"))) inline int64_t dense_fill_avx2(const float* c, int64_t m, const float* p_col,
+                                                                   float th, int64_t k, int32_t* oc, float* ov) {
+  const __m256 t = _mm256_set1_ps(th);
+  const __m256i step = _mm256_set1_epi32(8);
+  __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t pos = 0;
+  for (int64_t j = 0; j < m && pos < k; j += 8, idx = _mm256_add_epi32(idx, step)) {
+    if ((j & 15) == 0) prefetch_dense_ahead(c, j, j + 1);  // one line, kPrefetchAhead entries ahead
+    __m256 v, keep;
+    if (j + 8 <= m) {
+      v = _mm256_loadu_ps(c + j);
+      keep = _mm256_cmp_ps(_mm256_sub_ps(v, _mm256_loadu_ps(p_col + j)), t, _CMP_LT_OQ);
+    } else {
+      const __m256i in = first_lanes(m - j);
+      v = _mm256_maskload_ps(c + j, in);
+      keep = _mm256_and_ps(_mm256_cmp_ps(_mm256_sub_ps(v, _mm256_maskload_ps(p_col + j, in)), t, _CMP_LT_OQ),
+                           _mm256_castsi256_ps(in));
+    }
+    const int bits = _mm256_movemask_ps(keep);
+    if (bits == 0) continue;
+    const int64_t cnt = std::min<int64_t>(__builtin_popcount(bits), k - pos);
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPack.idx8[bits]));
+    const __m256 pv = _mm256_permutevar8x32_ps(v, perm);
+    const __m256i pc = _mm256_permutevar8x32_epi32(idx, perm);
+    if (pos + 8 <= k) {  // all 8 lanes: the slots past the kept ones are scratch within [0, k)
+      _mm256_storeu_ps(ov + pos, pv);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(oc + pos), pc);
+    } else {  // masked stores are slow on AMD (microcoded), so only near the end
+      alignas(32) float lv[8];
+      alignas(32) int32_t lc[8];
+      _mm256_store_ps(lv, pv);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lc), pc);
+      for (int64_t l = 0; l < cnt; ++l) ov[pos + l] = lv[l], oc[pos + l] = lc[l];
+    }
+    pos += cnt;
+  }
+  return pos;
+}
+
+// KeepBelow (pattern_scan.hpp) in AVX2, as keep_below_avx512: the entries k of a row with
+// (double)val[k] - p_col[col[k]] < th, 4 at a time, the same double subtraction and comparison as
+// the plain loops. `Store`: the kept entries are written in order to out_col / out_val, and within
+// [0, stop) (KeepBelow::move's: the row's count, or its length in place) the slots after them may
+// be written too; out may be the row itself (in place), at or before it: a group is loaded before
+// its lanes are stored, at or before where it was read. Returns how many were kept.
+template <bool Store>
+__attribute__((target("avx2,fma"))) inline int64_t keep_below_avx2(const float* val, const int32_t* col, int64_t len,
+                                                                   const double* p_col, double th, int64_t stop,
+                                                                   int32_t* out_col, float* out_val) {
+  const __m256d t = _mm256_set1_pd(th);
+  int64_t at = 0;
+  for (int64_t j0 = 0; j0 < len; j0 += kPrefetchBlock) {
+    const int64_t j1 = j0 + kPrefetchBlock < len ? j0 + kPrefetchBlock : len;
+    prefetch_ahead(val, col, j0, j1);
+    for (int64_t k = j0; k < j1; k += 4) {
+      const int64_t n = j1 - k < 4 ? j1 - k : 4;
+      __m128 v;
+      __m128i ci;
+      __m256d pc;
+      if (n == 4) {
+        v = _mm_loadu_ps(val + k);
+        ci = _mm_loadu_si128(reinterpret_cast<const __m128i*>(col + k));
+        pc = _mm256_setr_pd(p_col[col[k]], p_col[col[k + 1]], p_col[col[k + 2]], p_col[col[k + 3]]);
+      } else {
+        alignas(16) float vq[4] = {0, 0, 0, 0};
+        alignas(16) int32_t cq[4] = {0, 0, 0, 0};
+        alignas(32) double pq[4] = {0, 0, 0, 0};
+        for (int64_t l = 0; l < n; ++l) vq[l] = val[k + l], cq[l] = col[k + l], pq[l] = p_col[col[k + l]];
+        v = _mm_load_ps(vq);
+        ci = _mm_load_si128(reinterpret_cast<const __m128i*>(cq));
+        pc = _mm256_load_pd(pq);
+      }
+      const int bits =
+          _mm256_movemask_pd(_mm256_cmp_pd(_mm256_sub_pd(_mm256_cvtps_pd(v), pc), t, _CMP_LT_OQ)) & ((1 << n) - 1);
+      const int cnt = __builtin_popcount(bits);
+      if (Store && cnt > 0) {
+        const __m128i perm = _mm_load_si128(reinterpret_cast<const __m128i*>(kPack.idx4[bits]));
+        const __m128 pv = _mm_permutevar_ps(v, perm);
+        const __m128 pc = _mm_permutevar_ps(_mm_castsi128_ps(ci), perm);
+        if (at + 4 <= stop) {  // all 4 lanes: the slots past the kept ones are scratch within [0, stop)
+          _mm_storeu_ps(out_val + at, pv);
+          _mm_storeu_ps(reinterpret_cast<float*>(out_col + at), pc);
+        } else {  // masked stores are slow on AMD (microcoded), so only near the end
+          alignas(16) float lv[4];
+          alignas(16) int32_t lc[4];
+          _mm_store_ps(lv, pv);
+          _mm_store_ps(reinterpret_cast<float*>(lc), pc);
+          for (int l = 0; l < cnt; ++l) out_val[at + l] = lv[l], out_col[at + l] = lc[l];
+        }
+      }
+      at += cnt;
+    }
+  }
+  return at;
 }
 
 // detail::fast_exp(double) on 4 lanes: the same reduction, polynomial and exponent-bit scale, the

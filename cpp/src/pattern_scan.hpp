@@ -69,12 +69,15 @@ struct DenseRowScan {
     }
     return pos;
   }
-  // fill, or its AVX-512 form where this CPU has it (compressed in registers, as
-  // compact_above_avx512; nothing written past the kept entries there).
+  // fill, or its AVX-512 or AVX2 form where this CPU has it (compressed in registers, as
+  // compact_above_avx512; nothing written past the kept entries in AVX-512, nothing past the k
+  // asked for in AVX2: the caller's room either way).
   static int64_t fill_any(const T* c, int64_t m, const T* p_col, T th, int64_t k, int32_t* oc, T* ov) {
 #ifdef SEGTRANSFER_AVX512_LSE
     if constexpr (std::is_same_v<T, float>)
       if (avx512_lse_available()) return dense_fill_avx512(c, m, p_col, th, k, oc, ov);
+    if constexpr (std::is_same_v<T, float>)
+      if (cpu_has_avx2_fma()) return dense_fill_avx2(c, m, p_col, th, k, oc, ov);
 #endif
     return fill(c, m, p_col, th, k, oc, ov);
   }
@@ -190,17 +193,21 @@ bool build_sparse(const RowMatrix<T>& mat, const double* p_row, const double* p_
 }
 
 // One row of the filters: the entries k with (double)val[k] - p_col[col[k]] < th, counted or moved
-// to oc / ov in order; keep_below_avx512 where this CPU has AVX-512 (float storage), else the plain
+// to oc / ov in order; keep_below_avx512 / keep_below_avx2 where this CPU has them (float storage), else the plain
 // loops. `stop` (move): the branch-free plain loop writes every entry it reads at the cursor, which
 // advances on the kept ones, and ends once `stop` are kept, so with stop = the row's count nothing
 // is written past them; with stop = len the slot after them may be written, at or before the entry
-// just read (in place). The AVX-512 form writes the kept entries only. Returns how many.
+// just read (in place). The AVX-512 form writes the kept entries only; the AVX2 one whole groups of
+// 4 while they end within `stop`, so again nothing past `stop`, in place at or before the group
+// just read. Returns how many.
 template <typename T>
 struct KeepBelow {
   static int64_t count(const T* val, const int32_t* col, int64_t len, const double* p_col, double th) {
 #ifdef SEGTRANSFER_AVX512_LSE
     if constexpr (std::is_same_v<T, float>)
       if (avx512_lse_available()) return keep_below_avx512<false>(val, col, len, p_col, th, nullptr, nullptr);
+    if constexpr (std::is_same_v<T, float>)
+      if (cpu_has_avx2_fma()) return keep_below_avx2<false>(val, col, len, p_col, th, 0, nullptr, nullptr);
 #endif
     int64_t k = 0;
     prefetch_ahead(val, col, 0, len);
@@ -212,6 +219,8 @@ struct KeepBelow {
 #ifdef SEGTRANSFER_AVX512_LSE
     if constexpr (std::is_same_v<T, float>)
       if (avx512_lse_available()) return keep_below_avx512<true>(val, col, len, p_col, th, oc, ov);
+    if constexpr (std::is_same_v<T, float>)
+      if (cpu_has_avx2_fma()) return keep_below_avx2<true>(val, col, len, p_col, th, stop, oc, ov);
 #endif
     int64_t at = 0;
     prefetch_ahead(val, col, 0, len);

@@ -376,16 +376,17 @@ static void test_lse_kernels() {
   }
 }
 
-// The pattern scan's fill in AVX-512 (dense_fill_avx512) against the plain test c - p < th in float:
-// the same columns and values in order, nothing written past the k asked for, and the count
-// returned, on row lengths that leave partial vectors, thresholds from none to all kept, and k at,
-// below and above (m: every kept entry, as the one-pass build asks) the row's count.
-static void test_dense_fill() {
-#ifdef SEGTRANSFER_AVX512_LSE
-  if (!avx512_lse_available()) return;
+// The pattern scan's fill in AVX-512 and AVX2 (dense_fill_avx512, dense_fill_avx2; each where this
+// CPU runs it) against the plain test c - p < th in float: the same columns and values in order,
+// nothing written past the k asked for, and the count returned, on row lengths that leave partial
+// vectors, thresholds from none to all kept, and k at, below and above (m: every kept entry, as the
+// one-pass build asks) the row's count. `scratch` (AVX2): the slots after the kept entries may be
+// written, up to the k asked for.
+using DenseFill = int64_t (*)(const float*, int64_t, const float*, float, int64_t, int32_t*, float*);
+static void check_dense_fill(DenseFill fill, bool scratch) {
   std::mt19937_64 rng(29);
   std::uniform_real_distribution<float> uv(0.f, 10.f);
-  for (int64_t m : {1, 15, 16, 17, 100, 1000}) {
+  for (int64_t m : {1, 7, 8, 9, 15, 16, 17, 100, 1000}) {
     std::vector<float> c(m), p(m);
     for (int64_t j = 0; j < m; ++j) {
       c[j] = uv(rng);
@@ -404,14 +405,84 @@ static void test_dense_fill() {
         const int64_t k = std::min(limit, kept);
         std::vector<int32_t> oc(k + 20, -5);
         std::vector<float> ov(k + 20, -5.f);
-        CHECK(dense_fill_avx512(c.data(), m, p.data(), th, limit, oc.data(), ov.data()) == k);
+        CHECK(fill(c.data(), m, p.data(), th, limit, oc.data(), ov.data()) == k);
         bool same = true;
         for (int64_t q = 0; q < k; ++q) same = same && oc[q] == want_col[q] && ov[q] == want_val[q];
-        for (int64_t q = k; q < k + 20; ++q) same = same && oc[q] == -5 && ov[q] == -5.f;
+        for (int64_t q = scratch ? std::min(limit, k + 20) : k; q < k + 20; ++q) same = same && oc[q] == -5 && ov[q] == -5.f;
         CHECK(same);
       }
     }
   }
+}
+
+static void test_dense_fill() {
+#ifdef SEGTRANSFER_AVX512_LSE
+  if (avx512_lse_available()) check_dense_fill(dense_fill_avx512, false);
+  if (cpu_has_avx2_fma()) check_dense_fill(dense_fill_avx2, true);
+#endif
+}
+
+// The pattern filters' row loop in AVX-512 and AVX2 (keep_below_avx512, keep_below_avx2; each where
+// this CPU runs it) against the plain test (double)val - p_col[col] < th: the same count, the same
+// entries in order, nothing written past them (stop = the count), also in place (out = the row
+// itself, stop = its length), on lengths that leave partial groups and prefetch blocks of 256,
+// densities from none to all kept.
+template <typename Count, typename Move>
+static void check_keep_below(Count count, Move move) {
+  std::mt19937_64 rng(37);
+  std::uniform_real_distribution<float> uv(0.f, 10.f);
+  std::uniform_real_distribution<double> up(-5.0, 5.0);
+  const int64_t width = 3000;
+  std::vector<double> p_col(width);
+  for (double& v : p_col) v = up(rng);
+  for (int64_t len : {0, 1, 3, 4, 5, 7, 8, 9, 255, 256, 257, 999}) {
+    std::vector<float> val(len);
+    std::vector<int32_t> col(len);
+    for (int64_t k = 0; k < len; ++k) {
+      val[k] = uv(rng);
+      col[k] = static_cast<int32_t>(3 * k + (k % 2));
+    }
+    for (double th : {-100.0, 0.0, 5.0, 12.0, 100.0}) {
+      std::vector<float> want_val;
+      std::vector<int32_t> want_col;
+      for (int64_t k = 0; k < len; ++k)
+        if (static_cast<double>(val[k]) - p_col[col[k]] < th) {
+          want_val.push_back(val[k]);
+          want_col.push_back(col[k]);
+        }
+      const int64_t kept = static_cast<int64_t>(want_val.size());
+      CHECK(count(val.data(), col.data(), len, p_col.data(), th) == kept);
+      std::vector<float> out_val(kept + 20, -5.f);
+      std::vector<int32_t> out_col(kept + 20, -5);
+      CHECK(move(val.data(), col.data(), len, p_col.data(), th, kept, out_col.data(), out_val.data()) == kept);
+      bool same = true;
+      for (int64_t q = 0; q < kept; ++q) same = same && out_val[q] == want_val[q] && out_col[q] == want_col[q];
+      for (int64_t q = kept; q < kept + 20; ++q) same = same && out_val[q] == -5.f && out_col[q] == -5;
+      // In place: the kept entries at the row's front, the rest of the row as it was.
+      std::vector<float> v2 = val;
+      std::vector<int32_t> c2 = col;
+      CHECK(move(v2.data(), c2.data(), len, p_col.data(), th, len, c2.data(), v2.data()) == kept);
+      for (int64_t q = 0; q < kept; ++q) same = same && v2[q] == want_val[q] && c2[q] == want_col[q];
+      CHECK(same);
+    }
+  }
+}
+
+static void test_keep_below() {
+#ifdef SEGTRANSFER_AVX512_LSE
+  if (avx512_lse_available())
+    check_keep_below(
+        [](const float* v, const int32_t* c, int64_t len, const double* p, double th) {
+          return keep_below_avx512<false>(v, c, len, p, th, nullptr, nullptr);
+        },
+        [](const float* v, const int32_t* c, int64_t len, const double* p, double th, int64_t, int32_t* oc,
+           float* ov) { return keep_below_avx512<true>(v, c, len, p, th, oc, ov); });
+  if (cpu_has_avx2_fma())
+    check_keep_below(
+        [](const float* v, const int32_t* c, int64_t len, const double* p, double th) {
+          return keep_below_avx2<false>(v, c, len, p, th, 0, nullptr, nullptr);
+        },
+        keep_below_avx2<true>);
 #endif
 }
 
@@ -2130,6 +2201,7 @@ int main(int argc, char** argv) {
       {"pattern_build", test_pattern_build},
       {"pattern_filters", test_pattern_filters},
       {"dense_fill", test_dense_fill},
+      {"keep_below", test_keep_below},
       {"sampling", test_sampling},
       {"otce_bijection", test_otce_bijection},
       {"conditional_entropy", test_conditional_entropy},
