@@ -106,13 +106,13 @@ static void check_squared_euclidean() {
 
 // The stored and the blocked solver rely on every cost tile being bit-identical whichever kernel
 // computed it (AVX2 or AVX-512 register blocks, where this CPU has them, or the portable loop) and
-// for the transposed problem: rows 0-38 (register blocks and leftover rows) x 301 columns (groups
-// of 16 and leftover columns), D = 19 and 256, float and double.
+// for the transposed problem: n = 39 or 40 rows (register blocks of 6, 4 and 8 rows, and leftover
+// rows) x 301 columns (groups of 16 and leftover columns), D = 19 and 256, float and double.
 template <typename T>
-static void check_cost_tiles_identical(int64_t d) {
+static void check_cost_tiles_identical(int64_t d, int64_t n) {
   std::mt19937 rng(11);
   std::normal_distribution<T> z(T(0), T(3));
-  const int64_t n = 39, m = 301;
+  const int64_t m = 301;
   std::vector<T> x(n * d), y(m * d);
   for (T& v : x) v = z(rng);
   for (T& v : y) v = z(rng);
@@ -165,10 +165,11 @@ static void check_cost_tiles_identical(int64_t d) {
 static void test_squared_euclidean() {
   check_squared_euclidean<float>();
   check_squared_euclidean<double>();
-  for (const int64_t d : {19, 256}) {
-    check_cost_tiles_identical<float>(d);
-    check_cost_tiles_identical<double>(d);
-  }
+  for (const int64_t d : {19, 256})
+    for (const int64_t n : {39, 40}) {
+      check_cost_tiles_identical<float>(d, n);
+      check_cost_tiles_identical<double>(d, n);
+    }
 }
 
 #ifdef SEGTRANSFER_AVX2_LSE
