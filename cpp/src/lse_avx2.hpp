@@ -130,8 +130,26 @@ __attribute__((target("avx2,fma"))) double lse_sum_avx2(const float* c, const in
       prefetch_ahead(c, cols, j0, j1);
     else
       prefetch_dense_ahead(c, j0, j1);
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
     int64_t k = j0;
+    // Four vectors at a time: each exponential is a chain of ~14 dependent operations, and two
+    // chains at a time left the loop latency-bound on Zen 2 (dense, in cache: 0.56 ns an entry).
+    for (; k + 32 <= j1; k += 32) {
+      const __m256 e0 = fast_exp8(row_exponents8<Sparse, false>(c, cols, A, k, j1, inv, sh, all));
+      const __m256 e1 = fast_exp8(row_exponents8<Sparse, false>(c, cols, A, k + 8, j1, inv, sh, all));
+      const __m256 e2 = fast_exp8(row_exponents8<Sparse, false>(c, cols, A, k + 16, j1, inv, sh, all));
+      const __m256 e3 = fast_exp8(row_exponents8<Sparse, false>(c, cols, A, k + 24, j1, inv, sh, all));
+      if (Keep) {
+        _mm256_storeu_ps(terms + k, e0);
+        _mm256_storeu_ps(terms + k + 8, e1);
+        _mm256_storeu_ps(terms + k + 16, e2);
+        _mm256_storeu_ps(terms + k + 24, e3);
+      }
+      s0 = _mm256_add_ps(s0, e0);
+      s1 = _mm256_add_ps(s1, e1);
+      s2 = _mm256_add_ps(s2, e2);
+      s3 = _mm256_add_ps(s3, e3);
+    }
     for (; k + 16 <= j1; k += 16) {
       const __m256 e0 = fast_exp8(row_exponents8<Sparse, false>(c, cols, A, k, j1, inv, sh, all));
       const __m256 e1 = fast_exp8(row_exponents8<Sparse, false>(c, cols, A, k + 8, j1, inv, sh, all));
@@ -148,7 +166,7 @@ __attribute__((target("avx2,fma"))) double lse_sum_avx2(const float* c, const in
       if (Keep) _mm256_maskstore_ps(terms + k, mask, e);
       s0 = _mm256_add_ps(s0, _mm256_and_ps(e, _mm256_castsi256_ps(mask)));
     }
-    total += static_cast<double>(hsum8(_mm256_add_ps(s0, s1)));
+    total += static_cast<double>(hsum8(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3))));
   }
   return total;
 }
