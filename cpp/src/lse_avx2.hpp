@@ -226,6 +226,28 @@ struct PackTables {
 };
 inline constexpr PackTables kPack{};
 
+__attribute__((target("avx2"), always_inline)) inline void store_lanes(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+__attribute__((target("avx2"), always_inline)) inline void store_lanes(float* p, __m128 v) { _mm_storeu_ps(p, v); }
+
+// The compaction's store: the first `cnt` of W packed lanes, values pv (to ov) and column indices
+// pc (their bits, to oc). `whole`: the caller's room takes all W slots, which are then stored as
+// vectors (the slots past the kept ones are scratch); else lane by lane, since masked stores are
+// microcoded on AMD (with them the AVX2 scans were slower than the compiler's clones).
+template <int W, typename V>
+__attribute__((target("avx2"), always_inline)) inline void store_packed_avx2(V pv, V pc, int64_t cnt, bool whole,
+                                                                             float* ov, int32_t* oc) {
+  if (whole) {
+    store_lanes(ov, pv);
+    store_lanes(reinterpret_cast<float*>(oc), pc);
+    return;
+  }
+  alignas(32) float lv[W];
+  alignas(32) int32_t lc[W];
+  store_lanes(lv, pv);
+  store_lanes(reinterpret_cast<float*>(lc), pc);
+  for (int64_t l = 0; l < cnt; ++l) ov[l] = lv[l], oc[l] = lc[l];
+}
+
 // DenseRowScan<float>::fill (pattern_scan.hpp) in AVX2, as dense_fill_avx512: the first k entries
 // of the dense row c[0, m) with c[j] - p_col[j] < th, their columns to oc and values to ov, in
 // column order; returns how many were written. The same float subtraction and comparison as
@@ -253,18 +275,9 @@ __attribute__((target("avx2,fma"))) inline int64_t dense_fill_avx2(const float* 
     if (bits == 0) continue;
     const int64_t cnt = std::min<int64_t>(__builtin_popcount(bits), k - pos);
     const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPack.idx8[bits]));
-    const __m256 pv = _mm256_permutevar8x32_ps(v, perm);
-    const __m256i pc = _mm256_permutevar8x32_epi32(idx, perm);
-    if (pos + 8 <= k) {  // all 8 lanes: the slots past the kept ones are scratch within [0, k)
-      _mm256_storeu_ps(ov + pos, pv);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(oc + pos), pc);
-    } else {  // masked stores are slow on AMD (microcoded), so only near the end
-      alignas(32) float lv[8];
-      alignas(32) int32_t lc[8];
-      _mm256_store_ps(lv, pv);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(lc), pc);
-      for (int64_t l = 0; l < cnt; ++l) ov[pos + l] = lv[l], oc[pos + l] = lc[l];
-    }
+    store_packed_avx2<8>(_mm256_permutevar8x32_ps(v, perm),
+                         _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(idx, perm)), cnt, pos + 8 <= k, ov + pos,
+                         oc + pos);
     pos += cnt;
   }
   return pos;
@@ -308,18 +321,8 @@ __attribute__((target("avx2,fma"))) inline int64_t keep_below_avx2(const float* 
       const int cnt = __builtin_popcount(bits);
       if (Store && cnt > 0) {
         const __m128i perm = _mm_load_si128(reinterpret_cast<const __m128i*>(kPack.idx4[bits]));
-        const __m128 pv = _mm_permutevar_ps(v, perm);
-        const __m128 pc = _mm_permutevar_ps(_mm_castsi128_ps(ci), perm);
-        if (at + 4 <= stop) {  // all 4 lanes: the slots past the kept ones are scratch within [0, stop)
-          _mm_storeu_ps(out_val + at, pv);
-          _mm_storeu_ps(reinterpret_cast<float*>(out_col + at), pc);
-        } else {  // masked stores are slow on AMD (microcoded), so only near the end
-          alignas(16) float lv[4];
-          alignas(16) int32_t lc[4];
-          _mm_store_ps(lv, pv);
-          _mm_store_ps(reinterpret_cast<float*>(lc), pc);
-          for (int l = 0; l < cnt; ++l) out_val[at + l] = lv[l], out_col[at + l] = lc[l];
-        }
+        store_packed_avx2<4>(_mm_permutevar_ps(v, perm), _mm_permutevar_ps(_mm_castsi128_ps(ci), perm), cnt,
+                             at + 4 <= stop, out_val + at, out_col + at);
       }
       at += cnt;
     }
