@@ -36,8 +36,22 @@ constexpr int kLanes = 8;
 // s[1] += sum p V_j when V is given, s[2] += sum p^2 V2_j when V2 is given.
 template <typename T>
 struct PlanSums {
-  SEGTRANSFER_HOT static void run(const T* c, int64_t w, double base, const double* B, double inv_eps,
-                                  const double* V, const double* V2, double* s) {
+  static void run(const T* c, int64_t w, double base, const double* B, double inv_eps, const double* V,
+                  const double* V2, double* s) {
+#ifdef SEGTRANSFER_AVX2_LSE
+    // AVX2 without AVX-512 (lse_avx2.hpp); AVX-512 keeps the compiler's clone, measured there.
+    if constexpr (std::is_same_v<T, float>) {
+      if (!avx512_lse_available() && cpu_has_avx2_fma()) {
+        if (V2 != nullptr) return plan_sums_avx2<true, true>(c, w, base, B, inv_eps, V, V2, s);
+        if (V != nullptr) return plan_sums_avx2<true, false>(c, w, base, B, inv_eps, V, nullptr, s);
+        return plan_sums_avx2<false, false>(c, w, base, B, inv_eps, nullptr, nullptr, s);
+      }
+    }
+#endif
+    run_clones(c, w, base, B, inv_eps, V, V2, s);
+  }
+  SEGTRANSFER_HOT static void run_clones(const T* c, int64_t w, double base, const double* B, double inv_eps,
+                                         const double* V, const double* V2, double* s) {
     double s0 = 0.0, s1 = 0.0, s2 = 0.0;
     if (V2 != nullptr) {
 #pragma omp simd reduction(+ : s0, s1, s2)

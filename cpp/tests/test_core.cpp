@@ -587,6 +587,42 @@ static void test_plan_rows() {
 #ifdef SEGTRANSFER_AVX512_LSE
   if (avx512_lse_available()) check_plan_rows(plan_row_avx512);
   if (cpu_has_avx2_fma()) check_plan_rows(plan_row_avx2);
+  // The blocked solver's dense plan sums in AVX2 (plan_sums_avx2) against std::exp in double, with
+  // and without the weighted sums, on widths that leave partial groups of 16, exponents from below
+  // the flush (-708) to a little above 0; the same 4e-13 bound (positive terms and weights).
+  if (cpu_has_avx2_fma()) {
+    std::mt19937_64 rng(41);
+    std::uniform_real_distribution<double> uB(-3.0, 3.0), uV(0.5, 2.0);
+    std::uniform_real_distribution<float> uc(0.f, 80.f);
+    const double inv_eps = 9.5;
+    bool ok = true;
+    for (int64_t w : {0, 1, 3, 4, 15, 16, 17, 255, 256}) {
+      std::vector<float> c(w);
+      std::vector<double> B(w), V(w), V2(w);
+      for (int64_t j = 0; j < w; ++j) c[j] = uc(rng), B[j] = uB(rng), V[j] = uV(rng), V2[j] = uV(rng);
+      const double base = uB(rng);
+      double want[3] = {0.0, 0.0, 0.0};
+      for (int64_t j = 0; j < w; ++j) {
+        const double x = base + B[j] - static_cast<double>(c[j]) * inv_eps;
+        const double e = x < -708.0 ? 0.0 : std::exp(x);
+        want[0] += e;
+        want[1] += e * V[j];
+        want[2] += e * e * V2[j];
+      }
+      // Called twice: the second call adds to what the first left (the sums double).
+      double all[3] = {0.0, 0.0, 0.0}, one[3] = {0.0, 0.0, -1.0}, none[3] = {0.0, -1.0, -1.0};
+      for (int call = 0; call < 2; ++call) {
+        plan_sums_avx2<true, true>(c.data(), w, base, B.data(), inv_eps, V.data(), V2.data(), all);
+        plan_sums_avx2<true, false>(c.data(), w, base, B.data(), inv_eps, V.data(), nullptr, one);
+        plan_sums_avx2<false, false>(c.data(), w, base, B.data(), inv_eps, nullptr, nullptr, none);
+      }
+      for (int q = 0; q < 3; ++q) ok = ok && std::fabs(all[q] - 2.0 * want[q]) <= 8e-13 * want[q];
+      ok = ok && std::fabs(one[0] - 2.0 * want[0]) <= 8e-13 * want[0] &&
+           std::fabs(one[1] - 2.0 * want[1]) <= 8e-13 * want[1] && one[2] == -1.0;
+      ok = ok && std::fabs(none[0] - 2.0 * want[0]) <= 8e-13 * want[0] && none[1] == -1.0 && none[2] == -1.0;
+    }
+    CHECK(ok);
+  }
 #endif
 }
 
