@@ -14,6 +14,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "prefetch.hpp"
 #include "segtransfer/fastexp.hpp"
@@ -49,7 +50,10 @@ inline bool cpu_has_avx2_fma() {
 namespace segtransfer {
 namespace {
 
-// detail::fast_exp_lowp(float) on 8 lanes (see fastexp.hpp for the method and its error).
+// detail::fast_exp_lowp(float) on 8 lanes (see fastexp.hpp for the method and its error); with
+// Lowp = false, detail::fast_exp(float) (its degree-7 Taylor polynomial), for the exact stages'
+// float sums.
+template <bool Lowp = true>
 __attribute__((target("avx2,fma"), always_inline)) inline __m256 fast_exp8(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-87.0f);
   const __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);  // below: flushed to 0
@@ -59,12 +63,24 @@ __attribute__((target("avx2,fma"), always_inline)) inline __m256 fast_exp8(__m25
   const __m256 n = _mm256_sub_ps(ns, shifter);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860682030941723212e-6f), r);
-  using detail::kExpLowpPoly;
-  __m256 p = _mm256_set1_ps(kExpLowpPoly[0]);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpLowpPoly[1]));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpLowpPoly[2]));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpLowpPoly[3]));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpLowpPoly[4]));
+  __m256 p;
+  if constexpr (Lowp) {
+    using detail::kExpLowpPoly;
+    p = _mm256_set1_ps(kExpLowpPoly[0]);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpLowpPoly[1]));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpLowpPoly[2]));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpLowpPoly[3]));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpLowpPoly[4]));
+  } else {
+    p = _mm256_set1_ps(1.0f / 5040.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  }
   // ns's low mantissa bits hold n + 2^22 (the shifter is 1.5 * 2^23), so its bit pattern minus that
   // of the shifter is n: 2^n is (n + 127) << 23, without a float -> int conversion.
   const __m256i e = _mm256_slli_epi32(
@@ -113,14 +129,60 @@ __attribute__((target("avx2,fma"), always_inline)) inline __m256 row_exponents8(
   return _mm256_sub_ps(_mm256_fnmadd_ps(cv, inv, av), shift);
 }
 
+// The same 8 exponents formed in double from double A (RowLse<float>::shifted_sum<double>: the
+// exact stages), then rounded to float, as that loop does.
+template <bool Sparse, bool Masked>
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 row_exponents8(const float* c, const int32_t* cols,
+                                                                            const double* A, int64_t k, int64_t len,
+                                                                            __m256d inv, __m256d shift,
+                                                                            __m256i mask) {
+  __m128 clo, chi;
+  __m256d alo, ahi;
+  if (!Sparse && Masked) {  // masked loads (fast on AMD, unlike masked stores); lanes past len read 0
+    const __m128i mlo = _mm256_castsi256_si128(mask), mhi = _mm256_extracti128_si256(mask, 1);
+    clo = _mm_maskload_ps(c + k, mlo);
+    chi = _mm_maskload_ps(c + k + 4, mhi);
+    alo = _mm256_maskload_pd(A + k, _mm256_cvtepi32_epi64(mlo));
+    ahi = _mm256_maskload_pd(A + k + 4, _mm256_cvtepi32_epi64(mhi));
+  } else if (Sparse && !Masked) {
+    const int32_t* q = cols + k;
+    alo = _mm256_setr_pd(A[q[0]], A[q[1]], A[q[2]], A[q[3]]);
+    ahi = _mm256_setr_pd(A[q[4]], A[q[5]], A[q[6]], A[q[7]]);
+    clo = _mm_loadu_ps(c + k);
+    chi = _mm_loadu_ps(c + k + 4);
+  } else if (Masked) {
+    alignas(32) double g[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    alignas(32) float cq[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    const int64_t n = len - k < 8 ? len - k : 8;
+    for (int64_t l = 0; l < n; ++l) g[l] = A[Sparse ? cols[k + l] : k + l], cq[l] = c[k + l];
+    alo = _mm256_load_pd(g);
+    ahi = _mm256_load_pd(g + 4);
+    clo = _mm_load_ps(cq);
+    chi = _mm_load_ps(cq + 4);
+  } else {
+    alo = _mm256_loadu_pd(A + k);
+    ahi = _mm256_loadu_pd(A + k + 4);
+    clo = _mm_loadu_ps(c + k);
+    chi = _mm_loadu_ps(c + k + 4);
+  }
+  const __m128 lo = _mm256_cvtpd_ps(_mm256_sub_pd(_mm256_fnmadd_pd(_mm256_cvtps_pd(clo), inv, alo), shift));
+  const __m128 hi = _mm256_cvtpd_ps(_mm256_sub_pd(_mm256_fnmadd_pd(_mm256_cvtps_pd(chi), inv, ahi), shift));
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
+}
+
+__attribute__((target("avx2"), always_inline)) inline __m256 splat8(float v) { return _mm256_set1_ps(v); }
+__attribute__((target("avx2"), always_inline)) inline __m256d splat8(double v) { return _mm256_set1_pd(v); }
+
 // RowLse<float>::shifted_sum<float>: sum_k exp(A[cols[k]] - c[k] * inv_eps - shift) (cols null:
 // A[k]), partial sums in float over blocks of 256 entries, the blocks added in double. `Keep`: the
 // terms are also stored to terms[0, len) (KeptTerms, kernels.hpp), the sum unchanged to the bit.
-template <bool Sparse, bool Keep = false>
+// E = double: RowLse<float>::shifted_sum<double> (the exact stages), the exponent formed in double
+// and fast_exp(float)'s degree-7 polynomial.
+template <bool Sparse, bool Keep = false, typename E = float>
 __attribute__((target("avx2,fma"))) double lse_sum_avx2(const float* c, const int32_t* cols, int64_t len,
-                                                        const float* A, float inv_eps, float shift,
-                                                        float* terms = nullptr) {
-  const __m256 inv = _mm256_set1_ps(inv_eps), sh = _mm256_set1_ps(shift);
+                                                        const E* A, E inv_eps, E shift, float* terms = nullptr) {
+  constexpr bool kLowp = std::is_same<E, float>::value;
+  const auto inv = splat8(inv_eps), sh = splat8(shift);
   const __m256i all = _mm256_set1_epi32(-1);
   double total = 0.0;
   constexpr int64_t kBlock = 256;
@@ -135,10 +197,10 @@ __attribute__((target("avx2,fma"))) double lse_sum_avx2(const float* c, const in
     // Four vectors at a time: each exponential is a chain of ~14 dependent operations, and two
     // chains at a time left the loop latency-bound on Zen 2 (dense, in cache: 0.56 ns an entry).
     for (; k + 32 <= j1; k += 32) {
-      const __m256 e0 = fast_exp8(row_exponents8<Sparse, false>(c, cols, A, k, j1, inv, sh, all));
-      const __m256 e1 = fast_exp8(row_exponents8<Sparse, false>(c, cols, A, k + 8, j1, inv, sh, all));
-      const __m256 e2 = fast_exp8(row_exponents8<Sparse, false>(c, cols, A, k + 16, j1, inv, sh, all));
-      const __m256 e3 = fast_exp8(row_exponents8<Sparse, false>(c, cols, A, k + 24, j1, inv, sh, all));
+      const __m256 e0 = fast_exp8<kLowp>(row_exponents8<Sparse, false>(c, cols, A, k, j1, inv, sh, all));
+      const __m256 e1 = fast_exp8<kLowp>(row_exponents8<Sparse, false>(c, cols, A, k + 8, j1, inv, sh, all));
+      const __m256 e2 = fast_exp8<kLowp>(row_exponents8<Sparse, false>(c, cols, A, k + 16, j1, inv, sh, all));
+      const __m256 e3 = fast_exp8<kLowp>(row_exponents8<Sparse, false>(c, cols, A, k + 24, j1, inv, sh, all));
       if (Keep) {
         _mm256_storeu_ps(terms + k, e0);
         _mm256_storeu_ps(terms + k + 8, e1);
@@ -151,8 +213,8 @@ __attribute__((target("avx2,fma"))) double lse_sum_avx2(const float* c, const in
       s3 = _mm256_add_ps(s3, e3);
     }
     for (; k + 16 <= j1; k += 16) {
-      const __m256 e0 = fast_exp8(row_exponents8<Sparse, false>(c, cols, A, k, j1, inv, sh, all));
-      const __m256 e1 = fast_exp8(row_exponents8<Sparse, false>(c, cols, A, k + 8, j1, inv, sh, all));
+      const __m256 e0 = fast_exp8<kLowp>(row_exponents8<Sparse, false>(c, cols, A, k, j1, inv, sh, all));
+      const __m256 e1 = fast_exp8<kLowp>(row_exponents8<Sparse, false>(c, cols, A, k + 8, j1, inv, sh, all));
       if (Keep) {
         _mm256_storeu_ps(terms + k, e0);
         _mm256_storeu_ps(terms + k + 8, e1);
@@ -162,7 +224,7 @@ __attribute__((target("avx2,fma"))) double lse_sum_avx2(const float* c, const in
     }
     for (; k < j1; k += 8) {
       const __m256i mask = first_lanes(j1 - k);
-      const __m256 e = fast_exp8(row_exponents8<Sparse, true>(c, cols, A, k, j1, inv, sh, mask));
+      const __m256 e = fast_exp8<kLowp>(row_exponents8<Sparse, true>(c, cols, A, k, j1, inv, sh, mask));
       if (Keep) _mm256_maskstore_ps(terms + k, mask, e);
       s0 = _mm256_add_ps(s0, _mm256_and_ps(e, _mm256_castsi256_ps(mask)));
     }

@@ -293,6 +293,19 @@ static void test_lse_kernels() {
         const double got = sum(c.data(), sparse ? cols.data() : nullptr, len, A.data(), inv_eps, shift);
         CHECK(std::fabs(got - ref) <= 3e-5 * ref);
       }
+      // The exact stages' form (exponent in double, rounded to float, fast_exp(float)): the rounding
+      // of an exponent up to ~60 puts 60 * 2^-24 ~ 4e-6 relative on a term; bound 1e-5. Each form
+      // this CPU runs (the dispatching sum, the compiler's clones, the AVX2 loop).
+      std::vector<double> Ad(A.begin(), A.end());
+      const double ie = inv_eps, sh = shift;
+      std::vector<double> exact{RowLse<float>::sum(c.data(), sparse ? cols.data() : nullptr, len, Ad.data(), ie, sh),
+                                RowLse<float>::sum_clones(c.data(), sparse ? cols.data() : nullptr, len, Ad.data(), ie, sh)};
+#ifdef SEGTRANSFER_AVX2_LSE
+      if (cpu_has_avx2_fma())
+        exact.push_back(sparse ? lse_sum_avx2<true, false, double>(c.data(), cols.data(), len, Ad.data(), ie, sh)
+                               : lse_sum_avx2<false, false, double>(c.data(), nullptr, len, Ad.data(), ie, sh));
+#endif
+      for (double got : exact) CHECK(std::fabs(got - ref) <= 1e-5 * ref);
     }
     // Column form: part[j] += exp(Ai - c[j] * inv_eps - mx[j]) on a row of length len.
     std::vector<float> mx(len), before(len);
