@@ -356,6 +356,40 @@ __attribute__((target("avx2,fma"))) inline int64_t dense_fill_avx2(const float* 
   return pos;
 }
 
+// plan_entries_above's compaction (sinkhorn.cpp) in AVX2, as compact_above_avx512: the entries of
+// val[0, len) above `floor`, with their indices col[], written in order to out_val / out_col;
+// returns how many. The row's share of the output holds exactly those (counted first), so whole
+// vectors are stored only where 8 slots remain in it: nothing is written past the kept entries.
+__attribute__((target("avx2,fma"))) inline int64_t compact_above_avx2(const float* val, const int32_t* col,
+                                                                      int64_t len, float floor, int64_t room,
+                                                                      int32_t* out_col, float* out_val) {
+  const __m256 fl = _mm256_set1_ps(floor);
+  int64_t at = 0;
+  for (int64_t k = 0; k < len; k += 8) {
+    __m256 v;
+    __m256i ci;
+    int bits;
+    if (k + 8 <= len) {
+      v = _mm256_loadu_ps(val + k);
+      ci = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + k));
+      bits = _mm256_movemask_ps(_mm256_cmp_ps(v, fl, _CMP_GT_OQ));
+    } else {
+      const __m256i in = first_lanes(len - k);
+      v = _mm256_maskload_ps(val + k, in);
+      ci = _mm256_maskload_epi32(col + k, in);
+      bits = _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(v, fl, _CMP_GT_OQ), _mm256_castsi256_ps(in)));
+    }
+    if (bits == 0) continue;
+    const int cnt = __builtin_popcount(bits);
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPack.idx8[bits]));
+    store_packed_avx2<8>(_mm256_permutevar8x32_ps(v, perm),
+                         _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(ci, perm)), cnt, at + 8 <= room,
+                         out_val + at, out_col + at);
+    at += cnt;
+  }
+  return at;
+}
+
 // KeepBelow (pattern_scan.hpp) in AVX2, as keep_below_avx512: the entries k of a row with
 // (double)val[k] - p_col[col[k]] < th, 4 at a time, the same double subtraction and comparison as
 // the plain loops. `Store`: the kept entries are written in order to out_col / out_val, and within

@@ -501,11 +501,13 @@ static void test_keep_below() {
 }
 
 // Newton's operator count and compaction in AVX-512 (count_above_avx512, compact_above_avx512)
+// and AVX2 (compact_above_avx2, given the row's count as its room), each where this CPU runs it,
 // against the plain filter: the same count, the same entries in order, nothing written past them,
 // on lengths that leave partial vectors and densities from none to all kept.
 static void test_compact_above() {
 #ifdef SEGTRANSFER_AVX512_LSE
-  if (!avx512_lse_available()) return;
+  const bool avx512 = avx512_lse_available(), avx2 = cpu_has_avx2_fma();
+  if (!avx512 && !avx2) return;
   std::mt19937_64 rng(23);
   std::uniform_real_distribution<float> uv(0.f, 1.f);
   for (int64_t len : {0, 1, 15, 16, 17, 33, 1000}) {
@@ -524,14 +526,21 @@ static void test_compact_above() {
           want_col.push_back(col[k]);
         }
       const int64_t kept = static_cast<int64_t>(want_val.size());
-      std::vector<float> out_val(kept + 20, -5.f);
-      std::vector<int32_t> out_col(kept + 20, -5);
-      CHECK(compact_above_avx512(val.data(), col.data(), len, floor, out_col.data(), out_val.data()) == kept);
-      CHECK(count_above_avx512(val.data(), len, floor) == kept);
-      bool same = true;
-      for (int64_t q = 0; q < kept; ++q) same = same && out_val[q] == want_val[q] && out_col[q] == want_col[q];
-      for (int64_t q = kept; q < kept + 20; ++q) same = same && out_val[q] == -5.f && out_col[q] == -5;
-      CHECK(same);
+      for (int form = 0; form < 2; ++form) {
+        if (form == 0 ? !avx512 : !avx2) continue;
+        std::vector<float> out_val(kept + 20, -5.f);
+        std::vector<int32_t> out_col(kept + 20, -5);
+        if (form == 0) {
+          CHECK(compact_above_avx512(val.data(), col.data(), len, floor, out_col.data(), out_val.data()) == kept);
+          CHECK(count_above_avx512(val.data(), len, floor) == kept);
+        } else {
+          CHECK(compact_above_avx2(val.data(), col.data(), len, floor, kept, out_col.data(), out_val.data()) == kept);
+        }
+        bool same = true;
+        for (int64_t q = 0; q < kept; ++q) same = same && out_val[q] == want_val[q] && out_col[q] == want_col[q];
+        for (int64_t q = kept; q < kept + 20; ++q) same = same && out_val[q] == -5.f && out_col[q] == -5;
+        CHECK(same);
+      }
     }
   }
 #endif
