@@ -1,6 +1,8 @@
 // Internal to the core (not installed): the float log-sum-exp loops of the intermediate stages
 // (RowLse::sum_lowp, ColLse::sum_row_lowp in kernels.hpp) written with AVX2 + FMA intrinsics, for
-// CPUs that have AVX2 but not AVX-512 (lse_avx512.hpp has the AVX-512 form).
+// CPUs that have AVX2 but not AVX-512 (lse_avx512.hpp has the AVX-512 form); below them, the AVX2
+// counterparts of lse_avx512.hpp's other loops (kept terms, compactions, Newton's plan rows) and
+// the exact stages' and the blocked solver's double-exponent sums.
 //
 // Why by hand: GCC 12's AVX2 clone of those loops if-converts fast_exp's two clamps into three
 // compares, four masks and three blends per vector (45 instructions for 8 exponentials), where
@@ -9,7 +11,7 @@
 //
 // Each exponential is detail::fast_exp_lowp(float)'s operations in the same order (the AVX2 clone's
 // contraction of the multiply-adds into fma), so the values are those of that clone; only the
-// order in which a row's 256-entry blocks are summed differs (two accumulators instead of one),
+// order in which a row's 256-entry blocks are summed differs (four accumulators instead of one),
 // a float rounding difference far inside what the lowp stages tolerate (kernels.hpp).
 #pragma once
 #include <algorithm>
@@ -170,8 +172,9 @@ __attribute__((target("avx2,fma"), always_inline)) inline __m256 row_exponents8(
   return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
 }
 
-__attribute__((target("avx2"), always_inline)) inline __m256 splat8(float v) { return _mm256_set1_ps(v); }
-__attribute__((target("avx2"), always_inline)) inline __m256d splat8(double v) { return _mm256_set1_pd(v); }
+// A value in every lane: 8 floats or 4 doubles.
+__attribute__((target("avx2"), always_inline)) inline __m256 splat(float v) { return _mm256_set1_ps(v); }
+__attribute__((target("avx2"), always_inline)) inline __m256d splat(double v) { return _mm256_set1_pd(v); }
 
 // RowLse<float>::shifted_sum<float>: sum_k exp(A[cols[k]] - c[k] * inv_eps - shift) (cols null:
 // A[k]), partial sums in float over blocks of 256 entries, the blocks added in double. `Keep`: the
@@ -182,7 +185,7 @@ template <bool Sparse, bool Keep = false, typename E = float>
 __attribute__((target("avx2,fma"))) double lse_sum_avx2(const float* c, const int32_t* cols, int64_t len,
                                                         const E* A, E inv_eps, E shift, float* terms = nullptr) {
   constexpr bool kLowp = std::is_same<E, float>::value;
-  const auto inv = splat8(inv_eps), sh = splat8(shift);
+  const auto inv = splat(inv_eps), sh = splat(shift);
   const __m256i all = _mm256_set1_epi32(-1);
   double total = 0.0;
   constexpr int64_t kBlock = 256;
@@ -440,36 +443,34 @@ __attribute__((target("avx2,fma"))) inline int64_t keep_below_avx2(const float* 
 // e^x on N vectors of 4 doubles: detail::fast_exp's reduction, clamps and exponent-bit scale, with
 // its polynomial (Taylor to degree 13 on |r| <= ln2 / 2) evaluated by Estrin's scheme instead of
 // Horner's rule. Horner's 13 dependent multiply-adds made each exponential a chain of ~90 cycles
-// on Zen 2, longer than its FP scheduler could overlap: 1.85 ns an exponential, latency-bound (the
-// FMA pipes allow ~0.3). Estrin's halves the depth for 3 more multiplies; the N evaluations advance
+// on Zen 2, longer than its FP scheduler could overlap: 1.85 ns an exponential, latency-bound (its
+// ~17 multiply-adds on two FMA pipes allow ~0.9); this form: 1.24. Estrin's halves the depth for 3 more multiplies; the N evaluations advance
 // together for the same reason. The sum is taken in another order than Horner's, so a value may
 // differ from fast_exp(double)'s in its last bits (relative 1e-16 either way against e^x).
-__attribute__((target("avx2,fma"), always_inline)) inline __m256d splat4d(double v) { return _mm256_set1_pd(v); }
 template <int N>
 __attribute__((target("avx2,fma"), always_inline)) inline void fast_exp4d(__m256d* x) {
-  constexpr auto c = splat4d;
   const __m256d lo = _mm256_set1_pd(-708.0), shifter = _mm256_set1_pd(6755399441055744.0);
   __m256d keep[N], ns[N], r[N];
 #pragma GCC unroll 4
   for (int v = 0; v < N; ++v) {
     keep[v] = _mm256_cmp_pd(x[v], lo, _CMP_GE_OQ);  // below: flushed to 0
-    const __m256d xv = _mm256_min_pd(_mm256_max_pd(x[v], lo), c(709.0));
-    ns[v] = _mm256_fmadd_pd(xv, c(1.4426950408889634074), shifter);
+    const __m256d xv = _mm256_min_pd(_mm256_max_pd(x[v], lo), splat(709.0));
+    ns[v] = _mm256_fmadd_pd(xv, splat(1.4426950408889634074), shifter);
     const __m256d n = _mm256_sub_pd(ns[v], shifter);
-    r[v] = _mm256_fnmadd_pd(n, c(6.93147180369123816490e-01), xv);
-    r[v] = _mm256_fnmadd_pd(n, c(1.90821492927058770002e-10), r[v]);
+    r[v] = _mm256_fnmadd_pd(n, splat(6.93147180369123816490e-01), xv);
+    r[v] = _mm256_fnmadd_pd(n, splat(1.90821492927058770002e-10), r[v]);
   }
 #pragma GCC unroll 4
   for (int v = 0; v < N; ++v) {
     const __m256d r1 = r[v], r2 = _mm256_mul_pd(r1, r1), r4 = _mm256_mul_pd(r2, r2), r8 = _mm256_mul_pd(r4, r4);
     // a_i = 1 / i!, in pairs a_2k + a_2k+1 r, then pairs of those in r^2, r^4, r^8.
-    const __m256d q0 = _mm256_fmadd_pd(r1, c(1.0), c(1.0));
-    const __m256d q1 = _mm256_fmadd_pd(r1, c(1.0 / 6.0), c(0.5));
-    const __m256d q2 = _mm256_fmadd_pd(r1, c(1.0 / 120.0), c(1.0 / 24.0));
-    const __m256d q3 = _mm256_fmadd_pd(r1, c(1.0 / 5040.0), c(1.0 / 720.0));
-    const __m256d q4 = _mm256_fmadd_pd(r1, c(1.0 / 362880.0), c(1.0 / 40320.0));
-    const __m256d q5 = _mm256_fmadd_pd(r1, c(1.0 / 39916800.0), c(1.0 / 3628800.0));
-    const __m256d q6 = _mm256_fmadd_pd(r1, c(1.0 / 6227020800.0), c(1.0 / 479001600.0));
+    const __m256d q0 = _mm256_fmadd_pd(r1, splat(1.0), splat(1.0));
+    const __m256d q1 = _mm256_fmadd_pd(r1, splat(1.0 / 6.0), splat(0.5));
+    const __m256d q2 = _mm256_fmadd_pd(r1, splat(1.0 / 120.0), splat(1.0 / 24.0));
+    const __m256d q3 = _mm256_fmadd_pd(r1, splat(1.0 / 5040.0), splat(1.0 / 720.0));
+    const __m256d q4 = _mm256_fmadd_pd(r1, splat(1.0 / 362880.0), splat(1.0 / 40320.0));
+    const __m256d q5 = _mm256_fmadd_pd(r1, splat(1.0 / 39916800.0), splat(1.0 / 3628800.0));
+    const __m256d q6 = _mm256_fmadd_pd(r1, splat(1.0 / 6227020800.0), splat(1.0 / 479001600.0));
     const __m256d s0 = _mm256_fmadd_pd(q1, r2, q0), s1 = _mm256_fmadd_pd(q3, r2, q2);
     const __m256d s2 = _mm256_fmadd_pd(q5, r2, q4);
     const __m256d t0 = _mm256_fmadd_pd(s1, r4, s0), t1 = _mm256_fmadd_pd(q6, r4, s2);
@@ -549,7 +550,8 @@ __attribute__((target("avx2,fma"))) inline void plan_sums_avx2(const float* c, i
 // PlanRow<float>::fill (sinkhorn.cpp) where AVX-512 does not run: out[k] = exp(base + B[cols[k]] -
 // c[k] * inv_eps) rounded to float, each added in double to col_part[cols[k]], and the row's sum
 // returned. The compiler's AVX2 clone of the plain loop gathers B and col_part and stores the
-// column sums lane by lane (4.4 ns an entry on Zen 2, 20 % of a D = 256 draw); here B is read by
+// column sums lane by lane (19 % of a D = 256 draw on Zen 2, ~11 ns an entry by that profile; this
+// form 2.4 ns in a scratch benchmark); here B is read by
 // scalar loads and col_part updated by scalar read-modify-writes (AVX2 has no scatter; a row's
 // columns are distinct, so no two lanes meet).
 __attribute__((target("avx2,fma"))) inline double plan_row_avx2(const float* c, const int32_t* cols, int64_t len,

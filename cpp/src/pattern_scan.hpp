@@ -74,10 +74,10 @@ struct DenseRowScan {
   // asked for in AVX2: the caller's room either way).
   static int64_t fill_any(const T* c, int64_t m, const T* p_col, T th, int64_t k, int32_t* oc, T* ov) {
 #ifdef SEGTRANSFER_AVX512_LSE
-    if constexpr (std::is_same_v<T, float>)
+    if constexpr (std::is_same_v<T, float>) {
       if (avx512_lse_available()) return dense_fill_avx512(c, m, p_col, th, k, oc, ov);
-    if constexpr (std::is_same_v<T, float>)
       if (cpu_has_avx2_fma()) return dense_fill_avx2(c, m, p_col, th, k, oc, ov);
+    }
 #endif
     return fill(c, m, p_col, th, k, oc, ov);
   }
@@ -204,10 +204,10 @@ template <typename T>
 struct KeepBelow {
   static int64_t count(const T* val, const int32_t* col, int64_t len, const double* p_col, double th) {
 #ifdef SEGTRANSFER_AVX512_LSE
-    if constexpr (std::is_same_v<T, float>)
+    if constexpr (std::is_same_v<T, float>) {
       if (avx512_lse_available()) return keep_below_avx512<false>(val, col, len, p_col, th, nullptr, nullptr);
-    if constexpr (std::is_same_v<T, float>)
       if (cpu_has_avx2_fma()) return keep_below_avx2<false>(val, col, len, p_col, th, 0, nullptr, nullptr);
+    }
 #endif
     int64_t k = 0;
     prefetch_ahead(val, col, 0, len);
@@ -217,10 +217,10 @@ struct KeepBelow {
   static int64_t move(const T* val, const int32_t* col, int64_t len, const double* p_col, double th, int64_t stop,
                       int32_t* oc, T* ov) {
 #ifdef SEGTRANSFER_AVX512_LSE
-    if constexpr (std::is_same_v<T, float>)
+    if constexpr (std::is_same_v<T, float>) {
       if (avx512_lse_available()) return keep_below_avx512<true>(val, col, len, p_col, th, oc, ov);
-    if constexpr (std::is_same_v<T, float>)
       if (cpu_has_avx2_fma()) return keep_below_avx2<true>(val, col, len, p_col, th, stop, oc, ov);
+    }
 #endif
     int64_t at = 0;
     prefetch_ahead(val, col, 0, len);
