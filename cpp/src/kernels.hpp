@@ -683,6 +683,38 @@ struct KeptTerms {
     return std::numeric_limits<double>::quiet_NaN();
 #endif
   }
+  // sum() and add_scaled() on a CSR row through its 8-column blocks (BlockIndex, pattern_scan.hpp:
+  // nb blocks, first columns `bcol`, lanes `bmask`), where blocks_available(): the same values to
+  // the bit, the row's potentials gathered a block at a time (to Ag, room for len + 8) and its terms
+  // added a block at a time; Af and part are padded to a multiple of 8 columns, terms has room for
+  // len + 8. Where AVX2 runs without AVX-512 (whose gathers and scatters are instructions, and
+  // whose machine was not at hand to measure): 1.47 -> ~1.0 ns an entry on Zen 2 for the pair
+  // (bench/RESULTS.md, session 34).
+  static bool blocks_available() {
+#ifdef SEGTRANSFER_AVX512_LSE
+    return !avx512_lse_available() && cpu_has_avx2_fma();
+#else
+    return false;
+#endif
+  }
+  static double sum_blocks(const float* c, int64_t len, const int32_t* bcol, const uint8_t* bmask, int64_t nb,
+                           const float* Af, float inv_eps, float shift, float* terms, float* Ag) {
+#ifdef SEGTRANSFER_AVX512_LSE
+    gather_blocks_avx2(bcol, bmask, nb, Af, Ag);
+    return lse_sum_avx2<false, true>(c, nullptr, len, Ag, inv_eps, shift, terms);
+#else
+    (void)c, (void)len, (void)bcol, (void)bmask, (void)nb, (void)Af, (void)inv_eps, (void)shift, (void)terms, (void)Ag;
+    return std::numeric_limits<double>::quiet_NaN();
+#endif
+  }
+  static void add_scaled_blocks(const float* terms, const int32_t* bcol, const uint8_t* bmask, int64_t nb, float r,
+                                float* part) {
+#ifdef SEGTRANSFER_AVX512_LSE
+    scatter_blocks_avx2(terms, bcol, bmask, nb, r, part);
+#else
+    (void)terms, (void)bcol, (void)bmask, (void)nb, (void)r, (void)part;
+#endif
+  }
   static void add_scaled(const float* terms, const int32_t* cols, int64_t len, float r, float* part) {
     if (cols == nullptr) return add_scaled_dense(terms, len, r, part);
 #ifdef SEGTRANSFER_AVX512_LSE

@@ -16,6 +16,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "prefetch.hpp"
@@ -301,6 +302,121 @@ struct PackTables {
   }
 };
 inline constexpr PackTables kPack{};
+
+// For each 8-bit mask: spread[mask] sends the first popcount(mask) lanes, in order, to the lanes
+// the mask sets (vpermps; the inverse of kPack.idx8), and lanes[mask] sets all bits of those lanes.
+// 16 kB.
+struct SpreadTables {
+  alignas(32) int32_t spread[256][8];
+  alignas(32) int32_t lanes[256][8];
+  constexpr SpreadTables() : spread{}, lanes{} {
+    for (int mask = 0; mask < 256; ++mask)
+      for (int l = 0, at = 0; l < 8; ++l) {
+        const bool on = (mask >> l) & 1;
+        spread[mask][l] = on ? at++ : 0;
+        lanes[mask][l] = on ? -1 : 0;
+      }
+  }
+};
+inline constexpr SpreadTables kSpread{};
+
+// The CSR row's entries through its 8-column blocks (BlockIndex, pattern_scan.hpp: nb blocks, the
+// first columns `bcol`, the entries' lanes `bmask`). AVX2 has no gather worth using and no scatter:
+// the row sum assembled its gathered potentials lane by lane (0.7 ns an entry on Zen 2) and the
+// column update went entry by entry where 4 columns were not consecutive. A block's 8 potentials
+// are one load, and its entries are consecutive in the row: the solver's patterns fill 64-83 % of
+// their blocks' lanes (bench/RESULTS.md, session 34).
+//
+// gather_blocks_avx2: Ag[k] = A[cols[k]] for the row's entries, k in [0, len), a block's lanes packed
+// (kPack.idx8) and stored whole (Ag has room for len + 8 floats). A is read up to the block of the
+// last column: the caller pads it to a multiple of 8. Returns len.
+__attribute__((target("avx2"))) inline int64_t gather_blocks_avx2(const int32_t* bcol, const uint8_t* bmask,
+                                                                  int64_t nb, const float* A, float* Ag) {
+  int64_t k = 0;
+  for (int64_t b = 0; b < nb; ++b) {
+    const unsigned mask = bmask[b];
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPack.idx8[mask]));
+    _mm256_storeu_ps(Ag + k, _mm256_permutevar8x32_ps(_mm256_loadu_ps(A + bcol[b]), perm));
+    k += __builtin_popcount(mask);
+  }
+  return k;
+}
+
+// BlockIndex for one row (build_block_index, pattern_scan.hpp): the row's len columns (distinct,
+// ascending) to its blocks' first columns (bc) and lane masks (bm); returns how many blocks. bc, bm
+// and the scratch P take whole-vector stores: each needs room for the count + 8 (P: + 9). A block starts at
+// an entry whose block differs from the entry before; its mask is the sum of its entries' lane bits
+// (distinct bits), the difference of the row's running bit sum (P, < 2^31 for any row) at its start
+// and at the next block's. So the loop over 8 entries at a time carries only a vector sum, and
+// stores the blocks that start in the vector packed (kPack); a second loop forms the masks.
+// (An OR carried from entry to entry, scalar or in vectors, ran 1.5 ns an entry on Zen 2.)
+__attribute__((target("avx2,popcnt"))) inline int64_t block_index_row_avx2(const int32_t* cols, int64_t len,
+                                                                           int32_t* bc, uint8_t* bm, int32_t* P) {
+  const __m256i one = _mm256_set1_epi32(1), seven = _mm256_set1_epi32(7);
+  const __m256i up1 = _mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6), lane3 = _mm256_set1_epi32(3),
+                lane7 = _mm256_set1_epi32(7), upper = _mm256_setr_epi32(0, 0, 0, 0, -1, -1, -1, -1);
+  __m256i carry = _mm256_setzero_si256();  // the bits of the entries before the vector, every lane
+  int32_t prev_col = -8;                   // the entry before the vector (none: block -1)
+  int64_t q = 0;
+  for (int64_t k = 0; k < len; k += 8) {
+    const int64_t nv = len - k < 8 ? len - k : 8;
+    const __m256i valid = first_lanes(nv);
+    const __m256i c = nv == 8 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cols + k))
+                              : _mm256_maskload_epi32(cols + k, valid);
+    const __m256i prev = _mm256_blend_epi32(_mm256_permutevar8x32_epi32(c, up1), _mm256_set1_epi32(prev_col), 1);
+    const __m256i blk = _mm256_srai_epi32(c, 3);
+    const unsigned starts =
+        ~static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(blk, _mm256_srai_epi32(prev, 3))))) &
+        ((1u << nv) - 1u);
+    const __m256i bits = _mm256_and_si256(_mm256_sllv_epi32(one, _mm256_and_si256(c, seven)), valid);
+    // Inclusive running sum over the vector: within each 128-bit half, then the low half's total
+    // added to the high half.
+    __m256i x = _mm256_add_epi32(bits, _mm256_slli_si256(bits, 4));
+    x = _mm256_add_epi32(x, _mm256_slli_si256(x, 8));
+    x = _mm256_add_epi32(x, _mm256_and_si256(_mm256_permutevar8x32_epi32(x, lane3), upper));
+    const __m256i before = _mm256_add_epi32(_mm256_sub_epi32(x, bits), carry);
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPack.idx8[starts]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(bc + q), _mm256_permutevar8x32_epi32(_mm256_slli_epi32(blk, 3), perm));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(P + q), _mm256_permutevar8x32_epi32(before, perm));
+    q += __builtin_popcount(starts);
+    carry = _mm256_add_epi32(carry, _mm256_permutevar8x32_epi32(x, lane7));
+    prev_col = cols[k + nv - 1];
+  }
+  P[q] = _mm256_cvtsi256_si32(carry);
+  // Masks: P[b + 1] - P[b], their low bytes packed 8 at a time.
+  const __m256i low_bytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12,
+                                             -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  for (int64_t b = 0; b < q; b += 8) {
+    const __m256i d = _mm256_shuffle_epi8(
+        _mm256_sub_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(P + b + 1)),
+                         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(P + b))),
+        low_bytes);
+    const uint64_t packed = static_cast<uint32_t>(_mm256_cvtsi256_si32(d)) |
+                            (static_cast<uint64_t>(static_cast<uint32_t>(_mm256_extract_epi32(d, 4))) << 32);
+    std::memcpy(bm + b, &packed, 8);
+  }
+  return q;
+}
+
+// scatter_blocks_avx2: part[cols[k]] += r * terms[k] for the row's entries, a block at a time: its
+// terms (consecutive from k; terms has room for len + 8 floats) spread to their lanes, the other
+// lanes zeroed, and one fused multiply-add on the block's 8 columns of part (padded to a multiple
+// of 8), so each entry's update is the one scatter_scaled_avx2 makes and the others add 0.
+__attribute__((target("avx2,fma"))) inline void scatter_blocks_avx2(const float* terms, const int32_t* bcol,
+                                                                    const uint8_t* bmask, int64_t nb, float r,
+                                                                    float* part) {
+  const __m256 rv = _mm256_set1_ps(r);
+  int64_t k = 0;
+  for (int64_t b = 0; b < nb; ++b) {
+    const unsigned mask = bmask[b];
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kSpread.spread[mask]));
+    const __m256 on = _mm256_load_ps(reinterpret_cast<const float*>(kSpread.lanes[mask]));
+    const __m256 t = _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(terms + k), perm), on);
+    float* p = part + bcol[b];
+    _mm256_storeu_ps(p, _mm256_fmadd_ps(t, rv, _mm256_loadu_ps(p)));
+    k += __builtin_popcount(mask);
+  }
+}
 
 __attribute__((target("avx2"), always_inline)) inline void store_lanes(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 __attribute__((target("avx2"), always_inline)) inline void store_lanes(float* p, __m128 v) { _mm_storeu_ps(p, v); }

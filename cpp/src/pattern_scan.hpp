@@ -25,6 +25,79 @@ struct SparseRows {
   detail::KernelVector<T> val;
 };
 
+// Where a CSR pattern's entries lie in blocks of 8 aligned columns, for the AVX2 float iteration
+// (fused_iteration, sinkhorn.cpp; see gather_blocks_avx2 for why): row i's blocks are
+// [ptr[i], ptr[i + 1]), in column order; block b covers columns col[b] .. col[b] + 7 (col[b] a
+// multiple of 8), and its entries are the bits of mask[b] (bit l: column col[b] + l), which are
+// consecutive entries of the row. 5 bytes a block, ~1 an entry.
+struct BlockIndex {
+  std::vector<int64_t> ptr;
+  detail::KernelVector<int32_t> col;
+  detail::KernelVector<uint8_t> mask;
+};
+
+// B from R's columns (a SparseRows, columns ascending in each row as every pattern's are), for m
+// columns. One parallel pass over the columns, each row's blocks written where it has room for as
+// many as it could touch (+ 8 for whole-vector stores), then moved together in one serial pass over
+// the blocks: a pass counting the blocks first cost as much again (the columns stream from memory),
+// and the iterations read the gapped layout ~8 % slower (Zen 2, bench/RESULTS.md session 34).
+// `vectors`: the AVX2 row fill where it runs (the tests also run the plain one).
+template <typename Rows>
+void build_block_index(const Rows& R, int64_t m, int nt, BlockIndex& B, bool vectors = true) {
+  const int64_t n = static_cast<int64_t>(R.ptr.size()) - 1;
+  const int64_t* rp = R.ptr.data();
+  const int32_t* rc = R.col.data();
+  std::vector<int64_t> room(n + 1, 0), count(n);
+  for (int64_t i = 0; i < n; ++i) room[i + 1] = room[i] + std::min(rp[i + 1] - rp[i], (m + 7) / 8) + 8;
+  B.col.resize(room[n]);
+  B.mask.resize(room[n]);
+  const int64_t* bp = room.data();
+  int64_t* bn = count.data();
+  int32_t* bc = B.col.data();
+  uint8_t* bm = B.mask.data();
+  bool done = false;
+  (void)vectors;
+#ifdef SEGTRANSFER_AVX2_LSE
+  if (vectors && cpu_has_avx2_fma()) {
+#pragma omp parallel num_threads(nt)
+    {
+      std::vector<int32_t> scratch(m + 9);
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < n; ++i)
+        bn[i] = block_index_row_avx2(rc + rp[i], rp[i + 1] - rp[i], bc + bp[i], bm + bp[i], scratch.data());
+    }
+    done = true;
+  }
+#endif
+  if (!done) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      int64_t q = bp[i] - 1;
+      int32_t last = -1;
+      unsigned bits = 0;
+      for (int64_t k = rp[i]; k < rp[i + 1]; ++k) {
+        const int32_t blk = rc[k] >> 3;
+        const bool fresh = blk != last;
+        q += fresh;
+        bits = (fresh ? 0u : bits) | (1u << (rc[k] & 7));
+        last = blk;
+        bc[q] = blk << 3;
+        bm[q] = static_cast<uint8_t>(bits);
+      }
+      bn[i] = q + 1 - bp[i];
+    }
+  }
+  B.ptr.assign(n + 1, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    B.ptr[i + 1] = B.ptr[i] + bn[i];
+    // Leftward (ptr[i] <= room[i]): memmove.
+    std::memmove(bc + B.ptr[i], bc + bp[i], bn[i] * sizeof(int32_t));
+    std::memmove(bm + B.ptr[i], bm + bp[i], bn[i]);
+  }
+  B.col.resize(B.ptr[n]);
+  B.mask.resize(B.ptr[n]);
+}
+
 // One dense row of build_sparse: entries with c_j - p_col_j < th, the difference formed in the
 // storage precision T (see build_sparse for why that still keeps every entry the cutoff asks for).
 // Target-cloned like the log-sum-exp loops.

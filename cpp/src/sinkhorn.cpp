@@ -143,6 +143,10 @@ struct Pattern {
   double cost_bound = 0.0;  // max |C|, for build_sparse
   bool valid = false;
   bool has_cols = false;
+  // Where the rows' entries lie in 8-column blocks, where fused_iteration uses that (row_blocks());
+  // dropped whenever the rows change (commit, rebase). ~1 byte an entry.
+  BlockIndex blocks;
+  bool has_blocks = false;
   // A candidate pattern (see prepare_pattern); after a commit it holds the previous pattern's
   // storage, whose capacity the next candidate reuses.
   SparseRows<T> next_rows, next_cols;
@@ -161,6 +165,8 @@ struct Pattern {
 
   // The pattern now describes (f, g) with this cutoff (it was filtered in place for them).
   void rebase(const double* f, const double* g, double new_cutoff) {
+    blocks = BlockIndex();
+    has_blocks = false;
     f0.assign(f, f + (static_cast<int64_t>(rows.ptr.size()) - 1));
     g0.assign(g, g + n_cols);
     cutoff = new_cutoff;
@@ -169,6 +175,12 @@ struct Pattern {
   // The CSC copy, transposed from the rows on first use (every column has an entry: the patterns
   // are only installed when they cover every column).
   const SparseRows<T>& csc(int nt);
+
+  // The rows' BlockIndex, built on first use.
+  const BlockIndex& row_blocks(int nt) {
+    if (!has_blocks) build_block_index(rows, n_cols, nt, blocks), has_blocks = true;
+    return blocks;
+  }
 
   double margin(const double* f, const double* g) const {
     double df = -std::numeric_limits<double>::infinity(), dg = df;
@@ -436,21 +448,35 @@ bool refresh_pattern(const RowMatrix<T>& cost, const double* f, const double* g,
 // for half_step and fused_iteration, which must agree to the bit.
 // `terms` (float storage, lowp, KeptTerms::available()): the float sum's terms are kept there, and
 // `kept` says whether that sum was the one used and the shift its terms carry.
+// `blocks` (with terms): the row's BlockIndex entries, through which the float sum gathers
+// (KeptTerms::sum_blocks, the same value to the bit).
 struct KeptRow {
   bool used = false;
   float shift = 0.0f;  // each kept term is exp(Af[col] - c * inv_eps - shift)
 };
+struct RowBlocks {
+  const int32_t* col;
+  const uint8_t* mask;
+  int64_t count;
+  float* gathered;  // room for the row's length + 8
+};
 template <typename T>
 double row_lse(const T* c, const int32_t* cols, int64_t len, const double* A, const float* Af, double inv_eps,
-               double pot, bool lowp, float* terms = nullptr, KeptRow* kept = nullptr) {
+               double pot, bool lowp, float* terms = nullptr, KeptRow* kept = nullptr,
+               const RowBlocks* blocks = nullptr) {
   if (lowp) {
     const float shift = static_cast<float>(-pot * inv_eps);
+    const float ie = static_cast<float>(inv_eps);
     double total;
     if constexpr (std::is_same_v<T, float>) {
-      total = terms != nullptr ? KeptTerms::sum(c, cols, len, Af, static_cast<float>(inv_eps), shift, terms)
-                               : RowLse<T>::sum_lowp(c, cols, len, Af, static_cast<float>(inv_eps), shift);
+      total = blocks != nullptr
+                  ? KeptTerms::sum_blocks(c, len, blocks->col, blocks->mask, blocks->count, Af, ie, shift, terms,
+                                          blocks->gathered)
+              : terms != nullptr ? KeptTerms::sum(c, cols, len, Af, ie, shift, terms)
+                                 : RowLse<T>::sum_lowp(c, cols, len, Af, ie, shift);
     } else {
-      total = RowLse<T>::sum_lowp(c, cols, len, Af, static_cast<float>(inv_eps), shift);
+      (void)blocks;
+      total = RowLse<T>::sum_lowp(c, cols, len, Af, ie, shift);
     }
     if (total >= kShiftedMin && total < kPosInf) {
       if (kept != nullptr) *kept = KeptRow{terms != nullptr, shift};
@@ -532,10 +558,13 @@ double half_step(const RowMatrix<T>& mat, bool by_cols, const SparseRows<T>* sp,
 // Returns false, with f updated and g untouched, when some column's shifted sum over- or
 // underflows: the caller then runs the column half-step, whose exact sweep handles it. Call it only
 // with finite shifts (fused_guess_finite).
+// `bp` (with sp, where KeptTerms::blocks_available()): where the rows' entries lie in 8-column
+// blocks, through which the row sums gather and the column updates scatter (KeptTerms::sum_blocks,
+// add_scaled_blocks: the same values to the bit).
 template <typename T>
-bool fused_iteration(const RowMatrix<T>& mat, const SparseRows<T>* sp, const double* log_a, const double* log_b,
-                     const double* a, const double* b, double eps, double omega, double* f, double* g,
-                     std::vector<double>& err_rows, int nt, double& err_r, double& err_c) {
+bool fused_iteration(const RowMatrix<T>& mat, const SparseRows<T>* sp, const BlockIndex* bp, const double* log_a,
+                     const double* log_b, const double* a, const double* b, double eps, double omega, double* f,
+                     double* g, std::vector<double>& err_rows, int nt, double& err_r, double& err_c) {
   const int64_t n = mat.rows(), m = mat.cols();
   const double inv_eps = 1.0 / eps;
   const float inv_eps_f = static_cast<float>(inv_eps);
@@ -544,7 +573,9 @@ bool fused_iteration(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
   thread_local std::vector<double> A, blk;
   thread_local std::vector<float> Af, mxf;
   exponent_offsets(g, log_b, m, inv_eps, A);
-  Af.resize(m);
+  // The blocks read Af and write the column sums up to the block of the last column.
+  const int64_t m_pad = bp != nullptr ? (m + 7) / 8 * 8 : m;
+  Af.assign(m_pad, 0.0f);
   mxf.resize(m);
   // The columns' shifts: -Af_j (finite: fused_guess_finite), which KeptTerms' products carry (the
   // sums are then near b_j, not 1).
@@ -561,15 +592,18 @@ bool fused_iteration(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
   double* errp = err_rows.data();
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t q = 0; q < nb; ++q) {
-    std::vector<T> part(m, T(0));
-    std::vector<float> terms(keep_terms ? m : 0);
+    std::vector<T> part(m_pad, T(0));
+    // Room for a row's terms and gathered potentials and the blocks' whole-vector reads and writes.
+    std::vector<float> terms(keep_terms ? m_pad + 8 : 0), gathered(bp != nullptr ? m_pad + 8 : 0);
     for (int64_t i = q * kRows; i < std::min(n, (q + 1) * kRows); ++i) {
       const int64_t k0 = sp ? sp->ptr[i] : i * m, len = sp ? sp->ptr[i + 1] - k0 : m;
       const T* c = sp ? sp->val.data() + k0 : mat.data() + k0;
       const int32_t* cols = sp ? sp->col.data() + k0 : nullptr;
       KeptRow kept;
+      RowBlocks rb{};
+      if (bp != nullptr) rb = RowBlocks{bp->col.data() + bp->ptr[i], bp->mask.data() + bp->ptr[i], bp->ptr[i + 1] - bp->ptr[i], gathered.data()};
       errp[i] = scale_potential(row_lse(c, cols, len, Ap, Afp, inv_eps, f[i], true, keep_terms ? terms.data() : nullptr,
-                                        &kept),
+                                        &kept, bp != nullptr ? &rb : nullptr),
                                 a[i], eps, omega, f[i]);
       // Its terms in the columns' sums, exp(Ai - c / eps - mx_j) (exponent offsets as
       // exponent_offsets forms them): the kept term exp(Af_j - c / eps - shift) times exp(Ai + shift).
@@ -577,7 +611,10 @@ bool fused_iteration(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
       if constexpr (std::is_same_v<T, float>) {
         if (kept.used) {
           const double r = std::exp(static_cast<double>(Ai) + static_cast<double>(kept.shift));
-          KeptTerms::add_scaled(terms.data(), cols, len, static_cast<float>(r), part.data());
+          if (bp != nullptr)
+            KeptTerms::add_scaled_blocks(terms.data(), rb.col, rb.mask, rb.count, static_cast<float>(r), part.data());
+          else
+            KeptTerms::add_scaled(terms.data(), cols, len, static_cast<float>(r), part.data());
           continue;
         }
       }
@@ -639,7 +676,8 @@ inline double sum_terms(const float* t, int64_t len) {
 // degenerate (a class without mass, non-finite masses).
 template <typename T>
 bool balance_classes(const RowMatrix<T>& mat, const SparseRows<T>* sp, const double* log_a, const double* log_b,
-                     double eps, const PlanClasses& cls, int nt, double* f, double* g, bool lowp = false) {
+                     double eps, const PlanClasses& cls, int nt, double* f, double* g, bool lowp = false,
+                     const BlockIndex* bp = nullptr) {
   const int64_t n = mat.rows(), m = mat.cols();
   const int R = cls.row_classes, Q = cls.col_classes;
   if (R < 2 && Q < 2) return false;
@@ -652,7 +690,7 @@ bool balance_classes(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
   const double* Ap = A.data();
   lowp = lowp && std::is_same<T, float>::value;
   if (lowp) {
-    Af.resize(m);
+    Af.assign(bp != nullptr ? (m + 7) / 8 * 8 : m, 0.0f);  // the blocks read up to a multiple of 8
     for (int64_t j = 0; j < m; ++j) Af[j] = static_cast<float>(A[j]);
   }
   const float* Afp = Af.data();
@@ -708,7 +746,8 @@ bool balance_classes(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
   for (int64_t q = 0; q < chunks; ++q) {
     std::vector<std::pair<int, double>> seg;  // the row's non-empty segments and their shifted sums
     seg.reserve(Q);
-    std::vector<float> terms(keep_terms ? m : 0);
+    // Room for the blocks' whole-vector writes (bp: KeptTerms::sum_blocks, the same terms).
+    std::vector<float> terms(keep_terms ? m + 8 : 0), gathered(keep_terms && bp != nullptr ? m + 8 : 0);
     for (int64_t i = q * n / chunks; i < (q + 1) * n / chunks; ++i) {
       // One pass shifted by the row's expected total (-f_i / eps, as in half_step): segments whose
       // share of the row underflows the float exponential (below ~e^-87 of it) count as empty, which
@@ -722,7 +761,11 @@ bool balance_classes(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
       // terms are in `terms` and a segment's sum adds its own.
       const T* row_c = sp == nullptr ? mat.data() + i * m : sp->val.data() + sp->ptr[i];
       if constexpr (std::is_same_v<T, float>) {
-        if (keep_terms)
+        if (keep_terms && sp != nullptr && bp != nullptr)
+          KeptTerms::sum_blocks(row_c, sp->ptr[i + 1] - sp->ptr[i], bp->col.data() + bp->ptr[i],
+                                bp->mask.data() + bp->ptr[i], bp->ptr[i + 1] - bp->ptr[i], Afp,
+                                static_cast<float>(inv_eps), static_cast<float>(guess), terms.data(), gathered.data());
+        else if (keep_terms)
           KeptTerms::sum(row_c, sp == nullptr ? nullptr : sp->col.data() + sp->ptr[i],
                          sp == nullptr ? m : sp->ptr[i + 1] - sp->ptr[i], Afp, static_cast<float>(inv_eps),
                          static_cast<float>(guess), terms.data());
@@ -1543,7 +1586,9 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     // to compare against, since the shift may raise the L1 error while it raises the dual.
     const auto balance = [&]() {
       if (!opt.class_balance) return;
-      if (!balance_classes(cost, sr, log_a.data(), log_b.data(), eps, grp, nt_loop, f, g, lowp)) return;
+      if (!balance_classes(cost, sr, log_a.data(), log_b.data(), eps, grp, nt_loop, f, g, lowp,
+                           lowp && sr && KeptTerms::blocks_available() ? &pattern.row_blocks(nt_loop) : nullptr))
+        return;
       std::copy(f, f + n, f_snap.begin());
       std::copy(g, g + m, g_snap.begin());
       block_err = std::numeric_limits<double>::infinity();
@@ -1557,8 +1602,8 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
       bool cols_done = false;
       // Exponents in float: one pass over the rows (fused_iteration).
       if (std::is_same_v<T, float> && lowp && fused_guess_finite(g, m, eps))
-        cols_done = fused_iteration(cost, sr, log_a.data(), log_b.data(), a, b, eps, omega, f, g, err_rows, nt_loop,
-                                    err_r, err_c);
+        cols_done = fused_iteration(cost, sr, sr && KeptTerms::blocks_available() ? &pattern.row_blocks(nt_loop) : nullptr,
+                                    log_a.data(), log_b.data(), a, b, eps, omega, f, g, err_rows, nt_loop, err_r, err_c);
       else
         err_r = half_step(cost, false, sr, g, log_b.data(), a, eps, omega, f, err_rows, nt_loop, lowp);
       if (!cols_done)
