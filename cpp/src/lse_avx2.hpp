@@ -304,18 +304,14 @@ struct PackTables {
 inline constexpr PackTables kPack{};
 
 // For each 8-bit mask: spread[mask] sends the first popcount(mask) lanes, in order, to the lanes
-// the mask sets (vpermps; the inverse of kPack.idx8), and lanes[mask] sets all bits of those lanes.
-// 16 kB.
+// the mask sets (vpermps, which reads an index's low 3 bits: the inverse of kPack.idx8), and has
+// the sign bit set in those lanes (for vblendvps: one table for both). 8 kB.
 struct SpreadTables {
   alignas(32) int32_t spread[256][8];
-  alignas(32) int32_t lanes[256][8];
-  constexpr SpreadTables() : spread{}, lanes{} {
+  constexpr SpreadTables() : spread{} {
     for (int mask = 0; mask < 256; ++mask)
-      for (int l = 0, at = 0; l < 8; ++l) {
-        const bool on = (mask >> l) & 1;
-        spread[mask][l] = on ? at++ : 0;
-        lanes[mask][l] = on ? -1 : 0;
-      }
+      for (int l = 0, at = 0; l < 8; ++l)
+        spread[mask][l] = (mask >> l) & 1 ? static_cast<int32_t>(static_cast<uint32_t>(at++) | 0x80000000u) : 0;
   }
 };
 inline constexpr SpreadTables kSpread{};
@@ -400,7 +396,7 @@ __attribute__((target("avx2,popcnt"))) inline int64_t block_index_row_avx2(const
 
 // scatter_blocks_avx2: part[cols[k]] += r * terms[k] for the row's entries, a block at a time: its
 // terms (consecutive from k; terms has room for len + 8 floats) spread to their lanes, the other
-// lanes zeroed, and one fused multiply-add on the block's 8 columns of part (padded to a multiple
+// lanes zeroed (kSpread), and one fused multiply-add on the block's 8 columns of part (padded to a multiple
 // of 8), so each entry's update is the one scatter_scaled_avx2 makes and the others add 0.
 __attribute__((target("avx2,fma"))) inline void scatter_blocks_avx2(const float* terms, const int32_t* bcol,
                                                                     const uint8_t* bmask, int64_t nb, float r,
@@ -410,8 +406,8 @@ __attribute__((target("avx2,fma"))) inline void scatter_blocks_avx2(const float*
   for (int64_t b = 0; b < nb; ++b) {
     const unsigned mask = bmask[b];
     const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kSpread.spread[mask]));
-    const __m256 on = _mm256_load_ps(reinterpret_cast<const float*>(kSpread.lanes[mask]));
-    const __m256 t = _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(terms + k), perm), on);
+    const __m256 t = _mm256_blendv_ps(_mm256_setzero_ps(), _mm256_permutevar8x32_ps(_mm256_loadu_ps(terms + k), perm),
+                                      _mm256_castsi256_ps(perm));
     float* p = part + bcol[b];
     _mm256_storeu_ps(p, _mm256_fmadd_ps(t, rv, _mm256_loadu_ps(p)));
     k += __builtin_popcount(mask);
