@@ -266,7 +266,9 @@ __attribute__((target("avx2,fma"))) inline void col_lse_row_avx2(const float* c,
   }
 }
 
-// KeptTerms::add_scaled (kernels.hpp) where AVX-512 does not run: part[cols[k]] += r * terms[k], the
+// KeptTerms::add_scaled (kernels.hpp) where AVX-512 does not run (the solver's float iteration now
+// goes through the pattern's blocks instead, scatter_blocks_avx2; this stays add_scaled's CSR form
+// and the roofline's CSR baseline): part[cols[k]] += r * terms[k], the
 // columns distinct and ascending (a pattern's row). AVX2 has no scatter, but a pattern's rows are
 // runs of consecutive columns (otce sorts the pixels by class and k-means cell: ~15-entry runs at
 // N = 10^4), so a group of 4 whose columns are consecutive is one vector read-modify-write, and only
@@ -340,8 +342,8 @@ __attribute__((target("avx2"))) inline int64_t gather_blocks_avx2(const int32_t*
 
 // BlockIndex for one row (build_block_index, pattern_scan.hpp): the row's len columns (distinct,
 // ascending) to its blocks' first columns (bc) and lane masks (bm); returns how many blocks. bc, bm
-// and the scratch P take whole-vector stores: each needs room for the count + 8 (P: + 9). A block starts at
-// an entry whose block differs from the entry before; its mask is the sum of its entries' lane bits
+// and the scratch P take whole-vector stores: each needs room for the count + 8 (P: + 9). A block
+// starts at an entry whose block differs from the entry before; its mask is the sum of its entries' lane bits
 // (distinct bits), the difference of the row's running bit sum (P, < 2^31 for any row) at its start
 // and at the next block's. So the loop over 8 entries at a time carries only a vector sum, and
 // stores the blocks that start in the vector packed (kPack); a second loop forms the masks.
@@ -361,9 +363,8 @@ __attribute__((target("avx2,popcnt"))) inline int64_t block_index_row_avx2(const
                               : _mm256_maskload_epi32(cols + k, valid);
     const __m256i prev = _mm256_blend_epi32(_mm256_permutevar8x32_epi32(c, up1), _mm256_set1_epi32(prev_col), 1);
     const __m256i blk = _mm256_srai_epi32(c, 3);
-    const unsigned starts =
-        ~static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(blk, _mm256_srai_epi32(prev, 3))))) &
-        ((1u << nv) - 1u);
+    const __m256i same = _mm256_cmpeq_epi32(blk, _mm256_srai_epi32(prev, 3));
+    const unsigned starts = ~static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(same))) & ((1u << nv) - 1u);
     const __m256i bits = _mm256_and_si256(_mm256_sllv_epi32(one, _mm256_and_si256(c, seven)), valid);
     // Inclusive running sum over the vector: within each 128-bit half, then the low half's total
     // added to the high half.
@@ -372,7 +373,8 @@ __attribute__((target("avx2,popcnt"))) inline int64_t block_index_row_avx2(const
     x = _mm256_add_epi32(x, _mm256_and_si256(_mm256_permutevar8x32_epi32(x, lane3), upper));
     const __m256i before = _mm256_add_epi32(_mm256_sub_epi32(x, bits), carry);
     const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPack.idx8[starts]));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(bc + q), _mm256_permutevar8x32_epi32(_mm256_slli_epi32(blk, 3), perm));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(bc + q),
+                        _mm256_permutevar8x32_epi32(_mm256_slli_epi32(blk, 3), perm));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(P + q), _mm256_permutevar8x32_epi32(before, perm));
     q += __builtin_popcount(starts);
     carry = _mm256_add_epi32(carry, _mm256_permutevar8x32_epi32(x, lane7));
@@ -396,8 +398,8 @@ __attribute__((target("avx2,popcnt"))) inline int64_t block_index_row_avx2(const
 
 // scatter_blocks_avx2: part[cols[k]] += r * terms[k] for the row's entries, a block at a time: its
 // terms (consecutive from k; terms has room for len + 8 floats) spread to their lanes, the other
-// lanes zeroed (kSpread), and one fused multiply-add on the block's 8 columns of part (padded to a multiple
-// of 8), so each entry's update is the one scatter_scaled_avx2 makes and the others add 0.
+// lanes zeroed (kSpread), and one fused multiply-add on the block's 8 columns of part (padded to a
+// multiple of 8), so each entry's update is the one scatter_scaled_avx2 makes and the others add 0.
 __attribute__((target("avx2,fma"))) inline void scatter_blocks_avx2(const float* terms, const int32_t* bcol,
                                                                     const uint8_t* bmask, int64_t nb, float r,
                                                                     float* part) {

@@ -460,6 +460,9 @@ struct RowBlocks {
   int64_t count;
   float* gathered;  // room for the row's length + 8
 };
+inline RowBlocks row_blocks_of(const BlockIndex& B, int64_t i, float* gathered) {
+  return RowBlocks{B.col.data() + B.ptr[i], B.mask.data() + B.ptr[i], B.ptr[i + 1] - B.ptr[i], gathered};
+}
 template <typename T>
 double row_lse(const T* c, const int32_t* cols, int64_t len, const double* A, const float* Af, double inv_eps,
                double pot, bool lowp, float* terms = nullptr, KeptRow* kept = nullptr,
@@ -600,8 +603,7 @@ bool fused_iteration(const RowMatrix<T>& mat, const SparseRows<T>* sp, const Blo
       const T* c = sp ? sp->val.data() + k0 : mat.data() + k0;
       const int32_t* cols = sp ? sp->col.data() + k0 : nullptr;
       KeptRow kept;
-      RowBlocks rb{};
-      if (bp != nullptr) rb = RowBlocks{bp->col.data() + bp->ptr[i], bp->mask.data() + bp->ptr[i], bp->ptr[i + 1] - bp->ptr[i], gathered.data()};
+      const RowBlocks rb = bp != nullptr ? row_blocks_of(*bp, i, gathered.data()) : RowBlocks{};
       errp[i] = scale_potential(row_lse(c, cols, len, Ap, Afp, inv_eps, f[i], true, keep_terms ? terms.data() : nullptr,
                                         &kept, bp != nullptr ? &rb : nullptr),
                                 a[i], eps, omega, f[i]);
@@ -761,11 +763,11 @@ bool balance_classes(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
       // terms are in `terms` and a segment's sum adds its own.
       const T* row_c = sp == nullptr ? mat.data() + i * m : sp->val.data() + sp->ptr[i];
       if constexpr (std::is_same_v<T, float>) {
-        if (keep_terms && sp != nullptr && bp != nullptr)
-          KeptTerms::sum_blocks(row_c, sp->ptr[i + 1] - sp->ptr[i], bp->col.data() + bp->ptr[i],
-                                bp->mask.data() + bp->ptr[i], bp->ptr[i + 1] - bp->ptr[i], Afp,
-                                static_cast<float>(inv_eps), static_cast<float>(guess), terms.data(), gathered.data());
-        else if (keep_terms)
+        if (keep_terms && sp != nullptr && bp != nullptr) {
+          const RowBlocks rb = row_blocks_of(*bp, i, gathered.data());
+          KeptTerms::sum_blocks(row_c, sp->ptr[i + 1] - sp->ptr[i], rb.col, rb.mask, rb.count, Afp,
+                                static_cast<float>(inv_eps), static_cast<float>(guess), terms.data(), rb.gathered);
+        } else if (keep_terms)
           KeptTerms::sum(row_c, sp == nullptr ? nullptr : sp->col.data() + sp->ptr[i],
                          sp == nullptr ? m : sp->ptr[i + 1] - sp->ptr[i], Afp, static_cast<float>(inv_eps),
                          static_cast<float>(guess), terms.data());
@@ -1584,11 +1586,13 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     // Class balancing at the start and after every block (see balance_classes): it costs about one
     // half-step per block of 10 iterations. The shifted potentials start a new block with no error
     // to compare against, since the shift may raise the L1 error while it raises the dual.
+    // The pattern's BlockIndex where the float loops read it (KeptTerms::blocks_available()).
+    const auto loop_blocks = [&]() -> const BlockIndex* {
+      return lowp && sr != nullptr && KeptTerms::blocks_available() ? &pattern.row_blocks(nt_loop) : nullptr;
+    };
     const auto balance = [&]() {
       if (!opt.class_balance) return;
-      if (!balance_classes(cost, sr, log_a.data(), log_b.data(), eps, grp, nt_loop, f, g, lowp,
-                           lowp && sr && KeptTerms::blocks_available() ? &pattern.row_blocks(nt_loop) : nullptr))
-        return;
+      if (!balance_classes(cost, sr, log_a.data(), log_b.data(), eps, grp, nt_loop, f, g, lowp, loop_blocks())) return;
       std::copy(f, f + n, f_snap.begin());
       std::copy(g, g + m, g_snap.begin());
       block_err = std::numeric_limits<double>::infinity();
@@ -1602,8 +1606,8 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
       bool cols_done = false;
       // Exponents in float: one pass over the rows (fused_iteration).
       if (std::is_same_v<T, float> && lowp && fused_guess_finite(g, m, eps))
-        cols_done = fused_iteration(cost, sr, sr && KeptTerms::blocks_available() ? &pattern.row_blocks(nt_loop) : nullptr,
-                                    log_a.data(), log_b.data(), a, b, eps, omega, f, g, err_rows, nt_loop, err_r, err_c);
+        cols_done = fused_iteration(cost, sr, loop_blocks(), log_a.data(), log_b.data(), a, b, eps, omega, f, g,
+                                    err_rows, nt_loop, err_r, err_c);
       else
         err_r = half_step(cost, false, sr, g, log_b.data(), a, eps, omega, f, err_rows, nt_loop, lowp);
       if (!cols_done)
