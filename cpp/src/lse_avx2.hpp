@@ -9,10 +9,12 @@
 // max/min and one mask do (31). On the 2-vCPU Zen 3 VM the sum of 8 exponentials went 0.78 -> 0.52 ns
 // an entry (bench/RESULTS.md, session 10).
 //
-// Each exponential is detail::fast_exp_lowp(float)'s operations in the same order (the AVX2 clone's
-// contraction of the multiply-adds into fma), so the values are those of that clone; only the
-// order in which a row's 256-entry blocks are summed differs (four accumulators instead of one),
-// a float rounding difference far inside what the lowp stages tolerate (kernels.hpp).
+// The exponentials are formed in base 2 (fast_pow2_8: fast_exp_lowp's polynomial for 2^f, the
+// exponent's multiply-adds scaled by log2 e), which shortens each exponential's chain of dependent
+// operations; their values then differ from fast_exp_lowp's (the clones', and the AVX-512 loops')
+// by the rounding of a float exponent, as the order in which a row's 256-entry blocks are summed
+// does (four accumulators instead of one): far inside what the lowp stages tolerate (kernels.hpp).
+// The exact stages' double-exponent sums use fast_exp(float)'s form (fast_exp8).
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -53,10 +55,8 @@ inline bool cpu_has_avx2_fma() {
 namespace segtransfer {
 namespace {
 
-// detail::fast_exp_lowp(float) on 8 lanes (see fastexp.hpp for the method and its error); with
-// Lowp = false, detail::fast_exp(float) (its degree-7 Taylor polynomial), for the exact stages'
-// float sums.
-template <bool Lowp = true>
+// detail::fast_exp(float) on 8 lanes: its degree-7 Taylor polynomial, for the exact stages' float
+// sums (lse_sum_avx2 with double exponents).
 __attribute__((target("avx2,fma"), always_inline)) inline __m256 fast_exp8(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-87.0f);
   const __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);  // below: flushed to 0
@@ -66,26 +66,44 @@ __attribute__((target("avx2,fma"), always_inline)) inline __m256 fast_exp8(__m25
   const __m256 n = _mm256_sub_ps(ns, shifter);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860682030941723212e-6f), r);
-  __m256 p;
-  if constexpr (Lowp) {
-    using detail::kExpLowpPoly;
-    p = _mm256_set1_ps(kExpLowpPoly[0]);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpLowpPoly[1]));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpLowpPoly[2]));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpLowpPoly[3]));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpLowpPoly[4]));
-  } else {
-    p = _mm256_set1_ps(1.0f / 5040.0f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  }
+  __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
   // ns's low mantissa bits hold n + 2^22 (the shifter is 1.5 * 2^23), so its bit pattern minus that
   // of the shifter is n: 2^n is (n + 127) << 23, without a float -> int conversion.
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_castps_si256(ns), _mm256_set1_epi32(127 - 0x4B400000)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
+}
+
+// 2^u on 8 lanes, for the intermediate stages' float loops, whose callers form the exponent in
+// base 2 (u = x log2 e, folded into the multiply-adds that form x): fast_exp_lowp's degree-4
+// polynomial rescaled to 2^f (kExp2LowpPoly), f = u - round(u) exact, 2^n in the exponent bits.
+// Why not fast_exp_lowp's form: each exponential is a chain of dependent operations, and on Zen 2
+// the four chains the loops keep in flight fill the FP scheduler (12.8 cycles a vector of 8, twice
+// its port count). In base 2 the reduction is one exact subtraction instead of a multiply-add and
+// two Cody-Waite steps, and the lower clamp goes (a lane below 2^-125.5 is masked to 0 whatever its
+// bits): 14 operations and ~37 cycles of chain instead of 17 and ~51; a dense sum in cache 0.49 ->
+// 0.41 ns an entry (bench/RESULTS.md, session 35). Error: the polynomial's 2.7e-6 relative (as
+// fast_exp_lowp's), plus u's rounding, |u| 2^-24 ln2 <= 5e-6 at the flush point, of the order of the
+// float exponent's own (kernels.hpp). 0 below 2^-125.5 (e^-87) and for NaN, 2^127 above 127.
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 fast_pow2_8(__m256 u) {
+  const __m256 keep = _mm256_cmp_ps(u, _mm256_set1_ps(-125.5f), _CMP_GE_OQ);  // below: flushed to 0
+  u = _mm256_min_ps(u, _mm256_set1_ps(127.0f));
+  const __m256 shifter = _mm256_set1_ps(12582912.0f);
+  const __m256 ns = _mm256_add_ps(u, shifter);  // round(u) in the low mantissa bits (see fast_exp8)
+  const __m256 f = _mm256_sub_ps(u, _mm256_sub_ps(ns, shifter));
+  using detail::kExp2LowpPoly;
+  __m256 p = _mm256_set1_ps(kExp2LowpPoly[0]);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2LowpPoly[1]));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2LowpPoly[2]));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2LowpPoly[3]));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2LowpPoly[4]));
   const __m256i e = _mm256_slli_epi32(
       _mm256_add_epi32(_mm256_castps_si256(ns), _mm256_set1_epi32(127 - 0x4B400000)), 23);
   return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
@@ -103,8 +121,9 @@ __attribute__((target("avx2"), always_inline)) inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// 8 exponents A[col] - c * inv_eps - shift from entries [k, k + 8) (Masked: those below len, whose
-// lanes `mask` sets; the caller zeroes the others' exponentials). The sparse form gathers A with
+// 8 exponents (A[col] - c * inv_eps - shift) log2 e, for fast_pow2_8, from entries [k, k + 8)
+// (Masked: those below len, whose lanes `mask` sets; the caller zeroes the others' exponentials);
+// `inv` and `shift` come scaled by log2 e. The sparse form gathers A with
 // scalar loads: vgatherdps ran the whole loop at 3.1 ns an entry on Zen 3, scalar loads at 1.3.
 template <bool Sparse, bool Masked>
 __attribute__((target("avx2,fma"), always_inline)) inline __m256 row_exponents8(const float* c, const int32_t* cols,
@@ -129,7 +148,7 @@ __attribute__((target("avx2,fma"), always_inline)) inline __m256 row_exponents8(
       av = _mm256_loadu_ps(A + k);
     }
   }
-  return _mm256_sub_ps(_mm256_fnmadd_ps(cv, inv, av), shift);
+  return _mm256_fmsub_ps(av, _mm256_set1_ps(detail::kLog2e), _mm256_fmadd_ps(cv, inv, shift));
 }
 
 // The same 8 exponents formed in double from double A (RowLse<float>::shifted_sum<double>: the
@@ -173,20 +192,33 @@ __attribute__((target("avx2,fma"), always_inline)) inline __m256 row_exponents8(
   return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
 }
 
-// A value in every lane: 8 floats or 4 doubles.
-__attribute__((target("avx2"), always_inline)) inline __m256 splat(float v) { return _mm256_set1_ps(v); }
+// A value in every lane: 4 doubles.
 __attribute__((target("avx2"), always_inline)) inline __m256d splat(double v) { return _mm256_set1_pd(v); }
+// A coefficient of row_exponents8 in every lane: a float one scaled by log2 e (float exponents are
+// formed in base 2), a double one as it is.
+__attribute__((target("avx2"), always_inline)) inline __m256 exponent_coeff(float v) {
+  return _mm256_set1_ps(v * detail::kLog2e);
+}
+__attribute__((target("avx2"), always_inline)) inline __m256d exponent_coeff(double v) { return splat(v); }
+
+// The exponential of row_exponents8's result: base 2 from float exponents, e^x from double ones.
+template <typename E>
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 row_exp8(__m256 v) {
+  if constexpr (std::is_same<E, float>::value)
+    return fast_pow2_8(v);
+  else
+    return fast_exp8(v);
+}
 
 // RowLse<float>::shifted_sum<float>: sum_k exp(A[cols[k]] - c[k] * inv_eps - shift) (cols null:
-// A[k]), partial sums in float over blocks of 256 entries, the blocks added in double. `Keep`: the
-// terms are also stored to terms[0, len) (KeptTerms, kernels.hpp), the sum unchanged to the bit.
-// E = double: RowLse<float>::shifted_sum<double> (the exact stages), the exponent formed in double
-// and fast_exp(float)'s degree-7 polynomial.
+// A[k]), the exponent in base 2 (fast_pow2_8), partial sums in float over blocks of 256 entries, the
+// blocks added in double. `Keep`: the terms are also stored to terms[0, len) (KeptTerms,
+// kernels.hpp), the sum unchanged to the bit. E = double: RowLse<float>::shifted_sum<double> (the
+// exact stages), the exponent formed in double and fast_exp(float)'s degree-7 polynomial.
 template <bool Sparse, bool Keep = false, typename E = float>
 __attribute__((target("avx2,fma"))) double lse_sum_avx2(const float* c, const int32_t* cols, int64_t len,
                                                         const E* A, E inv_eps, E shift, float* terms = nullptr) {
-  constexpr bool kLowp = std::is_same<E, float>::value;
-  const auto inv = splat(inv_eps), sh = splat(shift);
+  const auto inv = exponent_coeff(inv_eps), sh = exponent_coeff(shift);
   const __m256i all = _mm256_set1_epi32(-1);
   double total = 0.0;
   constexpr int64_t kBlock = 256;
@@ -201,10 +233,10 @@ __attribute__((target("avx2,fma"))) double lse_sum_avx2(const float* c, const in
     // Four vectors at a time: each exponential is a chain of ~14 dependent operations, and two
     // chains at a time left the loop latency-bound on Zen 2 (dense, in cache: 0.56 ns an entry).
     for (; k + 32 <= j1; k += 32) {
-      const __m256 e0 = fast_exp8<kLowp>(row_exponents8<Sparse, false>(c, cols, A, k, j1, inv, sh, all));
-      const __m256 e1 = fast_exp8<kLowp>(row_exponents8<Sparse, false>(c, cols, A, k + 8, j1, inv, sh, all));
-      const __m256 e2 = fast_exp8<kLowp>(row_exponents8<Sparse, false>(c, cols, A, k + 16, j1, inv, sh, all));
-      const __m256 e3 = fast_exp8<kLowp>(row_exponents8<Sparse, false>(c, cols, A, k + 24, j1, inv, sh, all));
+      const __m256 e0 = row_exp8<E>(row_exponents8<Sparse, false>(c, cols, A, k, j1, inv, sh, all));
+      const __m256 e1 = row_exp8<E>(row_exponents8<Sparse, false>(c, cols, A, k + 8, j1, inv, sh, all));
+      const __m256 e2 = row_exp8<E>(row_exponents8<Sparse, false>(c, cols, A, k + 16, j1, inv, sh, all));
+      const __m256 e3 = row_exp8<E>(row_exponents8<Sparse, false>(c, cols, A, k + 24, j1, inv, sh, all));
       if (Keep) {
         _mm256_storeu_ps(terms + k, e0);
         _mm256_storeu_ps(terms + k + 8, e1);
@@ -217,8 +249,8 @@ __attribute__((target("avx2,fma"))) double lse_sum_avx2(const float* c, const in
       s3 = _mm256_add_ps(s3, e3);
     }
     for (; k + 16 <= j1; k += 16) {
-      const __m256 e0 = fast_exp8<kLowp>(row_exponents8<Sparse, false>(c, cols, A, k, j1, inv, sh, all));
-      const __m256 e1 = fast_exp8<kLowp>(row_exponents8<Sparse, false>(c, cols, A, k + 8, j1, inv, sh, all));
+      const __m256 e0 = row_exp8<E>(row_exponents8<Sparse, false>(c, cols, A, k, j1, inv, sh, all));
+      const __m256 e1 = row_exp8<E>(row_exponents8<Sparse, false>(c, cols, A, k + 8, j1, inv, sh, all));
       if (Keep) {
         _mm256_storeu_ps(terms + k, e0);
         _mm256_storeu_ps(terms + k + 8, e1);
@@ -228,7 +260,7 @@ __attribute__((target("avx2,fma"))) double lse_sum_avx2(const float* c, const in
     }
     for (; k < j1; k += 8) {
       const __m256i mask = first_lanes(j1 - k);
-      const __m256 e = fast_exp8<kLowp>(row_exponents8<Sparse, true>(c, cols, A, k, j1, inv, sh, mask));
+      const __m256 e = row_exp8<E>(row_exponents8<Sparse, true>(c, cols, A, k, j1, inv, sh, mask));
       if (Keep) _mm256_maskstore_ps(terms + k, mask, e);
       s0 = _mm256_add_ps(s0, _mm256_and_ps(e, _mm256_castsi256_ps(mask)));
     }
@@ -237,31 +269,36 @@ __attribute__((target("avx2,fma"))) double lse_sum_avx2(const float* c, const in
   return total;
 }
 
-// ColLse<float>::shifted_row<float>: part[j] += exp(Ai - c[j] * inv_eps - mx[j]), j in [0, m).
+// (Ai - c inv_eps - mx) log2 e, for col_lse_row_avx2 (inv and a come scaled by log2 e).
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 col_exponents8(__m256 cv, __m256 mv, __m256 inv,
+                                                                             __m256 a) {
+  return _mm256_fnmadd_ps(cv, inv, _mm256_fnmadd_ps(mv, _mm256_set1_ps(detail::kLog2e), a));
+}
+
+// ColLse<float>::shifted_row<float>: part[j] += exp(Ai - c[j] * inv_eps - mx[j]), j in [0, m), the
+// exponent in base 2 (fast_pow2_8).
 __attribute__((target("avx2,fma"))) inline void col_lse_row_avx2(const float* c, int64_t m, float Ai, float inv_eps,
                                                                  const float* mx, float* part) {
-  const __m256 inv = _mm256_set1_ps(inv_eps), a = _mm256_set1_ps(Ai);
+  const __m256 inv = exponent_coeff(inv_eps), a = exponent_coeff(Ai);
   int64_t j = 0;
   // Four vectors at a time (see lse_sum_avx2): 0.52-0.58 -> 0.44-0.47 ns an entry on Zen 2 (in cache,
-  // 256 / 4096 columns); the same values.
+  // 256 / 4096 columns).
   for (; j + 32 <= m; j += 32) {
     __m256 x[4];
 #pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v)
-      x[v] = _mm256_sub_ps(_mm256_fnmadd_ps(_mm256_loadu_ps(c + j + 8 * v), inv, a), _mm256_loadu_ps(mx + j + 8 * v));
+    for (int v = 0; v < 4; ++v) x[v] = col_exponents8(_mm256_loadu_ps(c + j + 8 * v), _mm256_loadu_ps(mx + j + 8 * v), inv, a);
 #pragma GCC unroll 4
     for (int v = 0; v < 4; ++v)
-      _mm256_storeu_ps(part + j + 8 * v, _mm256_add_ps(_mm256_loadu_ps(part + j + 8 * v), fast_exp8(x[v])));
+      _mm256_storeu_ps(part + j + 8 * v, _mm256_add_ps(_mm256_loadu_ps(part + j + 8 * v), fast_pow2_8(x[v])));
   }
   for (; j + 8 <= m; j += 8) {
-    const __m256 x = _mm256_sub_ps(_mm256_fnmadd_ps(_mm256_loadu_ps(c + j), inv, a), _mm256_loadu_ps(mx + j));
-    _mm256_storeu_ps(part + j, _mm256_add_ps(_mm256_loadu_ps(part + j), fast_exp8(x)));
+    const __m256 x = col_exponents8(_mm256_loadu_ps(c + j), _mm256_loadu_ps(mx + j), inv, a);
+    _mm256_storeu_ps(part + j, _mm256_add_ps(_mm256_loadu_ps(part + j), fast_pow2_8(x)));
   }
   if (j < m) {
     const __m256i mask = first_lanes(m - j);
-    const __m256 x =
-        _mm256_sub_ps(_mm256_fnmadd_ps(_mm256_maskload_ps(c + j, mask), inv, a), _mm256_maskload_ps(mx + j, mask));
-    const __m256 e = _mm256_and_ps(fast_exp8(x), _mm256_castsi256_ps(mask));
+    const __m256 x = col_exponents8(_mm256_maskload_ps(c + j, mask), _mm256_maskload_ps(mx + j, mask), inv, a);
+    const __m256 e = _mm256_and_ps(fast_pow2_8(x), _mm256_castsi256_ps(mask));
     _mm256_maskstore_ps(part + j, mask, _mm256_add_ps(_mm256_maskload_ps(part + j, mask), e));
   }
 }

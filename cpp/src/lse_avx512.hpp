@@ -12,9 +12,9 @@
 // faster there (0.72 ns), and CPUs with the Gather Data Sampling microcode fix run it several times
 // slower.
 //
-// Each exponential is detail::fast_exp_lowp(float)'s operations in the order of fast_exp8
-// (lse_avx2.hpp) on 16 lanes; only the order in which partial sums are added differs from the
-// other paths, a float rounding difference far inside what the lowp stages tolerate (kernels.hpp).
+// Each exponential is detail::fast_exp_lowp(float)'s operations on 16 lanes; only the order in which
+// partial sums are added differs from the clones, a float rounding difference far inside what the
+// lowp stages tolerate (kernels.hpp). (The AVX2 loops form theirs in base 2, lse_avx2.hpp.)
 #pragma once
 #include <algorithm>
 #include <cstdint>

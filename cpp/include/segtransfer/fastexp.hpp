@@ -10,9 +10,18 @@
 namespace segtransfer::detail {
 
 // fast_exp_lowp's polynomial for e^r, highest degree first (see fast_exp_lowp); also read by its
-// AVX2 and AVX-512 forms (fast_exp8 in cpp/src/lse_avx2.hpp, fast_exp16 in cpp/src/lse_avx512.hpp),
-// so they cannot drift apart.
+// AVX-512 form (fast_exp16 in cpp/src/lse_avx512.hpp) and, rescaled below, by its AVX2 one
+// (fast_pow2_8 in cpp/src/lse_avx2.hpp), so they cannot drift apart.
 constexpr float kExpLowpPoly[5] = {0.0414586067f, 0.167909071f, 0.500043571f, 0.999963403f, 0.999999285f};
+
+// The same polynomial for 2^f = e^(f ln2), |f| <= 1/2 (coefficient k times ln2^(4 - k)), for the
+// AVX2 loops that form their exponents in base 2 (fast_pow2_8 in cpp/src/lse_avx2.hpp).
+constexpr double kLn2 = 0.693147180559945309417;
+constexpr float kExp2LowpPoly[5] = {
+    static_cast<float>(kExpLowpPoly[0] * kLn2 * kLn2 * kLn2 * kLn2),
+    static_cast<float>(kExpLowpPoly[1] * kLn2 * kLn2 * kLn2), static_cast<float>(kExpLowpPoly[2] * kLn2 * kLn2),
+    static_cast<float>(kExpLowpPoly[3] * kLn2), kExpLowpPoly[4]};
+constexpr float kLog2e = 1.44269504088896341f;
 
 // fast_exp(float) (Lowp = false) and fast_exp_lowp (true): the same reduction, clamps and scale
 // around two polynomials for e^r.
