@@ -55,6 +55,15 @@ inline bool cpu_has_avx2_fma() {
 namespace segtransfer {
 namespace {
 
+// p 2^n in the lanes `keep` sets, 0 in the others, from ns = n + 1.5 * 2^23 (the shifter that rounded
+// n): ns's low mantissa bits hold n + 2^22, so its bit pattern minus that of the shifter is n, and
+// 2^n is (n + 127) << 23, without a float -> int conversion. fast_exp8's and fast_pow2_8's scale.
+__attribute__((target("avx2"), always_inline)) inline __m256 scale_pow2(__m256 p, __m256 ns, __m256 keep) {
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_castps_si256(ns), _mm256_set1_epi32(127 - 0x4B400000)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
+}
+
 // detail::fast_exp(float) on 8 lanes: its degree-7 Taylor polynomial, for the exact stages' float
 // sums (lse_sum_avx2 with double exponents).
 __attribute__((target("avx2,fma"), always_inline)) inline __m256 fast_exp8(__m256 x) {
@@ -62,7 +71,7 @@ __attribute__((target("avx2,fma"), always_inline)) inline __m256 fast_exp8(__m25
   const __m256 keep = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);  // below: flushed to 0
   x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.0f));
   const __m256 shifter = _mm256_set1_ps(12582912.0f);
-  const __m256 ns = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), shifter);
+  const __m256 ns = _mm256_fmadd_ps(x, _mm256_set1_ps(detail::kLog2e), shifter);
   const __m256 n = _mm256_sub_ps(ns, shifter);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860682030941723212e-6f), r);
@@ -74,11 +83,7 @@ __attribute__((target("avx2,fma"), always_inline)) inline __m256 fast_exp8(__m25
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  // ns's low mantissa bits hold n + 2^22 (the shifter is 1.5 * 2^23), so its bit pattern minus that
-  // of the shifter is n: 2^n is (n + 127) << 23, without a float -> int conversion.
-  const __m256i e = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_castps_si256(ns), _mm256_set1_epi32(127 - 0x4B400000)), 23);
-  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
+  return scale_pow2(p, ns, keep);
 }
 
 // 2^u on 8 lanes, for the intermediate stages' float loops, whose callers form the exponent in
@@ -96,7 +101,7 @@ __attribute__((target("avx2,fma"), always_inline)) inline __m256 fast_pow2_8(__m
   const __m256 keep = _mm256_cmp_ps(u, _mm256_set1_ps(-125.5f), _CMP_GE_OQ);  // below: flushed to 0
   u = _mm256_min_ps(u, _mm256_set1_ps(127.0f));
   const __m256 shifter = _mm256_set1_ps(12582912.0f);
-  const __m256 ns = _mm256_add_ps(u, shifter);  // round(u) in the low mantissa bits (see fast_exp8)
+  const __m256 ns = _mm256_add_ps(u, shifter);  // round(u) in the low mantissa bits (see scale_pow2)
   const __m256 f = _mm256_sub_ps(u, _mm256_sub_ps(ns, shifter));
   using detail::kExp2LowpPoly;
   __m256 p = _mm256_set1_ps(kExp2LowpPoly[0]);
@@ -104,9 +109,7 @@ __attribute__((target("avx2,fma"), always_inline)) inline __m256 fast_pow2_8(__m
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2LowpPoly[2]));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2LowpPoly[3]));
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2LowpPoly[4]));
-  const __m256i e = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_castps_si256(ns), _mm256_set1_epi32(127 - 0x4B400000)), 23);
-  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
+  return scale_pow2(p, ns, keep);
 }
 
 // Lanes [0, k) of 8 set.

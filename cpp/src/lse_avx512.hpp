@@ -52,7 +52,7 @@ SEGTRANSFER_AVX512_TARGET __attribute__((always_inline)) inline __m512 fast_exp1
   const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);  // below: flushed to 0
   x = _mm512_min_ps(x, _mm512_set1_ps(89.0f));  // keeps the rounding trick below exact
   const __m512 shifter = _mm512_set1_ps(12582912.0f);
-  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), shifter), shifter);
+  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(detail::kLog2e), shifter), shifter);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
   using detail::kExpLowpPoly;

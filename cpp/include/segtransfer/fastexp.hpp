@@ -32,7 +32,7 @@ inline float exp_float(float x) {
   x = x < lo ? lo : x;
   x = x > 88.0f ? 88.0f : x;
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
-  float n = x * 1.44269504088896341f + shifter;
+  float n = x * kLog2e + shifter;
   n -= shifter;
   float r = x - n * 0.693145751953125f;  // ln2 split in a high part exact in float ...
   r -= n * 1.42860682030941723212e-6f;   // ... and the rest
