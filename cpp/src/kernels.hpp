@@ -1086,5 +1086,44 @@ int solve_cg(const std::vector<double>& rhs, double tol2, int max_cg, const Appl
   return cg;
 }
 
+// An upper bound on |S_all x - S_op x|_2, where Newton's Schur operator S = (1 + lambda) D1 - P D2^-1 P^T
+// (newton_polish, sinkhorn.cpp) is formed from all of a pattern's plan entries (S_all) or from only
+// those its CG operator keeps (S_op: CSR rows ptr / col / val, the values as stored, in float). d1,
+// d2 are the diagonal's sums, which include every entry; inv_c_j = 1 / ((1 + lambda) d2_j), or 0;
+// op_col = P_op^T 1; w_op = inv_c * (P_op^T x). The entries left out hold row masses dr_i and column
+// masses dc_j (the sums less the operator's, plus float's rounding of each kept value), and
+//   (S_all x - S_op x)_i = -sum_j P_out,ij w_all,j - sum_j P_op,ij (w_all,j - w_op,j),
+// with |w_all - w_op|_j <= rho_j |x|_inf, rho_j = inv_c_j dc_j, so
+//   |.|_i <= dr_i (|w_op|_inf + max_j rho_j |x|_inf) + sum_j P_op,ij rho_j |x|_inf.
+// Lets Newton skip its product with every entry where the operator's left-out mass cannot matter.
+// `rho`: work space of m values.
+inline double left_out_product_bound(const int64_t* ptr, const int32_t* col, const float* val, int64_t n, int64_t m,
+                                     const double* d1, const double* d2, const double* inv_c, const double* op_col,
+                                     const double* x, const double* w_op, std::vector<double>& rho) {
+  // Each kept value's rounding to float (2^-24 relative), and the sums' own (far smaller).
+  constexpr double kRounding = 1.2e-7;
+  rho.resize(m);
+  double xmax = 0.0, wmax = 0.0, rho_max = 0.0;
+  for (int64_t i = 0; i < n; ++i) xmax = std::max(xmax, std::fabs(x[i]));
+  for (int64_t j = 0; j < m; ++j) {
+    wmax = std::max(wmax, std::fabs(w_op[j]));
+    rho[j] = (std::max(0.0, d2[j] - op_col[j]) + kRounding * d2[j]) * inv_c[j];
+    rho_max = std::max(rho_max, rho[j]);
+  }
+  wmax += rho_max * xmax;
+  double sum2 = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    double op_row = 0.0, moved = 0.0;
+    for (int64_t k = ptr[i]; k < ptr[i + 1]; ++k) {
+      op_row += static_cast<double>(val[k]);
+      moved += static_cast<double>(val[k]) * rho[col[k]];
+    }
+    const double dr = std::max(0.0, d1[i] - op_row) + kRounding * d1[i];
+    const double bound = dr * wmax + moved * xmax;
+    sum2 += bound * bound;
+  }
+  return std::sqrt(sum2);
+}
+
 }  // namespace
 }  // namespace segtransfer

@@ -1142,6 +1142,30 @@ double newton_polish(const SparseRows<T>& R, int64_t m, const double* a, const d
   // the check runs on the first step, after a relocation, and after every step that was not a full
   // one cutting the error at least in half; a run of such full steps on one pattern skips it.
   bool check_all = true;
+  // Whether the residual of CG's direction x against every entry provably stays within the check's
+  // threshold (below), so that the product with every entry (6x / 19x the operator at D = 256 / 19)
+  // can be skipped: |rhs - S_all x| <= |rhs - S_op x| + left_out_product_bound (kernels.hpp), with
+  // a 10 % margin for the products' rounding. It costs the operator's product and a scatter of its
+  // column sums, and held on all 4 checks of the benchmark's first draw at D = 256 and at D = 19
+  // (the left-out entries' bound at 0.03-0.5 of the threshold); with newton_cg_floor 5e-3, on
+  // clusters joined only by entries it leaves out (test_newton_cg_floor), it does not, and the check
+  // runs and sends the solve to every entry.
+  std::vector<double> op_col(m), ones_n, rho;
+  auto residual_bound_holds = [&](double rhs_norm2) {
+    const double threshold = 0.9 * 3.0 * opt_forcing * std::sqrt(rhs_norm2);
+    apply_schur(false, x, q);  // leaves w = D2^-1 P_op^T x, the (1 + lambda) included
+    ones_n.assign(n, 1.0);
+    column_products(opr.ptr.data(), opr.col.data(), opr.val.data(), n, m, ones_n.data(), nt_mv, op_col.data());
+    double r_op2 = 0.0;
+    for (int64_t i = 0; i < n; ++i) r_op2 += (rhs[i] - q[i]) * (rhs[i] - q[i]);
+    const double left_out = left_out_product_bound(opr.ptr.data(), opr.col.data(), opr.val.data(), n, m, d1, d2,
+                                                   inv_c.data(), op_col.data(), x.data(), w.data(), rho);
+    const bool holds = std::sqrt(r_op2) + left_out <= threshold;
+    if (debug)
+      std::fprintf(stderr, "  residual bound: |r_op| %.3g + left out %.3g %s %.3g\n", std::sqrt(r_op2), left_out,
+                   holds ? "<=" : ">", threshold);
+    return holds;
+  };
   for (int step = 0; step < 50 && err > target && rep.iterations < max_iter && !rep.timed_out; ++step) {
     nt_mv = mv_threads();  // nt may grow between steps (SinkhornOptions::lent_threads)
     const auto step_start = Clock::now();
@@ -1217,7 +1241,7 @@ double newton_polish(const SparseRows<T>& R, int64_t m, const double* a, const d
         },
         x, res, dir, q, zvec);
     rep.cg_iterations += cg;
-    if (opr.col.size() < R.col.size() && check_all) {
+    if (opr.col.size() < R.col.size() && check_all && !residual_bound_holds(rhs_norm2)) {
       // The direction against every entry: a residual well above what CG was asked for means the
       // entries left out mattered (clusters joined only by them); every entry from here on. Only
       // when some were left out: otherwise that product is the one CG already used.

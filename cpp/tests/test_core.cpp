@@ -1767,6 +1767,9 @@ static void check_newton_cg_floor() {
     const TwoSolves s = solve_twice(p, o, [](SinkhornOptions& q) { q.newton_cg_floor = 0.0; });
     check_same_solution(s, o);
     CHECK(s.on.newton_steps > 0 && s.off.newton_steps > 0);
+    // Without the fall-back to every entry the high floor took 897 steps; with it, 10-12 (and the
+    // bound that lets Newton skip that check must not hide these left-out entries).
+    CHECK(s.on.newton_steps <= 2 * s.off.newton_steps + 5);
     if (std::getenv("SEGTRANSFER_DEBUG"))
       std::fprintf(stderr, "newton_cg_floor %g vs 0: %lld vs %lld Newton steps, %lld vs %lld CG iterations\n", floor,
                    static_cast<long long>(s.on.newton_steps), static_cast<long long>(s.off.newton_steps),
@@ -1781,6 +1784,63 @@ static void check_newton_cg_floor() {
 static void test_newton_cg_floor() {
   check_newton_cg_floor<double>();
   check_newton_cg_floor<float>();
+}
+
+// left_out_product_bound (kernels.hpp) against |S_all x - S_op x|_2 formed with dense matrices:
+// random plans whose rows mix large entries with many below the floor (and a few rows and columns
+// with most of their mass left out), float values, exact double sums on the diagonal, and
+// directions of either sign. The bound must hold every time. How tight it is matters only to speed
+// (an overestimate costs a product Newton could have skipped): within 50x here.
+static void test_left_out_product_bound() {
+  std::mt19937_64 rng(11);
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  for (int trial = 0; trial < 40; ++trial) {
+    const int64_t n = 5 + trial % 17, m = 4 + (trial * 7) % 19;
+    const double lambda = trial % 3 == 0 ? 0.0 : 1e-3;
+    std::vector<double> P(n * m);
+    for (auto& v : P) v = u(rng) < 0.3 ? u(rng) : 1e-6 * u(rng) * (trial % 5 == 0 ? 1e3 : 1.0);
+    const float floor = 1e-5f;
+    std::vector<double> d1(n, 0.0), d2(m, 0.0), inv_c(m), x(n), op_col(m, 0.0), w_op(m, 0.0), w_all(m, 0.0);
+    std::vector<int64_t> ptr(n + 1, 0);
+    std::vector<float> val;
+    std::vector<int32_t> col;
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t j = 0; j < m; ++j) {
+        d1[i] += P[i * m + j];
+        d2[j] += P[i * m + j];
+        if (static_cast<float>(P[i * m + j]) > floor) {
+          val.push_back(static_cast<float>(P[i * m + j]));
+          col.push_back(static_cast<int32_t>(j));
+        }
+      }
+      ptr[i + 1] = static_cast<int64_t>(val.size());
+    }
+    for (int64_t j = 0; j < m; ++j) inv_c[j] = 1.0 / ((1.0 + lambda) * d2[j]);
+    for (auto& v : x) v = (u(rng) - 0.5) * (trial % 4 == 0 ? 100.0 : 1.0);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t k = ptr[i]; k < ptr[i + 1]; ++k) {
+        op_col[col[k]] += static_cast<double>(val[k]);
+        w_op[col[k]] += static_cast<double>(val[k]) * x[i];
+      }
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < m; ++j) w_all[j] += static_cast<double>(static_cast<float>(P[i * m + j])) * x[i];
+    for (int64_t j = 0; j < m; ++j) {
+      w_op[j] *= inv_c[j];
+      w_all[j] *= inv_c[j];
+    }
+    double diff2 = 0.0;  // the diagonal terms cancel: only the products with P differ
+    for (int64_t i = 0; i < n; ++i) {
+      double all = 0.0, op = 0.0;
+      for (int64_t j = 0; j < m; ++j) all += static_cast<double>(static_cast<float>(P[i * m + j])) * w_all[j];
+      for (int64_t k = ptr[i]; k < ptr[i + 1]; ++k) op += static_cast<double>(val[k]) * w_op[col[k]];
+      diff2 += (all - op) * (all - op);
+    }
+    std::vector<double> rho;
+    const double bound = left_out_product_bound(ptr.data(), col.data(), val.data(), n, m, d1.data(), d2.data(),
+                                                inv_c.data(), op_col.data(), x.data(), w_op.data(), rho);
+    CHECK(std::sqrt(diff2) <= bound);
+    CHECK(std::isfinite(bound) && (diff2 == 0 || bound <= 50 * std::sqrt(diff2)));  // 3-14x on these plans
+  }
 }
 
 // The multiscale start (a strided subsample's epsilon-scaling, its potentials extended to every
@@ -2380,6 +2440,7 @@ int main(int argc, char** argv) {
       {"class_balance_threads", test_class_balance_threads},
       {"float_stages", test_float_stages},
       {"newton_cg_floor", test_newton_cg_floor},
+      {"left_out_product_bound", test_left_out_product_bound},
       {"stage_extrapolation", test_stage_extrapolation},
       {"blocked", test_blocked},
       {"transport_grouping", test_transport_grouping},
