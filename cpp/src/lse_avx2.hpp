@@ -513,6 +513,47 @@ __attribute__((target("avx2,fma"))) inline int64_t dense_fill_avx2(const float* 
   return pos;
 }
 
+// balance_classes' segment sums (sinkhorn.cpp) in AVX2: a pattern row's terms[0, len) summed over its
+// runs of columns in one group, emit(d, sum) once per run in order. cols ascend; group d holds the
+// columns [start[d], start[d + 1]) and group[j] is column j's. A run's entries are a prefix of the 8
+// lanes from its first entry on (those below start[d + 1]), so each run takes its length / 8 + 1
+// vector steps, where the scalar path found its end by a galloping and a binary search and summed
+// it in a call of its own (~40 % and ~35 % of balance_classes at D = 19, N = 10^4, whose rows hold
+// ~150 runs of ~15 entries; bench/RESULTS.md, session 36). The sums are in float, in another order.
+template <typename Emit>
+__attribute__((target("avx2,fma"))) inline void group_sums_avx2(const int32_t* cols, const float* terms, int64_t len,
+                                                                const int32_t* group, const int64_t* start,
+                                                                const Emit& emit) {
+  int64_t k = 0;
+  while (k < len) {
+    const int d = group[cols[k]];
+    const __m256i end = _mm256_set1_epi32(static_cast<int32_t>(start[d + 1]));
+    __m256 acc = _mm256_setzero_ps();
+    for (;;) {
+      const int64_t left = len - k;
+      __m256i in_run;
+      __m256 t;
+      if (left >= 8) {
+        in_run = _mm256_cmpgt_epi32(end, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cols + k)));
+        t = _mm256_loadu_ps(terms + k);
+      } else {
+        const __m256i in = first_lanes(left);
+        in_run = _mm256_and_si256(in, _mm256_cmpgt_epi32(end, _mm256_maskload_epi32(cols + k, in)));
+        t = _mm256_maskload_ps(terms + k, in);
+      }
+      const int bits = _mm256_movemask_ps(_mm256_castsi256_ps(in_run));
+      acc = _mm256_add_ps(acc, _mm256_and_ps(t, _mm256_castsi256_ps(in_run)));
+      if (bits != 0xFF) {
+        k += __builtin_popcount(bits);
+        break;
+      }
+      k += 8;
+      if (k == len) break;
+    }
+    emit(d, static_cast<double>(hsum8(acc)));
+  }
+}
+
 // plan_entries_above's compaction (sinkhorn.cpp) in AVX2, as compact_above_avx512: the entries of
 // val[0, len) above `floor`, with their indices col[], written in order to out_val / out_col;
 // returns how many. The row's share of the output holds exactly those (counted first), so whole

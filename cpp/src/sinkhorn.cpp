@@ -744,6 +744,9 @@ bool balance_classes(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
   // took 9 % of a K = 10 call's CPU time at D = 19 (bench/RESULTS.md, session 20). The same
   // terms, added in another order.
   const bool keep_terms = lowp && KeptTerms::available();
+#ifdef SEGTRANSFER_AVX2_LSE
+  const bool avx2_groups = keep_terms && sp != nullptr && cpu_has_avx2_fma();
+#endif
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
   for (int64_t q = 0; q < chunks; ++q) {
     std::vector<std::pair<int, double>> seg;  // the row's non-empty segments and their shifted sums
@@ -785,6 +788,11 @@ bool balance_classes(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
           const Segment sg = dense_segment(i, d);
           if (sg.len > 0) seg.emplace_back(d, shifted(sg));
         }
+#ifdef SEGTRANSFER_AVX2_LSE
+      } else if (avx2_groups) {
+        group_sums_avx2(sp->col.data() + sp->ptr[i], terms.data(), sp->ptr[i + 1] - sp->ptr[i], groupp,
+                        cls.col_class_start, [&](int d, double sum) { seg.emplace_back(d, sum); });
+#endif
       } else {
         // Only the non-empty segments: the next one is the group of the next entry's column, and its
         // end is found by a galloping search (segments hold a few to a few hundred entries; a

@@ -646,6 +646,51 @@ static void test_compact_above() {
 #endif
 }
 
+// balance_classes' segment sums in AVX2 (group_sums_avx2, where this CPU runs it) against a plain
+// loop: the same runs (group and order) and their sums in double within float's rounding of a sum
+// of that length (positive terms), on rows whose lengths leave partial vectors, with groups of 1
+// column to many vectors' worth, runs cut at every lane position, and empty groups in between.
+static void test_group_sums() {
+#ifdef SEGTRANSFER_AVX2_LSE
+  if (!cpu_has_avx2_fma()) return;
+  std::mt19937_64 rng(29);
+  std::uniform_real_distribution<float> uv(0.f, 1.f);
+  for (int trial = 0; trial < 60; ++trial) {
+    const int64_t m = 1 + static_cast<int64_t>(rng() % 3000);
+    std::vector<int64_t> start{0};  // group boundaries: widths 1 .. 60
+    while (start.back() < m) start.push_back(std::min<int64_t>(m, start.back() + 1 + static_cast<int64_t>(rng() % 60)));
+    std::vector<int32_t> group(m);
+    for (size_t d = 0; d + 1 < start.size(); ++d)
+      for (int64_t j = start[d]; j < start[d + 1]; ++j) group[j] = static_cast<int32_t>(d);
+    const double keep = trial % 3 == 0 ? 1.0 : (trial % 3 == 1 ? 0.5 : 0.05);
+    std::vector<int32_t> cols;
+    for (int64_t j = 0; j < m; ++j)
+      if (uv(rng) < keep) cols.push_back(static_cast<int32_t>(j));
+    const int64_t len = static_cast<int64_t>(cols.size());
+    std::vector<float> terms(len);
+    for (auto& t : terms) t = uv(rng) * (uv(rng) < 0.1f ? 1e-20f : 1.f);
+    std::vector<std::pair<int, double>> want, got;
+    std::vector<int64_t> run_len;
+    for (int64_t k = 0; k < len; ++k) {
+      if (k == 0 || group[cols[k]] != group[cols[k - 1]]) {
+        want.emplace_back(group[cols[k]], 0.0);
+        run_len.push_back(0);
+      }
+      want.back().second += static_cast<double>(terms[k]);
+      ++run_len.back();
+    }
+    group_sums_avx2(cols.data(), terms.data(), len, group.data(), start.data(),
+                    [&](int d, double sum) { got.emplace_back(d, sum); });
+    CHECK(got.size() == want.size());
+    bool same = got.size() == want.size();
+    for (size_t r = 0; same && r < want.size(); ++r)
+      same = got[r].first == want[r].first &&
+             std::fabs(got[r].second - want[r].second) <= 6e-8 * static_cast<double>(run_len[r] + 8) * want[r].second;
+    CHECK(same);
+  }
+#endif
+}
+
 // Newton's plan rows in AVX-512 and AVX2 (plan_row_avx512, plan_row_avx2; each where this CPU runs
 // it) against std::exp in double: each value (rounded to float), the column sums accumulated over
 // several rows, and the row sums, on lengths that leave partial groups of 8 (4) and prefetch blocks
@@ -2416,6 +2461,7 @@ int main(int argc, char** argv) {
       {"block_pool", test_block_pool},
       {"scan_threshold", test_scan_threshold},
       {"compact_above", test_compact_above},
+      {"group_sums", test_group_sums},
       {"block_index", test_block_index},
       {"plan_rows", test_plan_rows},
       {"pattern_build", test_pattern_build},
