@@ -1158,12 +1158,12 @@ double newton_polish(const SparseRows<T>& R, int64_t m, const double* a, const d
   // (the left-out entries' bound at 0.03-0.5 of the threshold); with newton_cg_floor 5e-3, on
   // clusters joined only by entries it leaves out (test_newton_cg_floor), it does not, and the check
   // runs and sends the solve to every entry.
-  std::vector<double> op_col(m), ones_n, rho;
+  std::vector<double> op_col(m), rho;
   auto residual_bound_holds = [&](double rhs_norm2) {
     const double threshold = 0.9 * 3.0 * opt_forcing * std::sqrt(rhs_norm2);
     apply_schur(false, x, q);  // leaves w = D2^-1 P_op^T x, the (1 + lambda) included
-    ones_n.assign(n, 1.0);
-    column_products(opr.ptr.data(), opr.col.data(), opr.val.data(), n, m, ones_n.data(), nt_mv, op_col.data());
+    ones.assign(n, 1.0);
+    column_products(opr.ptr.data(), opr.col.data(), opr.val.data(), n, m, ones.data(), nt_mv, op_col.data());
     double r_op2 = 0.0;
     for (int64_t i = 0; i < n; ++i) r_op2 += (rhs[i] - q[i]) * (rhs[i] - q[i]);
     const double left_out = left_out_product_bound(opr.ptr.data(), opr.col.data(), opr.val.data(), n, m, d1, d2,
