@@ -3,7 +3,8 @@ CPU solver (marked ``gpu``; skipped unless ``segtransfer.cuda_available()``).
 
 The ``gpu`` tests ran on an H200 on 2026-12-04 (``bench/gpu_check.sh``, sessions 22 and 23): all passed.
 Not yet run on a GPU: the two written after that device time was spent (timeout, Ctrl-C), and session
-31's (far-apart float32 sets, the opt-in wide chains), written for changes made while no GPU was lent.
+31's (far-apart float32 sets, the opt-in wide chains) and session 37's (the device sampler), written for
+changes made while no GPU was lent.
 See docs/cuda.md.
 """
 
@@ -113,6 +114,13 @@ def test_cuda_launcher_reports_the_cuda_error_without_a_device():
     fs = _device.host_source(x)
     with pytest.raises(RuntimeError, match=r"CUDA error in cudaGetDeviceCount: cuda|built without CUDA"):
         _core.sinkhorn_cuda(fs, fs, None, None, _core.SinkhornOptions(), 0)
+
+
+@no_gpu
+def test_cuda_sampler_reports_the_cuda_error_without_a_device():
+    codes = np.arange(40, dtype=np.int32) % 3
+    with pytest.raises(RuntimeError, match=r"CUDA error in cudaGetDeviceCount: cuda|built without CUDA"):
+        _core.sample_pixels_cuda(codes, 5, 2, 0, "source_labels", 0)
 
 
 def test_the_module_imports_without_touching_cuda():
@@ -431,6 +439,31 @@ def test_gpu_potentials_match_cpu_float32():
     delta = 2 * helpers.f32_delta(x, y, 0.2) * 0.2  # both sides' float32 error bound, in potential units
     np.testing.assert_allclose(f, cpu.f, rtol=0, atol=delta)
     np.testing.assert_allclose(g, cpu.g, rtol=0, atol=delta)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("pixels,n,repeats,keep", [(1000, 200, 3, 0.8), (300_000, 10_000, 10, 0.9), (64, 1, 5, 0.5),
+                                                   (500, 500, 2, 1.0), (4096, 3000, 3, 0.75), (2_000_003, 10_000, 4, 0.3)])
+def test_gpu_sampler_draws_the_host_pixels(pixels, n, repeats, keep):
+    """The device sampler runs the host's Floyd draw (floyd_sampler.hpp): the same pixels, every repeat,
+    including n equal to the number of valid pixels and draws over 2^21 pixels."""
+    rng = np.random.default_rng(pixels)
+    codes = np.where(rng.random(pixels) < keep, rng.integers(0, 4, pixels), -1).astype(np.int32)
+    n = min(n, int((codes >= 0).sum()))
+    for seed in (0, 5, 2**64 - 1):
+        host = _core.sample_pixels(codes, n, repeats, seed, "source_labels")
+        device = _core.sample_pixels_cuda(codes, n, repeats, seed, "source_labels", 0)
+        np.testing.assert_array_equal(device, host)
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_sampler_refuses_too_few_valid_pixels():
+    codes = np.full(100, -1, dtype=np.int32)
+    codes[::10] = 1
+    with pytest.raises(ValueError, match="target_labels has 10 valid .* fewer than n_pixels=11"):
+        _core.sample_pixels_cuda(codes, 11, 2, 0, "target_labels", 0)
 
 
 @pytest.mark.gpu

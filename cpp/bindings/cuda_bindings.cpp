@@ -176,6 +176,16 @@ void register_cuda_bindings(py::module_& m) {
   m.def("dlpack_info", &dlpack_info, py::arg("capsule"), py::arg("name"));
   m.def("otce_cuda", &otce_cuda_impl);
   m.def("sinkhorn_cuda", &sinkhorn_cuda_impl);
+  m.def("sample_pixels_cuda",
+        [](const Codes& code, int64_t n, int64_t repeats, uint64_t seed, const std::string& arg, int device) {
+          std::vector<int64_t> idx;
+          {
+            py::gil_scoped_release nogil;
+            idx = sample_pixels_cuda(code.data(), code.size(), n, repeats, seed, arg.c_str(), device);
+          }
+          return to_numpy(idx, {static_cast<py::ssize_t>(repeats), static_cast<py::ssize_t>(n)});
+        },
+        py::arg("code"), py::arg("n"), py::arg("repeats"), py::arg("seed"), py::arg("arg_name"), py::arg("device"));
   m.def("cuda_pointer_device", [](uint64_t ptr) {
     int dev;
     {

@@ -11,6 +11,7 @@
 
 #ifdef SEGTRANSFER_WITH_CUDA
 #include "batch_solver.hpp"
+#include "sampling.hpp"
 #include "dense_newton.hpp"
 #endif
 
@@ -160,6 +161,11 @@ TransportResult transport_points_cuda(const FeatureSource& x, const FeatureSourc
   return res;
 }
 
+std::vector<int64_t> sample_pixels_cuda(const int32_t* code, int64_t num_pixels, int64_t n, int64_t repeats,
+                                        uint64_t seed, const char* arg_name, int device) {
+  return cuda::sample_pixels(code, num_pixels, n, repeats, seed, arg_name, device);
+}
+
 int cuda_pointer_device(uint64_t ptr) { return cuda::pointer_device(ptr); }
 
 void cuda_copy_to_host(void* dst, uint64_t src, uint64_t bytes, int device, uint64_t stream) {
@@ -180,6 +186,9 @@ OTCEResult otce_cuda(const FeatureSource&, const int32_t*, int, const int64_t*, 
 }
 TransportResult transport_points_cuda(const FeatureSource&, const FeatureSource&, const double*, const double*,
                                       const SinkhornOptions&, int) {
+  no_cuda();
+}
+std::vector<int64_t> sample_pixels_cuda(const int32_t*, int64_t, int64_t, int64_t, uint64_t, const char*, int) {
   no_cuda();
 }
 int cuda_pointer_device(uint64_t) { no_cuda(); }

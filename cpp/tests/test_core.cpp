@@ -8,6 +8,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <set>
 #include <vector>
 
 #include "segtransfer/blocked.hpp"
@@ -16,6 +17,7 @@
 #include "segtransfer/otce.hpp"
 #include "segtransfer/sampling.hpp"
 #include "../src/dense_newton.hpp"  // the CUDA solver's Newton driver (internal)
+#include "../src/floyd_sampler.hpp"  // the draw shared with the CUDA sampler (internal)
 #include "../src/kernels.hpp"  // the log-sum-exp loops themselves (internal)
 #include "../src/pattern_scan.hpp"  // the truncated kernel's build (internal)
 #include "../src/point_cost.hpp"  // the cost tiles (internal)
@@ -983,6 +985,94 @@ static void test_block_pool() {
     CHECK(small.size() == 10);
   }
   CHECK(pool.kept_bytes() == 0);  // released with the outermost scope
+}
+
+// The shared Floyd draw (open-addressing table, also run by the CUDA sampler) against an independent
+// Floyd with std::set and its own splitmix64 + Lemire generator (the sampler's original form): the
+// same positions, hence the same pixels for a seed, as before the table existed.
+static void test_floyd_table() {
+  struct Reference {
+    uint64_t state;
+    uint64_t next() {
+      uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+      z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+      return z ^ (z >> 31);
+    }
+    uint64_t below(uint64_t bound) {
+      unsigned __int128 prod = static_cast<unsigned __int128>(next()) * bound;
+      while (static_cast<uint64_t>(prod) < (0 - bound) % bound) prod = static_cast<unsigned __int128>(next()) * bound;
+      return static_cast<uint64_t>(prod >> 64);
+    }
+  };
+  const int64_t cases[][2] = {{1, 1}, {2, 1}, {10, 9}, {1000, 1}, {1000, 500}, {1000, 999}, {5000, 4096},
+                              {int64_t(1) << 40, 3000}, {(int64_t(1) << 62) + 12345, 100}};
+  for (const auto& c : cases)
+    for (uint64_t seed : {uint64_t(0), uint64_t(3), ~uint64_t(0)})
+      for (int64_t k : {0, 1, 9}) {
+        const int64_t nv = c[0], n = c[1];
+        const uint64_t state = floyd::repeat_state(seed, k);
+        const int bits = floyd::table_bits(n);
+        CHECK((int64_t(1) << bits) >= 2 * n && (int64_t(1) << bits) < 4 * std::max<int64_t>(n, 1) + 2);
+        std::vector<int64_t> slots(size_t(1) << bits, floyd::kEmpty);
+        floyd::draw(state, nv, n, slots.data(), bits);
+        std::set<int64_t> got;
+        int64_t filled = 0;
+        for (int64_t s : slots)
+          if (s != floyd::kEmpty) {
+            ++filled;
+            got.insert(s);
+          }
+        Reference mixer{seed};
+        Reference rng{Reference{mixer.next() ^ static_cast<uint64_t>(k)}.next()};
+        std::set<int64_t> want;
+        for (int64_t j = nv - n; j < nv; ++j) {
+          const auto t = static_cast<int64_t>(rng.below(static_cast<uint64_t>(j + 1)));
+          if (!want.insert(t).second) want.insert(j);
+        }
+        CHECK(filled == n);  // distinct: every value sits in one slot only
+        CHECK(got == want);
+        CHECK(*got.begin() >= 0 && *got.rbegin() < nv);
+      }
+}
+
+// Uniformity of the draws: every valid pixel is taken with probability n / nv (chi-square over the
+// pixels), and a pair with probability n (n - 1) / (nv (nv - 1)); ignored pixels never. Bounds are
+// 6 standard deviations, so the test fails by chance with probability < 1e-8 (it is deterministic anyway).
+static void test_sampling_uniform() {
+  const int64_t P = 60, n = 10, R = 20000;
+  std::vector<int32_t> code(P);
+  for (int64_t p = 0; p < P; ++p) code[p] = (p % 6 == 5) ? -1 : static_cast<int32_t>(p % 4);
+  const int64_t nv = count_valid(code.data(), P);
+  CHECK(nv == 50);
+  const auto draw = sample_pixels(code.data(), P, n, R, 11, "labels");
+  std::vector<double> hits(P, 0.0);
+  double pair = 0.0;
+  for (int64_t k = 0; k < R; ++k) {
+    bool first = false, second = false;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t p = draw[k * n + i];
+      hits[p] += 1.0;
+      first = first || p == 0;
+      second = second || p == 1;
+    }
+    pair += first && second;
+  }
+  const double expect = double(R) * n / nv;
+  double chi2 = 0.0;
+  for (int64_t p = 0; p < P; ++p) {
+    if (code[p] < 0) {
+      CHECK(hits[p] == 0.0);
+      continue;
+    }
+    chi2 += (hits[p] - expect) * (hits[p] - expect) / expect;
+  }
+  // chi2 over 50 cells of a fixed-size draw: about chi-square with 49 degrees of freedom scaled by
+  // (1 - n/nv) (the cells are negatively correlated), mean <= 49 and sd <= 9.9.
+  CHECK(chi2 < 49.0 + 6.0 * 9.9);
+  CHECK(chi2 > 5.0);  // a draw that always takes the same pixels would give a huge chi2, a rigged one ~0
+  const double q = double(n) * (n - 1) / (double(nv) * (nv - 1));
+  CHECK(std::abs(pair - R * q) < 6.0 * std::sqrt(R * q * (1 - q)));
 }
 
 static void test_sampling() {
@@ -2469,6 +2559,8 @@ int main(int argc, char** argv) {
       {"dense_fill", test_dense_fill},
       {"keep_below", test_keep_below},
       {"sampling", test_sampling},
+      {"floyd_table", test_floyd_table},
+      {"sampling_uniform", test_sampling_uniform},
       {"otce_bijection", test_otce_bijection},
       {"conditional_entropy", test_conditional_entropy},
       {"strided_views", test_strided_views},

@@ -308,8 +308,10 @@ def otce(
         idx_t = np.flatnonzero(tgt.codes >= 0)[None, :]
     else:
         # Independent streams for the two sides; each draw is reproducible from (seed, side, repeat).
-        idx_s = _core.sample_pixels(src.codes, n_pixels, repeats, 2 * seed, "source_labels")
-        idx_t = _core.sample_pixels(tgt.codes, n_pixels, repeats, 2 * seed + 1, "target_labels")
+        # On a GPU the draw is made there, and is the same as the host's.
+        sample = _core.sample_pixels if gpu is None else gpu.sample_pixels
+        idx_s = sample(src.codes, n_pixels, repeats, 2 * seed, "source_labels")
+        idx_t = sample(tgt.codes, n_pixels, repeats, 2 * seed + 1, "target_labels")
 
     if gpu is not None:
         out = gpu.otce(src, tgt, idx_s, idx_t, opt)

@@ -357,6 +357,10 @@ class CudaPlacement:
         self._keep.append(table.features)
         return table
 
+    def sample_pixels(self, codes: np.ndarray, n: int, repeats: int, seed: int, name: str) -> np.ndarray:
+        """``_core.sample_pixels``' draws (the same pixels), computed on this device."""
+        return _core.sample_pixels_cuda(codes, n, repeats, seed, name, self.index)
+
     def otce(self, src: PixelTable, tgt: PixelTable, idx_s: np.ndarray, idx_t: np.ndarray, opt: Any) -> dict[str, Any]:
         return _core.otce_cuda(self.sources["source"], src.codes, int(src.classes.size),
                                np.ascontiguousarray(idx_s, dtype=np.int64), self.sources["target"], tgt.codes,

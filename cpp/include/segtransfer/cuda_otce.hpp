@@ -7,6 +7,7 @@
 // Checked on an H200 (correctness, sanitizers, speed): see docs/cuda.md.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "segtransfer/cuda_types.hpp"
 #include "segtransfer/otce.hpp"
@@ -26,6 +27,11 @@ OTCEResult otce_cuda(const FeatureSource& src, const int32_t* src_code, int sour
 // (uniform when null). Potentials follow the convention of sinkhorn.hpp.
 TransportResult transport_points_cuda(const FeatureSource& x, const FeatureSource& y, const double* a,
                                       const double* b, const SinkhornOptions& opt, int device);
+
+// The draws of sample_pixels() (sampling.hpp) computed on CUDA device `device`: the same pixels for the
+// same arguments. `code` is a host array (uploaded once); the result is in host memory.
+std::vector<int64_t> sample_pixels_cuda(const int32_t* code, int64_t num_pixels, int64_t n, int64_t repeats,
+                                        uint64_t seed, const char* arg_name, int device);
 
 // Ordinal of the CUDA device that owns `ptr` (for __cuda_array_interface__ inputs, which carry none).
 int cuda_pointer_device(uint64_t ptr);
