@@ -17,14 +17,15 @@
 # Session 23's last run (2 min 10 s): STEPS="build tests memcheck bench" and BENCH_ARGS adding
 #   "--contenders segtransfer torch-plain pot geomloss segtransfer-dense segtransfer-laststage", with
 #   SEGTRANSFER_DEBUG=1 for the per-stage trace in gpu_bench.log (bench/RESULTS.md, "GPU, session 23").
-# Next run: add segtransfer-ilp4 to those contenders (session 31's opt-in half-steps; docs/cuda.md).
-#   STEPS         which steps to run, in this order (default "build tests memcheck bench racecheck ncu")
+# Next run: add segtransfer-ilp4 to those contenders (session 31's opt-in half-steps; docs/cuda.md) and
+#   "sampler" to STEPS (session 37's device sampler: same draws as the host, and its time).
+#   STEPS         which steps to run, in this order (default "build tests memcheck sampler bench racecheck ncu")
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 PY=${PY:-python3}
-STEPS=${STEPS:-build tests memcheck bench racecheck ncu}
+STEPS=${STEPS:-build tests memcheck sampler bench racecheck ncu}
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/steps.log"; }
@@ -92,6 +93,31 @@ if [[ " $STEPS " == *" bench "* ]]; then
   stamp "bench rc=$?"
 fi
 [[ " $STEPS " == *" racecheck "* ]] && sanitize racecheck
+
+# The device sampler (session 37, written without a GPU): its draws against the host's, and its time
+# (K = 10 draws of n = 10^4 over 10^5 and 4 x 10^6 pixels, best of 5 after a warm-up call).
+if [[ " $STEPS " == *" sampler "* ]]; then
+  stamp "sampler"
+  timeout ${SAMPLER_TIMEOUT:-60} $PY - > "$OUT/sampler.log" 2>&1 <<'EOF'
+import time, numpy as np
+from segtransfer import _core
+rng = np.random.default_rng(0)
+for pixels in (100_000, 4_000_000):
+    codes = np.where(rng.random(pixels) < 0.8, rng.integers(0, 19, pixels), -1).astype(np.int32)
+    _core.sample_pixels_cuda(codes, 10_000, 10, 3, "x", 0)
+    for name, fn in (("host", _core.sample_pixels), ("cuda", lambda *a: _core.sample_pixels_cuda(*a, 0))):
+        t = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn(codes, 10_000, 10, 3, "x")
+            t.append(time.perf_counter() - t0)
+        print(pixels, name, f"{min(t) * 1e3:.2f} ms")
+    same = np.array_equal(_core.sample_pixels(codes, 10_000, 10, 3, "x"),
+                          _core.sample_pixels_cuda(codes, 10_000, 10, 3, "x", 0))
+    print(pixels, "same draws", same)
+EOF
+  stamp "sampler rc=$?: $(tr '\n' ' ' < "$OUT/sampler.log" | tail -c 300)"
+fi
 
 # Nsight Compute on the hot kernels of the benchmark's D = 19 case (one launch each, well into the
 # solve): throughput against the device's peaks, memory and compute workload, occupancy.
