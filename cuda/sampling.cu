@@ -2,7 +2,7 @@
 // per repeat runs Floyd's algorithm into its own open-addressing table in device memory. Floyd is
 // sequential, but a draw of 10^4 pixels is ~10^4 probes, and the repeats run side by side.
 //
-//   valid_flag_kernel + cub::DeviceScan   position of every valid pixel among the valid ones
+//   valid_flag_kernel + cub::DeviceScan   position of every valid pixel among the valid ones (in place)
 //   compact_kernel                        the valid pixels' indices, ascending
 //   floyd_kernel                          the chosen positions of each repeat, in its table
 //   cub::DeviceSegmentedSort              each table sorted (empty slots, -1, first)
@@ -78,18 +78,18 @@ std::vector<int64_t> sample_pixels(const int32_t* code, int64_t num_pixels, int6
   Queue q(stream.get());
   const size_t P = static_cast<size_t>(num_pixels);
   DeviceBuffer<int32_t> d_code(P, "class codes");
-  DeviceBuffer<int64_t> d_flag(P, "valid-pixel flags"), d_pos(P, "valid-pixel positions");
+  DeviceBuffer<int64_t> d_pos(P, "valid-pixel positions");  // flags, then their exclusive sums in place
   DrainOnExit drain(stream.get());
   q.upload(d_code.get(), code, P, "cudaMemcpyAsync (class codes)");
-  valid_flag_kernel<<<grid_for(num_pixels), kThreads, 0, q.stream()>>>(d_code.get(), num_pixels, d_flag.get());
+  valid_flag_kernel<<<grid_for(num_pixels), kThreads, 0, q.stream()>>>(d_code.get(), num_pixels, d_pos.get());
   q.launched("valid_flag_kernel");
   size_t scan_bytes = 0;
-  check(cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, d_flag.get(), d_pos.get(), num_pixels, q.stream()),
+  check(cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, d_pos.get(), d_pos.get(), num_pixels, q.stream()),
         "cub::DeviceScan::ExclusiveSum (size query)");
   {
     DeviceBuffer<unsigned char> scratch(std::max<size_t>(scan_bytes, 1), "scan workspace");
     DrainOnExit drain_scan(stream.get());
-    check(cub::DeviceScan::ExclusiveSum(scratch.get(), scan_bytes, d_flag.get(), d_pos.get(), num_pixels,
+    check(cub::DeviceScan::ExclusiveSum(scratch.get(), scan_bytes, d_pos.get(), d_pos.get(), num_pixels,
                                         q.stream()),
           "cub::DeviceScan::ExclusiveSum");
     q.launched("cub::DeviceScan::ExclusiveSum");
