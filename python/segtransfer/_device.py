@@ -11,7 +11,9 @@
   that the producer's pending work is ordered before the legacy default stream, which the solver waits
   on) or from its ``__cuda_array_interface__`` dict (whose ``stream`` entry is honoured the same way).
 * Labels and weights that live on a CUDA device are copied to the host (one small copy each): class codes
-  are computed on the host. Features are never copied; the solver reads them through their strides.
+  are computed on the host, then uploaded for the pixel draw, which runs on the device and takes the
+  pixels the CPU path takes for the same seed (``sample_pixels``). Features are never copied; the solver
+  reads them through their strides.
 
 Nothing here creates a CUDA context: the CUDA runtime is first used when a solve (or a device-pointer
 query for ``__cuda_array_interface__`` inputs) actually runs. cuda-python is not needed.
