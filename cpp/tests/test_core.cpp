@@ -1090,6 +1090,12 @@ static void test_sampling() {
   CHECK(valid);
   CHECK(distinct);
   CHECK(!std::equal(s1.begin(), s1.begin() + 200, s1.begin() + 200));
+  // Repeat k does not depend on how many repeats were asked for (a larger K extends a call's draws),
+  // and another seed gives other draws.
+  const auto s5 = sample_pixels(code.data(), 1000, 200, 5, 5, "labels");
+  CHECK(std::equal(s1.begin(), s1.end(), s5.begin()));
+  const auto other = sample_pixels(code.data(), 1000, 200, 3, 6, "labels");
+  CHECK(!std::equal(s1.begin(), s1.begin() + 200, other.begin()));
   bool threw = false;
   try {
     sample_pixels(code.data(), 1000, 999, 1, 0, "labels");
