@@ -574,7 +574,8 @@ bool fused_iteration(const RowMatrix<T>& mat, const SparseRows<T>* sp, const Blo
   constexpr int64_t kRows = 256;  // dense_column_lse's blocks
   const int64_t nb = (n + kRows - 1) / kRows;
   thread_local std::vector<double> A, blk;
-  thread_local std::vector<float> Af, mxf;
+  thread_local AlignedVector<float> Af;  // the blocks' 8-column loads (CacheAligned)
+  thread_local std::vector<float> mxf;
   exponent_offsets(g, log_b, m, inv_eps, A);
   // The blocks read Af and write the column sums up to the block of the last column.
   const int64_t m_pad = bp != nullptr ? (m + 7) / 8 * 8 : m;
@@ -595,9 +596,9 @@ bool fused_iteration(const RowMatrix<T>& mat, const SparseRows<T>* sp, const Blo
   double* errp = err_rows.data();
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t q = 0; q < nb; ++q) {
-    std::vector<T> part(m_pad, T(0));
+    AlignedVector<T> part(m_pad, T(0));
     // Room for a row's terms and gathered potentials and the blocks' whole-vector reads and writes.
-    std::vector<float> terms(keep_terms ? m_pad + 8 : 0), gathered(bp != nullptr ? m_pad + 8 : 0);
+    AlignedVector<float> terms(keep_terms ? m_pad + 8 : 0), gathered(bp != nullptr ? m_pad + 8 : 0);
     for (int64_t i = q * kRows; i < std::min(n, (q + 1) * kRows); ++i) {
       const int64_t k0 = sp ? sp->ptr[i] : i * m, len = sp ? sp->ptr[i + 1] - k0 : m;
       const T* c = sp ? sp->val.data() + k0 : mat.data() + k0;
@@ -685,7 +686,7 @@ bool balance_classes(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
   if (R < 2 && Q < 2) return false;
   const double inv_eps = 1.0 / eps;
   thread_local std::vector<double> A, M;
-  thread_local std::vector<float> Af;
+  thread_local AlignedVector<float> Af;
   thread_local std::vector<int32_t> col_group;
   thread_local std::vector<char> redo;
   exponent_offsets(g, log_b, m, inv_eps, A);
@@ -752,7 +753,7 @@ bool balance_classes(const RowMatrix<T>& mat, const SparseRows<T>* sp, const dou
     std::vector<std::pair<int, double>> seg;  // the row's non-empty segments and their shifted sums
     seg.reserve(Q);
     // Room for the blocks' whole-vector writes (bp: KeptTerms::sum_blocks, the same terms).
-    std::vector<float> terms(keep_terms ? m + 8 : 0), gathered(keep_terms && bp != nullptr ? m + 8 : 0);
+    AlignedVector<float> terms(keep_terms ? m + 8 : 0), gathered(keep_terms && bp != nullptr ? m + 8 : 0);
     for (int64_t i = q * n / chunks; i < (q + 1) * n / chunks; ++i) {
       // One pass shifted by the row's expected total (-f_i / eps, as in half_step): segments whose
       // share of the row underflows the float exponential (below ~e^-87 of it) count as empty, which

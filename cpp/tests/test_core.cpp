@@ -1075,6 +1075,22 @@ static void test_sampling_uniform() {
   CHECK(std::abs(pair - R * q) < 6.0 * std::sqrt(R * q * (1 - q)));
 }
 
+// The AVX2 block loops read and write 8 columns from a multiple of 8: from 64-byte aligned storage
+// (the cost's rows, CacheAligned vectors) such an access stays within one cache line. Guards the
+// build's EIGEN_MAX_ALIGN_BYTES=64 (CMakeLists.txt) as much as the allocator.
+static void test_cache_alignment() {
+  for (int64_t cols : {1, 7, 8, 1000, 10000}) {
+    RowMatrix<float> c(3, cols);
+    RowMatrix<double> d(2, cols);
+    CHECK(reinterpret_cast<std::uintptr_t>(c.data()) % 64 == 0);
+    CHECK(reinterpret_cast<std::uintptr_t>(d.data()) % 64 == 0);
+    AlignedVector<float> v(static_cast<size_t>(cols) + 3);
+    AlignedVector<double> w(static_cast<size_t>(cols));
+    CHECK(reinterpret_cast<std::uintptr_t>(v.data()) % 64 == 0);
+    CHECK(reinterpret_cast<std::uintptr_t>(w.data()) % 64 == 0);
+  }
+}
+
 static void test_sampling() {
   std::vector<int32_t> code(1000);
   for (int i = 0; i < 1000; ++i) code[i] = (i % 7 == 0) ? -1 : i % 3;
@@ -2565,6 +2581,7 @@ int main(int argc, char** argv) {
       {"dense_fill", test_dense_fill},
       {"keep_below", test_keep_below},
       {"sampling", test_sampling},
+      {"cache_alignment", test_cache_alignment},
       {"floyd_table", test_floyd_table},
       {"sampling_uniform", test_sampling_uniform},
       {"otce_bijection", test_otce_bijection},
