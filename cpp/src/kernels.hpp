@@ -8,7 +8,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <limits>
-#include <new>
 #include <numeric>
 #include <string>
 #include <type_traits>
@@ -38,23 +37,10 @@ namespace {
 // Cache-line-aligned storage for the vectors that the AVX2 block loops read and write 8 columns at a
 // time (the column potentials they gather from, the column sums they scatter to): a block starts at
 // a multiple of 8 columns, so from a 64-byte aligned base its 32 bytes never straddle two cache lines.
+// Eigen's allocator aligns to EIGEN_MAX_ALIGN_BYTES, which the build sets to 64 (CMakeLists.txt) for
+// the cost matrix too.
 template <typename T>
-struct CacheAligned {
-  using value_type = T;
-  CacheAligned() = default;
-  template <typename U>
-  CacheAligned(const CacheAligned<U>&) noexcept {}
-  T* allocate(std::size_t count) {
-    return static_cast<T*>(::operator new(count * sizeof(T), std::align_val_t(64)));
-  }
-  void deallocate(T* p, std::size_t) noexcept { ::operator delete(p, std::align_val_t(64)); }
-  template <typename U>
-  bool operator==(const CacheAligned<U>&) const noexcept { return true; }
-  template <typename U>
-  bool operator!=(const CacheAligned<U>&) const noexcept { return false; }
-};
-template <typename T>
-using AlignedVector = std::vector<T, CacheAligned<T>>;
+using AlignedVector = std::vector<T, Eigen::aligned_allocator<T>>;
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 constexpr double kPosInf = std::numeric_limits<double>::infinity();

@@ -574,7 +574,7 @@ bool fused_iteration(const RowMatrix<T>& mat, const SparseRows<T>* sp, const Blo
   constexpr int64_t kRows = 256;  // dense_column_lse's blocks
   const int64_t nb = (n + kRows - 1) / kRows;
   thread_local std::vector<double> A, blk;
-  thread_local AlignedVector<float> Af;  // the blocks' 8-column loads (CacheAligned)
+  thread_local AlignedVector<float> Af;  // the blocks' 8-column loads (64-byte aligned)
   thread_local std::vector<float> mxf;
   exponent_offsets(g, log_b, m, inv_eps, A);
   // The blocks read Af and write the column sums up to the block of the last column.

@@ -1076,7 +1076,7 @@ static void test_sampling_uniform() {
 }
 
 // The AVX2 block loops read and write 8 columns from a multiple of 8: from 64-byte aligned storage
-// (the cost's rows, CacheAligned vectors) such an access stays within one cache line. Guards the
+// (the cost's rows, AlignedVector) such an access stays within one cache line. Guards the
 // build's EIGEN_MAX_ALIGN_BYTES=64 (CMakeLists.txt) as much as the allocator.
 static void test_cache_alignment() {
   for (int64_t cols : {1, 7, 8, 1000, 10000}) {
