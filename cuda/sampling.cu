@@ -65,10 +65,8 @@ __global__ void gather_kernel(const int64_t* __restrict__ sorted, int64_t repeat
 
 std::vector<int64_t> sample_pixels(const int32_t* code, int64_t num_pixels, int64_t n, int64_t repeats,
                                    uint64_t seed, const char* arg_name, int device) {
-  if (n < 1) throw InvalidArgument("n_pixels", "must be >= 1");
-  if (repeats < 1) throw InvalidArgument("repeats", "must be >= 1");
-  if (num_pixels < 1)
-    throw InvalidArgument(arg_name, "has no pixels, fewer than n_pixels=" + std::to_string(n));
+  floyd::check_draw_arguments(n, repeats);
+  if (num_pixels < 1) floyd::check_enough_valid(0, n, arg_name);  // throws (n >= 1); code[P - 1] is read below
   const int bits = floyd::table_bits(n);
   if (repeats > (std::numeric_limits<int64_t>::max() >> (bits + 4)))
     throw OutOfMemory("repeats=" + std::to_string(repeats) + " draws of n_pixels=" + std::to_string(n) +
@@ -97,9 +95,7 @@ std::vector<int64_t> sample_pixels(const int32_t* code, int64_t num_pixels, int6
     q.download(&last, d_pos.get() + (P - 1), 1, "cudaMemcpyAsync (valid-pixel count)");
     q.sync("the count of valid pixels");
     const int64_t nv = last + (code[P - 1] >= 0 ? 1 : 0);
-    if (nv < n)
-      throw InvalidArgument(arg_name, "has " + std::to_string(nv) + " valid (non-ignored) pixels, fewer than n_pixels=" +
-                                          std::to_string(n) + "; lower n_pixels or pass n_pixels=None to use them all");
+    floyd::check_enough_valid(nv, n, arg_name);
     DeviceBuffer<int64_t> d_valid(static_cast<size_t>(nv), "valid-pixel indices");
     DrainOnExit drain_valid(stream.get());  // kernels finish before the buffers above are freed
     compact_kernel<<<grid_for(num_pixels), kThreads, 0, q.stream()>>>(d_code.get(), num_pixels, d_pos.get(),

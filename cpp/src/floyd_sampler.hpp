@@ -5,9 +5,13 @@
 // A draw is Floyd's algorithm over the positions 0..nv-1 of the valid pixels, fed by a splitmix64
 // stream; the chosen positions are kept in an open-addressing set (a flat table, which a GPU thread
 // can use, unlike std::unordered_set). The set's contents do not depend on how it is stored, so the
-// draw is the same as with any other set.
+// draw is the same as with any other set. The argument checks before a draw are here too, so that
+// both samplers refuse the same inputs with the same words.
 #pragma once
 #include <cstdint>
+#include <string>
+
+#include "segtransfer/errors.hpp"
 
 #if defined(__CUDACC__)
 #define SEGTRANSFER_HD __host__ __device__
@@ -90,6 +94,17 @@ SEGTRANSFER_HD inline void draw(uint64_t state, int64_t nv, int64_t n, int64_t* 
     const int64_t t = static_cast<int64_t>(rng.below(static_cast<uint64_t>(j + 1)));
     if (!insert(slots, bits, t)) insert(slots, bits, j);
   }
+}
+
+// The checks both samplers make before a draw, with one wording (host code).
+inline void check_draw_arguments(int64_t n, int64_t repeats) {
+  if (n < 1) throw InvalidArgument("n_pixels", "must be >= 1");
+  if (repeats < 1) throw InvalidArgument("repeats", "must be >= 1");
+}
+inline void check_enough_valid(int64_t nv, int64_t n, const char* arg_name) {
+  if (nv < n)
+    throw InvalidArgument(arg_name, "has " + std::to_string(nv) + " valid (non-ignored) pixels, fewer than n_pixels=" +
+                                        std::to_string(n) + "; lower n_pixels or pass n_pixels=None to use them all");
 }
 
 }  // namespace segtransfer::floyd

@@ -17,16 +17,13 @@ int64_t count_valid(const int32_t* code, int64_t num_pixels) {
 
 std::vector<int64_t> sample_pixels(const int32_t* code, int64_t num_pixels, int64_t n, int64_t repeats,
                                    uint64_t seed, const char* arg_name) {
-  if (n < 1) throw InvalidArgument("n_pixels", "must be >= 1");
-  if (repeats < 1) throw InvalidArgument("repeats", "must be >= 1");
+  floyd::check_draw_arguments(n, repeats);
   std::vector<int64_t> valid;
   valid.reserve(static_cast<size_t>(std::min<int64_t>(num_pixels, 1 << 20)));
   for (int64_t p = 0; p < num_pixels; ++p)
     if (code[p] >= 0) valid.push_back(p);
   const int64_t nv = static_cast<int64_t>(valid.size());
-  if (nv < n)
-    throw InvalidArgument(arg_name, "has " + std::to_string(nv) + " valid (non-ignored) pixels, fewer than n_pixels=" +
-                                        std::to_string(n) + "; lower n_pixels or pass n_pixels=None to use them all");
+  floyd::check_enough_valid(nv, n, arg_name);
   // n * repeats must not wrap around (a negative or small size would make every write below overflow).
   if (repeats > static_cast<int64_t>(std::numeric_limits<int64_t>::max() / sizeof(int64_t)) / n)
     throw OutOfMemory("repeats=" + std::to_string(repeats) + " draws of n_pixels=" + std::to_string(n) +
