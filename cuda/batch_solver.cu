@@ -63,7 +63,6 @@ constexpr int kColRows = 8;           // ... times 8 interleaved row groups (256
 constexpr int kTile = 16;             // cost kernel: 16 x 16 output tile per block
 constexpr int kMeanRows = 16;         // mean kernel: 32 dimensions x 16 row groups per block
 constexpr int kReduceThreads = 256;   // per-problem reductions (power of two)
-constexpr int kFlatThreads = 256;     // grid-stride element-wise kernels
 constexpr int64_t kMaxGridYZ = 65535;
 
 // exp of an exponent formed in double, evaluated in the precision E (float: expf of the rounded
@@ -682,11 +681,6 @@ __global__ void joint_kernel(const double* __restrict__ row_joint, int64_t n, co
     for (int64_t i = starts[r]; i < starts[r + 1]; ++i) acc += row_joint[(k * n + i) * col_classes + cc];
     joint[e] = acc;
   }
-}
-
-unsigned flat_grid(int64_t count) {
-  const int64_t blocks = (count + kFlatThreads - 1) / kFlatThreads;
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, 8 * 65535)));
 }
 
 unsigned blocks_for(int64_t count, int64_t per_block) {

@@ -4,6 +4,7 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -215,5 +216,16 @@ class Queue {
   bool sync_each_ = false;
   const char* last_ = "(none yet)";
 };
+
+// ------------------------------------------------------------------------------------------------
+// Launch shape of the grid-stride element-wise kernels: kFlatThreads a block, at most 8 x 65535
+// blocks (the kernels loop over what the grid does not cover).
+
+constexpr int kFlatThreads = 256;
+
+inline unsigned flat_grid(int64_t count) {
+  const int64_t blocks = (count + kFlatThreads - 1) / kFlatThreads;
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, 8 * 65535)));
+}
 
 }  // namespace segtransfer::cuda

@@ -22,13 +22,6 @@
 namespace segtransfer::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-
-unsigned grid_for(int64_t count) {
-  const int64_t blocks = (count + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(blocks, 8 * 65535)));
-}
-
 __global__ void valid_flag_kernel(const int32_t* __restrict__ code, int64_t num_pixels, int64_t* __restrict__ flag) {
   for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < num_pixels; p += int64_t(gridDim.x) * blockDim.x)
     flag[p] = code[p] >= 0 ? 1 : 0;
@@ -41,14 +34,13 @@ __global__ void compact_kernel(const int32_t* __restrict__ code, int64_t num_pix
 }
 
 __global__ void floyd_kernel(uint64_t seed, int64_t repeats, int64_t nv, int64_t n, int bits, int64_t* slots) {
-  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (k >= repeats) return;
-  floyd::draw(floyd::repeat_state(seed, k), nv, n, slots + (k << bits), bits);
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < repeats; k += int64_t(gridDim.x) * blockDim.x)
+    floyd::draw(floyd::repeat_state(seed, k), nv, n, slots + (k << bits), bits);
 }
 
 __global__ void segment_offsets_kernel(int64_t repeats, int bits, int64_t* offsets) {
-  const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (k <= repeats) offsets[k] = k << bits;
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k <= repeats; k += int64_t(gridDim.x) * blockDim.x)
+    offsets[k] = k << bits;
 }
 
 // After the sort, the n chosen positions of repeat k are the last n entries of its table.
@@ -79,7 +71,7 @@ std::vector<int64_t> sample_pixels(const int32_t* code, int64_t num_pixels, int6
   DeviceBuffer<int64_t> d_pos(P, "valid-pixel positions");  // flags, then their exclusive sums in place
   DrainOnExit drain(stream.get());
   q.upload(d_code.get(), code, P, "cudaMemcpyAsync (class codes)");
-  valid_flag_kernel<<<grid_for(num_pixels), kThreads, 0, q.stream()>>>(d_code.get(), num_pixels, d_pos.get());
+  valid_flag_kernel<<<flat_grid(num_pixels), kFlatThreads, 0, q.stream()>>>(d_code.get(), num_pixels, d_pos.get());
   q.launched("valid_flag_kernel");
   size_t scan_bytes = 0;
   check(cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, d_pos.get(), d_pos.get(), num_pixels, q.stream()),
@@ -98,7 +90,7 @@ std::vector<int64_t> sample_pixels(const int32_t* code, int64_t num_pixels, int6
     floyd::check_enough_valid(nv, n, arg_name);
     DeviceBuffer<int64_t> d_valid(static_cast<size_t>(nv), "valid-pixel indices");
     DrainOnExit drain_valid(stream.get());  // kernels finish before the buffers above are freed
-    compact_kernel<<<grid_for(num_pixels), kThreads, 0, q.stream()>>>(d_code.get(), num_pixels, d_pos.get(),
+    compact_kernel<<<flat_grid(num_pixels), kFlatThreads, 0, q.stream()>>>(d_code.get(), num_pixels, d_pos.get(),
                                                                          d_valid.get());
     q.launched("compact_kernel");
     std::vector<int64_t> out(static_cast<size_t>(n * repeats));
@@ -115,9 +107,9 @@ std::vector<int64_t> sample_pixels(const int32_t* code, int64_t num_pixels, int6
     DrainOnExit drain_tables(stream.get());
     check(cudaMemsetAsync(d_slots.get(), 0xff, slots_count * sizeof(int64_t), q.stream()),
           "cudaMemsetAsync (sampler tables)");  // all bytes 0xff: every slot is -1 (floyd::kEmpty)
-    floyd_kernel<<<grid_for(repeats), kThreads, 0, q.stream()>>>(seed, repeats, nv, n, bits, d_slots.get());
+    floyd_kernel<<<flat_grid(repeats), kFlatThreads, 0, q.stream()>>>(seed, repeats, nv, n, bits, d_slots.get());
     q.launched("floyd_kernel");
-    segment_offsets_kernel<<<grid_for(repeats + 1), kThreads, 0, q.stream()>>>(repeats, bits, d_offsets.get());
+    segment_offsets_kernel<<<flat_grid(repeats + 1), kFlatThreads, 0, q.stream()>>>(repeats, bits, d_offsets.get());
     q.launched("segment_offsets_kernel");
     size_t sort_bytes = 0;
     const auto num_items = static_cast<int64_t>(slots_count);
@@ -130,7 +122,7 @@ std::vector<int64_t> sample_pixels(const int32_t* code, int64_t num_pixels, int6
                                              repeats, d_offsets.get(), d_offsets.get() + 1, q.stream()),
           "cub::DeviceSegmentedSort::SortKeys");
     q.launched("cub::DeviceSegmentedSort::SortKeys");
-    gather_kernel<<<grid_for(repeats * n), kThreads, 0, q.stream()>>>(d_sorted.get(), repeats, bits, n,
+    gather_kernel<<<flat_grid(repeats * n), kFlatThreads, 0, q.stream()>>>(d_sorted.get(), repeats, bits, n,
                                                                      d_valid.get(), d_out.get());
     q.launched("gather_kernel");
     q.download(out.data(), d_out.get(), out.size(), "cudaMemcpyAsync (sampled pixels)");
