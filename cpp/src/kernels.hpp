@@ -92,6 +92,9 @@ inline std::vector<double> stage_schedule(double cmax, const SinkhornOptions& op
     } else {
       schedule = epsilon_grid(cmax, opt.epsilon, opt.scaling_factor);
     }
+    // The stage at epsilon / scaling_factor, where Newton finishes the last one (see
+    // newton_long_last_step); only after another stage, so that some annealing is left.
+    if (opt.newton && opt.newton_long_last_step && schedule.size() >= 2) schedule.pop_back();
   }
   schedule.push_back(opt.epsilon);
   return schedule;

@@ -63,6 +63,12 @@ struct SinkhornOptions {
   // (scaled by this factor; 0: from the previous stage's end). See StageExtrapolation, kernels.hpp.
   double stage_extrapolation = 1.0;
   bool newton = true;          // finish the last stage with Newton-CG steps on the sparse plan
+  // With newton: the schedule leaves out the stage at epsilon / scaling_factor, so the last step
+  // spans two factors (epsilon / scaling_factor^2 -> epsilon). That stage ran Sinkhorn down to
+  // stage_tol on a pattern nearly as large as the last one's (17 iterations of a D = 19 draw), to
+  // save Newton ~1 step from a start twice as far; K = 10 at N = 10^4 took 4.5 % (D = 19) and 2 %
+  // (D = 256) less time without it (bench/RESULTS.md, session 38). Leaving out two stages was slower.
+  bool newton_long_last_step = true;
   double newton_switch = 1e-1;  // Sinkhorn hands over to Newton below this marginal error
   // Newton's CG operator leaves out plan entries below this fraction of the smallest marginal mass
   // (0: every entry); the residuals, the line search and the certificate use them all. See
