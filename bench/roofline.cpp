@@ -6,6 +6,8 @@
 //
 // `segtransfer_roofline sparse [entries per row] [threads]`: the same for the loop that dominates a
 // solve now, the truncated-kernel float iteration of the intermediate stages (see sparse_main).
+// Where the AVX2 blocks run it also times them without the exponential (scaling_row): what an
+// iteration in the scaling domain would cost, for comparison.
 //
 // What one dense float iteration does (sinkhorn.cpp, half_step with sp == nullptr):
 //  - rows (RowLse::run per row): one pass that streams the row from DRAM and takes M exps, shifted
@@ -188,13 +190,52 @@ static SparseRowsF make_rows(int64_t n, int64_t m, int64_t per_row, int64_t run,
   return r;
 }
 
+// The same row work in the scaling domain (Schmitzer's stabilised sparse scaling), for comparison
+// only: the row's stored kernel values K (here the pattern's values) times the gathered column
+// scalings v (Af), u = 1 / that sum, and u K added to the column sums through the blocks; no
+// exponential. What the loop costs without its exponential (bench/RESULTS.md, session 38).
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2,fma")))
+#endif
+static float scaling_row(const float* K, int64_t len, const int32_t* bcol, const uint8_t* bmask, int64_t nb,
+                         const float* v, float* gathered, float* part) {
+#ifdef SEGTRANSFER_AVX512_LSE
+  gather_blocks_avx2(bcol, bmask, nb, v, gathered);
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  int64_t k = 0;
+  for (; k + 32 <= len; k += 32) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(K + k), _mm256_loadu_ps(gathered + k), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(K + k + 8), _mm256_loadu_ps(gathered + k + 8), s1);
+    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(K + k + 16), _mm256_loadu_ps(gathered + k + 16), s2);
+    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(K + k + 24), _mm256_loadu_ps(gathered + k + 24), s3);
+  }
+  float s = hsum8(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+  for (; k < len; ++k) s += K[k] * gathered[k];
+  scatter_blocks_avx2(K, bcol, bmask, nb, 1e-4f / (1.0f + s), part);
+  return s;
+#else
+  (void)K, (void)len, (void)bcol, (void)bmask, (void)nb, (void)v, (void)gathered, (void)part;
+  return 0.0f;
+#endif
+}
+
 // One pass of the iteration's row work over `rows` (see above); returns the rows' sums' total.
 // `blocks` (rows' BlockIndex): the form fused_iteration runs where KeptTerms::blocks_available().
 static double sparse_pass(const SparseRowsF& rows, const BlockIndex* blocks, const float* Af, size_t Af_len,
-                          const float* mx, float* terms, float* gathered, float* part) {
+                          const float* mx, float* terms, float* gathered, float* part, bool scaling = false) {
   const int64_t n = static_cast<int64_t>(rows.ptr.size()) - 1;
   const bool kept = KeptTerms::available();
   double total = 0.0;
+  if (blocks != nullptr && scaling) {
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t k0 = rows.ptr[i], len = rows.ptr[i + 1] - k0, b0 = blocks->ptr[i], nb = blocks->ptr[i + 1] - b0;
+      const int32_t* bcol = blocks->col.data() + b0;
+      const uint8_t* bmask = blocks->mask.data() + b0;
+      const float s = scaling_row(rows.val.data() + k0, len, bcol, bmask, nb, Af, gathered, part);
+      total += s;
+    }
+    return total;
+  }
   if (blocks != nullptr) {
     for (int64_t i = 0; i < n; ++i) {
       const int64_t k0 = rows.ptr[i], len = rows.ptr[i + 1] - k0, b0 = blocks->ptr[i], nb = blocks->ptr[i + 1] - b0;
@@ -228,7 +269,7 @@ static double sparse_pass(const SparseRowsF& rows, const BlockIndex* blocks, con
 // once (as otce's workers run their own draws side by side). `in_cache`: a 64-row pattern that
 // stays in L2 and is passed over repeatedly, the loop's own ceiling without DRAM.
 static double sparse_time(int nt, int64_t n, int64_t m, int64_t per_row, bool in_cache, bool use_blocks,
-                          int64_t& entries, double* fill = nullptr) {
+                          int64_t& entries, double* fill = nullptr, bool scaling = false) {
   constexpr int kReps = 5;
   std::vector<double> slowest(kReps, 0.0);  // per repetition, its slowest thread's time
   double sink = 0.0;
@@ -257,7 +298,7 @@ static double sparse_time(int nt, int64_t n, int64_t m, int64_t per_row, bool in
       for (int64_t p = 0; p < passes; ++p) {
         clobber();
         sink += sparse_pass(rows, use_blocks ? &blocks : nullptr, Af.data(), m, mx.data(), terms.data(), gathered.data(),
-                            part.data());
+                            part.data(), scaling);
       }
       const double t = since(t0);
 #pragma omp barrier
@@ -319,18 +360,24 @@ static int sparse_main(int argc, char** argv) {
   for (const int nt : threads) {
     const double bw = read_bandwidth(big, nt) * 1e9;
     const double rate = dense_lowp_rate(nt) / nt;
-    for (const bool use_blocks : {false, true}) {
+    // Form 2: the blocks without the exponential (scaling_row), for comparison (no solver runs it).
+    for (const int form_id : {0, 1, 2}) {
+      const bool use_blocks = form_id > 0, scaling = form_id == 2;
       if (use_blocks && !KeptTerms::blocks_available()) continue;
       int64_t entries = 0, entries_c = 0;
       double fill = 1.0;
-      const double t = sparse_time(nt, n, m, per_row, false, use_blocks, entries, &fill);
-      const double tc = sparse_time(nt, n, m, per_row, true, use_blocks, entries_c);
+      const double t = sparse_time(nt, n, m, per_row, false, use_blocks, entries, &fill, scaling);
+      const double tc = sparse_time(nt, n, m, per_row, true, use_blocks, entries_c, nullptr, scaling);
       const double ns = 1e9 * t / entries, ns_c = 1e9 * tc / entries_c;
       // The same limit for both forms: the blocks' index (5 bytes a block) counts against them.
       const double t_stream = (per_row == m ? 4.0 : 8.0) / (bw / nt) * 1e9, t_exp = 1e9 / rate,
                    limit = std::max(t_stream, t_exp);
       char form[48];
-      std::snprintf(form, sizeof form, use_blocks ? "CSR through blocks (%.0f %% filled)" : "CSR", 100.0 * fill);
+      std::snprintf(form, sizeof form,
+                    scaling      ? "blocks, no exp (scaling domain)"
+                    : use_blocks ? "CSR through blocks (%.0f %% filled)"
+                                 : "CSR",
+                    100.0 * fill);
       std::printf("| %d | %s | %.1f | %.1f | %.2f | %.3f | %.3f | %.3f | %.3f | %.2f | %.3f | %.2f |\n", nt, form,
                   entries / 1e6, bw / 1e9, rate / 1e9, t_stream, t_exp, limit, ns, limit / ns, ns_c, ns_c / ns);
       std::fflush(stdout);
