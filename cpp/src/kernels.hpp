@@ -68,6 +68,7 @@ inline void check_options(const SinkhornOptions& opt) {
     throw InvalidArgument("stage_extrapolation", "must be in [0, 2]");
   if (!(opt.blocked_plan_bytes >= 0)) throw InvalidArgument("blocked_plan_bytes", "must be >= 0");
   if (!(opt.handover_tol > 0 && opt.handover_tol < 1)) throw InvalidArgument("handover_tol", "must be in (0, 1)");
+  if (!(opt.handover_truncation > 0)) throw InvalidArgument("handover_truncation", "must be > 0");
   if (!(opt.newton_cg_floor >= 0 && opt.newton_cg_floor < 1e-2))
     throw InvalidArgument("newton_cg_floor", "must be in [0, 0.01)");
 }

@@ -1108,8 +1108,8 @@ double newton_polish(const SparseRows<T>& R, int64_t m, const double* a, const d
   // entries, and the last stage took 2.2-3.0 -> 0.9-1.8 s (D = 19) and 4.7-7.2 -> 2.4-4.6 s
   // (D = 256), same Newton steps or fewer (RESULTS.md, session 13). Where the left-out entries do
   // matter (clusters joined only by them look disconnected to CG), the direction's residual against
-  // every entry shows it, as does a step the line search rejects: `floor` is then set to 0 for the
-  // rest of the solve.
+  // every entry shows it: `floor` is then set to 0 for the rest of the solve. A step the line search
+  // rejects sets it to 0 for the steps until one is accepted (see the end of the loop).
   double min_mass = std::numeric_limits<double>::infinity();
   for (int64_t i = 0; i < n; ++i) min_mass = std::min(min_mass, a[i]);
   for (int64_t j = 0; j < m; ++j) min_mass = std::min(min_mass, b[j]);
@@ -1175,6 +1175,7 @@ double newton_polish(const SparseRows<T>& R, int64_t m, const double* a, const d
                    holds ? "<=" : ">", threshold);
     return holds;
   };
+  double floor_after_rejection = 0.0;  // the floor a rejected step set aside (see below)
   for (int step = 0; step < 50 && err > target && rep.iterations < max_iter && !rep.timed_out; ++step) {
     nt_mv = mv_threads();  // nt may grow between steps (SinkhornOptions::lent_threads)
     const auto step_start = Clock::now();
@@ -1259,6 +1260,7 @@ double newton_polish(const SparseRows<T>& R, int64_t m, const double* a, const d
       for (int64_t i = 0; i < n; ++i) r2 += (rhs[i] - q[i]) * (rhs[i] - q[i]);
       if (r2 > 9.0 * opt_forcing * opt_forcing * rhs_norm2) {
         floor = 0.0;
+        floor_after_rejection = 0.0;
         if (debug) std::fprintf(stderr, "  CG operator: residual %.2g against every entry: all entries from now on\n",
                                 std::sqrt(r2 / rhs_norm2));
       }
@@ -1324,7 +1326,16 @@ double newton_polish(const SparseRows<T>& R, int64_t m, const double* a, const d
     if (!(err_try < err) && !ascent) {
       evaluate_plan(R, m, a, b, log_a, log_b, eps, f, g, p, nt);  // p must describe (f, g) again
       lambda = std::max(1e-3, 10.0 * lambda);
-      floor = 0.0;
+      // The next step on every entry, in case the ones left out caused this. A rejection has other
+      // causes too (every trial left the pattern and its rebuilds failed), so the operator's floor
+      // comes back after the next accepted step, whose direction is then checked against every
+      // entry (check_all); that check, not a rejection, keeps every entry for good. Kept after a
+      // rejection, the floor had a D = 256 draw's last 9 steps run on every entry (3x the time
+      // each: 4.5 -> 7.5 s; bench/RESULTS.md, session 38).
+      if (floor > 0.0) {
+        floor_after_rejection = floor;
+        floor = 0.0;
+      }
       if (lambda > 1e2) return err;  // no progress even on a short leash: leave it to Sinkhorn
       continue;
     }
@@ -1332,6 +1343,11 @@ double newton_polish(const SparseRows<T>& R, int64_t m, const double* a, const d
     std::copy(f_try.begin(), f_try.end(), f);
     std::copy(g_try.begin(), g_try.end(), g);
     err = err_try;
+    if (floor_after_rejection > 0.0) {
+      floor = floor_after_rejection;
+      floor_after_rejection = 0.0;
+      check_all = true;
+    }
   }
   return err;
 }
@@ -1848,7 +1864,13 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     // with an overflowing mass. The pair (not charged against max_iter) makes the column marginal
     // exact and every reported number finite.
     if (out_of_budget) dense_c_transforms();
-    const double trunc = last || opt.stop_when_sparse ? opt.truncation : std::min(opt.truncation, opt.stage_truncation);
+    double trunc = last || opt.stop_when_sparse ? opt.truncation : std::min(opt.truncation, opt.stage_truncation);
+    // The first stage after a multiscale start (it stops at handover_tol) on a thinner kernel, where
+    // the usual one would be sparse (see handover_truncation). Estimated on a sixteenth of the rows
+    // at the cutoff and slack the pattern would be built with, against max_density.
+    if (!last && resumed && s == first_stage && opt.truncation > 0 && opt.handover_truncation < trunc &&
+        !out_of_budget && sampled_density(cost, f, g, (trunc + kPatternSlack) * eps, 16) <= opt.max_density)
+      trunc = opt.handover_truncation;
     // The last stage widens its pattern when refreshes stop helping (see the stale refresh below).
     double cutoff = trunc * eps;
     // A small problem's last stage keeps its kernel as a (possibly full) sparse matrix whatever its

@@ -2033,6 +2033,9 @@ static void check_multiscale_same_plan() {
                  s.off.stages, s.on.transport_cost, s.off.transport_cost);
   // The first full stage's looser target (handover_tol) against stage_tol there: the same plan.
   same_plan(solve_twice(p, opt, [](SinkhornOptions& o) { o.handover_tol = o.stage_tol; }));
+  // Its thinner kernel (handover_truncation; this hand-over stage at eps = 0.16 is sparse, ~28 % of
+  // the entries at stage_truncation) against the usual one: the same plan.
+  same_plan(solve_twice(p, opt, [](SinkhornOptions& o) { o.handover_truncation = o.stage_truncation; }));
   SinkhornOptions bad = opt;
   bad.handover_tol = 0.0;
   std::vector<double> f(p.n), g(p.m);
@@ -2080,6 +2083,10 @@ static void check_multiscale_logits() {
     std::fprintf(stderr, "logits multiscale on / off: %lld / %lld iterations, %d / %d stages, W_D %.9g / %.9g\n",
                  static_cast<long long>(on.iterations), static_cast<long long>(off.iterations), on.stages, off.stages,
                  on.transport_cost, off.transport_cost);
+  SinkhornOptions bad = opt;
+  bad.handover_truncation = 0.0;
+  std::vector<double> f3(n), g3(m);
+  CHECK(throws<InvalidArgument>([&]() { sinkhorn_log<T>(cost, a.data(), b.data(), bad, f3.data(), g3.data()); }));
 }
 
 // Stage extrapolation (each stage starts from the potentials extrapolated linearly in epsilon)
