@@ -226,21 +226,15 @@ static double sparse_pass(const SparseRowsF& rows, const BlockIndex* blocks, con
   const int64_t n = static_cast<int64_t>(rows.ptr.size()) - 1;
   const bool kept = KeptTerms::available();
   double total = 0.0;
-  if (blocks != nullptr && scaling) {
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t k0 = rows.ptr[i], len = rows.ptr[i + 1] - k0, b0 = blocks->ptr[i], nb = blocks->ptr[i + 1] - b0;
-      const int32_t* bcol = blocks->col.data() + b0;
-      const uint8_t* bmask = blocks->mask.data() + b0;
-      const float s = scaling_row(rows.val.data() + k0, len, bcol, bmask, nb, Af, gathered, part);
-      total += s;
-    }
-    return total;
-  }
   if (blocks != nullptr) {
     for (int64_t i = 0; i < n; ++i) {
       const int64_t k0 = rows.ptr[i], len = rows.ptr[i + 1] - k0, b0 = blocks->ptr[i], nb = blocks->ptr[i + 1] - b0;
       const int32_t* bcol = blocks->col.data() + b0;
       const uint8_t* bmask = blocks->mask.data() + b0;
+      if (scaling) {
+        total += scaling_row(rows.val.data() + k0, len, bcol, bmask, nb, Af, gathered, part);
+        continue;
+      }
       total += KeptTerms::sum_blocks(rows.val.data() + k0, len, bcol, bmask, nb, Af, 1.0f, 0.0f, terms, gathered);
       KeptTerms::add_scaled_blocks(terms, bcol, bmask, nb, 1e-4f, part);
     }

@@ -1605,7 +1605,10 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
   bool lowp = false;  // set per stage below
   // Set when the last stage's error stalled at float64's resolution (FloorWatch): it then ends there.
   bool at_floor = false;
-  double cg_floor = opt.newton_cg_floor;  // newton_polish lowers it to 0 for good when it fails
+  // newton_polish lowers it to 0 for good when a direction's residual shows that the entries it
+  // leaves out matter, or when a round ends on a rejected step; after a rejection within a round it
+  // restores it once a step is accepted.
+  double cg_floor = opt.newton_cg_floor;
   // `floor_stop`: the loop may end at the noise floor (at_floor), for the last stage without Newton;
   // with Newton, its rounds watch for that instead.
   // `phase`: a last-stage phase between futile Newton rounds; it ends (without at_floor) after
