@@ -839,8 +839,10 @@ inline bool coarse_newton(const std::vector<double>& K, const std::vector<double
 // log of the plan's mass between row group c and column group d at (f, g), shifts f and g by the
 // exact per-group constants that maximise the dual over such shifts. Returns false (and changes
 // nothing) if the coarse problem is degenerate (a group without mass, non-finite masses).
+// `row_shift` (optional): receives each row group's shift of f, divided by eps.
 inline bool coarse_shift(const std::vector<double>& logM, const double* log_a, const double* log_b, int64_t n,
-                         double eps, const PlanClasses& cls, double* f, double* g) {
+                         double eps, const PlanClasses& cls, double* f, double* g,
+                         std::vector<double>* row_shift = nullptr) {
   const int R = cls.row_classes, Q = cls.col_classes;
   std::vector<double> logA(R, kNegInf), logB(Q, kNegInf);
   for (int64_t i = 0; i < n; ++i) lse_add(logA[cls.row_class[i]], log_a[i]);
@@ -908,6 +910,7 @@ inline bool coarse_shift(const std::vector<double>& logM, const double* log_a, c
   for (int64_t i = 0; i < n; ++i) f[i] += eps * u[cls.row_class[i]];
   for (int d = 0; d < Q; ++d)
     for (int64_t j = cls.col_class_start[d]; j < cls.col_class_start[d + 1]; ++j) g[j] += eps * v[d];
+  if (row_shift != nullptr) row_shift->swap(u);
   return true;
 }
 

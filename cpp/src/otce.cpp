@@ -341,8 +341,8 @@ SinkhornReport solve_points(T* x, int64_t n, T* y, int64_t m, int64_t d, const d
   if (opt.blocked) {
     rep = sinkhorn_blocked(x, n, y, m, d, a, b, opt, f, g, classes, groups);
   } else {
-    squared_euclidean(x, n, y, m, d, cost, opt.num_threads);
-    rep = sinkhorn_log(cost, a, b, opt, f, g, classes, groups);
+    const CostRange range = squared_euclidean(x, n, y, m, d, cost, opt.num_threads);
+    rep = sinkhorn_log(cost, a, b, opt, f, g, classes, groups, &range);
   }
   // <pi, C> = <pi, C~> + sum_i (pi 1)_i r_i + sum_j (pi^T 1)_j c_j, with the marginals a and b
   // standing in for the plan's: off by at most max(|r|, |c|) times the marginal error, the order of

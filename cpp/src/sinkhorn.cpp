@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <numeric>
 #include <optional>
@@ -60,24 +61,32 @@ constexpr double kLastDenseUpTo = 1e8;
 // sum over- or underflows are the exact maxima found by a first sweep and the sum redone.
 // `lowp`: the guessed sweep forms its exponents in float (RowLse::sum_lowp), shifts rounded to float.
 // `row_sel` (optional, `n_sel` of them): only these rows of `mat`, A indexed by their position.
+// `prep` (optional, without row_sel): called once for every row i before A[i] is read, from the
+// thread that then reads the row, so that it may set A[i] from the row itself while the row is in
+// cache (the multiscale hand-over extends f to row i from its subsampled columns there).
 template <typename T>
 void dense_column_lse(const RowMatrix<T>& mat, const double* A, double inv_eps, int nt, double* out,
                       const double* guess = nullptr, bool lowp = false, const int64_t* row_sel = nullptr,
-                      int64_t n_sel = 0) {
+                      int64_t n_sel = 0, const std::function<void(int64_t)>& prep = {}) {
   const int64_t n = row_sel != nullptr ? n_sel : mat.rows(), m = mat.cols();
   const auto row = [&](int64_t i) { return mat.data() + (row_sel != nullptr ? row_sel[i] : i) * m; };
   constexpr int64_t kRows = 256;
   const int64_t nb = (n + kRows - 1) / kRows;
   std::vector<double> blk(static_cast<size_t>(nb) * m, kNegInf), mx(m, kNegInf);
-  std::vector<float> Af, mxf;
+  std::vector<float> mxf;
   bool use_lowp = false;
+  bool prep_pending = static_cast<bool>(prep);
   auto sum_sweep = [&]() {
+    const bool prep_now = prep_pending;
+    prep_pending = false;
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t b = 0; b < nb; ++b) {
       std::vector<T> part(m, T(0));
       for (int64_t i = b * kRows; i < std::min(n, (b + 1) * kRows); ++i) {
+        if (prep_now) prep(i);
         if (use_lowp)
-          ColLse<T>::sum_row_lowp(row(i), m, Af[i], static_cast<float>(inv_eps), mxf.data(), part.data());
+          ColLse<T>::sum_row_lowp(row(i), m, static_cast<float>(A[i]), static_cast<float>(inv_eps), mxf.data(),
+                                  part.data());
         else
           ColLse<T>::sum_row(row(i), m, A[i], inv_eps, mx.data(), part.data());
       }
@@ -96,10 +105,7 @@ void dense_column_lse(const RowMatrix<T>& mat, const double* A, double inv_eps, 
   if (guess != nullptr) {
     bool finite = true;
     use_lowp = lowp && std::is_same<T, float>::value;
-    if (use_lowp) {
-      Af.assign(A, A + n);
-      mxf.resize(m);
-    }
+    if (use_lowp) mxf.resize(m);
     for (int64_t j = 0; j < m; ++j) {
       if (use_lowp) mxf[j] = static_cast<float>(guess[j]);
       mx[j] = use_lowp ? static_cast<double>(mxf[j]) : guess[j];  // the shift actually subtracted
@@ -110,11 +116,15 @@ void dense_column_lse(const RowMatrix<T>& mat, const double* A, double inv_eps, 
     std::fill(blk.begin(), blk.end(), kNegInf);
     std::fill(mx.begin(), mx.end(), kNegInf);
   }
+  const bool prep_now = prep_pending;
+  prep_pending = false;
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t b = 0; b < nb; ++b) {
     double* bm = blk.data() + b * m;
-    for (int64_t i = b * kRows; i < std::min(n, (b + 1) * kRows); ++i)
+    for (int64_t i = b * kRows; i < std::min(n, (b + 1) * kRows); ++i) {
+      if (prep_now) prep(i);
       ColLse<T>::max_row(row(i), m, A[i], inv_eps, bm);
+    }
   }
   for (int64_t b = 0; b < nb; ++b)
     for (int64_t j = 0; j < m; ++j) mx[j] = std::max(mx[j], blk[b * m + j]);
@@ -564,15 +574,32 @@ double half_step(const RowMatrix<T>& mat, bool by_cols, const SparseRows<T>* sp,
 // `bp` (with sp, where KeptTerms::blocks_available()): where the rows' entries lie in 8-column
 // blocks, through which the row sums gather and the column updates scatter (KeptTerms::sum_blocks,
 // add_scaled_blocks: the same values to the bit).
+// `bal` (optional; groups as balance_classes takes them, rows contiguous by group): the class
+// balancing folded into the iteration, between its row and column halves. The rows' blocks are then
+// cut at the row groups' bounds too, so that each block's column sums are one row group's plan
+// masses at (new f, g): summed over each column group they are the coarse problem's masses, which
+// balance_classes obtains from a pass of its own over the kernel (one exponential an entry, ~1.5
+// iterations' time at N = 10^4). The coarse shifts (coarse_shift) then move f and g, and the
+// column half-step uses the blocks' sums scaled by their group's factor. `balanced`: set to whether
+// the shift was applied (false where the coarse problem was degenerate, as balance_classes returns).
 template <typename T>
 bool fused_iteration(const RowMatrix<T>& mat, const SparseRows<T>* sp, const BlockIndex* bp, const double* log_a,
                      const double* log_b, const double* a, const double* b, double eps, double omega, double* f,
-                     double* g, std::vector<double>& err_rows, int nt, double& err_r, double& err_c) {
+                     double* g, std::vector<double>& err_rows, int nt, double& err_r, double& err_c,
+                     const PlanClasses* bal = nullptr, bool* balanced = nullptr) {
   const int64_t n = mat.rows(), m = mat.cols();
   const double inv_eps = 1.0 / eps;
   const float inv_eps_f = static_cast<float>(inv_eps);
   constexpr int64_t kRows = 256;  // dense_column_lse's blocks
-  const int64_t nb = (n + kRows - 1) / kRows;
+  thread_local std::vector<int64_t> starts;  // block q: rows [starts[q], starts[q + 1])
+  starts.clear();
+  for (int64_t i = 0; i < n; ++i)
+    if (i == 0 || i - starts.back() == kRows || (bal != nullptr && bal->row_class[i] != bal->row_class[i - 1]))
+      starts.push_back(i);
+  starts.push_back(n);
+  const int64_t nb = static_cast<int64_t>(starts.size()) - 1;
+  const int64_t* startp = starts.data();
+  if (balanced != nullptr) *balanced = false;
   thread_local std::vector<double> A, blk;
   thread_local AlignedVector<float> Af;  // the blocks' 8-column loads (64-byte aligned)
   thread_local std::vector<float> mxf;
@@ -599,7 +626,7 @@ bool fused_iteration(const RowMatrix<T>& mat, const SparseRows<T>* sp, const Blo
     AlignedVector<T> part(m_pad, T(0));
     // Room for a row's terms and gathered potentials and the blocks' whole-vector reads and writes.
     AlignedVector<float> terms(keep_terms ? m_pad + 8 : 0), gathered(bp != nullptr ? m_pad + 8 : 0);
-    for (int64_t i = q * kRows; i < std::min(n, (q + 1) * kRows); ++i) {
+    for (int64_t i = startp[q]; i < startp[q + 1]; ++i) {
       const int64_t k0 = sp ? sp->ptr[i] : i * m, len = sp ? sp->ptr[i + 1] - k0 : m;
       const T* c = sp ? sp->val.data() + k0 : mat.data() + k0;
       const int32_t* cols = sp ? sp->col.data() + k0 : nullptr;
@@ -631,14 +658,47 @@ bool fused_iteration(const RowMatrix<T>& mat, const SparseRows<T>* sp, const Blo
   }
   err_r = 0.0;
   for (int64_t i = 0; i < n; ++i) err_r += err_rows[i];
-  std::vector<double> lse_col(m);
+  // The blocks' weights in the column sums: 1, or after the coarse shift its row group's factor.
+  std::vector<double> weight(nb, 1.0);
+  if (bal != nullptr) {
+    // blk[q][j] is the plan's mass at (f, g) on column j from block q's rows (the column shift
+    // -Af_j cancels g_j / eps + log b_j, up to its float rounding).
+    const int R = bal->row_classes, Q = bal->col_classes;
+    std::vector<double> M(static_cast<size_t>(R) * Q, 0.0), u;
+    for (int64_t q = 0; q < nb; ++q) {
+      double* Mrow = M.data() + static_cast<size_t>(bal->row_class[startp[q]]) * Q;
+      const double* bs = blk.data() + q * m;
+      for (int d = 0; d < Q; ++d) {
+        double s = 0.0;
+        for (int64_t j = bal->col_class_start[d]; j < bal->col_class_start[d + 1]; ++j) s += bs[j];
+        Mrow[d] += s;
+      }
+    }
+    for (double& v : M) v = v > 0 ? std::log(v) : kNegInf;
+    if (coarse_shift(M, log_a, log_b, n, eps, *bal, f, g, &u)) {
+      for (int64_t q = 0; q < nb; ++q) weight[q] = std::exp(u[bal->row_class[startp[q]]]);
+      if (balanced != nullptr) *balanced = true;
+    }
+  }
+  // Block by block (each column's sum still in block order), reading blk in its layout.
+  std::vector<double> totals(m, 0.0), lse_col(m);
+  for (int64_t q = 0; q < nb; ++q) {
+    const double w = weight[q];
+    const double* bs = blk.data() + q * m;
+    for (int64_t j = 0; j < m; ++j) totals[j] += w * bs[j];
+  }
   for (int64_t j = 0; j < m; ++j) {
-    double total = 0.0;
-    for (int64_t q = 0; q < nb; ++q) total += blk[q * m + j];
+    const double total = totals[j];
     if (!(total >= kShiftedMin * b[j] && total < kPosInf)) return false;
     lse_col[j] = static_cast<double>(mxf[j]) + std::log(total);  // the shift actually subtracted
   }
-  for (int64_t j = 0; j < m; ++j) err_rows[j] = scale_potential(lse_col[j], b[j], eps, omega, g[j]);
+  // Half the over-relaxation after a coarse shift. The shift has already moved the column groups'
+  // masses, and the full factor on top of it overshot (D = 256, eps = 0.8: 32 instead of 22
+  // iterations); none at all set off a growing oscillation in the next iterations where omega
+  // sat at its cap (a 1,276-point draw at cost / eps up to 10^8: 1,014 iterations to the last stage
+  // instead of 514; half: 547). RESULTS.md, session 39.
+  const double omega_c = bal != nullptr ? 0.5 * (1.0 + omega) : omega;
+  for (int64_t j = 0; j < m; ++j) err_rows[j] = scale_potential(lse_col[j], b[j], eps, omega_c, g[j]);
   err_c = 0.0;
   for (int64_t j = 0; j < m; ++j) err_c += err_rows[j];
   return true;
@@ -1463,8 +1523,32 @@ double dense_bytes(int64_t n, int64_t m) {
   return entries * (sizeof(T) + density * 4.0 * (sizeof(T) + 4));
 }
 
+namespace {
+// The range of a tile (rows x w, leading dimension ld) into hi and lo (started at an entry of
+// it); true if it holds a NaN, which the comparisons pass over.
 template <typename T>
-void squared_euclidean(const T* x, int64_t n, const T* y, int64_t m, int64_t d, RowMatrix<T>& cost, int num_threads) {
+SEGTRANSFER_HOT bool tile_range(const T* tile, int64_t rows, int64_t w, int64_t ld, T& hi, T& lo) {
+  int bad = 0;
+  T h = hi, l = lo;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = tile + r * ld;
+#pragma omp simd reduction(max : h) reduction(min : l) reduction(| : bad)
+    for (int64_t j = 0; j < w; ++j) {
+      const T v = row[j];
+      h = v > h ? v : h;
+      l = v < l ? v : l;
+      bad |= v != v ? 1 : 0;
+    }
+  }
+  hi = h;
+  lo = l;
+  return bad != 0;
+}
+}  // namespace
+
+template <typename T>
+CostRange squared_euclidean(const T* x, int64_t n, const T* y, int64_t m, int64_t d, RowMatrix<T>& cost,
+                            int num_threads) {
   // The blocked solver's tiles (point_cost.hpp), panels of 24 rows in parallel: the same values as
   // the blocked mode, and AVX2 + FMA register blocks where Eigen's GEMM, compiled for baseline
   // x86-64, ran SSE2 without FMA. 24 rows: whole register blocks of 6 (AVX2) and 8 (AVX-512);
@@ -1473,11 +1557,33 @@ void squared_euclidean(const T* x, int64_t n, const T* y, int64_t m, int64_t d, 
   cost.resize(n, m);
   const auto bytes = static_cast<std::size_t>(n * m) * sizeof(T);
   detail::advise_huge_pages(cost.data(), bytes, bytes);  // before its first touch
+  // The range from each tile while it is in cache: a separate pass over the matrix (in
+  // sinkhorn_log) was ~45 ms of a draw at N = 10^4, bound by memory (RESULTS.md, session 39).
+  // Minima and maxima do not depend on the order they are taken in; a NaN (from overflowing
+  // points) leaves the range unknown, and sinkhorn_log then scans the matrix as before.
   constexpr int64_t kRows = 24;
   const int64_t panels = (n + kRows - 1) / kRows;
-#pragma omp parallel for num_threads(threads_for(num_threads)) schedule(static)
-  for (int64_t p = 0; p < panels; ++p)
-    points.rows(p * kRows, std::min(n, (p + 1) * kRows), cost.data() + p * kRows * m);
+  double cmax = -std::numeric_limits<double>::infinity(), cmin = std::numeric_limits<double>::infinity();
+  bool nan = false;
+#pragma omp parallel for num_threads(threads_for(num_threads)) schedule(static) reduction(max : cmax) \
+    reduction(min : cmin) reduction(|| : nan)
+  for (int64_t p = 0; p < panels; ++p) {
+    const int64_t i0 = p * kRows, rows = std::min(n, i0 + kRows) - i0;
+    T* out = cost.data() + i0 * m;
+    for (int64_t j0 = 0; j0 < m; j0 += kCostTile) {
+      const int64_t w = std::min(kCostTile, m - j0);
+      points.tile(i0, rows, j0, w, out + j0, m);
+      T hi = out[j0], lo = out[j0];
+      nan = tile_range(out + j0, rows, w, m, hi, lo) || nan;
+      cmax = std::max(cmax, static_cast<double>(hi));
+      cmin = std::min(cmin, static_cast<double>(lo));
+    }
+  }
+  CostRange range;
+  range.valid = !nan && n > 0 && m > 0;
+  range.min = cmin;
+  range.max = cmax;
+  return range;
 }
 
 // Mean extra cost a point pays to reach its nearest subsampled point (rows ri, columns ci) instead
@@ -1516,7 +1622,8 @@ namespace {
 template <typename T>
 SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, const double* b,
                                    const SinkhornOptions& opt, double* f, double* g, const PlanClasses* classes,
-                                   const PlanClasses* groups, StageExtrapolation* trace) {
+                                   const PlanClasses* groups, StageExtrapolation* trace,
+                                   const CostRange* range = nullptr) {
   const int64_t n = cost.rows(), m = cost.cols();
   if (n < 1 || m < 1) throw InvalidArgument("cost", "needs at least one point on each side");
   check_options(opt);
@@ -1531,8 +1638,12 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
   // The largest cost (where the schedule starts) and the largest magnitude (for build_sparse), in
   // one pass.
   double cmax = -std::numeric_limits<double>::infinity(), cmin = std::numeric_limits<double>::infinity();
+  if (range != nullptr && range->valid) {
+    cmax = range->max;
+    cmin = range->min;
+  }
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(max : cmax) reduction(min : cmin)
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = 0; i < (range != nullptr && range->valid ? 0 : n); ++i) {
     T hi = cost(i, 0), lo = cost(i, 0);
     const T* row = cost.data() + i * m;
 #pragma omp simd reduction(max : hi) reduction(min : lo)
@@ -1572,6 +1683,24 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
   std::vector<int32_t> zero_class(n, 0);
   const PlanClasses cls = classes ? *classes : PlanClasses{zero_class.data(), 1, one_class.data(), 1};
   const PlanClasses& grp = groups ? *groups : cls;
+  // Whether the float iterations may balance the classes within themselves (fused_iteration's
+  // `bal`): there must be groups to balance, each row group one run of rows (as otce sorts them),
+  // and the column sums of its blocks (one per run and per 256 rows within one) must take at most
+  // 64 MB or twice the usual blocks' (18 MB at N = 10^4 with ~190 groups).
+  const bool fold_groups = [&] {
+    if (!opt.fold_balancing || !opt.class_balance || (grp.row_classes < 2 && grp.col_classes < 2)) return false;
+    std::vector<char> seen(grp.row_classes, 0);
+    int64_t runs = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      if (i > 0 && grp.row_class[i] == grp.row_class[i - 1]) continue;
+      if (seen[grp.row_class[i]]) return false;
+      seen[grp.row_class[i]] = 1;
+      ++runs;
+    }
+    const double usual = static_cast<double>(n) / 256.0 + 1.0;
+    return (static_cast<double>(runs) + usual) * static_cast<double>(m) * 8.0 <=
+           std::max(64e6, 2.0 * usual * static_cast<double>(m) * 8.0);
+  }();
   std::vector<double> f_snap(n), g_snap(m);
 
   // Sinkhorn iterations until the estimated marginal error is <= target. Over-relaxation
@@ -1635,9 +1764,10 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     // machine): a 2000 x 2000 dense half-step runs faster on one thread there.
     const bool loop_threads = (sr ? static_cast<double>(sr->ptr[n]) : static_cast<double>(n) * m) > 1e7;
     int nt_loop = loop_threads ? nt : 1;
-    // Class balancing at the start and after every block (see balance_classes): it costs about one
-    // half-step per block of 10 iterations. The shifted potentials start a new block with no error
-    // to compare against, since the shift may raise the L1 error while it raises the dual.
+    // Class balancing at the start and after every block (see balance_classes), or within the
+    // block's last iteration where that runs fused (fold_groups). The shifted potentials start a
+    // new block with no error to compare against, since the shift may raise the L1 error while it
+    // raises the dual.
     // The pattern's BlockIndex where the float loops read it (KeptTerms::blocks_available()).
     const auto loop_blocks = [&]() -> const BlockIndex* {
       return lowp && sr != nullptr && KeptTerms::blocks_available() ? &pattern.row_blocks(nt_loop) : nullptr;
@@ -1656,12 +1786,18 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
       nt_loop = loop_threads ? nt : 1;  // nt may grow (lent_threads)
       double err_r = 0.0, err_c = 0.0;
       bool cols_done = false;
+      // The iteration that ends a block balances the classes within (fused_iteration's `bal`)
+      // where it runs fused, instead of balance_classes' pass after it, which cost ~1.5 iterations
+      // (a fifth of a draw's time at N = 10^4, D = 19; RESULTS.md, session 39).
+      bool balanced = false;
+      const bool fold = fold_groups && block_left <= 1;
       // Exponents in float: one pass over the rows (fused_iteration).
       if (std::is_same_v<T, float> && lowp && fused_guess_finite(g, m, eps))
         cols_done = fused_iteration(cost, sr, loop_blocks(), log_a.data(), log_b.data(), a, b, eps, omega, f, g,
-                                    err_rows, nt_loop, err_r, err_c);
+                                    err_rows, nt_loop, err_r, err_c, fold ? &grp : nullptr, &balanced);
       else
         err_r = half_step(cost, false, sr, g, log_b.data(), a, eps, omega, f, err_rows, nt_loop, lowp);
+      rep.folded_balancings += balanced ? 1 : 0;
       if (!cols_done)
         err_c = half_step(cost, true, sr ? &pattern.csc(nt) : sr, f, log_a.data(), b, eps, omega, g, err_rows, nt_loop,
                           lowp);
@@ -1672,7 +1808,8 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
       if (std::isfinite(err) && err <= target) return;
       if (--block_left > 0 && std::isfinite(err)) continue;
       if (omega == 1.0 && !std::isfinite(err)) return;  // plain Sinkhorn overflowed: certify, report
-      if (!accept_block(err, block_err, omega, cap)) {
+      const bool accepted = accept_block(err, block_err, omega, cap);
+      if (!accepted) {
         std::copy(f_snap.begin(), f_snap.end(), f);
         std::copy(g_snap.begin(), g_snap.end(), g);
       } else {
@@ -1683,7 +1820,10 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
         std::fprintf(stderr, "  eps=%g it=%lld err=%.3e: no progress across balancing, omega -> %.3f\n", eps,
                      (long long)rep.iterations, err, omega);
       block_left = block;
-      balance();
+      if (balanced && accepted)
+        block_err = std::numeric_limits<double>::infinity();  // as balance() leaves it (the snapshot is taken)
+      else
+        balance();
       if (sr != nullptr && pattern_stale()) return;
       if ((floor_stop || phase) && std::isfinite(err) && blocks.stuck(err)) {
         if (!phase) at_floor = true;
@@ -1772,42 +1912,57 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
                          ri.data(), ks);
         for (int64_t j = 0; j < m; ++j) out[j] = -e * lse[j];
       };
-      // To the rows: from sub_pot at e into out, and (sub_pot2 non-null) from sub_pot2 at e2 into
-      // out2, shifted by out. One pass over the cost for both: a row's subsampled columns are
-      // strided across all of its cache lines, so each pass reads the whole cost (0.4 GB at
-      // N = 10^4) and a separate second one was 50-60 ms of a draw (RESULTS.md, session 17).
-      auto extend_rows = [&](const double* sub_pot, double e, double* out, const double* sub_pot2, double e2,
-                             double* out2) {
-        const double inv = 1.0 / e, inv2 = sub_pot2 != nullptr ? 1.0 / e2 : 0.0;
-        std::vector<double> A, A2;
-        exponent_offsets(sub_pot, lsb.data(), ks, inv, A);
-        if (sub_pot2 != nullptr) exponent_offsets(sub_pot2, lsb.data(), ks, inv2, A2);
-        std::vector<T> c(ks);
-#pragma omp parallel for num_threads(nt) schedule(static) firstprivate(c)
-        for (int64_t p = 0; p < n; ++p) {
-          for (int64_t k = 0; k < ks; ++k) c[k] = cost(p, ci[k]);
-          out[p] = -e * RowLse<T>::run(c.data(), nullptr, ks, A.data(), inv);
-          if (sub_pot2 != nullptr)
-            out2[p] = -e2 * RowLse<T>::run(c.data(), nullptr, ks, A2.data(), inv2, -out[p] * inv2);
-        }
-      };
-      // f extended, then g by a full half-step against it: one float sweep (as the stage that
-      // follows runs them) shifted by g extended too, where an unguessed sweep in double made two
-      // passes over the cost and took a third of the multiscale start.
+      // f extended to the rows from the subsample's column potentials, then g by a full half-step
+      // against it: one float sweep (as the stage that follows runs them) shifted by g extended too,
+      // where an unguessed sweep in double made two passes over the cost and took a third of the
+      // multiscale start. f_p comes from the row's subsampled columns, strided across all of its
+      // cache lines, so extending f on its own reads the whole cost (0.4 GB at N = 10^4); it is done
+      // row by row within the half-step's sweep instead (dense_column_lse's `prep`), each row read
+      // once for both (a separate pass took 50 of the multiscale start's ~190 ms: RESULTS.md,
+      // session 39). Whether that sweep forms its exponents in float is decided before f exists,
+      // on a bound: f_p is a weighted log-mean-exp of C_pk - sg_k, so |f_p| <= max|C| + max|sg|.
       // The full problem's second stage would start where its first ended (extrapolating needs
       // two stages), and took 21 iterations on the benchmark's logits where the extrapolated later
       // stages take 5-12. The subsample's potentials at the end of its stage before this one,
       // extended to every point (shifted by the potentials just made), stand in for the full
-      // problem's previous stage. Whether the second stage uses them is decided after the first
-      // (see the stage loop).
+      // problem's previous stage; fp, its rows', is extended in the same row visit. Whether the
+      // second stage uses them is decided after the first (see the stage loop).
       const bool previous = opt.stage_extrapolation > 0 && sub_trace.prev_eps() > eps * (1 + 1e-12) &&
                             static_cast<int64_t>(sub_trace.prev_f().size()) == ks;
       const double pe = sub_trace.prev_eps();
       std::vector<double> fp(previous ? n : 0), gp(previous ? m : 0);
-      extend_rows(sg.data(), eps, f, previous ? sub_trace.prev_g().data() : nullptr, pe, fp.data());
       extend_cols(sf.data(), eps, nullptr, g);
-      half_step(cost, true, static_cast<const SparseRows<T>*>(nullptr), f, log_a.data(), b, eps, 1.0, g,
-                err_rows, nt, stage_float_exponents(opt, opt.handover_tol, pattern.cost_bound, f, n, g, m, eps));
+      {
+        const double inv = 1.0 / eps, inv2 = previous ? 1.0 / pe : 0.0;
+        std::vector<double> A, A2, A_rows(n), lse(2 * m);
+        exponent_offsets(sg.data(), lsb.data(), ks, inv, A);
+        if (previous) exponent_offsets(sub_trace.prev_g().data(), lsb.data(), ks, inv2, A2);
+        const double* prev_g = previous ? sub_trace.prev_g().data() : nullptr;
+        // Row p: f_p (and fp_p, shifted by f_p) from its subsampled columns, then its offset in
+        // the column sums, A_p = f_p / eps + log a_p (exponent_offsets' formula). The next row is
+        // prefetched along the strided reads (the sweep's 111 -> 105 ms at N = 10^4).
+        const auto extend_row = [&](int64_t p) {
+          thread_local std::vector<T> c;
+          c.resize(ks);
+          const T* next = p + 1 < n ? cost.data() + (p + 1) * m : cost.data() + p * m;
+          const T* here = cost.data() + p * m;
+          for (int64_t k = 0; k < ks; ++k) {
+            __builtin_prefetch(next + ci[k], 0, 3);
+            c[k] = here[ci[k]];
+          }
+          f[p] = -eps * RowLse<T>::run(c.data(), nullptr, ks, A.data(), inv);
+          if (prev_g != nullptr) fp[p] = -pe * RowLse<T>::run(c.data(), nullptr, ks, A2.data(), inv2, -f[p] * inv2);
+          A_rows[p] = f[p] * inv + log_a[p];
+        };
+        double sg_max = 0.0;
+        for (int64_t k = 0; k < ks; ++k) sg_max = std::max(sg_max, std::fabs(sg[k]));
+        const double f_bound = pattern.cost_bound + sg_max;
+        const bool lowp_sweep = stage_float_exponents(opt, opt.handover_tol, pattern.cost_bound, &f_bound, 1, g, m, eps);
+        for (int64_t j = 0; j < m; ++j) lse[m + j] = -g[j] * inv;
+        dense_column_lse(cost, A_rows.data(), inv, nt, lse.data(), lse.data() + m, lowp_sweep, nullptr, 0,
+                         std::function<void(int64_t)>(extend_row));
+        for (int64_t j = 0; j < m; ++j) scale_potential(lse[j], b[j], eps, 1.0, g[j]);
+      }
       if (previous) {
         extend_cols(sub_trace.prev_f().data(), pe, g, gp.data());
         extrapolation.record(pe, fp.data(), n, gp.data(), m);
@@ -2186,9 +2341,9 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
 template <typename T>
 SinkhornReport sinkhorn_log(const RowMatrix<T>& cost, const double* a, const double* b,
                             const SinkhornOptions& opt, double* f, double* g, const PlanClasses* classes,
-                            const PlanClasses* groups) {
+                            const PlanClasses* groups, const CostRange* range) {
   const detail::PoolScope scope;
-  return sinkhorn_log_traced(cost, a, b, opt, f, g, classes, groups, nullptr);
+  return sinkhorn_log_traced(cost, a, b, opt, f, g, classes, groups, nullptr, range);
 }
 
 template <typename T>
@@ -2203,10 +2358,10 @@ PlanSummary summarize_plan(const RowMatrix<T>& cost, const double* a, const doub
 
 #define SEGTRANSFER_INSTANTIATE(T)                                                                 \
   template double dense_bytes<T>(int64_t, int64_t);                                                \
-  template void squared_euclidean<T>(const T*, int64_t, const T*, int64_t, int64_t, RowMatrix<T>&, int); \
+  template CostRange squared_euclidean<T>(const T*, int64_t, const T*, int64_t, int64_t, RowMatrix<T>&, int); \
   template SinkhornReport sinkhorn_log<T>(const RowMatrix<T>&, const double*, const double*,          \
                                           const SinkhornOptions&, double*, double*, const PlanClasses*, \
-                                          const PlanClasses*);                                            \
+                                          const PlanClasses*, const CostRange*);                          \
   template PlanSummary summarize_plan<T>(const RowMatrix<T>&, const double*, const double*,         \
                                          const double*, const double*, double, const int32_t*, int, \
                                          const int64_t*, int, int);
