@@ -292,8 +292,8 @@ bool transpose_rows(const SparseRows<T>& R, int64_t m, int nt, SparseRows<T>& C)
         if (i + kAhead < i1) {  // the rows' segments are far apart: the hardware prefetchers miss them
           const int64_t kp = cur[i + kAhead - i0];
           for (int64_t o = 0; o < kSegment; o += 16) {
-            __builtin_prefetch(rcol + kp + o);
-            __builtin_prefetch(rval + kp + o);
+            prefetch_line(rcol + kp + o);
+            prefetch_line(rval + kp + o);
           }
         }
         int64_t k = cur[i - i0];
@@ -1525,7 +1525,8 @@ double dense_bytes(int64_t n, int64_t m) {
 
 namespace {
 // The range of a tile (rows x w, leading dimension ld) into hi and lo (started at an entry of
-// it); true if it holds a NaN, which the comparisons pass over.
+// it); true if it holds a NaN, which the comparisons pass over. squared_euclidean's tiles, and
+// sinkhorn_log's scan of a matrix given without its range (one row at a time).
 template <typename T>
 SEGTRANSFER_HOT bool tile_range(const T* tile, int64_t rows, int64_t w, int64_t ld, T& hi, T& lo) {
   int bad = 0;
@@ -1635,24 +1636,20 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
   for (int64_t i = 0; i < n; ++i) log_a[i] = std::log(a[i]);
   for (int64_t j = 0; j < m; ++j) log_b[j] = std::log(b[j]);
 
-  // The largest cost (where the schedule starts) and the largest magnitude (for build_sparse), in
-  // one pass.
+  // The largest cost (where the schedule starts) and the largest magnitude (for build_sparse): from
+  // `range` where given, else in one pass.
   double cmax = -std::numeric_limits<double>::infinity(), cmin = std::numeric_limits<double>::infinity();
   if (range != nullptr && range->valid) {
     cmax = range->max;
     cmin = range->min;
-  }
+  } else {
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(max : cmax) reduction(min : cmin)
-  for (int64_t i = 0; i < (range != nullptr && range->valid ? 0 : n); ++i) {
-    T hi = cost(i, 0), lo = cost(i, 0);
-    const T* row = cost.data() + i * m;
-#pragma omp simd reduction(max : hi) reduction(min : lo)
-    for (int64_t j = 0; j < m; ++j) {
-      hi = row[j] > hi ? row[j] : hi;
-      lo = row[j] < lo ? row[j] : lo;
+    for (int64_t i = 0; i < n; ++i) {
+      T hi = cost(i, 0), lo = cost(i, 0);
+      tile_range(cost.data() + i * m, 1, m, m, hi, lo);
+      cmax = std::max(cmax, static_cast<double>(hi));
+      cmin = std::min(cmin, static_cast<double>(lo));
     }
-    cmax = std::max(cmax, static_cast<double>(hi));
-    cmin = std::min(cmin, static_cast<double>(lo));
   }
   const std::vector<double> schedule = stage_schedule(cmax, opt);
   std::fill(f, f + n, 0.0);
@@ -1947,7 +1944,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
           const T* next = p + 1 < n ? cost.data() + (p + 1) * m : cost.data() + p * m;
           const T* here = cost.data() + p * m;
           for (int64_t k = 0; k < ks; ++k) {
-            __builtin_prefetch(next + ci[k], 0, 3);
+            prefetch_line(next + ci[k]);
             c[k] = here[ci[k]];
           }
           f[p] = -eps * RowLse<T>::run(c.data(), nullptr, ks, A.data(), inv);
@@ -1959,8 +1956,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
         const double f_bound = pattern.cost_bound + sg_max;
         const bool lowp_sweep = stage_float_exponents(opt, opt.handover_tol, pattern.cost_bound, &f_bound, 1, g, m, eps);
         for (int64_t j = 0; j < m; ++j) lse[m + j] = -g[j] * inv;
-        dense_column_lse(cost, A_rows.data(), inv, nt, lse.data(), lse.data() + m, lowp_sweep, nullptr, 0,
-                         std::function<void(int64_t)>(extend_row));
+        dense_column_lse(cost, A_rows.data(), inv, nt, lse.data(), lse.data() + m, lowp_sweep, nullptr, 0, extend_row);
         for (int64_t j = 0; j < m; ++j) scale_potential(lse[j], b[j], eps, 1.0, g[j]);
       }
       if (previous) {
