@@ -7,12 +7,21 @@
 
 namespace segtransfer {
 
+// An over-relaxed block whose error ends above this has run away: an iteration's error is the L1
+// error of the rows before its row half-step plus that of the columns before its column
+// half-step, and after an exact (omega = 1) half-step the plan holds mass 1, so a plain Sinkhorn
+// iterate is never off by more than 2 + 2. The CPU loops reset `block_err` after each balancing
+// and each pattern refresh, so without this test nothing stopped a block from making things
+// worse: a 622-pixel draw at cost / eps ~ 10^7 (D = 8, eps = 1) went from 3.1 to 10^36 at
+// omega = 1.9 across pattern refreshes and ended at a marginal error of 5.7e188 (session 40).
+constexpr double kRunawayError = 4.0;
+
 // The adaptive over-relaxation of the Sinkhorn loops (CPU: sinkhorn_log, blocked; CUDA: batch_solver.cu), at the end of a
 // block of iterations whose last error is `err` (`block_err`: the last accepted block's). Returns
 // false when the block is to be undone (the caller restores its snapshot): omega then drops back
 // halfway to 1 and the level that failed becomes the cap; otherwise omega climbs towards the cap.
 inline bool accept_block(double err, double& block_err, double& omega, double& cap) {
-  if (!std::isfinite(err) || (omega > 1.0 && err > block_err)) {
+  if (!std::isfinite(err) || (omega > 1.0 && (err > block_err || err > kRunawayError))) {
     cap = std::max(1.0, omega - 0.05);
     omega = 1.0 + 0.5 * (omega - 1.0);
     if (omega < 1.02) omega = 1.0;

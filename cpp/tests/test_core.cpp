@@ -2624,6 +2624,28 @@ static void test_stall_backoff() {
   // test_otce.py::test_no_cycle_of_overrelaxation_and_balancing.
 }
 
+// accept_block: an over-relaxed block is undone when its error rose against the last accepted
+// block's, when it overflowed, or when it ends above kRunawayError, the most a plain Sinkhorn iterate
+// can be off; the last also when there is no block to compare with (block_err infinite, as the CPU
+// loops leave it after each balancing and pattern refresh). Plain Sinkhorn (omega = 1) is only
+// undone on an overflow.
+static void test_accept_block() {
+  const double inf = std::numeric_limits<double>::infinity();
+  double block_err = inf, omega = 1.9, cap = 1.9;
+  CHECK(accept_block(3.9, block_err, omega, cap) && block_err == 3.9 && omega == 1.9);
+  block_err = inf;
+  CHECK(!accept_block(10.0, block_err, omega, cap));
+  CHECK(block_err == inf && std::abs(omega - 1.45) < 1e-15 && std::abs(cap - 1.85) < 1e-15);
+  CHECK(!accept_block(1e36, block_err, omega, cap) && std::abs(omega - 1.225) < 1e-15);
+  CHECK(!accept_block(std::nan(""), block_err, omega, cap));
+  block_err = 0.5;
+  CHECK(!accept_block(0.6, block_err, omega, cap));  // rose against the last accepted block
+  CHECK(accept_block(0.4, block_err, omega, cap) && block_err == 0.4);
+  double plain = 1.0, plain_cap = 1.0, plain_err = inf;
+  CHECK(accept_block(10.0, plain_err, plain, plain_cap) && plain == 1.0);
+  CHECK(!accept_block(inf, plain_err, plain, plain_cap) && plain == 1.0);
+}
+
 // Every early exit: max_iter, timeout, interrupt, refusals; each must unwind without leaking.
 static void test_early_exits() {
   std::mt19937_64 rng(5);
@@ -2737,6 +2759,7 @@ int main(int argc, char** argv) {
       {"certificate_rounding", test_certificate_rounding},
       {"early_exits", test_early_exits},
       {"stall_backoff", test_stall_backoff},
+      {"accept_block", test_accept_block},
   };
   for (int i = 1; i < argc; ++i) {
     bool known = false;
