@@ -383,15 +383,19 @@ def test_memory_error_points_to_blocked_mode_and_blocked_is_checked(monkeypatch)
 def test_unconverged_warnings_grade_the_damage_and_advise_by_cause():
     """The warning says what an unconverged plan is worth (L1 marginal error above 1: meaningless;
     above 1e-2: unreliable; else: may be off) and gives advice that fits why the solve stopped:
-    raising max_iter cannot help a solve that stalled at float64's resolution."""
+    raising max_iter cannot help a solve that stalled at float64's resolution, and a solve whose error
+    ended above 1 diverged rather than stalled."""
     from segtransfer._api import stop_cause, unconverged_effect
 
     assert "meaningless" in unconverged_effect(1.3) and "meaningless" in unconverged_effect(float("nan"))
     assert "unreliable" in unconverged_effect(0.9) and "unreliable" in unconverged_effect(0.02)
     assert unconverged_effect(5e-3) == "the score may be off"
-    assert stop_cause(True, True, True) == "timeout"
-    assert stop_cause(False, True, True) == "stalled"
-    assert stop_cause(False, False, True) == "max_iter" and stop_cause(False, True, False) == "max_iter"
+    assert stop_cause(True, True, 0.5) == "timeout"
+    assert stop_cause(False, True, 1e-3) == "stalled" and stop_cause(False, True, 1.0) == "stalled"
+    assert stop_cause(False, False, 1e-3) == "max_iter" and stop_cause(False, False, float("nan")) == "max_iter"
+    # An error above the plan's total mass is no resolution limit: the iterate ran away (a draw of
+    # session 38's build ended at 5.7e188 and was said to have stalled at float64's resolution).
+    assert stop_cause(False, True, 5.7e188) == "diverged" and stop_cause(False, True, float("nan")) == "diverged"
 
     rng = np.random.default_rng(0)
     xs, ys, xt, yt = rng.normal(size=(60, 3)), rng.integers(0, 3, 60), rng.normal(size=(50, 3)), rng.integers(0, 2, 50)

@@ -347,8 +347,9 @@ def otce(
     if not res.all_converged:
         bad = np.flatnonzero(~res.converged)
         cause = stop_cause(bool(res.timed_out.any()), bool(np.all(res.iterations[bad] < opt.max_iter)),
-                           bool(np.all(np.isfinite(res.marginal_error[bad]))))
-        why = {"timeout": "timeout reached", "stalled": _STALLED, "max_iter": f"max_iter={opt.max_iter} reached"}
+                           float(np.max(res.marginal_error[bad])))
+        why = {"timeout": "timeout reached", "stalled": _STALLED, "diverged": _DIVERGED,
+               "max_iter": f"max_iter={opt.max_iter} reached"}
         worst = float(np.max(res.marginal_error))
         warnings.warn(
             f"OTCE: Sinkhorn did not reach tol={opt.tol:g} in {bad.size} of {k} repeats ({why[cause]}; worst "
@@ -359,12 +360,16 @@ def otce(
     return res
 
 
-def stop_cause(timed_out: bool, below_max_iter: bool, finite: bool) -> str:
-    """Why a solve ended unconverged: 'timeout', 'stalled' (its error stopped falling; more iterations
-    would not help) or 'max_iter'."""
+def stop_cause(timed_out: bool, below_max_iter: bool, worst: float) -> str:
+    """Why a solve ended unconverged, from its worst L1 marginal error ``worst``: 'timeout',
+    'max_iter', 'stalled' (its error stopped falling; more iterations would not help) or 'diverged'
+    (it stopped with an error above the plan's total mass, or none: the iterate ran away, which
+    resolution limits never do)."""
     if timed_out:
         return "timeout"
-    return "stalled" if below_max_iter and finite else "max_iter"
+    if not below_max_iter:
+        return "max_iter"
+    return "stalled" if worst <= 1.0 else "diverged"
 
 
 def unconverged_effect(worst: float, subject: str = "the score") -> str:
@@ -380,7 +385,7 @@ def unconverged_effect(worst: float, subject: str = "the score") -> str:
 
 
 _ADVICE = {"timeout": ". Raise timeout, or loosen tol.", "max_iter": ". Raise max_iter, or loosen tol.",
-           "stalled": "."}
+           "stalled": ".", "diverged": "."}
 
 
 def _weights(w: Any, n: int, name: str) -> np.ndarray | None:
@@ -462,6 +467,8 @@ def sinkhorn(
 #: nearly unregularised problem (cost / epsilon ~ 1e7-1e10) after ~300,000 iterations without gain.
 _STALLED = ("the marginal error stopped falling, at float64's resolution for this cost scale or on a "
             "nearly unregularised problem; a larger epsilon or tol, or smaller features, would help")
+#: Why a solve stopped with a marginal error above the plan's total mass (stop_cause's 'diverged').
+_DIVERGED = "the iteration diverged, its potentials far from any coupling; a larger epsilon would help"
 
 
 def _sinkhorn_result(out: dict[str, Any], opt: Any) -> SinkhornResult:
@@ -473,8 +480,9 @@ def _sinkhorn_result(out: dict[str, Any], opt: Any) -> SinkhornResult:
         dim=out.get("dim"),
     )
     if not res.converged:
-        cause = stop_cause(res.timed_out, res.iterations < opt.max_iter, math.isfinite(res.marginal_error))
-        why = {"timeout": " (timeout reached)", "stalled": f" ({_STALLED})", "max_iter": ""}
+        cause = stop_cause(res.timed_out, res.iterations < opt.max_iter, res.marginal_error)
+        why = {"timeout": " (timeout reached)", "stalled": f" ({_STALLED})", "diverged": f" ({_DIVERGED})",
+               "max_iter": ""}
         warnings.warn(
             f"sinkhorn: did not reach tol={opt.tol:g} (marginal error {res.marginal_error:.3g} after "
             f"{res.iterations} iterations{why[cause]}); "

@@ -79,9 +79,10 @@ def _otce(what: str, *args: Any, **kwargs: Any) -> Any:
     if not conv.all():
         worst = float(np.max(res.marginal_error))
         max_iter = kwargs.get("max_iter") or DEFAULT_MAX_ITER  # the CLI has no timeout
-        cause = stop_cause(False, bool(np.all(res.iterations[~conv] < max_iter)), math.isfinite(worst))
-        advice = ("its error stopped falling: loosen --tol or raise --epsilon" if cause == "stalled"
-                  else "raise --max-iter or loosen --tol")
+        cause = stop_cause(False, bool(np.all(res.iterations[~conv] < max_iter)),
+                           float(np.max(np.asarray(res.marginal_error)[~conv])))
+        advice = {"stalled": "its error stopped falling: loosen --tol or raise --epsilon",
+                  "diverged": "the iteration diverged: raise --epsilon"}.get(cause, "raise --max-iter or loosen --tol")
         print(f"warning: {what}: Sinkhorn did not converge in {int((~conv).sum())} of {conv.size} repeats "
               f"(worst marginal error {worst:.2g}, tol {res.tol:g}); {unconverged_effect(worst)}: {advice}",
               file=sys.stderr)
