@@ -1066,7 +1066,7 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
         }
       }
       best.keep(rep, f, n, g, m);
-      if (estimate <= target) target *= 0.1;  // the estimate was optimistic: ask more of it
+      if (estimate <= target) target = next_certificate_target(target, chk.marginal_error, rounding, opt.tol);
     }
   }
   return rep;

@@ -177,6 +177,18 @@ inline double certificate_rounding(double cost_bound, const double* f, int64_t n
   return 2.0 * (4.0 * M + static_cast<double>(terms) + 8.0) * 0x1p-53;
 }
 
+// The last stage's next target after a certificate that failed (both solvers). A certificate that
+// found more than the target proves the estimate optimistic: aim tenfold lower. One that confirmed
+// the estimate failed on float64's rounding alone, and only a round ending below tol less that
+// rounding can pass: aim there, with a margin. Tenfold lower lies under what the iteration resolves
+// at such cost scales: a 1,362-pixel draw at cost / eps ~1e9 (D = 2, tol 1e-6, rounding 7.3e-7)
+// then crept through 1,100 Newton steps (12 s) towards 5e-8 (session 41).
+inline double next_certificate_target(double target, double checked, double rounding, double tol) {
+  const double passes = 0.9 * (tol - rounding);
+  if (!(passes > 0.0)) return 0.1 * target;
+  return std::min(checked > target ? 0.1 * target : target, passes);
+}
+
 // The one rule for whether an intermediate stage (or the multiscale hand-over's half-step, whose
 // target is handover_tol) forms its exponents in float: asked for, a target that float's rounding
 // (~3e-4 relative on a term) cannot spoil, and exponents float resolves. Both solvers.

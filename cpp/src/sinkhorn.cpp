@@ -2326,7 +2326,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
       }
       best.keep(rep, f, n, g, m);
       certified = rep.marginal_error;
-      target *= 0.1;  // the estimate was optimistic: ask more of it and refresh the pattern
+      target = next_certificate_target(target, chk.marginal_error, rounding, opt.tol);
     }
   }
   return rep;

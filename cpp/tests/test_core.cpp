@@ -2646,6 +2646,19 @@ static void test_accept_block() {
   CHECK(!accept_block(inf, plain_err, plain, plain_cap) && plain == 1.0);
 }
 
+// next_certificate_target: an estimate the certificate contradicted is asked for tenfold less; one
+// it confirmed, failing on float64's rounding alone, is asked for what would pass (tol less the
+// rounding, with a 10 % margin), never more than before; where the rounding alone exceeds tol,
+// tenfold less.
+static void test_next_certificate_target() {
+  CHECK(next_certificate_target(5e-7, 8e-7, 1e-11, 1e-6) == 0.1 * 5e-7);         // optimistic estimate
+  CHECK(std::abs(next_certificate_target(5e-7, 4.96e-7, 7.3e-7, 1e-6) - 0.9 * 2.7e-7) < 1e-20);
+  CHECK(std::abs(next_certificate_target(5e-7, 6e-7, 7.3e-7, 1e-6) - 5e-8) < 1e-20);  // both: the lower
+  CHECK(next_certificate_target(5e-7, 4e-7, 2e-6, 1e-6) == 0.1 * 5e-7);          // nothing can pass
+  CHECK(next_certificate_target(5e-7, 4e-7, std::numeric_limits<double>::infinity(), 1e-6) == 0.1 * 5e-7);
+  CHECK(next_certificate_target(5e-7, 4e-7, std::nan(""), 1e-6) == 0.1 * 5e-7);
+}
+
 // Every early exit: max_iter, timeout, interrupt, refusals; each must unwind without leaking.
 static void test_early_exits() {
   std::mt19937_64 rng(5);
@@ -2760,6 +2773,7 @@ int main(int argc, char** argv) {
       {"early_exits", test_early_exits},
       {"stall_backoff", test_stall_backoff},
       {"accept_block", test_accept_block},
+      {"next_certificate_target", test_next_certificate_target},
   };
   for (int i = 1; i < argc; ++i) {
     bool known = false;
