@@ -1078,6 +1078,32 @@ def test_weakly_joined_components_converge_at_a_tight_tol():
     assert err <= 2e-10 and err <= r.marginal_error * (1 + 1e-6) + 1e-15
 
 
+def test_intermediate_stage_shifts_a_component_whose_masses_do_not_balance():
+    """A draw from tests/fuzz/medium_sweep.py (seed 17, call 166; session 41): 1,256 float32 pixels a
+    side, D = 64, 25 x 15 classes, eps = 0.1, tol 1e-8. At eps = 1.6 the error sat at 1.59e-2 (a
+    component of the pattern whose masses do not balance), and so at 0.8 and 0.4: ~1,400 iterations and
+    three pattern refreshes a stage before each handed over, 4,353 iterations in all, until the last
+    stage's Newton rounds found the component. The intermediate stage now shifts it after a refresh
+    without progress: 1,986 iterations, the same score."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "fuzz"))
+    try:
+        import medium_sweep
+    finally:
+        sys.path.pop(0)
+    rng = np.random.default_rng(17)
+    for _ in range(166):
+        xs, ls, xt, lt, kw = medium_sweep._case(rng)
+    assert xs.shape == (2541, 64) and kw["n_pixels"] == 1256 and kw["tol"] == 1e-8  # the generator is unchanged
+    r = st.otce(xs, ls, xt, lt, n_pixels=kw["n_pixels"], repeats=1, epsilon=kw["epsilon"], seed=kw["seed"],
+                tol=kw["tol"], threads=1)
+    assert r.all_converged and r.marginal_error[0] <= 1e-8
+    assert r.iterations[0] < 3000
+    assert abs(r.score - (-2.6990207703)) < 1e-7
+
+
 def test_pattern_that_loses_a_row_or_column_stays_sparse():
     """A draw from tests/fuzz/medium_sweep.py (seed 2, call 255; session 29): 1,709 pixels a side, D = 8
     with channel scales 10^-3..10^2 (cost / eps ~2e6), 10 x 28 classes. A stage's pattern, built right

@@ -1130,6 +1130,11 @@ inline void plan_entries_above(const std::vector<int64_t>& ptr, const detail::Ke
 // pattern's own rows (m columns), so it follows a relocation; the products with P^T scatter from
 // its rows (column_products), so no CSC copy is needed. The certification at the end decides, on
 // the dense plan if the pattern cannot vouch for the result.
+// The most steps of a last-stage Newton round, and the steps over which a round must gain 1 % to go
+// on (newton_polish).
+constexpr int kNewtonRoundSteps = 50;
+constexpr int kNewtonStallSteps = 10;
+
 template <typename T, typename Poll, typename Keeps, typename Relocate>
 double newton_polish(const SparseRows<T>& R, int64_t m, const double* a, const double* b,
                      const double* log_a, const double* log_b, double eps, double target, double* f, double* g,
@@ -1236,7 +1241,20 @@ double newton_polish(const SparseRows<T>& R, int64_t m, const double* a, const d
     return holds;
   };
   double floor_after_rejection = 0.0;  // the floor a rejected step set aside (see below)
-  for (int step = 0; step < 50 && err > target && rep.iterations < max_iter && !rep.timed_out; ++step) {
+  // A round whose last kNewtonStallSteps steps gained under 1 % in all ends: the caller then looks
+  // for a component whose masses do not balance on the pattern, runs a Sinkhorn phase, or widens
+  // the pattern, which such a crawl is waiting for. A 1,986-pixel draw (D = 64, float64, eps = 0.1,
+  // tol 1e-4) sat at 4.04e-3 for three rounds of 50 steps (CG converging in one iteration, a
+  // relocation most steps: ~8 s) until a refresh widened its cutoff; ended early, its second round
+  // led to a component shift and the draw took 8.7 instead of 14 s (session 41). The benchmark's
+  // steps gain ~3x each, so this never fires there.
+  double history[kNewtonRoundSteps];
+  for (int step = 0; step < kNewtonRoundSteps && err > target && rep.iterations < max_iter && !rep.timed_out; ++step) {
+    history[step] = err;
+    if (step >= kNewtonStallSteps && err > 0.99 * history[step - kNewtonStallSteps]) {
+      if (debug) std::fprintf(stderr, "  newton: %d steps gained under 1 %%: the round ends\n", kNewtonStallSteps);
+      break;
+    }
     nt_mv = mv_threads();  // nt may grow between steps (SinkhornOptions::lent_threads)
     const auto step_start = Clock::now();
     d1 = p.row_sum.data();
@@ -2076,6 +2094,29 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     FloorWatch rounds = round_watch();
     int shifts = 0;  // shift_imbalanced_component's, this stage
     std::vector<T> column;  // a column of the cost, for its transposed trees
+    // shift_imbalanced_component on the current pattern, for a component whose masses differ by
+    // more than min_imbalance; the entries that join components are those that can carry mass in a
+    // round: plan values above e^-kCarryingCut of min(a_i, b_j) (the pattern keeps all within the
+    // cutoff, up to 700 eps). Returns whether it shifted (the pattern must be rebuilt).
+    const auto shift_component = [&](double min_imbalance) {
+      return shift_imbalanced_component(
+          n, m, a, b, min_imbalance,
+          [&](const auto& visit) {
+            for (int64_t i = 0; i < n; ++i)
+              for (int64_t k = rows.ptr[i]; k < rows.ptr[i + 1]; ++k) {
+                const int32_t j = rows.col[k];
+                const double r = (static_cast<double>(rows.val[k]) - f[i] - g[j]) / eps;
+                if (r <= kCarryingCut + std::max(log_a[i], log_b[j])) visit(i, j);
+              }
+          },
+          [&](int64_t i) { return cost.data() + i * m; },
+          [&](int64_t j) {
+            column.resize(n);
+            for (int64_t i = 0; i < n; ++i) column[i] = cost(i, j);
+            return column.data();
+          },
+          f, g, debug);
+    };
     double refresh_err = std::numeric_limits<double>::infinity();  // the error at the last stale refresh
     double certified = std::numeric_limits<double>::infinity();    // the last certificate that missed tol
     // Rounds of this loop (a pattern, a solve, a certificate) that did no work: no iteration (a Newton
@@ -2217,25 +2258,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
           // cost / eps 1e7-1e9, but spent the stage's shifts early on a draw at cost / eps 2.5e8
           // (1,357 points, D = 256) that then ended at 1.6e-3 instead of converging (session 32).
           if (newton_futile && shifts < kComponentShifts &&
-              shift_imbalanced_component(
-                  n, m, a, b, component_min_imbalance(opt.tol, err),
-                  [&](const auto& visit) {
-                    // Entries that can carry mass in a round: plan values above e^-kCarryingCut of
-                    // min(a_i, b_j) (the pattern keeps all within the cutoff, up to 700 eps).
-                    for (int64_t i = 0; i < n; ++i)
-                      for (int64_t k = rows.ptr[i]; k < rows.ptr[i + 1]; ++k) {
-                        const int32_t j = rows.col[k];
-                        const double r = (static_cast<double>(rows.val[k]) - f[i] - g[j]) / eps;
-                        if (r <= kCarryingCut + std::max(log_a[i], log_b[j])) visit(i, j);
-                      }
-                  },
-                  [&](int64_t i) { return cost.data() + i * m; },
-                  [&](int64_t j) {
-                    column.resize(n);
-                    for (int64_t i = 0; i < n; ++i) column[i] = cost(i, j);
-                    return column.data();
-                  },
-                  f, g, debug)) {
+              shift_component(component_min_imbalance(opt.tol, err))) {
             ++shifts;
             stale = true;
             refresh_err = std::numeric_limits<double>::infinity();
@@ -2270,6 +2293,20 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
       // points) the potentials drifted on, the pattern went stale every ~68,000 iterations, and the
       // error sat at 9.662e-3 past 12 million iterations (session 28).
       if (stale && last && cutoff >= kWidestCut * eps && widest_refreshes.stuck(loop_err)) at_floor = true;
+      // An intermediate stage whose error did not fall between two refreshes may sit at a component
+      // of its pattern whose masses do not balance, as the last stage's rounds can (see above): its
+      // potentials are shifted, and the stage goes on on a new pattern. A 1,256-pixel draw (D = 64,
+      // eps = 0.1, tol 1e-8) sat at 1.59e-2 at eps = 1.6, then at 0.8 and 0.4, ~1,400 iterations and
+      // three refreshes each before handing over, until the last stage's Newton found the component
+      // (8.3-8.8 s); shifted at eps = 1.6, 3.8 s (session 41). The benchmark's stages never stall so.
+      if (stale && !last && sparse && loop_err > 0.9 * refresh_err && shifts < kComponentShifts &&
+          rep.iterations < opt.max_iter && !rep.timed_out && shift_component(component_min_imbalance(target, loop_err))) {
+        ++shifts;
+        ++rep.pattern_refreshes;
+        refresh_err = std::numeric_limits<double>::infinity();
+        stage_refreshes = FloorWatch(pattern.cost_bound, eps, kIntermediateStalledRounds, kIntermediateStalledRounds);
+        continue;
+      }
       // An intermediate stage that stops progressing hands over: the next stage, and in the end the
       // last one, do what it cannot. A 1,325-pixel draw (D = 64, channel scales 10^-3..10^2, cost /
       // eps ~8e7) sat at 1.43e-2 against its stage_tol of 1e-2 at eps = 25.6, refreshing its pattern
