@@ -1109,6 +1109,11 @@ inline void plan_entries_above(const std::vector<int64_t>& ptr, const detail::Ke
   }
 }
 
+// The most steps of a last-stage Newton round, and the steps over which a round must gain 1 % to go
+// on (newton_polish).
+constexpr int kNewtonRoundSteps = 50;
+constexpr int kNewtonStallSteps = 10;
+
 // Newton's method on the dual: the Hessian of the dual objective is -M / eps with
 // M = [[D1, P], [P^T, D2]], D1 = diag(P 1), D2 = diag(P^T 1), so the ascent step solves
 // M (d1, d2) = (a - P1, b - P^T 1) and moves (f, g) by eps (d1, d2). The column block is eliminated
@@ -1130,11 +1135,6 @@ inline void plan_entries_above(const std::vector<int64_t>& ptr, const detail::Ke
 // pattern's own rows (m columns), so it follows a relocation; the products with P^T scatter from
 // its rows (column_products), so no CSC copy is needed. The certification at the end decides, on
 // the dense plan if the pattern cannot vouch for the result.
-// The most steps of a last-stage Newton round, and the steps over which a round must gain 1 % to go
-// on (newton_polish).
-constexpr int kNewtonRoundSteps = 50;
-constexpr int kNewtonStallSteps = 10;
-
 template <typename T, typename Poll, typename Keeps, typename Relocate>
 double newton_polish(const SparseRows<T>& R, int64_t m, const double* a, const double* b,
                      const double* log_a, const double* log_b, double eps, double target, double* f, double* g,
@@ -2293,13 +2293,16 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
       // points) the potentials drifted on, the pattern went stale every ~68,000 iterations, and the
       // error sat at 9.662e-3 past 12 million iterations (session 28).
       if (stale && last && cutoff >= kWidestCut * eps && widest_refreshes.stuck(loop_err)) at_floor = true;
+      // A stale pattern whose error did not fall since the last refresh (see the component shift and the
+      // widening below).
+      const bool stale_without_progress = stale && loop_err > 0.9 * refresh_err;
       // An intermediate stage whose error did not fall between two refreshes may sit at a component
       // of its pattern whose masses do not balance, as the last stage's rounds can (see above): its
       // potentials are shifted, and the stage goes on on a new pattern. A 1,256-pixel draw (D = 64,
       // eps = 0.1, tol 1e-8) sat at 1.59e-2 at eps = 1.6, then at 0.8 and 0.4, ~1,400 iterations and
       // three refreshes each before handing over, until the last stage's Newton found the component
       // (8.3-8.8 s); shifted at eps = 1.6, 3.8 s (session 41). The benchmark's stages never stall so.
-      if (stale && !last && sparse && loop_err > 0.9 * refresh_err && shifts < kComponentShifts &&
+      if (stale_without_progress && !last && sparse && shifts < kComponentShifts &&
           rep.iterations < opt.max_iter && !rep.timed_out && shift_component(component_min_imbalance(target, loop_err))) {
         ++shifts;
         ++rep.pattern_refreshes;
@@ -2322,7 +2325,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
         // 3.333e-3 (1/200 x 2 - 1/150) for 50,000 iterations; with a 700 eps cutoff they converged in
         // 1,342. So such a refresh widens the cutoff to 700 eps at once (exp(-745) underflows; a
         // fourfold widening, 120 eps, let the next refresh come only after max_iter).
-        if (last && loop_err > 0.9 * refresh_err && cutoff < kWidestCut * eps) {
+        if (last && stale_without_progress && cutoff < kWidestCut * eps) {
           cutoff = kWidestCut * eps;
           if (debug) std::fprintf(stderr, "  no progress since the last refresh: cutoff -> %.0f eps\n", cutoff / eps);
         }
