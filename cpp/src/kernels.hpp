@@ -711,12 +711,14 @@ struct KeptTerms {
   // nb blocks, first columns `bcol`, lanes `bmask`), where blocks_available(): the same values to
   // the bit, the row's potentials gathered a block at a time (to Ag, room for len + 8) and its terms
   // added a block at a time; Af and part are padded to a multiple of 8 columns, terms has room for
-  // len + 8. Where AVX2 runs without AVX-512 (whose gathers and scatters are instructions, and
-  // whose machine was not at hand to measure): 1.47 -> ~1.0 ns an entry on Zen 2 for the pair
-  // (bench/RESULTS.md, session 34).
+  // len + 8. Wherever AVX2 runs, AVX-512 included: 1.47 -> ~1.0 ns an entry on Zen 2 for the pair
+  // (bench/RESULTS.md, session 34), and on Zen 5 faster than AVX-512's own gathers and scatters
+  // (sum's lse_sum_avx512 on the CSR row, scatter_scaled_avx512), the packed row then summed by
+  // sum's own dense AVX-512 loop: K = 10 on two threads took 14.2 -> 13.1 s at D = 256 and 6.3 ->
+  // 5.8 s at D = 19, the same iterations and scores (bench/RESULTS.md, session 42).
   static bool blocks_available() {
 #ifdef SEGTRANSFER_AVX512_LSE
-    return !avx512_lse_available() && cpu_has_avx2_fma();
+    return cpu_has_avx2_fma();
 #else
     return false;
 #endif
@@ -725,6 +727,8 @@ struct KeptTerms {
                            const float* Af, float inv_eps, float shift, float* terms, float* Ag) {
 #ifdef SEGTRANSFER_AVX512_LSE
     gather_blocks_avx2(bcol, bmask, nb, Af, Ag);
+    // The packed row through sum()'s own dense loop, so that both give the same bits.
+    if (avx512_lse_available()) return lse_sum_avx512<false, true>(c, nullptr, len, Ag, inv_eps, shift, terms);
     return lse_sum_avx2<false, true>(c, nullptr, len, Ag, inv_eps, shift, terms);
 #else
     (void)c, (void)len, (void)bcol, (void)bmask, (void)nb, (void)Af, (void)inv_eps, (void)shift, (void)terms, (void)Ag;
