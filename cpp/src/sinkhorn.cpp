@@ -2126,7 +2126,11 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     // work of an estimate of 0 (found by the CI fuzzer, session 28).
     int idle_rounds = 0;
     FloorWatch widest_refreshes(pattern.cost_bound, eps, kStalledRounds, kStalledRounds);  // see below
-    FloorWatch stage_refreshes(pattern.cost_bound, eps, kIntermediateStalledRounds, kIntermediateStalledRounds);
+    // An intermediate stage's refreshes, watched afresh after a component shift (below).
+    const auto refresh_watch = [&] {
+      return FloorWatch(pattern.cost_bound, eps, kIntermediateStalledRounds, kIntermediateStalledRounds);
+    };
+    FloorWatch stage_refreshes = refresh_watch();
     for (;;) {
       const int64_t iterations_before = rep.iterations;
       stale = false;
@@ -2307,7 +2311,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
         ++shifts;
         ++rep.pattern_refreshes;
         refresh_err = std::numeric_limits<double>::infinity();
-        stage_refreshes = FloorWatch(pattern.cost_bound, eps, kIntermediateStalledRounds, kIntermediateStalledRounds);
+        stage_refreshes = refresh_watch();
         continue;
       }
       // An intermediate stage that stops progressing hands over: the next stage, and in the end the
