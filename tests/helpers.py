@@ -34,6 +34,13 @@ def weights(rng: np.random.Generator, n: int) -> np.ndarray:
 U32 = 2.0 ** -24  # float32 unit roundoff
 
 
+def hard_problem(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(xs, ys, xt, yt): n points a side where C / epsilon ~ 10^6 at epsilon = 1e-4, so no solve gets
+    near tol = 1e-12 in any sensible time; the error stalls at float64's resolution instead."""
+    rng = np.random.default_rng(31)
+    return rng.normal(size=(n, 4)) * 3, np.arange(n) % 3, rng.normal(size=(n, 4)) * 3 + 1, np.arange(n) % 2
+
+
 def f32_delta(x32, y32, eps):
     """Bound on |df|/eps for float32 inputs (derivation: test_sinkhorn.py docstring), for these points:
     4 (d + 3) u S / eps for the float32 cost + 1e-3 for convergence to tol 1e-6."""

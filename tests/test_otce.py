@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import segtransfer as st
-from helpers import clusters, f32_delta
+from helpers import clusters, f32_delta, hard_problem
 import reference as ref
 
 TOL64 = 1e-10
@@ -887,11 +887,7 @@ def test_timeout_stops_and_reports():
     (test_error_stuck_at_float64_resolution_returns), after ~2.2 s on a Zen 5 core; at 1200 points
     that took 0.32 s there and raced the 0.3 s timeout (session 42). sinkhorn's solve of these
     points takes longer still, so its timeout of 0.05 s leaves a wider margin."""
-    rng = np.random.default_rng(31)
-    xs = rng.normal(size=(2400, 4)) * 3
-    xt = rng.normal(size=(2400, 4)) * 3 + 1
-    ys = np.arange(2400) % 3
-    yt = np.arange(2400) % 2
+    xs, ys, xt, yt = hard_problem(2400)
     with pytest.warns(RuntimeWarning, match="timeout"):
         r = run(xs, ys, xt, yt, n_pixels=None, epsilon=1e-4, tol=1e-12, max_iter=10**9, timeout=0.3)
     assert r.timed_out.tolist() == [True]

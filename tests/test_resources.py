@@ -144,12 +144,6 @@ def test_bit_identical_across_processes_and_thread_counts():
 
 # ------------------------------------------------------------------------------------- time bounds
 
-def _hard(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """C / epsilon ~ 10^6 at epsilon = 1e-4: no solve gets near tol = 1e-12 in any sensible time."""
-    rng = np.random.default_rng(31)
-    return rng.normal(size=(n, 4)) * 3, np.arange(n) % 3, rng.normal(size=(n, 4)) * 3 + 1, np.arange(n) % 2
-
-
 HARD = {"epsilon": 1e-4, "tol": 1e-12, "max_iter": 10**9, "timeout": 0.5, "threads": 1}
 
 
@@ -161,7 +155,7 @@ def test_timeout_bounds_every_solve_of_a_hard_problem(n_pixels, repeats):
     RuntimeWarning naming the timeout. Either every number is finite, or (documented, when the timeout
     falls before the last epsilon stage) the marginal error is > 1 and the warning says the score is
     meaningless."""
-    xs, ys, xt, yt = _hard(2000)
+    xs, ys, xt, yt = helpers.hard_problem(2000)
     start = time.perf_counter()
     with pytest.warns(RuntimeWarning, match="timeout reached") as caught:
         r = st.otce(xs, ys, xt, yt, n_pixels=n_pixels, repeats=repeats, **HARD)
@@ -179,7 +173,7 @@ def test_timeout_bounds_every_solve_of_a_hard_problem(n_pixels, repeats):
 def test_timeout_bounds_sinkhorn():
     # 3000 points: stalls at float64's resolution, stopping by itself, after ~3 s on a Zen 5 core;
     # 2000 did after 0.44-0.49 s there, inside the 0.5 s timeout (session 42).
-    xs, _, xt, _ = _hard(3000)
+    xs, _, xt, _ = helpers.hard_problem(3000)
     start = time.perf_counter()
     with pytest.warns(RuntimeWarning, match="did not reach tol"):
         sr = st.sinkhorn(xs.astype(np.float32), xt.astype(np.float32), **HARD)
@@ -189,7 +183,7 @@ def test_timeout_bounds_sinkhorn():
 
 
 def test_early_stage_timeout_reports_finite_numbers():
-    xs, ys, xt, yt = _hard(2000)
+    xs, ys, xt, yt = helpers.hard_problem(2000)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         r = st.otce(xs, ys, xt, yt, n_pixels=None, **{**HARD, "timeout": 0.05})
@@ -203,7 +197,7 @@ def test_early_stage_timeout_reports_finite_numbers():
 
 @pytest.mark.parametrize("max_iter", [1, 7, 50, 333])
 def test_max_iter_bounds_every_solve(max_iter):
-    xs, ys, xt, yt = _hard(300)
+    xs, ys, xt, yt = helpers.hard_problem(300)
     kw = {**HARD, "max_iter": max_iter, "timeout": None, "epsilon": 1e-4}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
