@@ -6,7 +6,7 @@
 //
 // `segtransfer_roofline sparse [entries per row] [threads]`: the same for the loop that dominates a
 // solve now, the truncated-kernel float iteration of the intermediate stages (see sparse_main).
-// Where the AVX2 blocks run it also times them without the exponential (scaling_row): what an
+// Where the 8-column blocks run it also times them without the exponential (scaling_row): what an
 // iteration in the scaling domain would cost, for comparison.
 //
 // What one dense float iteration does (sinkhorn.cpp, half_step with sp == nullptr):
@@ -344,9 +344,14 @@ static int sparse_main(int argc, char** argv) {
   std::vector<float> big(200'000'000);  // 800 MB, as in main
 #pragma omp parallel for num_threads(threads.back()) schedule(static)
   for (int64_t j = 0; j < static_cast<int64_t>(big.size()); ++j) big[j] = static_cast<float>(j & 1023) * 1e-3f;
-  const char* kept = !KeptTerms::available() ? "off: two exps an entry"
-                     : KeptTerms::blocks_available() ? "on: AVX2, with and without the 8-column blocks"
-                                                     : "on: AVX-512";
+  bool avx512 = false;
+#ifdef SEGTRANSFER_AVX512_LSE
+  avx512 = avx512_lse_available();
+#endif
+  const char* kept = !KeptTerms::available()         ? "off: two exps an entry"
+                     : !KeptTerms::blocks_available() ? "on, CSR only"
+                     : avx512                         ? "on: AVX-512, with and without the 8-column blocks"
+                                                      : "on: AVX2, with and without the 8-column blocks";
   std::printf("sparse float iteration (KeptTerms %s), N = M = %lld, ~%lld entries a row in 15-column runs\n", kept,
               (long long)n, (long long)per_row);
   std::printf("\n| threads | form | entries/thread (M) | BW GB/s (all) | exp G/s/thread | t_stream ns | t_exp ns | limit ns |"
