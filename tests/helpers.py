@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -59,37 +61,34 @@ INTERRUPT_CHILD = r"""
 import signal, sys, time, warnings
 import numpy as np
 import segtransfer as st
+from helpers import hard_problem  # interrupt_child puts tests/ on the child's path
 warnings.simplefilter("ignore")
 # Python leaves SIGINT ignored when it starts that way (a background job of a non-interactive shell,
 # e.g. a CI step launched with `&`); the test is about our polling, not about the launcher.
 signal.signal(signal.SIGINT, signal.default_int_handler)
-rng = np.random.default_rng(31)
 if sys.argv[1] == "long":  # one solve of ~13 s
     # 6000 points: the error stops falling at float64's resolution for C / eps ~ 1e6 after ~13 s
     # (one thread, the 2-vCPU benchmark VM) and the solver stops by itself
     # (test_error_stuck_at_float64_resolution_returns). 1200 points had run to the 60 s timeout (error
     # ~1.7e-7) until session 26's Newton and cost changes; they now stop there within a second.
-    args = (rng.normal(size=(6000, 4)) * 3, np.arange(6000) % 3, rng.normal(size=(6000, 4)) * 3 + 1,
-            np.arange(6000) % 2)
+    args = hard_problem(6000)
     kw = dict(n_pixels=None, epsilon=1e-4, tol=1e-12, max_iter=10**9, timeout=60.0, threads=1)
     expected = 13.0
 elif sys.argv[1] == "blocked":  # two blocked solves side by side, each polling from its own thread
     # 2000 of 2400 points: ~10 s on the 2 cores of a Zen 5 VM before both stop at float64's resolution.
     # 1000 of 1200 stopped there after 0.93 s by session 42, before the signal (300 of 400 had, within
     # a second, since over-relaxation backs off when balancing stalls, StallBackoff).
-    args = (rng.normal(size=(2400, 4)) * 3, np.arange(2400) % 3, rng.normal(size=(2400, 4)) * 3 + 1,
-            np.arange(2400) % 2)
+    args = hard_problem(2400)
     kw = dict(n_pixels=2000, repeats=2, epsilon=1e-4, tol=1e-12, max_iter=10**9, timeout=60.0, threads=2,
               blocked=True)
     expected = 60.0
 elif sys.argv[1] == "gpu":  # one GPU solve that would run for its whole 60 s timeout
-    args = (rng.normal(size=(3000, 4)) * 3, np.arange(3000) % 3, rng.normal(size=(3000, 4)) * 3 + 1,
-            np.arange(3000) % 2)
+    args = hard_problem(3000)
     kw = dict(n_pixels=2000, repeats=3, epsilon=1e-4, tol=1e-12, max_iter=10**9, timeout=60.0, device="cuda")
     st.otce(*args, **{**kw, "timeout": 0.2})  # context and modules loaded before the clock starts
     expected = 60.0
 else:  # many solves of ~0.1 ms each, none long enough to reach the solver's own 50 ms poll
-    x = rng.normal(size=(100, 2))
+    x = np.random.default_rng(31).normal(size=(100, 2))
     args = (x, np.arange(100) % 2, x[::-1].copy(), np.arange(100) % 2)
     t = time.perf_counter()
     st.otce(*args, n_pixels=8, repeats=2000, epsilon=1.0, threads=1)
@@ -112,8 +111,10 @@ def interrupt_child(script: str, *args: str, delay: float = 1.0) -> tuple[str, s
     """Runs ``python -c script *args``, waits for its "solving" line, sends SIGINT ``delay`` seconds
     later and returns (stdout after that line, stderr, return code). The child is killed if it
     outlives the 60 s wait."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parent), env.get("PYTHONPATH")) if p)
     child = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+                             text=True, env=env)
     try:
         assert child.stdout.readline().strip() == "solving", child.stderr.read()[-2000:]
         time.sleep(delay)
