@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -61,7 +60,8 @@ INTERRUPT_CHILD = r"""
 import signal, sys, time, warnings
 import numpy as np
 import segtransfer as st
-from helpers import hard_problem  # interrupt_child puts tests/ on the child's path
+sys.path.insert(0, sys.argv[-1])  # tests/, which interrupt_child passes last
+from helpers import hard_problem
 warnings.simplefilter("ignore")
 # Python leaves SIGINT ignored when it starts that way (a background job of a non-interactive shell,
 # e.g. a CI step launched with `&`); the test is about our polling, not about the launcher.
@@ -108,13 +108,12 @@ except KeyboardInterrupt:
 
 
 def interrupt_child(script: str, *args: str, delay: float = 1.0) -> tuple[str, str, int]:
-    """Runs ``python -c script *args``, waits for its "solving" line, sends SIGINT ``delay`` seconds
-    later and returns (stdout after that line, stderr, return code). The child is killed if it
-    outlives the 60 s wait."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).resolve().parent), env.get("PYTHONPATH")) if p)
-    child = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=env)
+    """Runs ``python -c script *args tests_dir`` (the directory last, for the script's imports of
+    helpers), waits for its "solving" line, sends SIGINT ``delay`` seconds later and returns (stdout
+    after that line, stderr, return code). The child is killed if it outlives the 60 s wait."""
+    tests_dir = str(Path(__file__).resolve().parent)
+    child = subprocess.Popen([sys.executable, "-c", script, *args, tests_dir], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "solving", child.stderr.read()[-2000:]
         time.sleep(delay)
