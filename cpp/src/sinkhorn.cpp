@@ -2079,14 +2079,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     // blocks of 5: K = 4 at N = 10^4 took 165.8 -> 149.5 (D = 19) and 116.0 -> 106.2 (D = 256)
     // iterations a draw and 5-9 % less time; in the last stage blocks of 5 changed nothing there and
     // took the demo's draws from 23.4 to 29.2 iterations (RESULTS.md, session 26).
-    // Where the float iterations balance within themselves (fold_groups), a balancing costs next to
-    // nothing, and blocks of one iteration balance after each: the cycle above never starts, and omega
-    // climbs to its cap in five iterations instead of 25. That draw's first sparse stage took 6
-    // iterations instead of 22; K = 10 at N = 10^4 over seeds 0-2, the stages before the last
-    // 51.7 -> 39.2 s (D = 256) and 38.1 -> 34.1 s (D = 19) of one thread's time. Where balancing
-    // is a pass of its own (float64 costs), a D = 19 K = 4 call's stages before the last took
-    // 22.7 -> 31.5 s that way, so those keep blocks of 5 (RESULTS.md, session 44).
-    loop_block = last ? 10 : (std::is_same_v<T, float> && lowp && fold_groups ? 1 : 5);
+    loop_block = last ? 10 : 5;
     intermediate_stage = !last;
     at_floor = false;
     ++rep.stages;
