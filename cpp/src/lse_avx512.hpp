@@ -252,7 +252,8 @@ SEGTRANSFER_AVX512_TARGET __attribute__((always_inline)) inline void sparse_grou
 // col_part[q[l]]: by extraction and scalar read-modify-writes (a truncated row's columns are
 // distinct, so no two lanes meet). A gather and a scatter were the update until session 45: on the
 // Zen 4 VM they made plan_row_avx512 slower than the AVX2 loop (2.9 against 2.5 ns an entry,
-// scratch benchmark below); on the Xeon of session 14 the scatter had been the faster form.
+// scratch benchmark below); on the Xeon of session 14 the scatter had been the faster form, but
+// that form's gather is also what the Gather Data Sampling microcode fix slows down (see the top).
 SEGTRANSFER_AVX512_TARGET __attribute__((always_inline)) inline void plan_store8(__m512d e, const int32_t* q,
                                                                               __mmask8 mask, float* out,
                                                                               double* col_part) {
