@@ -516,6 +516,7 @@ class BlockedSolver {
     const int64_t nr = static_cast<int64_t>(gstart.size()) - 1;
     std::vector<double> U;
     TwoLevelPreconditioner coarse;
+    std::vector<double> last_dir, extra, s_extra(n);
     double lambda = 1e-3;
     const int64_t max_captured = static_cast<int64_t>(opt_.blocked_plan_bytes / (sizeof(int32_t) + sizeof(double)));
     double err = eval(f, g, rs, cs);
@@ -539,31 +540,6 @@ class BlockedSolver {
       }
       double rhs_norm2 = 0.0;
       for (int64_t i = 0; i < n; ++i) rhs_norm2 += rhs[i] * rhs[i];
-      if (use_coarse) {
-        // E = Z^T S Z = Z^T D1 Z - sum_j inv_c_j u_j u_j^T, u_j[c] = column j's mass in rows of group c;
-        // couplings below 1e-12 of a column's mass are left out (a preconditioner need not be exact).
-        if (captured)
-          captured_range_sums(gstart, U);
-        else
-          plan_range_sums(Ct, bc.data(), br.data(), inv_eps, gstart, U);
-        coarse.E.setZero(Rc, Rc);
-        for (int64_t i = 0; i < n; ++i) coarse.E(grp.row_class[i], grp.row_class[i]) += (1.0 + lambda) * rs[i];
-        for (int64_t j = 0; j < m; ++j) {
-          const double* u = U.data() + j * nr;
-          const double floor = 1e-12 * cs[j];
-          for (int64_t r1 = 0; r1 < nr; ++r1) {
-            if (u[r1] <= floor) continue;
-            const double uc = u[r1] * inv_c[j];
-            const int c1 = grp.row_class[gstart[r1]];
-            for (int64_t r2 = 0; r2 < nr; ++r2)
-              if (u[r2] > floor) coarse.E(c1, grp.row_class[gstart[r2]]) -= uc * u[r2];
-          }
-        }
-        coarse.factor();
-      }
-      auto precondition = [&](const std::vector<double>& r, std::vector<double>& out) {
-        coarse.apply(r, out, dinv, use_coarse, grp.row_class);
-      };
       // q = S v: wt = D2^-1 P^T v over the columns, then q = D1 v - P wt over the rows.
       auto schur = [&](const std::vector<double>& v, std::vector<double>& out) {
         if (captured)
@@ -582,10 +558,46 @@ class BlockedSolver {
         }
         return vq;
       };
+      // The last step's direction as one more coarse vector (deflation_vector, kernels.hpp), as in
+      // newton_polish: one more product with S a step.
+      coarse.extra = use_coarse && !last_dir.empty() && deflation_vector(last_dir, grp.row_class, Rc, extra) ? &extra
+                                                                                                          : nullptr;
+      if (use_coarse) {
+        // E = Z^T S Z = Z^T D1 Z - sum_j inv_c_j u_j u_j^T, u_j[c] = column j's mass in rows of group c;
+        // couplings below 1e-12 of a column's mass are left out (a preconditioner need not be exact).
+        if (captured)
+          captured_range_sums(gstart, U);
+        else
+          plan_range_sums(Ct, bc.data(), br.data(), inv_eps, gstart, U);
+        const int k = coarse.extra != nullptr ? 1 : 0;
+        coarse.E.setZero(Rc + k, Rc + k);
+        if (k == 1) {  // E's last row and column: Z_groups^T S v and v^T S v
+          coarse.E(Rc, Rc) = schur(extra, s_extra);
+          for (int64_t i = 0; i < n; ++i) coarse.E(grp.row_class[i], Rc) += s_extra[i];
+          coarse.E.row(Rc).head(Rc) = coarse.E.col(Rc).head(Rc).transpose();
+        }
+        for (int64_t i = 0; i < n; ++i) coarse.E(grp.row_class[i], grp.row_class[i]) += (1.0 + lambda) * rs[i];
+        for (int64_t j = 0; j < m; ++j) {
+          const double* u = U.data() + j * nr;
+          const double floor = 1e-12 * cs[j];
+          for (int64_t r1 = 0; r1 < nr; ++r1) {
+            if (u[r1] <= floor) continue;
+            const double uc = u[r1] * inv_c[j];
+            const int c1 = grp.row_class[gstart[r1]];
+            for (int64_t r2 = 0; r2 < nr; ++r2)
+              if (u[r2] > floor) coarse.E(c1, grp.row_class[gstart[r2]]) -= uc * u[r2];
+          }
+        }
+        coarse.factor();
+      }
+      auto precondition = [&](const std::vector<double>& r, std::vector<double>& out) {
+        coarse.apply(r, out, dinv, use_coarse, grp.row_class);
+      };
       const int cg = solve_cg(
           rhs, rhs_norm2 * forcing * forcing, static_cast<int>(std::min<int64_t>(20 * n, 20000)), schur, precondition,
           [&] { return rep.timed_out; }, [&](int) { poll(); }, x, res, dir, q, z);
       rep.cg_iterations += cg;
+      last_dir = x;
       // d2 = D2^-1 (b - P^T 1 - P^T d1), in w.
       if (captured)
         captured_cols(x.data(), sm1.data());
