@@ -516,7 +516,7 @@ class BlockedSolver {
     const int64_t nr = static_cast<int64_t>(gstart.size()) - 1;
     std::vector<double> U;
     TwoLevelPreconditioner coarse;
-    std::vector<double> last_dir, extra, s_extra(n);
+    std::vector<double> last_dir;
     double lambda = 1e-3;
     const int64_t max_captured = static_cast<int64_t>(opt_.blocked_plan_bytes / (sizeof(int32_t) + sizeof(double)));
     double err = eval(f, g, rs, cs);
@@ -558,10 +558,6 @@ class BlockedSolver {
         }
         return vq;
       };
-      // The last step's direction as one more coarse vector (deflation_vector, kernels.hpp), as in
-      // newton_polish: one more product with S a step.
-      coarse.extra = use_coarse && !last_dir.empty() && deflation_vector(last_dir, grp.row_class, Rc, extra) ? &extra
-                                                                                                          : nullptr;
       if (use_coarse) {
         // E = Z^T S Z = Z^T D1 Z - sum_j inv_c_j u_j u_j^T, u_j[c] = column j's mass in rows of group c;
         // couplings below 1e-12 of a column's mass are left out (a preconditioner need not be exact).
@@ -569,13 +565,9 @@ class BlockedSolver {
           captured_range_sums(gstart, U);
         else
           plan_range_sums(Ct, bc.data(), br.data(), inv_eps, gstart, U);
-        const int k = coarse.extra != nullptr ? 1 : 0;
-        coarse.E.setZero(Rc + k, Rc + k);
-        if (k == 1) {  // E's last row and column: Z_groups^T S v and v^T S v
-          coarse.E(Rc, Rc) = schur(extra, s_extra);
-          for (int64_t i = 0; i < n; ++i) coarse.E(grp.row_class[i], Rc) += s_extra[i];
-          coarse.E.row(Rc).head(Rc) = coarse.E.col(Rc).head(Rc).transpose();
-        }
+        // The last step's direction as one more coarse vector, as in newton_polish (one more
+        // product with S a step).
+        coarse.start(Rc, grp.row_class, last_dir, schur);
         for (int64_t i = 0; i < n; ++i) coarse.E(grp.row_class[i], grp.row_class[i]) += (1.0 + lambda) * rs[i];
         for (int64_t j = 0; j < m; ++j) {
           const double* u = U.data() + j * nr;

@@ -1048,44 +1048,6 @@ inline bool dual_ascent_accepted(double gain, double t_slope, double err_try, do
   return gain >= 1e-4 * t_slope && gain > 1e-12 && err_try <= kAscentOvershoot * err;
 }
 
-// The two-level preconditioner of Newton's CG (see newton_polish in sinkhorn.cpp): z = D^-1 r +
-// Z E^-1 Z^T r, with Z the row groups' indicator vectors and E = Z^T S Z, which each solver
-// assembles in `E` (groups x groups) from its own plan before factor(). `extra` (optional, set
-// before apply): one more column of Z, a dense vector v (deflation_vector); E then has a last row
-// and column, (Z_groups^T S v, v^T S v), which the solver assembles too.
-struct TwoLevelPreconditioner {
-  Eigen::MatrixXd E;
-  Eigen::LDLT<Eigen::MatrixXd> fact;
-  const std::vector<double>* extra = nullptr;
-
-  void factor() {
-    // Without damping the constant vector is a null vector of S (and of E): a relative ridge keeps
-    // the factorisation defined; CG only ever sees right-hand sides orthogonal to it.
-    const double ridge = 1e-10 * E.diagonal().cwiseAbs().maxCoeff();
-    E.diagonal().array() += ridge;
-    fact.compute(E);
-  }
-  // z = dinv .* r, plus the coarse correction when `coarse` (row_class: each row's group).
-  void apply(const std::vector<double>& r, std::vector<double>& z, const std::vector<double>& dinv, bool coarse,
-             const int32_t* row_class) const {
-    const int64_t n = static_cast<int64_t>(r.size());
-    for (int64_t i = 0; i < n; ++i) z[i] = dinv[i] * r[i];
-    if (!coarse) return;
-    Eigen::VectorXd zr = Eigen::VectorXd::Zero(E.rows());
-    for (int64_t i = 0; i < n; ++i) zr[row_class[i]] += r[i];
-    const int64_t last = E.rows() - 1;
-    if (extra != nullptr) {
-      double d = 0.0;
-      for (int64_t i = 0; i < n; ++i) d += (*extra)[i] * r[i];
-      zr[last] = d;
-    }
-    zr = fact.solve(zr);
-    for (int64_t i = 0; i < n; ++i) z[i] += zr[row_class[i]];
-    if (extra != nullptr)
-      for (int64_t i = 0; i < n; ++i) z[i] += zr[last] * (*extra)[i];
-  }
-};
-
 // The extra coarse vector of Newton's preconditioner from the previous step's direction d (n rows,
 // groups row_class[i] < groups): d with each group's mean removed, so that it adds a direction the
 // groups' indicators do not span, scaled to unit length. Returns false (v unusable) where nothing
@@ -1109,11 +1071,65 @@ inline bool deflation_vector(const std::vector<double>& d, const int32_t* row_cl
     after += v[i] * v[i];
   }
   // Below 1e-12 of d's length the remainder is the means' rounding, not a direction.
-  if (!(after > 1e-24 * before) || !(after > 0.0) || !std::isfinite(after)) return false;
+  if (!(after > 1e-24 * before) || !std::isfinite(after)) return false;  // also false for NaN
   const double scale = 1.0 / std::sqrt(after);
   for (double& e : v) e *= scale;
   return true;
 }
+
+// The two-level preconditioner of Newton's CG (see newton_polish in sinkhorn.cpp): z = D^-1 r +
+// Z E^-1 Z^T r, with Z the row groups' indicator vectors and E = Z^T S Z, which each solver
+// assembles in `E` (groups x groups) from its own plan before factor(), after start(). With the
+// previous step's direction, Z gains one more column, a dense vector v (`extra`, deflation_vector):
+// E then has a last row and column, (Z_groups^T S v, v^T S v), which start() fills.
+struct TwoLevelPreconditioner {
+  Eigen::MatrixXd E;
+  Eigen::LDLT<Eigen::MatrixXd> fact;
+  std::vector<double> extra, s_extra;  // v and S v
+  bool with_extra = false;
+
+  // E for this step: zeroed for `groups` groups (row_class: each row's group), plus v's row and
+  // column where `last_dir` (the previous step's direction, empty before the first) gives one.
+  // schur(v, out) sets out = S v and returns v . out. The solver then adds the groups' block.
+  template <typename Schur>
+  void start(int groups, const int32_t* row_class, const std::vector<double>& last_dir, const Schur& schur) {
+    with_extra = !last_dir.empty() && deflation_vector(last_dir, row_class, groups, extra);
+    const int k = with_extra ? 1 : 0;
+    E.setZero(groups + k, groups + k);
+    if (!with_extra) return;
+    s_extra.resize(extra.size());
+    E(groups, groups) = schur(extra, s_extra);
+    for (size_t i = 0; i < extra.size(); ++i) E(row_class[i], groups) += s_extra[i];
+    E.row(groups).head(groups) = E.col(groups).head(groups).transpose();
+  }
+
+  void factor() {
+    // Without damping the constant vector is a null vector of S (and of E): a relative ridge keeps
+    // the factorisation defined; CG only ever sees right-hand sides orthogonal to it.
+    const double ridge = 1e-10 * E.diagonal().cwiseAbs().maxCoeff();
+    E.diagonal().array() += ridge;
+    fact.compute(E);
+  }
+  // z = dinv .* r, plus the coarse correction when `coarse` (row_class: each row's group).
+  void apply(const std::vector<double>& r, std::vector<double>& z, const std::vector<double>& dinv, bool coarse,
+             const int32_t* row_class) const {
+    const int64_t n = static_cast<int64_t>(r.size());
+    for (int64_t i = 0; i < n; ++i) z[i] = dinv[i] * r[i];
+    if (!coarse) return;
+    Eigen::VectorXd zr = Eigen::VectorXd::Zero(E.rows());
+    for (int64_t i = 0; i < n; ++i) zr[row_class[i]] += r[i];
+    const int64_t last = E.rows() - 1;
+    if (with_extra) {
+      double d = 0.0;
+      for (int64_t i = 0; i < n; ++i) d += extra[i] * r[i];
+      zr[last] = d;
+    }
+    zr = fact.solve(zr);
+    for (int64_t i = 0; i < n; ++i) z[i] += zr[row_class[i]];
+    if (with_extra)
+      for (int64_t i = 0; i < n; ++i) z[i] += zr[last] * extra[i];
+  }
+};
 
 // Newton's inner solve in both solvers: preconditioned conjugate gradients on S x = rhs from x = 0,
 // until |residual|^2 <= tol2, a direction of non-positive curvature, rz <= 0, max_cg iterations, or

@@ -1158,8 +1158,7 @@ double newton_polish(const SparseRows<T>& R, int64_t m, const double* a, const d
   const int Rc = cls.row_classes;
   const bool use_coarse = Rc >= 2 && Rc <= 512;  // E is Rc x Rc (+ 1: the extra vector), factored once per step
   TwoLevelPreconditioner coarse;
-  // The last step's direction, the coarse space's extra vector (deflation_vector, kernels.hpp).
-  std::vector<double> last_dir, extra, s_extra(n);
+  std::vector<double> last_dir;  // the coarse space's extra vector comes from it (coarse.start)
   std::vector<double> zvec(n);
   // Threads for the kernel-sized loops only where they have enough work (R may change size on a
   // relocation).
@@ -1302,15 +1301,8 @@ double newton_polish(const SparseRows<T>& R, int64_t m, const double* a, const d
     // which Jacobi leaves to many CG iterations; classes approximate those clusters. E is formed in
     // one pass over the columns: Z^T S Z = Z^T D1 Z - sum_j inv_c_j u_j u_j^T, u_j[c] = sum of
     // column j's entries in rows of class c (all u_j from one pass over the operator's rows).
-    coarse.extra = use_coarse && !last_dir.empty() && deflation_vector(last_dir, row_class, Rc, extra) ? &extra : nullptr;
     if (use_coarse) {
-      const int k = coarse.extra != nullptr ? 1 : 0;
-      coarse.E.setZero(Rc + k, Rc + k);
-      if (k == 1) {  // E's last row and column: Z_groups^T S v and v^T S v
-        coarse.E(Rc, Rc) = apply_schur(false, extra, s_extra);
-        for (int64_t i = 0; i < n; ++i) coarse.E(row_class[i], Rc) += s_extra[i];
-        coarse.E.row(Rc).head(Rc) = coarse.E.col(Rc).head(Rc).transpose();
-      }
+      coarse.start(Rc, row_class, last_dir, schur);
       for (int64_t i = 0; i < n; ++i) coarse.E(row_class[i], row_class[i]) += (1.0 + lambda) * d1[i];
       std::vector<double> U(static_cast<size_t>(m) * Rc, 0.0);
       for (int64_t i = 0; i < n; ++i)

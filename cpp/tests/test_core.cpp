@@ -1620,7 +1620,8 @@ static void test_deflation() {
   }
   TwoLevelPreconditioner pre;
   pre.E = Z.transpose() * S * Z;
-  pre.extra = &v;
+  pre.extra = v;
+  pre.with_extra = true;
   pre.factor();
   std::vector<double> zero(n, 0.0), dinv(n), r(n), out(n);
   for (int64_t i = 0; i < n; ++i) dinv[i] = 1.0 / S(i, i);
