@@ -699,7 +699,9 @@ void validate(const BatchProblem& p, const BatchOptions& o) {
   need(p.repeats >= 1 && p.repeats <= kMaxGridYZ, "repeats", "must be in [1, 65535] for the CUDA solver");
   need(p.n >= 1 && p.m >= 1, "n_pixels", "needs at least one point on each side");
   need((p.n + kTile - 1) / kTile <= kMaxGridYZ, "n_pixels", "is too large for the CUDA solver (at most 1048560 source points)");
-  need(p.m <= (int64_t{1} << 34), "n_pixels", "is too large for the CUDA solver (grid limits)");
+  // Newton's sparse pattern stores column indices as int32 (pattern_row_fill_kernel).
+  need(p.m <= std::numeric_limits<int32_t>::max(), "n_pixels",
+       "is too large for the CUDA solver (at most 2147483647 target points)");
   need(p.src.dim >= 1 && p.src.dim == p.tgt.dim, "target_features", "must have as many channels as source_features");
   need(p.src.data != 0 && p.tgt.data != 0, "features", "internal: null data pointer");
   need(p.src.images >= 1 && p.src.pixels >= 1 && p.tgt.images >= 1 && p.tgt.pixels >= 1, "features",
@@ -707,6 +709,9 @@ void validate(const BatchProblem& p, const BatchOptions& o) {
   need(p.src_idx != nullptr && p.tgt_idx != nullptr, "indices", "internal: null index array");
   need(p.row_classes >= 1 && p.col_classes >= 1 && p.row_class_start != nullptr && p.col_class_start != nullptr,
        "classes", "internal: class ranges missing");
+  // Newton's class masses run one grid row per source class (class_column_sums).
+  need(p.row_classes <= kMaxGridYZ, "source_labels",
+       "has more than 65535 classes in a draw, more than the CUDA solver takes; use device='cpu'");
   need(p.device >= 0, "device", "must be a CUDA device ordinal >= 0");
   for (const FeatureSource* fs : {&p.src, &p.tgt}) {
     const char* name = fs == &p.src ? p.src_name : p.tgt_name;
@@ -933,10 +938,21 @@ class DeviceNewtonBackend final : public DenseNewtonBackend {
     pattern_ok_ = true;
     use_pattern_ = false;
     if (row_count_.size() == 0) {
-      row_count_ = DeviceBuffer<int>(static_cast<size_t>(K_ * n_), "Newton: pattern row counts");
-      col_count_ = DeviceBuffer<int>(static_cast<size_t>(K_ * m_ * kPatternGroups), "Newton: pattern column counts");
-      row_ptr_ = DeviceBuffer<int64_t>(static_cast<size_t>(K_ * n_ + 1), "Newton: pattern row pointers");
-      col_ptr_ = DeviceBuffer<int64_t>(static_cast<size_t>(K_ * m_ * kPatternGroups + 1), "Newton: pattern column pointers");
+      // Outside cuda_workspace_bytes, like the pattern itself: where they do not fit, the dense
+      // kernels serve (as the comment above says), not a MemoryError in the middle of Newton.
+      try {
+        row_count_ = DeviceBuffer<int>(static_cast<size_t>(K_ * n_), "Newton: pattern row counts");
+        col_count_ = DeviceBuffer<int>(static_cast<size_t>(K_ * m_ * kPatternGroups), "Newton: pattern column counts");
+        row_ptr_ = DeviceBuffer<int64_t>(static_cast<size_t>(K_ * n_ + 1), "Newton: pattern row pointers");
+        col_ptr_ = DeviceBuffer<int64_t>(static_cast<size_t>(K_ * m_ * kPatternGroups + 1),
+                                         "Newton: pattern column pointers");
+      } catch (const std::exception&) {
+        row_count_ = DeviceBuffer<int>();
+        col_count_ = DeviceBuffer<int>();
+        row_ptr_ = DeviceBuffer<int64_t>();
+        col_ptr_ = DeviceBuffer<int64_t>();
+        return false;
+      }
     }
     const dim3 rgrid(blocks_for(n_, kRowWarps), static_cast<unsigned>(K_));
     const dim3 cgrid(blocks_for(m_, kColCols), static_cast<unsigned>(K_)), cblock(kColCols, kPatternGroups);

@@ -88,7 +88,7 @@ class Stream {
   cudaStream_t s_ = nullptr;
 };
 
-// Waits (on the device, not the host) until `s` has drained; declared after the buffers that the
+// Blocks the host until `s` has drained; declared after the buffers that the
 // queued kernels use, so that it runs before they are freed when an exception unwinds the stack.
 class DrainOnExit {
  public:

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -224,6 +225,58 @@ def test_device_array_from_cuda_array_interface(monkeypatch):
         _device.device_array(type("Cai", (), {"__cuda_array_interface__": dict(cai, stream=0)})(), "x")
     with pytest.raises(TypeError, match="masked"):
         _device.device_array(type("Cai", (), {"__cuda_array_interface__": dict(cai, mask=object())})(), "x")
+
+
+def test_device_array_falls_back_to_cuda_array_interface_when_dlpack_refuses(monkeypatch):
+    monkeypatch.setattr(_core, "cuda_pointer_device", lambda ptr: 0)
+    arr = np.zeros((4, 3), dtype=np.float32)
+    cai = {"shape": arr.shape, "typestr": arr.dtype.str, "data": (arr.__array_interface__["data"][0], False),
+           "strides": None, "version": 3, "stream": None}
+
+    def refuse(self, **kwargs):
+        raise TypeError("__dlpack__() got an unexpected keyword argument 'stream'")
+
+    both = type("Both", (), {"__dlpack__": refuse, "__cuda_array_interface__": cai})()
+    dev = _device.device_array(both, "x")
+    assert (dev.ptr, dev.shape, dev.strides) == (cai["data"][0], (4, 3), (3, 1))
+    only_dlpack = type("OnlyDlpack", (), {"__dlpack__": refuse})()
+    with pytest.raises(TypeError, match="x could not be exported through DLPack: .*stream"):
+        _device.device_array(only_dlpack, "x")
+
+
+def test_torch_cuda_tensors_are_exported_with_their_own_device_current(monkeypatch):
+    """torch's __dlpack__ orders the export after the *current* device's stream: segtransfer makes the
+    tensor's device current for the call (a stand-in torch module records it; no GPU needed)."""
+    entered = []
+
+    class DeviceContext:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+
+    fake_torch = types.SimpleNamespace(cuda=types.SimpleNamespace(device=DeviceContext))
+    monkeypatch.setitem(sys.modules, "torch", fake_torch)
+    monkeypatch.setattr(_device, "_CUDA_TYPES", {1, 2, 13})
+    arr = np.ones((5, 2), dtype=np.float32)
+    where = types.SimpleNamespace(type="cuda", index=1)
+
+    class Tensor(HostAsCuda):
+        device = where
+
+        def __dlpack__(self, stream=None, **kwargs):
+            assert entered == [where], "exported outside the tensor's device context"
+            return super().__dlpack__(stream=stream, **kwargs)
+
+    Tensor.__module__ = "torch"
+    obj = Tensor(arr)
+    dev = _device.device_array(obj, "x")
+    assert entered == [where, "exit"] and obj.streams == [1]
+    assert dev.ptr == arr.__array_interface__["data"][0]
 
 
 def _as_device(arr: np.ndarray, device: int = 0) -> _device.DeviceArray:

@@ -201,7 +201,7 @@ void register_cuda_bindings(py::module_& m) {
           py::gil_scoped_release nogil;
           cuda_copy_to_host(dst, src, bytes, device, stream);
         },
-        py::arg("out"), py::arg("src"), py::arg("device"), py::arg("stream"));
+        py::arg("out").noconvert(), py::arg("src"), py::arg("device"), py::arg("stream"));
   m.def("cuda_workspace_bytes", &cuda_workspace_bytes, py::arg("repeats"), py::arg("n"), py::arg("m"), py::arg("dim"),
         py::arg("row_classes"), py::arg("col_classes"), py::arg("float64"), py::arg("codes_len") = 0);
 }

@@ -21,6 +21,7 @@ query for ``__cuda_array_interface__`` inputs) actually runs. cuda-python is not
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -208,14 +209,35 @@ def _dlpack_dtype(info: dict[str, Any], name: str) -> np.dtype:
         raise TypeError(f"{name} has an unsupported DLPack dtype (code {code}, {bits} bits)") from None
 
 
+def _dlpack_capsule(obj: Any) -> Any:
+    """``obj.__dlpack__`` asked to order its work before the legacy default stream.
+
+    torch makes that wait from the *current* device's streams, whatever device the tensor is on
+    (``Tensor.__dlpack__`` calls ``torch.cuda.current_stream()`` without a device): a tensor on cuda:1
+    written on a side stream while cuda:0 is current would be read unsynchronised. So torch's export
+    runs with the tensor's own device current.
+    """
+    torch = sys.modules.get("torch")
+    device = getattr(obj, "device", None)
+    if torch is not None and type(obj).__module__.startswith("torch") and getattr(device, "type", None) == "cuda":
+        with torch.cuda.device(device):
+            return obj.__dlpack__(stream=_LEGACY_STREAM)
+    return obj.__dlpack__(stream=_LEGACY_STREAM)
+
+
 def device_array(obj: Any, name: str) -> DeviceArray:
     """Describe a CUDA-resident ``obj`` without copying it (DLPack first, else __cuda_array_interface__)."""
     obj = settle_torch(obj, name)
+    capsule = None
     if hasattr(obj, "__dlpack__"):
         try:
-            capsule = obj.__dlpack__(stream=_LEGACY_STREAM)
+            capsule = _dlpack_capsule(obj)
         except Exception as exc:  # noqa: BLE001 - producer-specific failures
-            raise TypeError(f"{name} could not be exported through DLPack: {exc}") from None
+            # An exporter whose __dlpack__ refuses the stream request (older wrappers) may still
+            # describe itself through __cuda_array_interface__.
+            if not hasattr(obj, "__cuda_array_interface__"):
+                raise TypeError(f"{name} could not be exported through DLPack: {exc}") from None
+    if capsule is not None:
         info = _core.dlpack_info(capsule, name)
         if info["device_type"] not in _CUDA_TYPES:
             raise ValueError(f"{name} exported a DLPack tensor of device type {info['device_type']}, not CUDA")
