@@ -82,8 +82,16 @@ struct PlanSums {
 // G_j - c_j / eps > th, compacted branch-free into idx; returns how many.
 template <typename T>
 struct CaptureRow {
-  SEGTRANSFER_HOT static int64_t keep(const T* c, int64_t m, const double* G, double inv_eps, double th,
-                                      int32_t* idx) {
+  static int64_t keep(const T* c, int64_t m, const double* G, double inv_eps, double th, int32_t* idx) {
+#ifdef SEGTRANSFER_AVX512_LSE
+    if constexpr (std::is_same_v<T, float>) {
+      if (avx512_lse_available()) return capture_keep_avx512(c, m, G, inv_eps, th, idx);
+    }
+#endif
+    return keep_clones(c, m, G, inv_eps, th, idx);
+  }
+  SEGTRANSFER_HOT static int64_t keep_clones(const T* c, int64_t m, const double* G, double inv_eps, double th,
+                                             int32_t* idx) {
     int64_t k = 0;
     for (int64_t j = 0; j < m; ++j) {
       idx[k] = static_cast<int32_t>(j);

@@ -648,6 +648,40 @@ static void test_block_index() {
 // and AVX2 (compact_above_avx2, given the row's count as its room), each where this CPU runs it,
 // against the plain filter: the same count, the same entries in order, nothing written past them,
 // on lengths that leave partial vectors and densities from none to all kept.
+// The blocked solver's capture filter in AVX-512 (capture_keep_avx512) against the plain one with the
+// same fused multiply-add: the same columns in order, nothing written past them, on widths that
+// leave partial groups of 8 and thresholds from none to all kept.
+static void test_capture_keep() {
+#ifdef SEGTRANSFER_AVX512_LSE
+  if (!avx512_lse_available()) return;
+  std::mt19937_64 rng(37);
+  std::uniform_real_distribution<float> uc(0.f, 80.f);
+  std::uniform_real_distribution<double> uG(-3.0, 3.0);
+  const double inv_eps = 9.5;
+  bool same = true;
+  int64_t kept_total = 0, seen = 0;
+  for (int64_t m : {0, 1, 7, 8, 9, 255, 256, 1001}) {
+    std::vector<float> c(m);
+    std::vector<double> G(m);
+    for (int64_t j = 0; j < m; ++j) c[j] = uc(rng), G[j] = uG(rng);
+    for (double th : {-1e9, -400.0, -200.0, -20.0, 10.0}) {
+      std::vector<int32_t> want;
+      for (int64_t j = 0; j < m; ++j)
+        if (std::fma(-static_cast<double>(c[j]), inv_eps, G[j]) > th) want.push_back(static_cast<int32_t>(j));
+      std::vector<int32_t> got(m + 16, -5);
+      const int64_t k = capture_keep_avx512(c.data(), m, G.data(), inv_eps, th, got.data());
+      same = same && k == static_cast<int64_t>(want.size());
+      for (int64_t q = 0; q < k && same; ++q) same = got[q] == want[q];
+      for (int64_t q = k; q < m + 16; ++q) same = same && got[q] == -5;
+      kept_total += k;
+      seen += m;
+    }
+  }
+  CHECK(same);
+  CHECK(kept_total > 0 && kept_total < seen);  // the thresholds kept some and dropped some
+#endif
+}
+
 static void test_compact_above() {
 #ifdef SEGTRANSFER_AVX512_LSE
   const bool avx512 = avx512_lse_available(), avx2 = cpu_has_avx2_fma();
@@ -2822,6 +2856,7 @@ int main(int argc, char** argv) {
       {"group_sums", test_group_sums},
       {"block_index", test_block_index},
       {"plan_rows", test_plan_rows},
+      {"capture_keep", test_capture_keep},
       {"pattern_build", test_pattern_build},
       {"pattern_filters", test_pattern_filters},
       {"dense_fill", test_dense_fill},
