@@ -212,10 +212,7 @@ class BlockedSolver {
       }
     }
     const float inv_eps_f = static_cast<float>(inv_eps);
-    auto row_shift = [&](int64_t i) {
-      const double sh = -f[i] * inv_eps;
-      return lowp ? static_cast<double>(static_cast<float>(sh)) : sh;
-    };
+    auto row_shift = [&](int64_t i) { return shift_of(f[i], inv_eps, lowp); };
     std::fill(acc_.begin(), acc_.end(), 0.0);
     tiled_panels([&](int lane, int64_t i0, int64_t rows, PanelTiles<T>& tiles, Scratch& s) {
       // Rows first, shifted by their own potentials as well, summed tile by tile.
@@ -280,6 +277,13 @@ class BlockedSolver {
     return err;
   }
 
+  // Row i's shift -f_i / eps in its row sums, rounded to float where their exponents are (lowp):
+  // the value the float sums subtract, so the one to add back.
+  static double shift_of(double f_i, double inv_eps, bool lowp) {
+    const double sh = -f_i * inv_eps;
+    return lowp ? static_cast<double>(static_cast<float>(sh)) : sh;
+  }
+
   // Class balancing (see balance_classes in sinkhorn.cpp) with the plan's group masses from one pass.
   // `lowp`: its exponents in float, as the stage's iterations take them (iterate): the pass had formed
   // them in double at every stage's start and block's end, and took 22 % of a blocked N = 10^4,
@@ -312,9 +316,9 @@ class BlockedSolver {
           for (int64_t r = 0; r < rows; ++r)
             s.seg[r * Q + q] +=
                 lowp ? RowLse<T>::sum_lowp(c + r * ld + (k0 - j0), nullptr, k1 - k0, Af_.data() + k0, inv_eps_f,
-                                           static_cast<float>(-f[i0 + r] * inv_eps))
+                                           static_cast<float>(shift_of(f[i0 + r], inv_eps, true)))
                      : RowLse<T>::sum(c + r * ld + (k0 - j0), nullptr, k1 - k0, A_.data() + k0, inv_eps,
-                                      -f[i0 + r] * inv_eps);
+                                      shift_of(f[i0 + r], inv_eps, false));
         }
       }
       for (int64_t r = 0; r < rows; ++r) {
@@ -324,12 +328,13 @@ class BlockedSolver {
         for (int q = 0; q < Q; ++q) total += seg[q];
         double* li = lm + static_cast<size_t>(grp.row_class[i]) * Q;
         // log of row i's mass in group q: log a_i + f_i / eps + log sum_{j in q} exp(A_j - C_ij / eps),
-        // and the shift was -f_i / eps. A row whose total leaves [kShiftedMin, inf) is redone safely.
+        // and the shift was shift_of(f_i): -f_i / eps, or its float rounding (up to ~|f_i / eps| 2^-24,
+        // not negligible at cost / eps 10^3), which is put back as iterate() does (exactly 0 in double).
+        // A row whose total leaves [kShiftedMin, inf) is redone safely.
         if (total >= kShiftedMin && total < kPosInf) {
-          // float's rounding of the shift (up to ~|f_i / eps| 2^-24), put back as iterate() does.
-          const double rounding = lowp ? f[i] * inv_eps + static_cast<double>(static_cast<float>(-f[i] * inv_eps)) : 0.0;
+          const double unshift = f[i] * inv_eps + shift_of(f[i], inv_eps, lowp);
           for (int q = 0; q < Q; ++q)
-            if (seg[q] > 0) lse_add(li[q], log_a_[i] + rounding + std::log(seg[q]));
+            if (seg[q] > 0) lse_add(li[q], log_a_[i] + unshift + std::log(seg[q]));
           continue;
         }
         s.row.resize(m_);
