@@ -644,10 +644,6 @@ static void test_block_index() {
   }
 }
 
-// Newton's operator count and compaction in AVX-512 (count_above_avx512, compact_above_avx512)
-// and AVX2 (compact_above_avx2, given the row's count as its room), each where this CPU runs it,
-// against the plain filter: the same count, the same entries in order, nothing written past them,
-// on lengths that leave partial vectors and densities from none to all kept.
 // The blocked solver's capture filter in AVX-512 (capture_keep_avx512) against the plain one with the
 // same fused multiply-add: the same columns in order, nothing written past them, on widths that
 // leave partial groups of 8 and thresholds from none to all kept.
@@ -682,6 +678,10 @@ static void test_capture_keep() {
 #endif
 }
 
+// Newton's operator count and compaction in AVX-512 (count_above_avx512, compact_above_avx512)
+// and AVX2 (compact_above_avx2, given the row's count as its room), each where this CPU runs it,
+// against the plain filter: the same count, the same entries in order, nothing written past them,
+// on lengths that leave partial vectors and densities from none to all kept.
 static void test_compact_above() {
 #ifdef SEGTRANSFER_AVX512_LSE
   const bool avx512 = avx512_lse_available(), avx2 = cpu_has_avx2_fma();
