@@ -510,9 +510,11 @@ class BlockedSolver {
   // then P w). Plain Sinkhorn needed ~11,600 iterations on a 2,000-point draw of the benchmark where
   // Newton took 28 steps and 560 CG iterations (RESULTS.md). Needs set_transposed(). Returns the
   // marginal error of the potentials it leaves (from a pass over the dense plan in double).
+  // Below `settle` (0: never), a step that does not halve the error ends it (sinkhorn_log's rule
+  // where tol lies below float64's rounding).
   template <typename Poll>
-  double newton(double eps, double target, double* f, double* g, SinkhornReport& rep, const Poll& poll,
-                const PlanClasses& grp, bool debug) {
+  double newton(double eps, double target, double settle, double* f, double* g, SinkhornReport& rep,
+                const Poll& poll, const PlanClasses& grp, bool debug) {
     constexpr double forcing = 0.1;
     const double inv_eps = 1.0 / eps;
     const int64_t n = n_, m = m_;
@@ -683,7 +685,9 @@ class BlockedSolver {
       std::copy(g_try.begin(), g_try.end(), g);
       rs.swap(rs_t);
       cs.swap(cs_t);
+      const bool halved = err_try <= 0.5 * err;
       err = err_try;
+      if (!halved && err <= settle) break;
     }
     return err;
   }
@@ -1019,6 +1023,10 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
     BestCertificate best;
     double certified = kPosInf;  // the last round's certificate
     for (;;) {
+      // As sinkhorn_log's rounds where float64's rounding exceeds tol: below twice it, Newton goes on
+      // only while its steps halve the error, and the round goes to its certificate.
+      const double floor_rounding = certificate_rounding(cmax, f, n, g, m, eps, std::max(n, m));
+      const double settle = floor_rounding > opt.tol ? 2.0 * floor_rounding : 0.0;
       double estimate = kPosInf;
       if (newton) {
         // The phase that only hands over to Newton in float exponents where they resolve this stage,
@@ -1027,8 +1035,8 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
         const double handover = std::max(target, opt.newton_switch);
         run(eps, handover, opt.max_iter,
             !(certified <= opt.newton_switch) && stage_float_exponents(opt, handover, cmax, f, n, g, m, eps));
-        estimate = solver.newton(eps, target, f, g, rep, poll, grp, debug);
-        if (estimate > target && !rep.timed_out && rep.iterations < opt.max_iter) {
+        estimate = solver.newton(eps, target, settle, f, g, rep, poll, grp, debug);
+        if (estimate > target && estimate > settle && !rep.timed_out && rep.iterations < opt.max_iter) {
           // Newton's point is kept should the Sinkhorn phase end worse: near the floor of a tight
           // tol (float32 clusters at cost / eps 1e5, tol 1e-12) Newton reached 1e-12 and the phase
           // after it 6e-8, every round, until max_iter.
@@ -1056,15 +1064,15 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
       rep.converged = rep.marginal_error <= opt.tol;
       certified = rep.marginal_error;
       if (debug)
-        std::fprintf(stderr, "blocked certify: err=%.3e it=%lld t=%.1f\n", rep.marginal_error,
-                     static_cast<long long>(rep.iterations),
+        std::fprintf(stderr, "blocked certify: err=%.3e (rounding %.2e) it=%lld t=%.1f\n", rep.marginal_error,
+                     rounding, static_cast<long long>(rep.iterations),
                      std::chrono::duration<double>(Clock::now() - start).count());
       // What float64 cannot resolve at this cost scale exceeds tol, and the rest of the certificate
-      // is already below it: no round can certify tol, nor do much better (as the stored solver
-      // ends). Rounds that each shaved 0.2 % off such a certificate had gone on for 60 s (1,415 x
-      // 2,442 points, D = 256, cost / eps 8e8, tol 1e-8: certified 2.06e-8 of which 2.0e-8
-      // rounding; session 32).
-      const bool unresolvable = rounding > opt.tol && chk.marginal_error <= rounding;
+      // is already below twice that (where a round's Newton settles, above): no round can certify tol, nor
+      // do much better (as the stored solver ends). Rounds that each shaved 0.2 % off such a
+      // certificate had gone on for 60 s (1,415 x 2,442 points, D = 256, cost / eps 8e8, tol 1e-8:
+      // certified 2.06e-8 of which 2.0e-8 rounding; session 32).
+      const bool unresolvable = rounding > opt.tol && chk.marginal_error <= 2.0 * rounding;
       const bool done = rep.converged || rep.iterations >= opt.max_iter || rep.timed_out ||
                         !std::isfinite(rep.marginal_error) || unresolvable || rounds.stuck(rep.marginal_error);
       if (done) {

@@ -1137,7 +1137,8 @@ constexpr int kNewtonStallSteps = 10;
 // the dense plan if the pattern cannot vouch for the result.
 template <typename T, typename Poll, typename Keeps, typename Relocate>
 double newton_polish(const SparseRows<T>& R, int64_t m, const double* a, const double* b,
-                     const double* log_a, const double* log_b, double eps, double target, double* f, double* g,
+                     const double* log_a, const double* log_b, double eps, double target, double settle,
+                     double* f, double* g,
                      SparsePlan& p, SinkhornReport& rep, Poll& poll, const Keeps& keeps_pattern,
                      const Relocate& relocate, const PlanClasses& cls, int64_t max_iter, double& floor, bool debug,
                      const int& nt) {
@@ -1422,7 +1423,9 @@ double newton_polish(const SparseRows<T>& R, int64_t m, const double* a, const d
     lambda = next_damping(lambda, t, ascent, err_try, err);  // kernels.hpp
     std::copy(f_try.begin(), f_try.end(), f);
     std::copy(g_try.begin(), g_try.end(), g);
+    const bool halved = err_try <= 0.5 * err;
     err = err_try;
+    if (!halved && err <= settle) return err;  // see `settle` at the caller
     if (floor_after_rejection > 0.0) {
       floor = floor_after_rejection;
       floor_after_rejection = 0.0;
@@ -2198,6 +2201,17 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
         // stay in double. Same iterations, Newton steps and scores on the benchmark's draws; the
         // last stage ~7 % faster and one transposition fewer a draw (RESULTS.md, session 21).
         while (rep.iterations < opt.max_iter && !rep.timed_out) {
+          // Where float64's rounding at this cost scale (certificate_rounding) already exceeds tol, no
+          // certificate can pass and the first one ends the stage (at_floor). Below twice that
+          // rounding Newton then goes on only while its steps halve the error (`settle`), and the
+          // round goes to its certificate: there the error falls only as far as the iteration
+          // resolves it. A 1,202-point draw (D = 1, float32, cost / eps 1.4e8, tol 1e-8, rounding
+          // 1.6e-7) spent 40 of its 56 s in Newton steps of up to 20,000 CG iterations crawling
+          // from 3e-8 towards the round's 5e-9, then was certified at 1.7e-7, unconverged; now
+          // 1.4 s and 4.7e-7. Where steps still gain 10x each (300 points at cost / eps 1e4, tol
+          // 1e-11, rounding 1.04e-11), to tol as before (session 48).
+          const double rounding = certificate_rounding(pattern.cost_bound, f, n, g, m, eps, std::max(n, m));
+          const double settle = rounding > opt.tol ? 2.0 * rounding : 0.0;
           const double phase_target = newton_futile ? target : std::max(target, opt.newton_switch);
           // Back from a certificate that missed tol but is below newton_switch, Newton resumes at
           // once: the hand-over phase's float exponents would put the error back up first (float32
@@ -2244,10 +2258,10 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
             }
             return std::numeric_limits<double>::infinity();
           };
-          const double err = newton_polish(rows, m, a, b, log_a.data(), log_b.data(), eps, target, f, g,
+          const double err = newton_polish(rows, m, a, b, log_a.data(), log_b.data(), eps, target, settle, f, g,
                                            plan, rep, poll, keeps, relocate, grp, opt.max_iter,
                                            cg_floor, debug, nt);
-          if (err <= target || pattern_stale()) break;
+          if (err <= target || err <= settle || pattern_stale()) break;
           // A round without progress counts as futile too (a stalled Newton can take several
           // rejected steps a round, and the next Sinkhorn phase must then run in full). Four such
           // rounds in a row (Sinkhorn phases of 300, 600, 1200 and 2400 iterations between them) near

@@ -2725,6 +2725,34 @@ static void test_certificate_rounding() {
   CHECK(t.report.marginal_error >= 2.0 * (static_cast<double>(n) + 8.0) * 0x1p-53);
 }
 
+// Where float64's rounding alone exceeds tol, no certificate can pass: the last stage aims at twice
+// that rounding (certificate_rounding), not at tol, and ends there, unconverged, with a certified
+// error of a few times it. 1,200 points on a line, ~600 apart, in float32 at eps = 0.1 (cost / eps
+// ~1e8, rounding ~1.5e-7 against tol 1e-8), five seeds, stored and blocked: 11 s and 222,000 CG
+// iterations aimed at tol (errors 1.3-3.0e-7), 1.6 s and 18,000 aimed at the rounding (2.8-5.0e-7).
+// A draw of 1,202 such points had crawled through Newton steps of up to 20,000 CG iterations for 40 s
+// (session 48).
+static void test_tol_below_rounding() {
+  int64_t cg = 0;
+  for (const uint64_t seed : {0, 1, 2, 3, 5}) {
+    std::mt19937_64 rng(seed);
+    const int64_t n = 1200;
+    const std::vector<double> xd = normal(rng, n, 600.0), yd = normal(rng, n, 600.0);
+    const std::vector<float> x(xd.begin(), xd.end()), y(yd.begin(), yd.end());
+    SinkhornOptions opt;
+    opt.epsilon = 0.1;
+    opt.tol = 1e-8;
+    for (const bool blocked : {false, true}) {
+      opt.blocked = blocked;
+      const TransportResult t = transport_points<float>(x.data(), n, y.data(), n, 1, nullptr, nullptr, opt, 0.0);
+      CHECK(!t.report.converged && !t.report.timed_out && t.report.iterations < opt.max_iter);
+      CHECK(t.report.marginal_error > opt.tol && t.report.marginal_error < 1e-6);
+      cg += t.report.cg_iterations;
+    }
+  }
+  CHECK(cg < 60000);
+}
+
 // StallBackoff: a loop that keeps setting new bests is left alone; one that stops doing so loses half
 // of omega - 1 every kPatience (5) blocks until omega is 1, and its cap follows omega down.
 static void test_stall_backoff() {
@@ -2896,6 +2924,7 @@ int main(int argc, char** argv) {
       {"stall_backoff", test_stall_backoff},
       {"accept_block", test_accept_block},
       {"next_certificate_target", test_next_certificate_target},
+      {"tol_below_rounding", test_tol_below_rounding},
   };
   for (int i = 1; i < argc; ++i) {
     bool known = false;

@@ -463,10 +463,12 @@ def sinkhorn(
 
 #: Why a solve that neither timed out nor spent max_iter stopped unconverged: the last stage's error
 #: stopped falling, close to float64's resolution for the cost scale (rounding of order
-#: largest cost / epsilon * 2**-52 in every exponent), where no iteration can lower it, or on a
+#: largest cost / epsilon * 2**-52 in every exponent), where no iteration can lower it, or came
+#: within twice that resolution where it exceeds tol (no certificate could pass), or stalled on a
 #: nearly unregularised problem (cost / epsilon ~ 1e7-1e10) after ~300,000 iterations without gain.
-_STALLED = ("the marginal error stopped falling, at float64's resolution for this cost scale or on a "
-            "nearly unregularised problem; a larger epsilon or tol, or smaller features, would help")
+_STALLED = ("the marginal error stopped falling or reached float64's resolution for this cost scale, "
+            "or stalled on a nearly unregularised problem; a larger epsilon or tol, or smaller features, "
+            "would help")
 #: Why a solve stopped with a marginal error above the plan's total mass (stop_cause's 'diverged').
 _DIVERGED = "the iteration diverged, its potentials far from any coupling; a larger epsilon would help"
 
