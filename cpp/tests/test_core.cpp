@@ -2725,11 +2725,11 @@ static void test_certificate_rounding() {
   CHECK(t.report.marginal_error >= 2.0 * (static_cast<double>(n) + 8.0) * 0x1p-53);
 }
 
-// Where float64's rounding alone exceeds tol, no certificate can pass: the last stage aims at twice
-// that rounding (certificate_rounding), not at tol, and ends there, unconverged, with a certified
-// error of a few times it. 1,200 points on a line, ~600 apart, in float32 at eps = 0.1 (cost / eps
+// Where float64's rounding alone exceeds tol, no certificate can pass: below twice that rounding
+// (certificate_rounding) the last stage's Newton goes on only while its steps halve the error, and
+// the solve ends there, unconverged, with a certified error of a few times it. 1,200 points on a line, ~600 apart, in float32 at eps = 0.1 (cost / eps
 // ~1e8, rounding ~1.5e-7 against tol 1e-8), five seeds, stored and blocked: 11 s and 222,000 CG
-// iterations aimed at tol (errors 1.3-3.0e-7), 1.6 s and 18,000 aimed at the rounding (2.8-5.0e-7).
+// iterations aimed at tol (errors 1.3-3.0e-7), 2.5 s and 34,000 with the rule (1.8-4.8e-7).
 // A draw of 1,202 such points had crawled through Newton steps of up to 20,000 CG iterations for 40 s
 // (session 48).
 static void test_tol_below_rounding() {
@@ -2750,7 +2750,7 @@ static void test_tol_below_rounding() {
       cg += t.report.cg_iterations;
     }
   }
-  CHECK(cg < 60000);
+  CHECK(cg < 100000);
 }
 
 // StallBackoff: a loop that keeps setting new bests is left alone; one that stops doing so loses half

@@ -464,7 +464,8 @@ def sinkhorn(
 #: Why a solve that neither timed out nor spent max_iter stopped unconverged: the last stage's error
 #: stopped falling, close to float64's resolution for the cost scale (rounding of order
 #: largest cost / epsilon * 2**-52 in every exponent), where no iteration can lower it, or came
-#: within twice that resolution where it exceeds tol (no certificate could pass), or stalled on a
+#: within twice that resolution where it exceeds tol (no certificate could pass) and stopped
+#: falling fast there (a Newton step no longer halved it), or stalled on a
 #: nearly unregularised problem (cost / epsilon ~ 1e7-1e10) after ~300,000 iterations without gain.
 _STALLED = ("the marginal error stopped falling or reached float64's resolution for this cost scale, "
             "or stalled on a nearly unregularised problem; a larger epsilon or tol, or smaller features, "
