@@ -1068,9 +1068,9 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
                      rounding, static_cast<long long>(rep.iterations),
                      std::chrono::duration<double>(Clock::now() - start).count());
       // What float64 cannot resolve at this cost scale exceeds tol, and the rest of the certificate
-      // is already below twice that (where a round's Newton settles, above): no round can certify tol, nor
-      // do much better (as the stored solver ends). Rounds that each shaved 0.2 % off such a
-      // certificate had gone on for 60 s (1,415 x 2,442 points, D = 256, cost / eps 8e8, tol 1e-8:
+      // is already below twice that (where a round's Newton settles, above): no round can certify
+      // tol, nor do much better (as the stored solver ends). Rounds that each shaved 0.2 % off such
+      // a certificate had gone on for 60 s (1,415 x 2,442 points, D = 256, cost / eps 8e8, tol 1e-8:
       // certified 2.06e-8 of which 2.0e-8 rounding; session 32).
       const bool unresolvable = rounding > opt.tol && chk.marginal_error <= 2.0 * rounding;
       const bool done = rep.converged || rep.iterations >= opt.max_iter || rep.timed_out ||

@@ -1134,7 +1134,8 @@ constexpr int kNewtonStallSteps = 10;
 // keeps the old pattern and returns inf (`p` is then stale: the search re-evaluates it). R is the
 // pattern's own rows (m columns), so it follows a relocation; the products with P^T scatter from
 // its rows (column_products), so no CSC copy is needed. The certification at the end decides, on
-// the dense plan if the pattern cannot vouch for the result.
+// the dense plan if the pattern cannot vouch for the result. Below `settle` (0: never), an accepted
+// step that does not halve the error ends it (where tol lies below float64's rounding; the caller).
 template <typename T, typename Poll, typename Keeps, typename Relocate>
 double newton_polish(const SparseRows<T>& R, int64_t m, const double* a, const double* b,
                      const double* log_a, const double* log_b, double eps, double target, double settle,
@@ -1425,7 +1426,7 @@ double newton_polish(const SparseRows<T>& R, int64_t m, const double* a, const d
     std::copy(g_try.begin(), g_try.end(), g);
     const bool halved = err_try <= 0.5 * err;
     err = err_try;
-    if (!halved && err <= settle) return err;  // see `settle` at the caller
+    if (!halved && err <= settle) return err;
     if (floor_after_rejection > 0.0) {
       floor = floor_after_rejection;
       floor_after_rejection = 0.0;
