@@ -1023,10 +1023,8 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
     BestCertificate best;
     double certified = kPosInf;  // the last round's certificate
     for (;;) {
-      // As sinkhorn_log's rounds where float64's rounding exceeds tol: below twice it, Newton goes on
-      // only while its steps halve the error, and the round goes to its certificate.
-      const double floor_rounding = certificate_rounding(cmax, f, n, g, m, eps, std::max(n, m));
-      const double settle = floor_rounding > opt.tol ? 2.0 * floor_rounding : 0.0;
+      // As sinkhorn_log's rounds where float64's rounding exceeds tol (newton_settle, kernels.hpp).
+      const double settle = newton_settle(certificate_rounding(cmax, f, n, g, m, eps, std::max(n, m)), opt.tol);
       double estimate = kPosInf;
       if (newton) {
         // The phase that only hands over to Newton in float exponents where they resolve this stage,
@@ -1072,7 +1070,7 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
       // tol, nor do much better (as the stored solver ends). Rounds that each shaved 0.2 % off such
       // a certificate had gone on for 60 s (1,415 x 2,442 points, D = 256, cost / eps 8e8, tol 1e-8:
       // certified 2.06e-8 of which 2.0e-8 rounding; session 32).
-      const bool unresolvable = rounding > opt.tol && chk.marginal_error <= 2.0 * rounding;
+      const bool unresolvable = rounding > opt.tol && chk.marginal_error <= newton_settle(rounding, opt.tol);
       const bool done = rep.converged || rep.iterations >= opt.max_iter || rep.timed_out ||
                         !std::isfinite(rep.marginal_error) || unresolvable || rounds.stuck(rep.marginal_error);
       if (done) {

@@ -189,6 +189,12 @@ inline double next_certificate_target(double target, double checked, double roun
   return std::min(checked > target ? 0.1 * target : target, passes);
 }
 
+// Where float64's rounding alone (certificate_rounding) exceeds tol, no certificate can pass: below
+// the level this returns, twice that rounding, the last stage's Newton goes on only while its steps
+// halve the error, and a certificate whose rest lies below it ends the solve (both solvers; see
+// sinkhorn_log's last stage). 0 where the rounding is below tol: Newton runs to its target.
+inline double newton_settle(double rounding, double tol) { return rounding > tol ? 2.0 * rounding : 0.0; }
+
 // The one rule for whether an intermediate stage (or the multiscale hand-over's half-step, whose
 // target is handover_tol) forms its exponents in float: asked for, a target that float's rounding
 // (~3e-4 relative on a term) cannot spoil, and exponents float resolves. Both solvers.

@@ -2204,15 +2204,15 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
         while (rep.iterations < opt.max_iter && !rep.timed_out) {
           // Where float64's rounding at this cost scale (certificate_rounding) already exceeds tol, no
           // certificate can pass and the first one ends the stage (at_floor). Below twice that
-          // rounding Newton then goes on only while its steps halve the error (`settle`), and the
+          // rounding Newton then goes on only while its steps halve the error (newton_settle), and the
           // round goes to its certificate: errors that close to the rounding fall slowly where
           // they fall at all. A 1,202-point draw (D = 1, float32, cost / eps 1.4e8, tol 1e-8, rounding
           // 1.6e-7) spent 40 of its 56 s in Newton steps of up to 20,000 CG iterations crawling
           // from 3e-8 towards the round's 5e-9, then was certified at 1.7e-7, unconverged; now
           // 2.0 s and 4.8e-7. Where steps still gain 10x each (300 points at cost / eps 1e4, tol
           // 1e-11, rounding 1.04e-11), to tol as before (session 48).
-          const double rounding = certificate_rounding(pattern.cost_bound, f, n, g, m, eps, std::max(n, m));
-          const double settle = rounding > opt.tol ? 2.0 * rounding : 0.0;
+          const double settle =
+              newton_settle(certificate_rounding(pattern.cost_bound, f, n, g, m, eps, std::max(n, m)), opt.tol);
           const double phase_target = newton_futile ? target : std::max(target, opt.newton_switch);
           // Back from a certificate that missed tol but is below newton_switch, Newton resumes at
           // once: the hand-over phase's float exponents would put the error back up first (float32
