@@ -2729,10 +2729,9 @@ static void test_certificate_rounding() {
 // (newton_settle) the last stage's Newton goes on only while its steps halve the error, and the
 // solve ends there, unconverged, with a certified error of a few times it. 1,200 points on a line,
 // ~600 apart, in float32 at eps = 0.1 (cost / eps ~1e8, rounding ~1.5e-7 against tol 1e-8), five
-// seeds, stored and blocked: 11 s and 222,000 CG
-// iterations aimed at tol (errors 1.3-3.0e-7), 2.5 s and 34,000 with the rule (1.8-4.8e-7).
-// A draw of 1,202 such points had crawled through Newton steps of up to 20,000 CG iterations for 40 s
-// (session 48).
+// seeds, stored and blocked: 11 s and 222,000 CG iterations aimed at tol (errors 1.3-3.0e-7), 2.5 s
+// and 34,000 with the rule (1.8-4.8e-7). A draw of 1,202 such points had crawled through Newton
+// steps of up to 20,000 CG iterations for 40 s (session 48).
 static void test_tol_below_rounding() {
   CHECK(newton_settle(1.6e-7, 1e-8) == 3.2e-7 && newton_settle(1e-11, 1e-6) == 0.0);
   int64_t cg = 0;
