@@ -311,8 +311,8 @@ def test_same_seed_same_result_and_repeats_differ():
 def test_thread_count_does_not_change_result():
     """Rows are split into a fixed number of blocks summed in order: bitwise identical for any thread count."""
     xs, ys, xt, yt = informative_pair(8, 300, 300)
-    # eps = 2: ~100 iterations. Kept short on purpose: each half-step is an OpenMP barrier, which costs
-    # milliseconds when the machine is oversubscribed (threads=3 on 2 cores, or a busy CI box).
+    # Two repeats of 150 pixels: they run side by side, one thread each (below parallel_min_entries a
+    # solve takes no threads of its own, nor lent ones; the test after this one runs larger draws).
     kw = dict(n_pixels=150, repeats=2, epsilon=2.0)
     r1 = st.otce(xs, ys, xt, yt, threads=1, **kw)
     assert_same_result(r1, st.otce(xs, ys, xt, yt, threads=2, **kw))
@@ -970,9 +970,10 @@ def test_large_feature_scale_converges_in_float32(blocked):
 
 def test_blocked_mode_is_thread_count_independent():
     """The blocked solver adds its column sums over fixed row ranges in a fixed order (blocked.cpp). One
-    repeat, so that the solve itself gets the threads (repeats would run side by side, one thread each)."""
-    xs, ys, xt, yt = informative_pair(5)
-    kw = dict(n_pixels=250, repeats=1, seed=1, blocked=True)
+    repeat, so that the solve itself gets the threads (repeats would run side by side, one thread each),
+    of 330 pixels a side: above parallel_min_entries (10^5 entries), below which it runs on one thread."""
+    xs, ys, xt, yt = informative_pair(5, 400, 400)
+    kw = dict(n_pixels=330, repeats=1, seed=1, blocked=True)
     one = st.otce(xs, ys, xt, yt, threads=1, **kw)
     three = st.otce(xs, ys, xt, yt, threads=3, **kw)
     assert np.array_equal(one.scores, three.scores) and np.array_equal(one.joint, three.joint)

@@ -293,7 +293,8 @@ def test_default_uniform_weights_equal_explicit_uniform():
 
 
 def test_repeatable_and_thread_count_independent():
-    x, y, eps, a, b = make_problem(55, 90, 70, 4, 200.0, uniform=False)
+    # 350 x 300 points: above parallel_min_entries (10^5), below which a solve runs on one thread anyway.
+    x, y, eps, a, b = make_problem(55, 350, 300, 4, 200.0, uniform=False)
     r1 = st.sinkhorn(x, y, epsilon=eps, a=a, b=b, threads=1)
     r1b = st.sinkhorn(x, y, epsilon=eps, a=a, b=b, threads=1)
     r2 = st.sinkhorn(x, y, epsilon=eps, a=a, b=b, threads=2)

@@ -54,6 +54,17 @@ inline int threads_for(int requested) {
 #endif
 }
 
+// A solve's threads: one for a problem of fewer than `min_entries` (n x m) entries
+// (SinkhornOptions::parallel_min_entries), else as above. Beside two busy processes on a 2-vCPU
+// VM, blocked solves of 12-24 points a side (1,000-2,600 iterations) ran past 10 s on two threads
+// against 0.01-0.02 s on one, and a blocked 30 x 30 solve took 1.4 s against 1 ms, every pass a few
+// barriers each stalled by the scheduler (tests/fuzz/stall_sweep.py, seed 5002; RESULTS.md, session
+// 50). On an idle machine two threads gain from ~200 points a side, a few milliseconds a solve below
+// 10^5 entries.
+inline int threads_for(int requested, int64_t n, int64_t m, double min_entries) {
+  return static_cast<double>(n) * static_cast<double>(m) < min_entries ? 1 : threads_for(requested);
+}
+
 // The option checks both solvers make (InvalidArgument naming the option).
 inline void check_options(const SinkhornOptions& opt) {
   if (!(opt.epsilon > 0) || !std::isfinite(opt.epsilon))
@@ -67,6 +78,7 @@ inline void check_options(const SinkhornOptions& opt) {
   if (!(opt.stage_extrapolation >= 0 && opt.stage_extrapolation <= 2))
     throw InvalidArgument("stage_extrapolation", "must be in [0, 2]");
   if (!(opt.blocked_plan_bytes >= 0)) throw InvalidArgument("blocked_plan_bytes", "must be >= 0");
+  if (!(opt.parallel_min_entries >= 0)) throw InvalidArgument("parallel_min_entries", "must be >= 0");
   if (!(opt.handover_tol > 0 && opt.handover_tol < 1)) throw InvalidArgument("handover_tol", "must be in (0, 1)");
   if (!(opt.handover_truncation > 0)) throw InvalidArgument("handover_truncation", "must be > 0");
   if (!(opt.newton_cg_floor >= 0 && opt.newton_cg_floor < 1e-2))

@@ -2284,6 +2284,33 @@ static void check_multiscale_logits() {
   CHECK(throws<InvalidArgument>([&]() { sinkhorn_log<T>(cost, a.data(), b.data(), bad, f3.data(), g3.data()); }));
 }
 
+// SinkhornOptions::parallel_min_entries: problems below it get one thread whatever was asked (their
+// barriers stall on a loaded machine), larger ones what was asked; both solvers refuse a negative or
+// NaN value. (That small problems give the same bits on any thread count is checked with it at 0:
+// check_blocked.)
+static void test_parallel_min_entries() {
+#ifdef _OPENMP
+  CHECK(threads_for(3, 10, 10, 1e5) == 1);
+  CHECK(threads_for(3, 400, 300, 1e5) == 3);
+  CHECK(threads_for(3, 10, 10, 0.0) == 3);
+#else
+  CHECK(threads_for(3, 400, 300, 1e5) == 1);
+#endif
+  const int64_t n = 5, d = 2;
+  std::vector<double> x(n * d), y(n * d);
+  for (int64_t k = 0; k < n * d; ++k) x[k] = 0.1 * k, y[k] = 0.3 - 0.05 * k;
+  RowMatrix<double> cost;
+  squared_euclidean<double>(x.data(), n, y.data(), n, d, cost);
+  std::vector<double> a(n, 1.0 / n), f(n), g(n);
+  for (const double bad_value : {-1.0, std::numeric_limits<double>::quiet_NaN()}) {
+    SinkhornOptions bad;
+    bad.parallel_min_entries = bad_value;
+    CHECK(throws<InvalidArgument>([&]() { sinkhorn_log<double>(cost, a.data(), a.data(), bad, f.data(), g.data()); }));
+    CHECK(throws<InvalidArgument>(
+        [&]() { sinkhorn_blocked<double>(x.data(), n, y.data(), n, d, a.data(), a.data(), bad, f.data(), g.data()); }));
+  }
+}
+
 // Stage extrapolation (each stage starts from the potentials extrapolated linearly in epsilon)
 // changes where a stage starts, not its fixed point: in the hard regime (clusters 6 apart at
 // eps = 0.01, cost / eps up to ~10^4, every stage on the full problem) the runs with the default
@@ -2427,6 +2454,7 @@ static void check_blocked() {
   SinkhornOptions one = opt, three = opt;
   one.num_threads = 1;
   three.num_threads = 3;
+  three.parallel_min_entries = 0;  // threads on this small problem too
   TwoSolves t;
   t.on = blocked(p, one, t.f_on);
   t.off = blocked(p, three, t.f_off);
@@ -2910,6 +2938,7 @@ int main(int argc, char** argv) {
       {"dense_last_stage_fallback_large", test_dense_last_stage_fallback_large},
       {"class_balance", test_class_balance},
       {"class_balance_threads", test_class_balance_threads},
+      {"parallel_min_entries", test_parallel_min_entries},
       {"fold_balancing", test_fold_balancing},
       {"float_stages", test_float_stages},
       {"newton_cg_floor", test_newton_cg_floor},

@@ -230,6 +230,11 @@ def otce(
     multiscale start (bench/RESULTS.md, "Blocked mode"); the certificate, ``tol`` and the results
     mean the same. CPU only.
 
+    ``threads``: None uses every core (OpenMP's default). With several, the repeats run side by side,
+    one thread each, as far as memory allows; a solve of fewer than 10^5 cost entries (N x M) takes
+    one thread whatever is asked, as its barriers would cost more than the threads save (and stall on a
+    loaded machine). The results are the same bits for any ``threads``.
+
     ``device``: None computes where the features live (host, or the CUDA device of DLPack /
     ``__cuda_array_interface__`` inputs, read in place); ``"cuda"`` / ``"cuda:N"`` computes on a GPU and
     copies host inputs' sampled pixels there; ``"cpu"`` refuses device inputs. See docs/cuda.md.

@@ -102,6 +102,11 @@ struct SinkhornOptions {
   // (12 bytes an entry); beyond, its CG products are recomputed passes (0: always).
   double blocked_plan_bytes = 2.0 * 1024 * 1024 * 1024;
   int num_threads = 0;        // 0: OpenMP's default
+  // Problems of fewer entries (n x m) are solved on one thread whatever num_threads says: their
+  // passes take well under a millisecond, and each parallel region's barrier can stall for a
+  // scheduler time slice on a loaded machine. Results never depend on the thread count (0: threads
+  // at any size, which the tests use to check that on small problems).
+  double parallel_min_entries = 1e5;
   // Polled about every 50 ms from the calling thread; returning true stops the solve with
   // Interrupted. The core never learns what is behind it (the bindings check for Ctrl-C).
   std::function<bool()> interrupt;
