@@ -600,8 +600,12 @@ bool fused_iteration(const RowMatrix<T>& mat, const SparseRows<T>* sp, const Blo
   const int64_t nb = static_cast<int64_t>(starts.size()) - 1;
   const int64_t* startp = starts.data();
   if (balanced != nullptr) *balanced = false;
-  thread_local std::vector<double> A, blk;
+  thread_local std::vector<double> A;
   thread_local AlignedVector<float> Af;  // the blocks' 8-column loads (64-byte aligned)
+  // Block q's column sums at blk[q * ld, q * ld + m), in the storage type the rows add them in (the
+  // double totals below read them exactly as a copy to double would), each block's row starting on
+  // a 64-byte boundary for the 8-column blocks' stores.
+  thread_local AlignedVector<T> blk;
   thread_local std::vector<float> mxf;
   exponent_offsets(g, log_b, m, inv_eps, A);
   // The blocks read Af and write the column sums up to the block of the last column.
@@ -615,17 +619,25 @@ bool fused_iteration(const RowMatrix<T>& mat, const SparseRows<T>* sp, const Blo
     mxf[j] = -Af[j];
   }
   const bool keep_terms = std::is_same_v<T, float> && KeptTerms::available();
-  blk.resize(static_cast<size_t>(nb) * m);
+  constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(T));
+  const int64_t ld = (m_pad + kLine - 1) / kLine * kLine;
+  blk.resize(static_cast<size_t>(nb) * ld);
   const double* Ap = A.data();
   const float* Afp = Af.data();
   const float* mxfp = mxf.data();
-  double* blkp = blk.data();
+  T* blkp = blk.data();
   double* errp = err_rows.data();
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp parallel num_threads(nt)
+  {
+  // Room for a row's terms and gathered potentials and the blocks' whole-vector reads and writes;
+  // a thread's, reused from block to block (as from row to row: every row writes what it reads).
+  // Allocated and zeroed per block, with the blocks' sums copied out to double, they had been 3.3 %
+  // of a draw's instructions at N = 10^4, D = 19 (callgrind; RESULTS.md, session 50).
+  AlignedVector<float> terms(keep_terms ? m_pad + 8 : 0), gathered(bp != nullptr ? m_pad + 8 : 0);
+#pragma omp for schedule(static)
   for (int64_t q = 0; q < nb; ++q) {
-    AlignedVector<T> part(m_pad, T(0));
-    // Room for a row's terms and gathered potentials and the blocks' whole-vector reads and writes.
-    AlignedVector<float> terms(keep_terms ? m_pad + 8 : 0), gathered(bp != nullptr ? m_pad + 8 : 0);
+    T* part = blkp + q * ld;
+    std::fill(part, part + m_pad, T(0));
     for (int64_t i = startp[q]; i < startp[q + 1]; ++i) {
       const int64_t k0 = sp ? sp->ptr[i] : i * m, len = sp ? sp->ptr[i + 1] - k0 : m;
       const T* c = sp ? sp->val.data() + k0 : mat.data() + k0;
@@ -642,19 +654,18 @@ bool fused_iteration(const RowMatrix<T>& mat, const SparseRows<T>* sp, const Blo
         if (kept.used) {
           const double r = std::exp(static_cast<double>(Ai) + static_cast<double>(kept.shift));
           if (bp != nullptr)
-            KeptTerms::add_scaled_blocks(terms.data(), rb.col, rb.mask, rb.count, static_cast<float>(r), part.data());
+            KeptTerms::add_scaled_blocks(terms.data(), rb.col, rb.mask, rb.count, static_cast<float>(r), part);
           else
-            KeptTerms::add_scaled(terms.data(), cols, len, static_cast<float>(r), part.data());
+            KeptTerms::add_scaled(terms.data(), cols, len, static_cast<float>(r), part);
           continue;
         }
       }
       if (cols)
-        ColLse<T>::sum_sparse_row_lowp(c, cols, len, Ai, inv_eps_f, mxfp, part.data());
+        ColLse<T>::sum_sparse_row_lowp(c, cols, len, Ai, inv_eps_f, mxfp, part);
       else
-        ColLse<T>::sum_row_lowp(c, m, Ai, inv_eps_f, mxfp, part.data());
+        ColLse<T>::sum_row_lowp(c, m, Ai, inv_eps_f, mxfp, part);
     }
-    double* bs = blkp + q * m;
-    for (int64_t j = 0; j < m; ++j) bs[j] = static_cast<double>(part[j]);
+  }
   }
   err_r = 0.0;
   for (int64_t i = 0; i < n; ++i) err_r += err_rows[i];
@@ -667,10 +678,10 @@ bool fused_iteration(const RowMatrix<T>& mat, const SparseRows<T>* sp, const Blo
     std::vector<double> M(static_cast<size_t>(R) * Q, 0.0), u;
     for (int64_t q = 0; q < nb; ++q) {
       double* Mrow = M.data() + static_cast<size_t>(bal->row_class[startp[q]]) * Q;
-      const double* bs = blk.data() + q * m;
+      const T* bs = blk.data() + q * ld;
       for (int d = 0; d < Q; ++d) {
         double s = 0.0;
-        for (int64_t j = bal->col_class_start[d]; j < bal->col_class_start[d + 1]; ++j) s += bs[j];
+        for (int64_t j = bal->col_class_start[d]; j < bal->col_class_start[d + 1]; ++j) s += static_cast<double>(bs[j]);
         Mrow[d] += s;
       }
     }
@@ -684,8 +695,8 @@ bool fused_iteration(const RowMatrix<T>& mat, const SparseRows<T>* sp, const Blo
   std::vector<double> totals(m, 0.0), lse_col(m);
   for (int64_t q = 0; q < nb; ++q) {
     const double w = weight[q];
-    const double* bs = blk.data() + q * m;
-    for (int64_t j = 0; j < m; ++j) totals[j] += w * bs[j];
+    const T* bs = blk.data() + q * ld;
+    for (int64_t j = 0; j < m; ++j) totals[j] += w * static_cast<double>(bs[j]);
   }
   for (int64_t j = 0; j < m; ++j) {
     const double total = totals[j];
