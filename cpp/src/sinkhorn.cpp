@@ -1720,7 +1720,9 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
   // Whether the float iterations may balance the classes within themselves (fused_iteration's
   // `bal`): there must be groups to balance, each row group one run of rows (as otce sorts them),
   // and the column sums of its blocks (one per run and per 256 rows within one) must take at most
-  // 64 MB or twice the usual blocks' (18 MB at N = 10^4 with ~190 groups).
+  // 64 MB or twice the usual blocks' (18 MB at N = 10^4 with ~190 groups), counted at 8 bytes a sum
+  // as when fused_iteration kept them in double (it keeps them in float since session 50; the
+  // criterion was left as it was, so that the same problems fold).
   const bool fold_groups = [&] {
     if (!opt.fold_balancing || !opt.class_balance || (grp.row_classes < 2 && grp.col_classes < 2)) return false;
     std::vector<char> seen(grp.row_classes, 0);
