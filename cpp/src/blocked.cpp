@@ -907,7 +907,7 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
   if (n < 1 || m < 1 || d < 1) throw InvalidArgument("features", "needs at least one point and one dimension on each side");
   check_options(opt);
 
-  const int nt = threads_for(opt.num_threads, n, m, opt.parallel_min_entries);
+  const int nt = threads_for(opt, n, m);
   const PointCost<T> cost(x, n, y, m, d);
   BlockedSolver<T> solver(cost, a, b, opt, nt);
   // Newton's column passes run on the transposed problem.

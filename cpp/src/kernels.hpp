@@ -54,15 +54,15 @@ inline int threads_for(int requested) {
 #endif
 }
 
-// A solve's threads: one for a problem of fewer than `min_entries` (n x m) entries
-// (SinkhornOptions::parallel_min_entries), else as above. Beside two busy processes on a 2-vCPU
+// A solve's threads: one for an n x m problem below SinkhornOptions::parallel_min_entries
+// (SinkhornOptions::parallel), else opt.num_threads as above. Beside two busy processes on a 2-vCPU
 // VM, blocked solves of 12-24 points a side (1,000-2,600 iterations) ran past 10 s on two threads
 // against 0.01-0.02 s on one, and a blocked 30 x 30 solve took 1.4 s against 1 ms, every pass a few
 // barriers each stalled by the scheduler (tests/fuzz/stall_sweep.py, seed 5002; RESULTS.md, session
 // 50). On an idle machine two threads gain from ~200 points a side, a few milliseconds a solve below
 // 10^5 entries.
-inline int threads_for(int requested, int64_t n, int64_t m, double min_entries) {
-  return static_cast<double>(n) * static_cast<double>(m) < min_entries ? 1 : threads_for(requested);
+inline int threads_for(const SinkhornOptions& opt, int64_t n, int64_t m) {
+  return opt.parallel(n, m) ? threads_for(opt.num_threads) : 1;
 }
 
 // The option checks both solvers make (InvalidArgument naming the option).

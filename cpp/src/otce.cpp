@@ -419,9 +419,8 @@ SinkhornReport solve_points(T* x, int64_t n, T* y, int64_t m, int64_t d, const d
   if (opt.blocked) {
     rep = sinkhorn_blocked(x, n, y, m, d, a, b, opt, f, g, classes, groups);
   } else {
-    // One thread for a problem the solver itself takes on one (parallel_min_entries).
-    const bool small = static_cast<double>(n) * static_cast<double>(m) < opt.parallel_min_entries;
-    const CostRange range = squared_euclidean(x, n, y, m, d, cost, small ? 1 : opt.num_threads);
+    // One thread for a problem the solver itself takes on one (SinkhornOptions::parallel).
+    const CostRange range = squared_euclidean(x, n, y, m, d, cost, opt.parallel(n, m) ? opt.num_threads : 1);
     rep = sinkhorn_log(cost, a, b, opt, f, g, classes, groups, &range);
   }
   // <pi, C> = <pi, C~> + sum_i (pi 1)_i r_i + sum_j (pi^T 1)_j c_j, with the marginals a and b

@@ -1666,8 +1666,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
 
   // Grows when otce's other workers run out of repeats and lend theirs (poll, below), unless the
   // problem is too small for threads (parallel_min_entries).
-  const int own_threads = threads_for(opt.num_threads, n, m, opt.parallel_min_entries);
-  const bool borrows = threads_for(2, n, m, opt.parallel_min_entries) > 1;
+  const int own_threads = threads_for(opt, n, m);
   int nt = own_threads;
   std::vector<double> log_a(n), log_b(m), err_rows(std::max(n, m));
   for (int64_t i = 0; i < n; ++i) log_a[i] = std::log(a[i]);
@@ -1701,7 +1700,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     const auto now = Clock::now();
     if (opt.timeout > 0 && std::chrono::duration<double>(now - start).count() > opt.timeout)
       rep.timed_out = true;
-    if (opt.lent_threads && borrows) nt = own_threads + opt.lent_threads();
+    if (opt.lent_threads && opt.parallel(n, m)) nt = own_threads + opt.lent_threads();
     if (now - last_poll < std::chrono::milliseconds(50)) return;
     last_poll = now;
     if (opt.interrupt && opt.interrupt()) throw Interrupted();

@@ -2289,12 +2289,16 @@ static void check_multiscale_logits() {
 // NaN value. (That small problems give the same bits on any thread count is checked with it at 0:
 // check_blocked.)
 static void test_parallel_min_entries() {
+  SinkhornOptions three;
+  three.num_threads = 3;
+  CHECK(!three.parallel(10, 10) && three.parallel(400, 300));
 #ifdef _OPENMP
-  CHECK(threads_for(3, 10, 10, 1e5) == 1);
-  CHECK(threads_for(3, 400, 300, 1e5) == 3);
-  CHECK(threads_for(3, 10, 10, 0.0) == 3);
+  CHECK(threads_for(three, 10, 10) == 1);
+  CHECK(threads_for(three, 400, 300) == 3);
+  three.parallel_min_entries = 0.0;
+  CHECK(threads_for(three, 10, 10) == 3);
 #else
-  CHECK(threads_for(3, 400, 300, 1e5) == 1);
+  CHECK(threads_for(three, 400, 300) == 1);
 #endif
   const int64_t n = 5, d = 2;
   std::vector<double> x(n * d), y(n * d);

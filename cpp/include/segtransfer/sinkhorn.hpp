@@ -107,6 +107,10 @@ struct SinkhornOptions {
   // scheduler time slice on a loaded machine. Results never depend on the thread count (0: threads
   // at any size, which the tests use to check that on small problems).
   double parallel_min_entries = 1e5;
+  // Whether an n x m problem is large enough for threads (parallel_min_entries).
+  bool parallel(int64_t n, int64_t m) const {
+    return static_cast<double>(n) * static_cast<double>(m) >= parallel_min_entries;
+  }
   // Polled about every 50 ms from the calling thread; returning true stops the solve with
   // Interrupted. The core never learns what is behind it (the bindings check for Ctrl-C).
   std::function<bool()> interrupt;
