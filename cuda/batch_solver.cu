@@ -46,6 +46,7 @@
 #include "runtime.cuh"
 #include "overrelaxation.hpp"
 #include "schedule.hpp"
+#include "stopping.hpp"
 #include "segtransfer/errors.hpp"
 
 namespace segtransfer::cuda {
@@ -1129,12 +1130,14 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
   stage_t = std::vector<T>();
 
   double cmax = 0.0;
+  std::vector<double> cost_bound(K);  // per problem: its floor (FloorWatch) and certificate rounding
   for (int64_t k = 0; k < K; ++k) {
     double v = 0.0;
     static_assert(sizeof(v) == sizeof(unsigned long long), "double must be 64-bit");
     std::memcpy(&v, &max_bits[k], sizeof v);
     if (!std::isfinite(v))
       throw cost_overflow();
+    cost_bound[k] = v;
     cmax = std::max(cmax, v);
   }
   // The offsets overflowing double is the full cost overflowing (as on the CPU).
@@ -1184,7 +1187,9 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
   res.transport_cost.assign(K, std::numeric_limits<double>::quiet_NaN());
   res.joint.assign(static_cast<size_t>(K) * rc * cc, 0.0);
 
-  std::vector<int> active(K, 0), diverged(K, 0);
+  // at_floor: the last stage's Sinkhorn loop stopped where its error no longer fell near float64's
+  // resolution for the problem's cost scale (FloorWatch); it is certified as it is, not retried.
+  std::vector<int> active(K, 0), diverged(K, 0), at_floor(K, 0);
   std::vector<double> target(K, 0.0), err(K, 0.0), err2(K, 0.0), wd(K, 0.0);
   // Safeguarded over-relaxation per problem (the CPU solvers' accept_block, overrelaxation.hpp): omega climbs
   // towards its cap after every block of check_every iterations whose error fell; a block whose error
@@ -1285,8 +1290,16 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
     q.download(err2.data(), d_err2.get(), K, "cudaMemcpyAsync (column errors)");
     q.sync("a convergence check");
   };
-  auto iterate = [&](double eps) {
+  // The CPU solvers' stall rules (stopping.hpp), on the blocks' errors: an intermediate stage that
+  // made no 0.1 % gain over kIntermediateStallIterations hands over whatever its error; the last
+  // stage's loop ends after 450 blocks without one near the floor (at_floor[k]).
+  auto iterate = [&](double eps, bool last_stage) {
     const double inv_eps = 1.0 / eps;
+    const int far = last_stage ? std::numeric_limits<int>::max()
+                               : static_cast<int>(std::max<int64_t>(1, kIntermediateStallIterations / o.check_every));
+    std::vector<FloorWatch> watch;
+    watch.reserve(K);
+    for (int64_t k = 0; k < K; ++k) watch.emplace_back(cost_bound[k], eps, 450, far);
     for (;;) {
       int64_t block = o.check_every;
       bool any = false;
@@ -1336,6 +1349,10 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
           undo.push_back(k);
         }
         if (active[k] && res.iterations[k] >= o.max_iter) active[k] = 0;
+        if (active[k] && std::isfinite(e) && watch[k].stuck(e)) {  // after its block was kept or undone
+          active[k] = 0;
+          if (last_stage) at_floor[k] = 1;  // far_patience unlimited there: stuck only near the floor
+        }
       }
       for (int64_t k : undo)
         copy_potentials(d_f.get(), d_f_snap.get(), d_g.get(), d_g_snap.get(), k, 1, "cudaMemcpyAsync (undo a block)");
@@ -1389,6 +1406,7 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
   };
 
   // The certifying pass on the dense plan: joint tables, W_D, both marginal errors.
+  std::vector<double> rounding(K, 0.0), cert_f(KN), cert_g(KM);
   auto certify = [&](double eps) {
     const double inv_eps = 1.0 / eps;
     summary_row_kernel<T><<<dim3(blocks_for(n, kRowWarps), static_cast<unsigned>(K)), kRowThreads, 0, q.stream()>>>(
@@ -1415,9 +1433,15 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
     q.download(err2.data(), d_err2.get(), K, "cudaMemcpyAsync (column errors)");
     q.download(wd.data(), d_wd.get(), K, "cudaMemcpyAsync (transport costs)");
     q.download(res.joint.data(), d_joint.get(), res.joint.size(), "cudaMemcpyAsync (joint tables)");
+    q.download(cert_f.data(), d_f.get(), KN, "cudaMemcpyAsync (f)");
+    q.download(cert_g.data(), d_g.get(), KM, "cudaMemcpyAsync (g)");
     q.sync("the certifying pass");
     for (int64_t k = 0; k < K; ++k) {
-      res.marginal_error[k] = err[k] + err2[k];
+      // Plus what float64's rounding can hide at this cost scale, as on the CPU: the reported error
+      // is then an upper bound, and where that rounding alone exceeds tol no retry can pass.
+      rounding[k] = certificate_rounding(cost_bound[k], cert_f.data() + k * n, n, cert_g.data() + k * m, m, eps,
+                                         std::max(n, m));
+      res.marginal_error[k] = err[k] + err2[k] + rounding[k];
       // <pi, C> = <pi, C~> + sum_i (pi 1)_i r_i + sum_j (pi^T 1)_j c_j, with the marginals a and b
       // standing in for the plan's (as on the CPU: off by at most max(|r|, |c|) times the marginal
       // error, the uncertainty that error leaves on <pi, C> anyway).
@@ -1451,7 +1475,7 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
     push_flags();
     bool handover = newton;
     for (;;) {
-      iterate(eps);
+      iterate(eps, last);
       trace(last ? "last stage Sinkhorn" : "stage", eps);
       if (!last) {
         if (!handover) break;
@@ -1486,9 +1510,10 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
       precise = true;
       bool again = false;
       for (int64_t k = 0; k < K; ++k) {
-        const bool retry = !res.converged[k] && can_run(k) && std::isfinite(res.marginal_error[k]);
+        const bool retry = !res.converged[k] && can_run(k) && std::isfinite(res.marginal_error[k]) && !at_floor[k] &&
+                           !(rounding[k] > o.tol);
         active[k] = retry ? 1 : 0;
-        if (retry) target[k] *= 0.1;
+        if (retry) target[k] = next_certificate_target(target[k], err[k] + err2[k], rounding[k], o.tol);
         again = again || retry;
       }
       if (!again) break;

@@ -66,7 +66,7 @@ struct BatchOptions {
 struct BatchResult {
   std::vector<double> joint;           // (repeats, row_classes, col_classes)
   std::vector<double> transport_cost;  // (repeats) <pi, C>
-  std::vector<double> marginal_error;  // (repeats) measured on the dense plan, both marginals
+  std::vector<double> marginal_error;  // (repeats) on the dense plan, both marginals, plus certificate_rounding
   std::vector<int64_t> iterations;     // (repeats)
   std::vector<uint8_t> converged, timed_out;
   std::vector<double> f, g;            // (repeats, n), (repeats, m) when want_potentials

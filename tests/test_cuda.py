@@ -569,6 +569,24 @@ def _hard_gpu_problem():
 
 @pytest.mark.gpu
 @requires_gpu
+def test_gpu_below_the_floor_stops_there():
+    """Written in session 51 without a GPU (not yet run on one). 400 x 350 float64 points at cost / eps
+    = 10^7 and tol 1e-13, below float64's resolution there (~1e-8; the CPU solvers stop at it:
+    test_sinkhorn.py's test_blocked_solve_below_the_floor_ends_without_doubling_its_phases). The CUDA
+    last stage retried towards ever lower targets until max_iter; it now stops at the floor as the
+    CPU does, and reports an unconverged error that includes float64's rounding bound."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 5))
+    y = rng.normal(size=(350, 5)) * 0.9 + 0.1
+    eps = float((((x[:, None] - y[None]) ** 2).sum(-1)).max() / 1e7)
+    with pytest.warns(RuntimeWarning, match="stopped falling"):
+        sr = st.sinkhorn(x, y, epsilon=eps, tol=1e-13, max_iter=10**6, device="cuda")
+    assert not sr.converged and 1e-13 < sr.marginal_error < 1e-6, sr.marginal_error
+    assert sr.iterations < 100_000, sr.iterations
+
+
+@pytest.mark.gpu
+@requires_gpu
 def test_gpu_timeout_stops_and_reports():
     """Written after session 23's device time (not yet run on a GPU). The timeout bounds a GPU call,
     which certifies what it has and reports it: timed_out, not converged, a RuntimeWarning."""
