@@ -35,6 +35,10 @@ constexpr double kSmallProblem = 1e6;  // entries (n x m) of a problem whose ker
 // An intermediate stage also hands over after this many pattern refreshes without a 0.1 % gain (see
 // kIntermediateStallIterations, kernels.hpp).
 constexpr int kIntermediateStalledRounds = 3;
+// Dense iterations of an intermediate stage whose pattern was lost (see the stage loop): enough for
+// the benchmark-like problems whose dense stages take 5-22, few against the thousands such a stage
+// crawled for.
+constexpr int64_t kLostPatternIterations = 100;
 // A dense last stage whose Sinkhorn has not reached tol within
 // SinkhornOptions::dense_last_iterations falls back to a sparse kernel and Newton (up to
 // kLastDenseUpTo entries): a full one up to kFullFallback entries (dense_bytes counts it), above
@@ -2184,12 +2188,18 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
       // pushed off by over-relaxation or a drift). One dense pair of c-transforms gives each its
       // mass back, and the pattern is tried again, instead of running the stage dense: 1,709
       // points at cost / eps ~ 2e6 ran 2,786 dense iterations (15 s) at eps = 0.8 and then
-      // crawled densely in the last stage (session 29).
-      if (!sparse && was_sparse && opt.truncation > 0 && !out_of_budget && !opt.stop_when_sparse &&
-          rep.iterations < opt.max_iter && !rep.timed_out) {
+      // crawled densely in the last stage (session 29). So does a last stage's full kernel
+      // (density_cap 1), which can fail on nothing else: a 1,726-pixel draw (D = 64, cost / eps
+      // ~1.3e8, tol 1e-8) whose full-kernel fallback failed so crawled densely at 1.16e-2 until
+      // max_iter (over 300 s); with the pair its Newton and component shifts ended it in 0.6 s.
+      // pattern_lost: the pair did not help either (the stage runs dense, see below).
+      bool pattern_lost = false;
+      if (!sparse && (was_sparse || (last && density_cap >= 1.0)) && opt.truncation > 0 && !out_of_budget &&
+          !opt.stop_when_sparse && rep.iterations < opt.max_iter && !rep.timed_out) {
         dense_c_transforms();
         ++rep.iterations;
         sparse = refresh_pattern(cost, f, g, cutoff, stage_slack, density_cap, with_cols, nt, pattern);
+        pattern_lost = !sparse;
         if (debug) std::fprintf(stderr, "  pattern lost a row or column: one dense iteration, then %s\n", sparse ? "sparse" : "dense");
       }
       was_sparse = sparse;
@@ -2319,7 +2329,15 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
           continue;
         }
       } else {
-        sinkhorn_loop(eps, target, sr, opt.max_iter, true);
+        // An intermediate stage whose pattern was lost runs at most kLostPatternIterations dense
+        // iterations: its rows and columns without an entry are points whose potentials sit far
+        // off (nearly unregularised problems with masses that do not balance), which dense
+        // Sinkhorn moves at a crawl. In the draw above, eps = 0.8 took 4,381 dense iterations
+        // (37 s) from 2.8 to 2.8e-2 before the intermediate stall rule ended it; the last stage's
+        // Newton and component shifts do that work in well under a second.
+        const int64_t limit = !last && pattern_lost ? std::min(opt.max_iter, rep.iterations + kLostPatternIterations)
+                                                    : opt.max_iter;
+        sinkhorn_loop(eps, target, sr, limit, true);
       }
       idle_rounds = rep.iterations == iterations_before ? idle_rounds + 1 : 0;
       if (idle_rounds >= 3) at_floor = true;
