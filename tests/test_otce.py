@@ -1102,6 +1102,36 @@ def test_intermediate_stage_shifts_a_component_whose_masses_do_not_balance():
     assert abs(r.score - (-2.6990207703)) < 1e-7
 
 
+def test_lost_patterns_end_their_dense_crawl():
+    """A draw from tests/fuzz/medium_sweep.py (seed 5101, call 3692; session 51; the generator's state
+    before that call is restored rather than replayed): 1,726 float64 pixels a side, D = 64 with channel
+    scales 10^-3..10^2 (cost / eps ~1.3e8), tol 1e-8. At eps = 1.6 its pattern lost a row or column and
+    the dense pair of c-transforms did not bring it back: eps = 0.8 ran 4,381 dense iterations (37 s),
+    and the last stage's full-kernel fallback failed the same way and crawled densely at 1.16e-2 until
+    max_iter (over 300 s). Now the full kernel gets the same pair and holds, and the lost intermediate
+    stage runs at most 100 dense iterations: ~2,100 iterations in all, ending at float64's resolution
+    (rounding ~3e-7 here), unconverged as before and saying so."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "fuzz"))
+    try:
+        import medium_sweep
+    finally:
+        sys.path.pop(0)
+    rng = np.random.default_rng()
+    rng.bit_generator.state = {"bit_generator": "PCG64", "state": {"state": 58706972490557452323950196281741322485,
+                               "inc": 239736922789125310330380224244730179481}, "has_uint32": 1,
+                               "uinteger": 3264692429}
+    xs, ls, xt, lt, kw = medium_sweep._case(rng)
+    assert xs.shape == (2292, 64) and xt.shape == (1726, 64) and kw["seed"] == 12  # the generator is unchanged
+    with pytest.warns(RuntimeWarning, match="stopped falling"):
+        r = st.otce(xs, ls, xt, lt, n_pixels=1726, repeats=1, epsilon=0.1, seed=12, tol=1e-8, threads=1)
+    assert not r.converged[0] and r.marginal_error[0] < 2e-6
+    assert r.iterations[0] < 5000, r.iterations
+    assert -np.log(len(np.unique(lt))) <= r.score <= 0
+
+
 def test_pattern_that_loses_a_row_or_column_stays_sparse():
     """A draw from tests/fuzz/medium_sweep.py (seed 2, call 255; session 29): 1,709 pixels a side, D = 8
     with channel scales 10^-3..10^2 (cost / eps ~2e6), 10 x 28 classes. A stage's pattern, built right
