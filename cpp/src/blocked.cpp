@@ -1016,14 +1016,14 @@ SinkhornReport sinkhorn_blocked(const T* x, int64_t n, const T* y, int64_t m, in
     double target = 0.5 * opt.tol;
     int64_t phase = kFirstPhase;
     // Ends, not converged, once three certified rounds in a row made no progress near float64's
-    // resolution at this cost scale, or kStalledRounds anywhere (FloorWatch, kernels.hpp).
+    // resolution at this cost scale, or kStalledRounds anywhere (FloorWatch, stopping.hpp).
     const auto round_watch = [&] { return FloorWatch(cmax, eps, 3, kStalledRounds); };  // afresh after a shift
     FloorWatch rounds = round_watch();
     int shifts = 0;  // shift_imbalanced_component's
     BestCertificate best;
     double certified = kPosInf;  // the last round's certificate
     for (;;) {
-      // As sinkhorn_log's rounds where float64's rounding exceeds tol (newton_settle, kernels.hpp).
+      // As sinkhorn_log's rounds where float64's rounding exceeds tol (newton_settle, stopping.hpp).
       const double settle = newton_settle(certificate_rounding(cmax, f, n, g, m, eps, std::max(n, m)), opt.tol);
       double estimate = kPosInf;
       if (newton) {

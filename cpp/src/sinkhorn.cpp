@@ -1790,7 +1790,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     double block_err = std::numeric_limits<double>::infinity();
     int64_t block_left = 0;
     // 450 blocks without progress near the floor end the loop; in an intermediate stage
-    // kIntermediateStallIterations (kernels.hpp) without progress anywhere.
+    // kIntermediateStallIterations (stopping.hpp) without progress anywhere.
     FloorWatch blocks(pattern.cost_bound, eps, 450,
                       intermediate_stage ? static_cast<int>(kIntermediateStallIterations / loop_block)
                                          : (phase ? static_cast<int>(kPhaseStallIterations / loop_block)

@@ -124,7 +124,7 @@ struct SinkhornReport {
   bool converged = false;
   bool timed_out = false;
   // Certified bound on ||pi 1 - a||_1 + ||pi^T 1 - b||_1 (see truncated_mass), including what float64
-  // rounding can hide in its computation (certificate_rounding, kernels.hpp: ~1e-11 at N = 10^4).
+  // rounding can hide in its computation (certificate_rounding, stopping.hpp: ~1e-11 at N = 10^4).
   double marginal_error = 0.0;
   double transport_cost = 0.0;  // <pi, C> from the same certifying pass
   int stages = 0;
