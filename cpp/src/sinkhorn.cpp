@@ -33,7 +33,7 @@ using Clock = std::chrono::steady_clock;
 constexpr double kPatternSlack = 5.0;
 constexpr double kSmallProblem = 1e6;  // entries (n x m) of a problem whose kernel may stay full
 // An intermediate stage also hands over after this many pattern refreshes without a 0.1 % gain (see
-// kIntermediateStallIterations, kernels.hpp).
+// kIntermediateStallIterations, stopping.hpp).
 constexpr int kIntermediateStalledRounds = 3;
 // Dense iterations of an intermediate stage whose pattern was lost (see the stage loop): enough for
 // the benchmark-like problems whose dense stages take 5-22, few against the thousands such a stage
