@@ -1076,13 +1076,8 @@ def test_weakly_joined_components_converge_at_a_tight_tol():
     assert err <= 2e-10 and err <= r.marginal_error * (1 + 1e-6) + 1e-15
 
 
-def test_intermediate_stage_shifts_a_component_whose_masses_do_not_balance():
-    """A draw from tests/fuzz/medium_sweep.py (seed 17, call 166; session 41): 1,256 float32 pixels a
-    side, D = 64, 25 x 15 classes, eps = 0.1, tol 1e-8. At eps = 1.6 the error sat at 1.59e-2 (a
-    component of the pattern whose masses do not balance), and so at 0.8 and 0.4: ~1,400 iterations and
-    three pattern refreshes a stage before each handed over, 4,353 iterations in all, until the last
-    stage's Newton rounds found the component. The intermediate stage now shifts it after a refresh
-    without progress: 1,986 iterations, the same score."""
+def _medium_sweep_case(rng: np.random.Generator):
+    """The next call of tests/fuzz/medium_sweep.py's generator (its data and keyword arguments)."""
     import sys
     from pathlib import Path
 
@@ -1091,9 +1086,19 @@ def test_intermediate_stage_shifts_a_component_whose_masses_do_not_balance():
         import medium_sweep
     finally:
         sys.path.pop(0)
+    return medium_sweep._case(rng)
+
+
+def test_intermediate_stage_shifts_a_component_whose_masses_do_not_balance():
+    """A draw from tests/fuzz/medium_sweep.py (seed 17, call 166; session 41): 1,256 float32 pixels a
+    side, D = 64, 25 x 15 classes, eps = 0.1, tol 1e-8. At eps = 1.6 the error sat at 1.59e-2 (a
+    component of the pattern whose masses do not balance), and so at 0.8 and 0.4: ~1,400 iterations and
+    three pattern refreshes a stage before each handed over, 4,353 iterations in all, until the last
+    stage's Newton rounds found the component. The intermediate stage now shifts it after a refresh
+    without progress: 1,986 iterations, the same score."""
     rng = np.random.default_rng(17)
     for _ in range(166):
-        xs, ls, xt, lt, kw = medium_sweep._case(rng)
+        xs, ls, xt, lt, kw = _medium_sweep_case(rng)
     assert xs.shape == (2541, 64) and kw["n_pixels"] == 1256 and kw["tol"] == 1e-8  # the generator is unchanged
     r = st.otce(xs, ls, xt, lt, n_pixels=kw["n_pixels"], repeats=1, epsilon=kw["epsilon"], seed=kw["seed"],
                 tol=kw["tol"], threads=1)
@@ -1111,19 +1116,11 @@ def test_lost_patterns_end_their_dense_crawl():
     max_iter (over 300 s). Now the full kernel gets the same pair and holds, and the lost intermediate
     stage runs at most 100 dense iterations: ~2,100 iterations in all, ending at float64's resolution
     (rounding ~3e-7 here), unconverged as before and saying so."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent / "fuzz"))
-    try:
-        import medium_sweep
-    finally:
-        sys.path.pop(0)
     rng = np.random.default_rng()
     rng.bit_generator.state = {"bit_generator": "PCG64", "state": {"state": 58706972490557452323950196281741322485,
                                "inc": 239736922789125310330380224244730179481}, "has_uint32": 1,
                                "uinteger": 3264692429}
-    xs, ls, xt, lt, kw = medium_sweep._case(rng)
+    xs, ls, xt, lt, kw = _medium_sweep_case(rng)
     assert xs.shape == (2292, 64) and xt.shape == (1726, 64) and kw["seed"] == 12  # the generator is unchanged
     with pytest.warns(RuntimeWarning, match="stopped falling"):
         r = st.otce(xs, ls, xt, lt, n_pixels=1726, repeats=1, epsilon=0.1, seed=12, tol=1e-8, threads=1)
