@@ -1187,8 +1187,9 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
   res.transport_cost.assign(K, std::numeric_limits<double>::quiet_NaN());
   res.joint.assign(static_cast<size_t>(K) * rc * cc, 0.0);
 
-  // at_floor: the last stage's Sinkhorn loop stopped where its error no longer fell near float64's
-  // resolution for the problem's cost scale (FloorWatch); it is certified as it is, not retried.
+  // at_floor: no retry can pass, as the CPU solvers' flag says: the last stage's Sinkhorn loop stopped
+  // where its error no longer fell near float64's resolution for the problem's cost scale (FloorWatch),
+  // or its certificate's rounding alone exceeds tol. Such a problem keeps its certificate.
   std::vector<int> active(K, 0), diverged(K, 0), at_floor(K, 0);
   std::vector<double> target(K, 0.0), err(K, 0.0), err2(K, 0.0), wd(K, 0.0);
   // Safeguarded over-relaxation per problem (the CPU solvers' accept_block, overrelaxation.hpp): omega climbs
@@ -1442,6 +1443,7 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
       rounding[k] = certificate_rounding(cost_bound[k], cert_f.data() + k * n, n, cert_g.data() + k * m, m, eps,
                                          std::max(n, m));
       res.marginal_error[k] = err[k] + err2[k] + rounding[k];
+      if (rounding[k] > o.tol) at_floor[k] = 1;
       // <pi, C> = <pi, C~> + sum_i (pi 1)_i r_i + sum_j (pi^T 1)_j c_j, with the marginals a and b
       // standing in for the plan's (as on the CPU: off by at most max(|r|, |c|) times the marginal
       // error, the uncertainty that error leaves on <pi, C> anyway).
@@ -1510,8 +1512,7 @@ BatchResult solve_typed(const BatchProblem& p, const BatchOptions& o) {
       precise = true;
       bool again = false;
       for (int64_t k = 0; k < K; ++k) {
-        const bool retry = !res.converged[k] && can_run(k) && std::isfinite(res.marginal_error[k]) && !at_floor[k] &&
-                           !(rounding[k] > o.tol);
+        const bool retry = !res.converged[k] && can_run(k) && std::isfinite(res.marginal_error[k]) && !at_floor[k];
         active[k] = retry ? 1 : 0;
         if (retry) target[k] = next_certificate_target(target[k], err[k] + err2[k], rounding[k], o.tol);
         again = again || retry;
