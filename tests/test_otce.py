@@ -1129,6 +1129,26 @@ def test_lost_patterns_end_their_dense_crawl():
     assert -np.log(len(np.unique(lt))) <= r.score <= 0
 
 
+def test_stalled_intermediate_stages_hand_over_early():
+    """A draw from tests/fuzz/medium_sweep.py (seed 5102, call 1564; session 52; the generator's state
+    before that call is restored): 1,373 float32 pixels a side, D = 256 with channel scales 10^-3..10^2,
+    tol 1e-8. Its stages from eps = 819 down to 6.4 sat at errors of 1e-2 to 2e-2, gaining under 0.1 %
+    per hundreds of iterations, until the stall rule (kIntermediateStallIterations, stopping.hpp) handed
+    each over: 14,993 iterations with the rule at 1,000 iterations, 6,808 at 200, the same score to
+    2e-10. The last stage ends at float64's resolution either way, unconverged and saying so."""
+    rng = np.random.default_rng()
+    rng.bit_generator.state = {"bit_generator": "PCG64", "state": {"state": 213001217873870845015038751414584609986,
+                               "inc": 21528361810366870782383490008383830237}, "has_uint32": 1,
+                               "uinteger": 3511099752}
+    xs, ls, xt, lt, kw = _medium_sweep_case(rng)
+    assert xs.shape == (2461, 256) and xt.shape == (1373, 256) and kw["seed"] == 420  # the generator is unchanged
+    with pytest.warns(RuntimeWarning, match="stopped falling"):
+        r = st.otce(xs, ls, xt, lt, n_pixels=1373, repeats=1, epsilon=0.1, seed=420, tol=1e-8, threads=1)
+    assert not r.converged[0] and r.marginal_error[0] < 1e-6
+    assert r.iterations[0] < 10_000, r.iterations
+    assert abs(r.score - (-2.5292780978)) < 1e-6
+
+
 def test_pattern_that_loses_a_row_or_column_stays_sparse():
     """A draw from tests/fuzz/medium_sweep.py (seed 2, call 255; session 29): 1,709 pixels a side, D = 8
     with channel scales 10^-3..10^2 (cost / eps ~2e6), 10 x 28 classes. A stage's pattern, built right

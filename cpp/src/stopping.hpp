@@ -91,8 +91,12 @@ class FloorWatch {
 // many iterations (FloorWatch on its blocks) hands over, whatever its error, in both solvers. A
 // 1,325-pixel draw (D = 64, channel scales 10^-3..10^2, cost / eps ~8e7) sat at 1.43e-2 against
 // stage_tol (1e-2) at eps = 25.6 for all of max_iter (50,000) and returned an error of 0.20 (session
-// 29). The benchmark's intermediate stages take 5-22 iterations.
-constexpr int64_t kIntermediateStallIterations = 1000;
+// 29). The benchmark's intermediate stages take 5-22 iterations. 200, not 1,000: a stage gaining under
+// 0.1 % in 200 iterations would need ~80,000 to go from 1.5e-2 to stage_tol, so the extra 800 bought
+// nothing measurable. A stored 1,373-pixel draw (D = 256, tol 1e-8) spent 14,000 iterations in such
+// stages, 41 -> 16 s with the same score to 1e-10; the other 156 stored and 19 blocked sweep calls
+// replayed took the same iterations (bench/RESULTS.md, session 52).
+constexpr int64_t kIntermediateStallIterations = 200;
 // A last-stage Sinkhorn phase between Newton rounds (kFirstPhase .. iterations, see below) that made
 // no 0.1 % gain over this many iterations ends early, in both solvers: the next round (Newton, a
 // component shift) moves on. Such phases sat flat at a component's imbalance for their whole length,
