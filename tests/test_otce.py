@@ -730,6 +730,33 @@ def test_jax_arrays_equal_numpy():
         st.otce(jnp.asarray(xs, dtype=jnp.bfloat16), ys, xt, yt, n_pixels=100)
 
 
+def test_jax_float64_and_sinkhorn_equal_numpy():
+    """JAX makes float64 arrays only with x64 enabled (else it silently stores float32): under it
+    they are solved in float64 like NumPy's; ``sinkhorn`` reads JAX points and weights the same way."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    enable_x64 = getattr(jax, "enable_x64", None)  # older jax has it in jax.experimental only
+    if enable_x64 is None:
+        enable_x64 = getattr(getattr(jax, "experimental", None), "enable_x64", None)
+    if enable_x64 is None:
+        pytest.skip("this jax has no enable_x64 context manager")
+    xs, ys, xt, yt = informative_pair(15, 150, 140)
+    with enable_x64(True):
+        r_np = run(xs, ys, xt, yt, n_pixels=100, repeats=2, epsilon=0.3)
+        r_j = run(jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(xt), jnp.asarray(yt), n_pixels=100, repeats=2,
+                  epsilon=0.3)
+        assert r_j.dtype == "float64"
+        assert_same_result(r_np, r_j)
+        a = np.linspace(1.0, 2.0, 150)
+        a /= a.sum()
+        s_np = st.sinkhorn(xs, xt, epsilon=0.5, a=a, threads=1)
+        s_j = st.sinkhorn(jnp.asarray(xs), jnp.asarray(xt), epsilon=0.5, a=jnp.asarray(a), threads=1)
+    assert s_j.converged and s_j.iterations == s_np.iterations
+    np.testing.assert_array_equal(s_j.f, s_np.f)
+    np.testing.assert_array_equal(s_j.g, s_np.g)
+    assert s_j.transport_cost == s_np.transport_cost
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_strided_arrays_equal_contiguous_copies(dtype):
     xs, ys, xt, yt = informative_pair(16, 160, 150, d=6)
