@@ -1116,12 +1116,12 @@ def _medium_sweep_case(rng: np.random.Generator):
     return medium_sweep._case(rng)
 
 
-def _medium_sweep_case_at(state: int, inc: int, uinteger: int):
+def _medium_sweep_case_at(state: int, inc: int, uinteger: int, has_uint32: int = 1):
     """The sweep's call whose generator state (PCG64) was saved just before it: no replay of the calls
     before it."""
     rng = np.random.default_rng()
-    rng.bit_generator.state = {"bit_generator": "PCG64", "state": {"state": state, "inc": inc}, "has_uint32": 1,
-                               "uinteger": uinteger}
+    rng.bit_generator.state = {"bit_generator": "PCG64", "state": {"state": state, "inc": inc},
+                               "has_uint32": has_uint32, "uinteger": uinteger}
     return _medium_sweep_case(rng)
 
 
@@ -1184,6 +1184,24 @@ def test_stalled_intermediate_stages_hand_over_early():
     assert r.marginal_error[0] < 1e-6
     assert r.iterations[0] < 10_000, r.iterations
     assert abs(r.score - (-2.5292780978)) < 1e-6
+
+
+def test_an_extrapolated_start_that_overflows_is_undone():
+    """A call from tests/fuzz/medium_sweep.py (seed 5301, call 1073; session 53; the generator's state
+    before it is restored): 1,351 / 2,283 float64 pixels, D = 256 with channel scales up to ~10^3
+    (cost / eps ~2e10), 3 draws, tol 1e-6. In the third draw every stage from eps = 6.4 to 0.4 stalled
+    at ~2e-2 and handed over; the last stage started from their potentials extrapolated in epsilon, its
+    plan overflowed at the first iteration, Newton ran on it, and the draw ended at a marginal error of
+    0.40 after 16,234 iterations (the blocked solver, flagged by its time, reached 3e-6). The stage now
+    starts again from the stage before's end: all three draws end at float64's resolution (~6e-6
+    here), unconverged and saying so."""
+    xs, ls, xt, lt, kw = _medium_sweep_case_at(179518394493827542891891807311808840952,
+                                               287702539018185026255538717682156499955, 1646406009, 0)
+    assert xs.shape == (1351, 256) and xt.shape == (2283, 256) and kw["seed"] == 251  # the generator is unchanged
+    with pytest.warns(RuntimeWarning, match="stopped falling"):
+        r = st.otce(xs, ls, xt, lt, n_pixels=1351, repeats=3, epsilon=0.1, seed=251, tol=1e-6, threads=1)
+    assert np.all(r.marginal_error < 2e-5), r.marginal_error
+    assert abs(r.score - (-3.10858)) < 1e-4  # the blocked solver's -3.1085810 at 3e-6
 
 
 def test_pattern_that_loses_a_row_or_column_stays_sparse():

@@ -132,13 +132,15 @@ class StageExtrapolation {
     prev_eps_ = cur_eps_;
     cur_eps_ = eps;
   }
-  void apply(double factor, double eps_next, double* f, int64_t n, double* g, int64_t m) const {
+  // Returns whether it moved the start (the stage may then undo it: see sinkhorn.cpp).
+  bool apply(double factor, double eps_next, double* f, int64_t n, double* g, int64_t m) const {
     if (factor <= 0 || prev_eps_ <= 0 || static_cast<int64_t>(prev_f_.size()) != n ||
         static_cast<int64_t>(prev_g_.size()) != m)
-      return;
+      return false;
     const double t = factor * (eps_next - cur_eps_) / (cur_eps_ - prev_eps_);
     for (int64_t i = 0; i < n; ++i) f[i] = cur_f_[i] + t * (cur_f_[i] - prev_f_[i]);
     for (int64_t j = 0; j < m; ++j) g[j] = cur_g_[j] + t * (cur_g_[j] - prev_g_[j]);
+    return true;
   }
 
   // The records: the last stage's potentials (last_*) and the one's before (prev_*).
