@@ -1204,6 +1204,23 @@ def test_an_extrapolated_start_that_overflows_is_undone():
     assert abs(r.score - (-3.10858)) < 1e-4  # the blocked solver's -3.1085810 at 3e-6
 
 
+def test_a_futile_round_that_makes_its_pattern_stale_shifts_a_component():
+    """A call from tests/fuzz/medium_sweep.py (seed 5207, call 1691; session 54; the generator's state
+    before it is restored), drawn blocked and solved here in the stored mode: 2,753 / 1,838 float32
+    pixels, D = 256 with features up to ~10^5 (cost / eps ~7e10), 3 draws, tol 1e-4. In the second draw
+    every last-stage Newton round from the same point took ten dual-ascent steps, kept its start (its
+    best point), and ended on a stale pattern; the refresh rebuilt the same pattern, so the same round
+    ran eleven times, and the draw ended at 1.16e-3, unconverged. A round that gains nothing and goes
+    stale now shifts an imbalanced component as a futile round does: every draw converges, to the
+    blocked solver's score (-2.46912315) within 2e-7."""
+    xs, ls, xt, lt, kw = _medium_sweep_case_at(35214024097669415415199387376243389030,
+                                               11540178539258878361578057966403171397, 628280976, 0)
+    assert xs.shape == (2753, 256) and xt.shape == (1838, 256) and kw["seed"] == 270  # the generator is unchanged
+    r = st.otce(xs, ls, xt, lt, n_pixels=1838, repeats=3, epsilon=0.1, seed=270, tol=1e-4, threads=1)
+    assert r.all_converged and np.all(r.marginal_error <= 1e-4), r.marginal_error
+    assert abs(r.score - (-2.46912315)) < 1e-6
+
+
 def test_pattern_that_loses_a_row_or_column_stays_sparse():
     """A draw from tests/fuzz/medium_sweep.py (seed 2, call 255; session 29): 1,709 pixels a side, D = 8
     with channel scales 10^-3..10^2 (cost / eps ~2e6), 10 x 28 classes. A stage's pattern, built right

@@ -2114,6 +2114,8 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
     // next round, and the phase doubles each time: futile rounds then cost O(log iterations).
     int64_t sinkhorn_phase = kFirstPhase;
     bool newton_futile = false;
+    // The lowest error a Newton round of this stage ended on, stale ones included (see below).
+    double best_round_err = std::numeric_limits<double>::infinity();
     // Newton rounds, for at_floor (afresh after a component shift).
     const auto round_watch = [&] { return FloorWatch(pattern.cost_bound, eps, 4, kStalledRounds); };
     FloorWatch rounds = round_watch();
@@ -2143,6 +2145,15 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
           f, g, debug);
     };
     double refresh_err = std::numeric_limits<double>::infinity();  // the error at the last stale refresh
+    // After a last-stage component shift (the pattern is stale): the rounds start afresh.
+    const auto shifted = [&] {
+      ++shifts;
+      refresh_err = std::numeric_limits<double>::infinity();
+      rounds = round_watch();
+      best_round_err = std::numeric_limits<double>::infinity();
+      newton_futile = false;
+      sinkhorn_phase = kFirstPhase;
+    };
     double certified = std::numeric_limits<double>::infinity();    // the last certificate that missed tol
     // Rounds of this loop (a pattern, a solve, a certificate) that did no work: no iteration (a Newton
     // step is charged as one). Such a round repeats the one before it, so a few in a row end the
@@ -2304,7 +2315,23 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
           const double err = newton_polish(rows, m, a, b, log_a.data(), log_b.data(), eps, target, settle, f, g,
                                            plan, rep, poll, keeps, relocate, grp, opt.max_iter,
                                            cg_floor, debug, nt);
-          if (err <= target || err <= settle || pattern_stale()) break;
+          if (err <= target || err <= settle) break;
+          // A round that made its pattern stale goes to a refresh, and the stage resumes on the new
+          // pattern. If the round gained nothing, the next one starts where it did: Newton keeps its
+          // best point, so a round of rejected or dual-ascent steps leaves the potentials, and so the
+          // refreshed pattern, as they were. Such a round looks for a component whose masses do not
+          // balance, as a futile round does below, before the refresh. A float32 draw at cost / eps
+          // ~7e10 (D = 256, tol 1e-4) ran the same round eleven times and ended at 1.16e-3, where the
+          // blocked solver converged; it now converges in fewer iterations. Counting the round as
+          // futile instead (a Sinkhorn phase aimed at tol before the next one) did not help: the
+          // phases stalled within 100 iterations and the rounds repeated (session 54).
+          const bool gained = err < 0.999 * best_round_err;
+          best_round_err = std::min(best_round_err, err);
+          if (pattern_stale()) {
+            if (!gained && shifts < kComponentShifts && shift_component(component_min_imbalance(opt.tol, err)))
+              shifted();
+            break;
+          }
           // A round without progress counts as futile too (a stalled Newton can take several
           // rejected steps a round, and the next Sinkhorn phase must then run in full). Four such
           // rounds in a row (Sinkhorn phases of 300, 600, 1200 and 2400 iterations between them) near
@@ -2322,12 +2349,8 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
           // (1,357 points, D = 256) that then ended at 1.6e-3 instead of converging (session 32).
           if (newton_futile && shifts < kComponentShifts &&
               shift_component(component_min_imbalance(opt.tol, err))) {
-            ++shifts;
             stale = true;
-            refresh_err = std::numeric_limits<double>::infinity();
-            rounds = round_watch();
-            newton_futile = false;
-            sinkhorn_phase = kFirstPhase;
+            shifted();
             break;
           }
           if (stuck) {
