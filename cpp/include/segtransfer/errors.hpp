@@ -21,7 +21,8 @@ class InvalidArgument : public std::invalid_argument {
 // the stored, blocked and CUDA solvers alike.
 inline InvalidArgument cost_overflow() {
   return InvalidArgument("features", "squared distances between the features overflow the floating-point "
-                                     "type (the features are too large); rescale them or use float64");
+                                     "type (the features are too large); rescale them (float32 features: or "
+                                     "pass them as float64)");
 }
 
 // A value has an unsupported type (dtype). Python: TypeError.
