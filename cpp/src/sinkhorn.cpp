@@ -2145,14 +2145,17 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
           f, g, debug);
     };
     double refresh_err = std::numeric_limits<double>::infinity();  // the error at the last stale refresh
-    // After a last-stage component shift (the pattern is stale): the rounds start afresh.
-    const auto shifted = [&] {
+    // A last-stage round that gained nothing: shift_component while shifts remain, and if it shifted,
+    // the rounds start afresh on the pattern the caller rebuilds. Returns whether it shifted.
+    const auto shift_after_round = [&](double err) {
+      if (shifts >= kComponentShifts || !shift_component(component_min_imbalance(opt.tol, err))) return false;
       ++shifts;
       refresh_err = std::numeric_limits<double>::infinity();
       rounds = round_watch();
       best_round_err = std::numeric_limits<double>::infinity();
       newton_futile = false;
       sinkhorn_phase = kFirstPhase;
+      return true;
     };
     double certified = std::numeric_limits<double>::infinity();    // the last certificate that missed tol
     // Rounds of this loop (a pattern, a solve, a certificate) that did no work: no iteration (a Newton
@@ -2328,8 +2331,7 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
           const bool gained = err < 0.999 * best_round_err;
           best_round_err = std::min(best_round_err, err);
           if (pattern_stale()) {
-            if (!gained && shifts < kComponentShifts && shift_component(component_min_imbalance(opt.tol, err)))
-              shifted();
+            if (!gained) shift_after_round(err);
             break;
           }
           // A round without progress counts as futile too (a stalled Newton can take several
@@ -2347,10 +2349,8 @@ SinkhornReport sinkhorn_log_traced(const RowMatrix<T>& cost, const double* a, co
           // one): looking after every round took 7.5 % fewer iterations on 150 problems at
           // cost / eps 1e7-1e9, but spent the stage's shifts early on a draw at cost / eps 2.5e8
           // (1,357 points, D = 256) that then ended at 1.6e-3 instead of converging (session 32).
-          if (newton_futile && shifts < kComponentShifts &&
-              shift_component(component_min_imbalance(opt.tol, err))) {
+          if (newton_futile && shift_after_round(err)) {
             stale = true;
-            shifted();
             break;
           }
           if (stuck) {
